@@ -1,0 +1,163 @@
+"""Per-request speculative decoding statistics, shared by the engine, the plugin and the gateway.
+
+This module must import without torch or SGLang: the gateway image has neither.
+
+One definition of acceptance everywhere: a *verify step* is one target forward over a drafted block
+(the prefill is not one); in a step the verifier accepts ``a`` of the ``B - 1`` drafted tokens
+(longest matching prefix) and adds one bonus token, so the acceptance length of a request is
+``tau = 1 + accepted_tokens / verify_steps`` and, over many requests,
+``1 + sum(accepted) / sum(verify_steps)``. Drafts are counted as the verifier accepted them, before
+any cut at a stop token or ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SpecStats:
+    """Counts of one request (or a sum of requests) decoded speculatively with block size ``B``.
+
+    ``histogram[k]`` is the number of verify steps that accepted exactly ``k`` drafts, ``k`` in
+    ``0..B-1``. Everything else is derived from it, so it cannot disagree with the totals.
+    """
+
+    block_size: int
+    histogram: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not self.histogram:
+            self.histogram = [0] * self.block_size
+        if len(self.histogram) != self.block_size:
+            raise ValueError(
+                f"histogram has {len(self.histogram)} bins, expected block_size={self.block_size}"
+            )
+
+    # ---- recording -------------------------------------------------------------------------
+    def record_step(self, accepted: int) -> None:
+        """Record one verify step in which the verifier accepted ``accepted`` drafted tokens."""
+        if not 0 <= accepted < self.block_size:
+            raise ValueError(f"accepted={accepted} outside 0..{self.block_size - 1}")
+        self.histogram[accepted] += 1
+
+    def merge(self, other: SpecStats) -> SpecStats:
+        """Sum of two stats (aggregation over requests); block sizes may differ (padded)."""
+        size = max(self.block_size, other.block_size)
+        hist = [0] * size
+        for src in (self.histogram, other.histogram):
+            for k, n in enumerate(src):
+                hist[k] += n
+        return SpecStats(block_size=size, histogram=hist)
+
+    # ---- derived quantities ----------------------------------------------------------------
+    @property
+    def verify_steps(self) -> int:
+        return sum(self.histogram)
+
+    @property
+    def draft_tokens(self) -> int:
+        """Proposed drafts: every verify step checks ``B - 1`` of them."""
+        return self.verify_steps * (self.block_size - 1)
+
+    @property
+    def accepted_tokens(self) -> int:
+        """Accepted drafts, bonus tokens excluded."""
+        return sum(k * n for k, n in enumerate(self.histogram))
+
+    @property
+    def accepted_per_position(self) -> list[int]:
+        """For draft position ``i`` (0-based, ``B - 1`` entries): steps that accepted it.
+
+        Acceptance is a prefix, so position ``i`` was accepted exactly when more than ``i`` drafts were.
+        """
+        tail = 0
+        counts = [0] * (self.block_size - 1)
+        for i in range(self.block_size - 2, -1, -1):
+            tail += self.histogram[i + 1]
+            counts[i] = tail
+        return counts
+
+    @property
+    def acceptance_length(self) -> float:
+        """tau = 1 + accepted / verify steps; 1.0 before any verify step (plain decoding)."""
+        steps = self.verify_steps
+        return 1.0 + self.accepted_tokens / steps if steps else 1.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        proposed = self.draft_tokens
+        return self.accepted_tokens / proposed if proposed else 0.0
+
+    # ---- wire formats ----------------------------------------------------------------------
+    def to_usage(self) -> dict[str, Any]:
+        """The ``usage.speculative`` object of our OpenAI-compatible responses."""
+        return {
+            "block_size": self.block_size,
+            "verify_steps": self.verify_steps,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_length": round(self.acceptance_length, 4),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "accepted_per_position": self.accepted_per_position,
+            "histogram": list(self.histogram),
+        }
+
+    @classmethod
+    def from_usage(cls, usage: Mapping[str, Any]) -> SpecStats:
+        """Inverse of :meth:`to_usage` (the gateway reads what an engine sent)."""
+        hist = [int(n) for n in usage["histogram"]]
+        stats = cls(block_size=int(usage.get("block_size", len(hist))), histogram=hist)
+        if stats.verify_steps != int(usage.get("verify_steps", stats.verify_steps)):
+            raise ValueError("usage.speculative: verify_steps disagrees with histogram")
+        return stats
+
+    @classmethod
+    def from_sglang_meta_info(
+        cls, meta: Mapping[str, Any], block_size: int | None = None
+    ) -> SpecStats | None:
+        """Convert SGLang 0.5.17 ``meta_info`` speculative fields; ``None`` if it did not speculate.
+
+        SGLang's ``spec_correct_drafts_histogram[k]`` counts verify steps that accepted ``k`` drafts,
+        the same meaning as ours. Its ``spec_accept_length`` counts the prefill token, so it is not used:
+        tau here is ``1 + spec_num_correct_drafts / spec_verify_ct``.
+        """
+        steps = int(meta.get("spec_verify_ct") or 0)
+        if steps <= 0:
+            return None
+        hist = meta.get("spec_correct_drafts_histogram") or meta.get("spec_accept_histogram")
+        proposed = meta.get("spec_num_proposed_drafts") or meta.get("spec_proposed_drafts")
+        if block_size is None:
+            if proposed:
+                block_size = int(proposed) // steps + 1
+            elif hist:
+                block_size = len(hist)
+            else:
+                raise ValueError("meta_info lacks the block size (no proposed drafts, no histogram)")
+        if hist is None:
+            correct = int(meta.get("spec_num_correct_drafts") or 0)
+            raise ValueError(
+                f"meta_info has spec_verify_ct={steps}, correct={correct} but no histogram"
+            )
+        padded = [int(n) for n in hist][:block_size]
+        padded += [0] * (block_size - len(padded))
+        stats = cls(block_size=block_size, histogram=padded)
+        correct = meta.get("spec_num_correct_drafts")
+        if correct is not None and int(correct) != stats.accepted_tokens:
+            raise ValueError(
+                f"meta_info spec_num_correct_drafts={correct} disagrees with its histogram "
+                f"({stats.accepted_tokens})"
+            )
+        return stats
+
+
+def total(stats: Iterable[SpecStats]) -> SpecStats | None:
+    """Aggregate over requests; ``None`` for an empty input."""
+    result: SpecStats | None = None
+    for s in stats:
+        result = s if result is None else result.merge(s)
+    return result
