@@ -1,0 +1,78 @@
+"""SpecStats: the one definition of acceptance shared by engine, plugin and gateway."""
+
+import pytest
+
+from sglang_ext.stats import SpecStats, total
+
+
+def _stats(block_size: int, accepted: list[int]) -> SpecStats:
+    stats = SpecStats(block_size=block_size)
+    for a in accepted:
+        stats.record_step(a)
+    return stats
+
+
+def test_derived_counts_follow_the_definition():
+    stats = _stats(4, [3, 0, 1, 3])
+    assert stats.verify_steps == 4
+    assert stats.draft_tokens == 4 * 3
+    assert stats.accepted_tokens == 7
+    assert stats.acceptance_length == pytest.approx(1 + 7 / 4)
+    assert stats.acceptance_rate == pytest.approx(7 / 12)
+    # position i accepted when more than i drafts were (steps 3,1,3 | 3,3 | 3,3)
+    assert stats.accepted_per_position == [3, 2, 2]
+    assert stats.histogram == [1, 1, 0, 2]
+
+
+def test_no_verify_step_means_plain_decoding():
+    stats = SpecStats(block_size=16)
+    assert stats.acceptance_length == 1.0
+    assert stats.acceptance_rate == 0.0
+    assert stats.accepted_per_position == [0] * 15
+
+
+def test_record_step_rejects_impossible_accept_counts():
+    stats = SpecStats(block_size=4)
+    with pytest.raises(ValueError):
+        stats.record_step(4)
+    with pytest.raises(ValueError):
+        stats.record_step(-1)
+
+
+def test_usage_round_trip_and_tamper_detection():
+    stats = _stats(8, [7, 2, 5])
+    usage = stats.to_usage()
+    assert SpecStats.from_usage(usage) == stats
+    usage["verify_steps"] += 1
+    with pytest.raises(ValueError):
+        SpecStats.from_usage(usage)
+
+
+def test_aggregate_over_requests_is_one_plus_sum_accepted_over_sum_steps():
+    a, b = _stats(4, [3, 3]), _stats(4, [0, 0, 0, 1])
+    agg = total([a, b])
+    assert agg.acceptance_length == pytest.approx(1 + 7 / 6)
+    assert total([]) is None
+
+
+def test_from_sglang_meta_info_ignores_spec_accept_length_which_counts_prefill():
+    meta = {
+        "completion_tokens": 12,
+        "spec_verify_ct": 3,
+        "spec_num_correct_drafts": 8,
+        "spec_num_proposed_drafts": 21,
+        "spec_accept_length": 4.0,
+        "spec_correct_drafts_histogram": [0, 1, 0, 1, 1, 0, 0, 0],
+    }
+    stats = SpecStats.from_sglang_meta_info(meta)
+    assert stats.block_size == 8
+    assert stats.accepted_tokens == 8
+    assert stats.acceptance_length == pytest.approx(1 + 8 / 3)
+
+
+def test_from_sglang_meta_info_without_speculation_and_inconsistent_input():
+    assert SpecStats.from_sglang_meta_info({"completion_tokens": 5}) is None
+    bad = {"spec_verify_ct": 2, "spec_num_correct_drafts": 5, "spec_num_proposed_drafts": 6,
+           "spec_correct_drafts_histogram": [1, 1, 0, 0]}
+    with pytest.raises(ValueError):
+        SpecStats.from_sglang_meta_info(bad)
