@@ -1,0 +1,179 @@
+{{/*
+Chart name, overridable with nameOverride. Truncated to 63 characters (a DNS label).
+*/}}
+{{- define "dflare.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: fullnameOverride, else "<release>-<chart>", or the release name alone when
+it already contains the chart name. Truncated to 63 characters because some Kubernetes name fields
+are limited to that (DNS labels).
+*/}}
+{{- define "dflare.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of one component's objects: "<fullname>-gateway", "<fullname>-engine".
+Usage: include "dflare.componentName" (list . "engine")
+*/}}
+{{- define "dflare.componentName" -}}
+{{- $root := index . 0 }}
+{{- printf "%s-%s" (include "dflare.fullname" $root | trunc 55 | trimSuffix "-") (index . 1) }}
+{{- end }}
+
+{{/*
+Chart name and version, as used by the helm.sh/chart label.
+*/}}
+{{- define "dflare.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Selector labels: name + instance only, because selectors are immutable after the first install.
+*/}}
+{{- define "dflare.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "dflare.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Common labels on every object.
+*/}}
+{{- define "dflare.labels" -}}
+helm.sh/chart: {{ include "dflare.chart" . }}
+{{ include "dflare.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: dflare-serve
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels of one component (adds app.kubernetes.io/component: gateway|engine). The engine's
+component label is what the gateway's Kubernetes discovery selects on.
+Usage: include "dflare.componentSelectorLabels" (list . "engine")
+*/}}
+{{- define "dflare.componentSelectorLabels" -}}
+{{ include "dflare.selectorLabels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/*
+Common labels of one component.
+Usage: include "dflare.componentLabels" (list . "gateway")
+*/}}
+{{- define "dflare.componentLabels" -}}
+{{ include "dflare.labels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/*
+Label selector (string form) the gateway's discovery uses to find this release's engine pods.
+*/}}
+{{- define "dflare.engineLabelSelector" -}}
+{{- printf "app.kubernetes.io/component=engine,app.kubernetes.io/name=%s,app.kubernetes.io/instance=%s" (include "dflare.name" .) .Release.Name }}
+{{- end }}
+
+{{/*
+Container image reference: registry/repository:tag, or @digest when a digest is set. The tag
+defaults to the chart's appVersion.
+Usage: include "dflare.image" (list . .Values.gateway.image)
+*/}}
+{{- define "dflare.image" -}}
+{{- $root := index . 0 }}
+{{- $image := index . 1 }}
+{{- $registry := default $root.Values.global.imageRegistry $image.registry }}
+{{- $repository := $image.repository }}
+{{- if $registry }}
+{{- $repository = printf "%s/%s" $registry $image.repository }}
+{{- end }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (default $root.Chart.AppVersion $image.tag | toString) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The gateway's ServiceAccount name.
+*/}}
+{{- define "dflare.serviceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create }}
+{{- default (include "dflare.componentName" (list . "gateway")) .Values.gateway.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.gateway.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret that holds the gateway's API keys (one per line).
+*/}}
+{{- define "dflare.apiKeysSecretName" -}}
+{{- default (printf "%s-api-keys" (include "dflare.fullname" .)) .Values.gateway.auth.existingSecret }}
+{{- end }}
+
+{{/*
+Where the gateway reads its API keys file.
+*/}}
+{{- define "dflare.apiKeysMountPath" -}}
+/etc/dflare/api-keys
+{{- end }}
+
+{{/*
+Base URL of the gateway Service inside the cluster.
+*/}}
+{{- define "dflare.gatewayURL" -}}
+{{- printf "http://%s.%s.svc:%d" (include "dflare.componentName" (list . "gateway")) .Release.Namespace (int .Values.gateway.service.port) }}
+{{- end }}
+
+{{/*
+Directory name under the model cache for a Hugging Face repo id ("Qwen/Qwen3-8B" -> "Qwen--Qwen3-8B").
+*/}}
+{{- define "dflare.modelDirName" -}}
+{{- . | replace "/" "--" }}
+{{- end }}
+
+{{/*
+Path the engine loads a model from: the value itself when the weights are in the image, else the
+download directory in the model cache.
+Usage: include "dflare.modelPath" (list . .Values.engine.model.target)
+*/}}
+{{- define "dflare.modelPath" -}}
+{{- $root := index . 0 }}
+{{- $ref := index . 1 }}
+{{- if eq $root.Values.engine.model.source "huggingface" }}
+{{- printf "%s/%s" $root.Values.engine.modelCache.mountPath (include "dflare.modelDirName" $ref) }}
+{{- else }}
+{{- $ref }}
+{{- end }}
+{{- end }}
+
+{{/*
+Number of GPUs per engine pod, rendered as an integer (values may arrive as float64 from JSON).
+*/}}
+{{- define "dflare.engineGPUs" -}}
+{{- int .Values.engine.gpu.count }}
+{{- end }}
+
+{{/*
+"true" when the gateway discovers this release's engine pods through the Kubernetes API (engines
+deployed, discovery on, no static backends), else empty.
+*/}}
+{{- define "dflare.discoveryEnabled" -}}
+{{- if and .Values.engine.enabled .Values.gateway.discovery.enabled (empty .Values.gateway.backends) }}true{{ end }}
+{{- end }}
