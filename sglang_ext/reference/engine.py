@@ -1,0 +1,352 @@
+"""The reference speculative engine: continuous batching, greedy and exact sampling, on any device.
+
+One ``step()`` = (for rows already decoding) ONE drafter forward proposing ``B - 1`` tokens per row, then ONE
+target forward over every row's block (new requests are prefilled in the same forward), the longest
+accepted prefix + a bonus token committed per row, and both KV caches trimmed by setting row lengths.
+Block size 1 is plain autoregressive decoding through the same code (the baseline of every benchmark).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from sglang_ext.dflare import ops
+from sglang_ext.reference.sampling import SamplingParams, sample_rows
+from sglang_ext.reference.target import TargetRunner
+from sglang_ext.stats import SpecStats
+
+if TYPE_CHECKING:
+    from sglang_ext.dflare.model import DFlareDrafter
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass
+class Request:
+    """One generation request; ``on_tokens`` is called from ``step()`` with each step's new tokens."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    on_tokens: Callable[[list[int]], None] | None = None
+
+
+@dataclass
+class Result:
+    """A finished request. ``output_ids`` exclude a matched stop token id; after a stop STRING they end
+    with the token that completed it, and ``text`` (set when the engine has a tokenizer) is cut before it."""
+
+    request_id: str
+    prompt_tokens: int
+    output_ids: list[int]
+    finish_reason: FinishReason
+    stats: SpecStats | None
+    text: str | None = None
+
+
+@dataclass
+class _Slot:
+    """Decoding state of one active request (one row of both KV caches)."""
+
+    req: Request
+    generator: torch.Generator | None
+    stats: SpecStats | None
+    output: list[int] = field(default_factory=list)
+    length: int = 0  # tokens in the target cache = position of the next block's first slot
+    pending: int = -1  # last committed token: the next block's slot 0, not yet seen by the target
+    ctx: list[torch.Tensor] = field(default_factory=list)  # taps [n, T, H] not yet in the draft cache
+    prefilled: bool = False
+    finish: FinishReason | None = None
+    text: str | None = None
+
+
+class SpeculativeEngine:
+    """See the module docstring; API contract in docs/architecture.md ("sglang_ext.reference")."""
+
+    def __init__(
+        self,
+        target: nn.Module,
+        drafter: DFlareDrafter | None,
+        block_size: int | None = None,
+        tokenizer: Any = None,
+        max_batch: int = 8,
+    ) -> None:
+        if block_size is None:
+            block_size = drafter.config.block_size if drafter is not None else 1
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if block_size > 1 and drafter is None:
+            raise ValueError(f"block_size={block_size} needs a drafter (block size 1 = plain decoding)")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.block_size, self.tokenizer, self.max_batch = block_size, tokenizer, max_batch
+        self.drafter = drafter if block_size > 1 else None
+        taps = self.drafter.config.target_layer_ids if self.drafter is not None else []
+        self.runner = target if isinstance(target, TargetRunner) else TargetRunner(target, taps)
+        if self.drafter is not None:
+            self._check_pair(self.drafter)
+            self.drafter.bind_target(self.runner.embed_tokens, self.runner.lm_head)
+            self.draft_cache = self.drafter.new_cache(max_batch, self.runner.dtype, self.runner.device)
+        self.cache = self.runner.new_cache(max_batch)
+        self._slots: list[_Slot] = []
+        self._waiting: deque[Request] = deque()
+        self._aborted: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _check_pair(self, drafter: DFlareDrafter) -> None:
+        cfg, tcfg = drafter.config, self.runner.config
+        if cfg.hidden_size != tcfg.hidden_size:
+            raise ValueError(f"drafter hidden_size {cfg.hidden_size} != target's {tcfg.hidden_size}")
+        if list(self.runner.tap_layers) != list(cfg.target_layer_ids):
+            raise ValueError("target runner taps differ from the drafter's target_layer_ids")
+        if not 0 <= cfg.mask_token_id < tcfg.vocab_size:
+            raise ValueError(f"drafter mask_token_id {cfg.mask_token_id} outside the target vocabulary")
+        dtype = drafter.norm.weight.dtype
+        if dtype != self.runner.dtype:
+            raise ValueError(f"drafter dtype {dtype} != target dtype {self.runner.dtype}")
+
+    @property
+    def max_context(self) -> int:
+        return self.runner.max_context
+
+    # ---- request admission -------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        """Queue a request; it joins the batch at the next ``step()`` with a free row."""
+        vocab = self.runner.config.vocab_size
+        if not req.prompt_ids:
+            raise ValueError("prompt_ids is empty")
+        if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(req.prompt_ids) + self.block_size > self.max_context:
+            raise ValueError(
+                f"prompt of {len(req.prompt_ids)} tokens leaves no room in the context of {self.max_context}"
+            )
+        if req.params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        with self._lock:
+            busy = {s.req.request_id for s in self._slots} | {r.request_id for r in self._waiting}
+            if req.request_id in busy:
+                raise ValueError(f"request id {req.request_id!r} is already in the engine")
+            self._aborted.discard(req.request_id)
+            self._waiting.append(req)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a queued or running request; its ``Result`` (reason "abort") comes from the next step."""
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._slots or self._waiting)
+
+    def _admit(self) -> list[Result]:
+        aborted: list[Result] = []
+        with self._lock:
+            for i in range(len(self._slots) - 1, -1, -1):
+                if self._slots[i].req.request_id in self._aborted:
+                    self._slots[i].finish = "abort"
+            keep: deque[Request] = deque()
+            for req in self._waiting:
+                if req.request_id in self._aborted:
+                    aborted.append(Result(req.request_id, len(req.prompt_ids), [], "abort", None))
+                else:
+                    keep.append(req)
+            self._waiting = keep
+            self._aborted.clear()
+        for i in range(len(self._slots) - 1, -1, -1):
+            if self._slots[i].finish == "abort":
+                aborted.append(self._finish_row(i))
+        with self._lock:
+            while self._waiting and len(self._slots) < self.max_batch:
+                self._slots.append(self._new_slot(self._waiting.popleft()))
+        return aborted
+
+    def _new_slot(self, req: Request) -> _Slot:
+        gen = None
+        if not req.params.greedy:
+            seed = req.params.seed if req.params.seed is not None else random.SystemRandom().randrange(2**63)
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        stats = SpecStats(self.block_size) if self.block_size > 1 else None
+        row = len(self._slots)
+        self.cache.lengths[row] = 0
+        if self.drafter is not None:
+            self.draft_cache.lengths[row] = 0
+        return _Slot(req=req, generator=gen, stats=stats)
+
+    # ---- one engine step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Result]:
+        """Advance every active request by one verify step (or its prefill); return finished ones."""
+        results = self._admit()
+        slots = self._slots
+        if not slots:
+            return results
+        blk = self.block_size
+        decoding = sum(s.prefilled for s in slots)  # prefilled rows come first (new rows are appended)
+        drafts = self._propose(decoding) if blk > 1 and decoding else None  # [k, B-1]
+        qlen = max(blk if s.prefilled else len(s.req.prompt_ids) for s in slots)
+        ids = torch.zeros(len(slots), qlen, dtype=torch.int64, device=self.runner.device)
+        for r, s in enumerate(slots):
+            if s.prefilled:
+                ids[r, 0] = s.pending
+            else:
+                ids[r, : len(s.req.prompt_ids)] = torch.tensor(s.req.prompt_ids)
+        if drafts is not None:
+            ids[:decoding, 1:blk] = drafts
+        starts = [s.length if s.prefilled else 0 for s in slots]
+        hidden, taps = self.runner.forward(self.cache, ids, starts)
+        if decoding:
+            self._verify(slots[:decoding], hidden[:decoding, :blk], taps, drafts)
+        if decoding < len(slots):
+            self._first_tokens(slots, decoding, hidden, taps)
+        for r in range(len(slots) - 1, -1, -1):
+            if slots[r].finish is not None:
+                results.append(self._finish_row(r))
+        return results
+
+    def _propose(self, rows: int) -> torch.Tensor:
+        """B-1 greedy draft tokens for rows ``0..rows-1`` from ONE drafter forward: [rows, B-1]."""
+        drafter, cache = self.drafter, self.draft_cache
+        assert drafter is not None
+        pending_rows, positions, taps = [], [], []
+        for r, s in enumerate(self._slots[:rows]):
+            start = cache.lengths[r]
+            for chunk in s.ctx:
+                n = chunk.shape[0]
+                pending_rows.append(torch.full((n,), r, dtype=torch.int64))
+                positions.append(torch.arange(start, start + n))
+                taps.append(chunk)
+                start += n
+            cache.lengths[r] = start
+            s.ctx = []
+        if taps:
+            cache.ensure_capacity(max(cache.lengths[:rows]) + self.block_size)
+            drafter.append_context(cache, torch.cat(pending_rows), torch.cat(positions), torch.cat(taps))
+        block = torch.full((rows, self.block_size), drafter.config.mask_token_id, dtype=torch.int64)
+        block[:, 0] = torch.tensor([s.pending for s in self._slots[:rows]])
+        hidden = drafter.draft_hidden(cache, block, cache.lengths[:rows])
+        return drafter.logits(hidden[:, 1:]).argmax(dim=-1)
+
+    @staticmethod
+    def _kept_length(start: int, accepted: int) -> int:
+        """Target-cache length after a verify step: block slot 0 (the pending token) + accepted drafts."""
+        return start + accepted + 1
+
+    def _verify(
+        self, slots: Sequence[_Slot], hidden: torch.Tensor, taps: torch.Tensor | None,
+        drafts: torch.Tensor | None,
+    ) -> None:
+        """Sample the target at every block slot, accept the longest matching prefix, commit, crop."""
+        params = [s.req.params for s in slots]
+        post = sample_rows(self.runner.logits(hidden), params, [s.generator for s in slots])  # [k, B]
+        if drafts is not None:
+            accepted = ops.accept_lengths(drafts, post[:, :-1]).tolist()
+        else:
+            accepted = [0] * len(slots)
+        post_rows = post.tolist()
+        for r, s in enumerate(slots):
+            a = accepted[r]
+            if s.stats is not None:
+                s.stats.record_step(a)
+            if taps is not None:
+                s.ctx.append(taps[r, : a + 1])  # taps of block slots 0..a: the drafter's next context
+            s.length = self._kept_length(s.length, a)
+            self.cache.lengths[r] = s.length
+            new = post_rows[r][: a + 1]  # accepted drafts equal the target's own tokens, + the bonus
+            s.pending = new[-1]
+            self._emit(s, new)
+
+    def _first_tokens(
+        self, slots: list[_Slot], first_new: int, hidden: torch.Tensor, taps: torch.Tensor | None
+    ) -> None:
+        """Prefill rows: sample the first token from the last prompt position."""
+        rows = range(first_new, len(slots))
+        last = torch.tensor([len(slots[r].req.prompt_ids) - 1 for r in rows])
+        logits = self.runner.logits(hidden[first_new:][torch.arange(len(last)), last])[:, None]  # [m, 1, V]
+        tokens = sample_rows(logits, [slots[r].req.params for r in rows], [slots[r].generator for r in rows])
+        for r, tok in zip(rows, tokens[:, 0].tolist(), strict=True):
+            s = slots[r]
+            n = len(s.req.prompt_ids)
+            s.length, s.pending, s.prefilled = n, tok, True
+            self.cache.lengths[r] = n
+            if taps is not None:
+                s.ctx.append(taps[r, :n])
+            self._emit(s, [tok])
+
+    # ---- output handling ---------------------------------------------------------------------------
+    def _emit(self, s: _Slot, tokens: list[int]) -> None:
+        """Append committed tokens, applying max_tokens, stop token ids and stop strings; stream them."""
+        p = s.req.params
+        kept: list[int] = []
+        for t in tokens[: p.max_tokens - len(s.output)]:
+            if t in p.stop_token_ids:
+                s.finish = "stop"
+                break
+            kept.append(t)
+        s.output.extend(kept)
+        if p.stop and kept:
+            kept = self._apply_stop_strings(s, len(kept))
+        if s.finish is None and len(s.output) >= p.max_tokens:
+            s.finish = "length"
+        if s.finish is None and s.length + self.block_size > self.max_context:
+            s.finish = "length"  # no room for another verify block
+        if kept and s.req.on_tokens is not None:
+            s.req.on_tokens(kept)
+
+    def _apply_stop_strings(self, s: _Slot, n_new: int) -> list[int]:
+        """Cut at the first stop string; returns the new tokens that remain to be streamed."""
+        text = self.tokenizer.decode(s.output)
+        hits = [i for i in (text.find(stop) for stop in s.req.params.stop) if i >= 0]
+        if not hits:
+            return s.output[len(s.output) - n_new :]
+        cut = min(hits)
+        s.finish, s.text = "stop", text[:cut]
+        old = len(s.output) - n_new
+        for end in range(old + 1, len(s.output) + 1):  # shortest prefix that contains a stop string
+            prefix = self.tokenizer.decode(s.output[:end])
+            if any(stop in prefix for stop in s.req.params.stop):
+                del s.output[end:]
+                break
+        return s.output[old:]
+
+    def _finish_row(self, r: int) -> Result:
+        """Remove row r (the last row moves into it, keeping rows contiguous) and build its Result."""
+        s = self._slots[r]
+        text = s.text
+        if text is None and self.tokenizer is not None:
+            text = self.tokenizer.decode(s.output)
+        last = len(self._slots) - 1
+        if r != last:
+            self.cache.move_row(last, r)
+            if self.drafter is not None:
+                self.draft_cache.move_row(last, r)
+            self._slots[r] = self._slots[last]
+        self._slots.pop()
+        reason: FinishReason = s.finish or "abort"
+        return Result(s.req.request_id, len(s.req.prompt_ids), list(s.output), reason, s.stats, text)
+
+    # ---- convenience -------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Result]:
+        """Run prompts to completion through the continuous batch; results in prompt order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        ids = [f"gen-{id(self)}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params, strict=True):
+            self.add_request(Request(rid, list(prompt), p))
+        done: dict[str, Result] = {}
+        while len(done) < len(ids):
+            for res in self.step():
+                done[res.request_id] = res
+        return [done[rid] for rid in ids]

@@ -1,0 +1,54 @@
+"""Build a :class:`SpeculativeEngine` from checkpoint directories (HF target + drafter of any dialect)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sglang_ext.dflare.checkpoint import dtype_from_name, load_drafter
+from sglang_ext.reference.engine import SpeculativeEngine
+
+log = logging.getLogger(__name__)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
+    """None -> float32 on CPU (bf16 matmuls are slow there), bfloat16 on accelerators."""
+    if dtype is None:
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    return dtype if isinstance(dtype, torch.dtype) else dtype_from_name(dtype)
+
+
+def load_target(target_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def load_tokenizer(target_dir: str | Path) -> Any:
+    """The target's tokenizer if the directory ships one (an engine without one cannot use stop strings)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(target_dir))
+    except (OSError, ValueError) as exc:
+        log.info("no tokenizer in %s (%s): token ids only", target_dir, exc)
+        return None
+
+
+def load_engine(
+    target_dir: str | Path,
+    drafter_dir: str | Path | None,
+    block_size: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str = "cpu",
+    max_batch: int = 8,
+) -> SpeculativeEngine:
+    """Target (HF causal LM directory) + optional drafter; ``block_size`` defaults to the drafter's."""
+    torch_dtype = resolve_dtype(dtype, device)
+    target = load_target(target_dir, torch_dtype, device)
+    drafter = load_drafter(drafter_dir, dtype=torch_dtype, device=device) if drafter_dir else None
+    return SpeculativeEngine(target, drafter, block_size, load_tokenizer(target_dir), max_batch)
