@@ -1,0 +1,180 @@
+"""Static checks of the Grafana dashboards: JSON, uids, data source, rate windows, schema, metric names."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import jsonschema
+import pytest
+from grafana_foundation_sdk.cog import plugins
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import Dashboard
+
+from . import promql
+
+SCHEMA = json.loads((promql.REPO / "deploy/grafana/schema/dashboard.schema.json").read_text())
+DASHBOARDS = promql.load_dashboards()
+EXPECTED = {"dflare-gateway.json", "dflare-speculation.json", "dflare-engine.json"}
+
+
+def test_the_three_dashboards_exist_as_valid_json() -> None:
+    assert set(DASHBOARDS) == EXPECTED
+    for path in promql.DASHBOARD_DIR.glob("*.json"):
+        json.loads(path.read_text())  # raises on invalid JSON
+
+
+@pytest.mark.parametrize("file", sorted(EXPECTED))
+def test_uid_is_stable_and_panels_are_well_formed(file: str) -> None:
+    dash = DASHBOARDS[file]
+    # The uid is the file name: links and bookmarks survive re-imports and renames of the title.
+    assert dash["uid"] == file.removesuffix(".json")
+    assert len(dash["uid"]) <= 40 and re.fullmatch(r"[a-z0-9-]+", dash["uid"])
+    assert dash.get("id") is None, "a numeric id pins the dashboard to one Grafana instance"
+    ids = [p["id"] for p in promql.iter_panels(dash)]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in promql.iter_panels(dash):
+        if panel["type"] == "row":
+            continue
+        assert panel.get("title") and panel.get("description"), panel
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs))
+        g = panel["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24
+
+
+@pytest.mark.parametrize("file", sorted(EXPECTED))
+def test_variables_and_datasource_are_not_hard_coded(file: str) -> None:
+    dash = DASHBOARDS[file]
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert set(variables) == {"datasource", "namespace", "model", "backend"}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("namespace", "model", "backend"):
+        var = variables[name]
+        assert var["includeAll"] and var["allValue"] == ".*", "'All' must also match series without the label"
+        assert var["datasource"]["uid"] == "${datasource}"
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            ds = node.get("datasource")
+            if isinstance(ds, dict) and ds.get("type") == "prometheus":
+                assert ds.get("uid") == "${datasource}", f"hard-coded data source at {path}"
+            for key, value in node.items():
+                walk(value, f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+
+    walk(dash, file)
+
+
+def test_every_query_filters_by_the_variables_and_rates_use_rate_interval() -> None:
+    for query in promql.dashboard_queries(DASHBOARDS):
+        for fn, window in promql.range_windows(query.expr):
+            assert window == "$__rate_interval", f"{query.source}: {fn}(...[{window}])"
+        for selector in promql.selectors(query.expr):
+            assert 'namespace=~"$namespace"' in selector, f"{query.source}: {selector}"
+    # Range functions must be found at all, or the check above proves nothing.
+    assert sum(len(promql.range_windows(q.expr)) for q in promql.dashboard_queries(DASHBOARDS)) > 30
+
+
+def test_speculation_panels_use_vllm_formulas_over_gateway_counters() -> None:
+    exprs = [
+        t["expr"]
+        for p in promql.iter_panels(DASHBOARDS["dflare-speculation.json"])
+        for t in p.get("targets", [])
+    ]
+    accepted, drafts, proposed = (
+        "dflare_spec_decode_num_accepted_tokens_total",
+        "dflare_spec_decode_num_drafts_total",
+        "dflare_spec_decode_num_draft_tokens_total",
+    )
+    length = [e for e in exprs if e.startswith("1 + ") and accepted in e and drafts in e]
+    rate = [e for e in exprs if accepted in e and proposed in e and not e.startswith("1 + ")]
+    assert length and rate
+    for expr in length:  # 1 + accepted / drafts, never the per-pod SGLang gauge
+        assert expr.index(accepted) < expr.index("/") < expr.index(drafts)
+    for expr in rate:  # accepted / proposed
+        assert expr.index(accepted) < expr.index("/") < expr.index(proposed)
+
+
+@pytest.mark.parametrize("file", sorted(EXPECTED))
+def test_dashboard_passes_the_grafana_json_schema(file: str) -> None:
+    jsonschema.Draft7Validator(SCHEMA).validate(DASHBOARDS[file])
+
+
+def test_schema_check_rejects_a_broken_dashboard() -> None:
+    broken = copy.deepcopy(DASHBOARDS["dflare-gateway.json"])
+    broken["panels"][1]["gridPos"]["w"] = "12"  # wrong type
+    broken["templating"]["list"][1]["querry"] = "typo"  # unknown key
+    errors = list(jsonschema.Draft7Validator(SCHEMA).iter_errors(broken))
+    assert len(errors) >= 2
+
+
+@pytest.mark.parametrize("file", sorted(EXPECTED))
+def test_typed_model_keeps_every_key(file: str) -> None:
+    """grafana-foundation-sdk drops keys it does not know: a round trip that loses one is a typo."""
+    plugins.register_default_plugins()
+    original = DASHBOARDS[file]
+    round_trip = json.loads(json.dumps(Dashboard.from_json(copy.deepcopy(original)), cls=JSONEncoder))
+    assert not _dropped(original, round_trip, file)
+
+
+def test_typed_model_round_trip_catches_an_unknown_key() -> None:
+    plugins.register_default_plugins()
+    broken = copy.deepcopy(DASHBOARDS["dflare-engine.json"])
+    broken["panels"][1]["targets"][0]["exprr"] = "typo"
+    round_trip = json.loads(json.dumps(Dashboard.from_json(copy.deepcopy(broken)), cls=JSONEncoder))
+    assert _dropped(broken, round_trip, "x") == ["x/panels[1]/targets[0]/exprr"]
+
+
+def _dropped(original: object, round_trip: object, path: str) -> list[str]:
+    if isinstance(original, dict) and isinstance(round_trip, dict):
+        out = [f"{path}/{k}" for k in original if k not in round_trip]
+        for k in original.keys() & round_trip.keys():
+            out += _dropped(original[k], round_trip[k], f"{path}/{k}")
+        return out
+    if isinstance(original, list) and isinstance(round_trip, list):
+        return [
+            d
+            for i, (a, b) in enumerate(zip(original, round_trip, strict=True))
+            for d in _dropped(a, b, f"{path}[{i}]")
+        ]
+    return []
+
+
+def test_metric_names_exist_in_gateway_contract_and_sglang_list() -> None:
+    sglang = promql.sglang_names()
+    gateway = promql.gateway_names()
+    recorded = promql.recorded_names()
+    queries = (
+        promql.dashboard_queries(DASHBOARDS) + promql.variable_queries(DASHBOARDS) + promql.rule_queries()
+    )
+    seen = set()
+    for query in queries:
+        for name in promql.metric_names(query.expr):
+            seen.add(name)
+            base = promql.base_name(name)
+            if name.startswith("sglang:"):
+                assert base in sglang, f"{query.source}: {name} is not an SGLang 0.5.17 metric"
+            elif name.startswith("dflare:"):
+                assert name in recorded, f"{query.source}: {name} is not a recording rule"
+            else:
+                assert base in gateway, f"{query.source}: {name} is not a gateway metric"
+    assert {"sglang:token_usage", "dflare_backend_up", "dflare:spec_acceptance_length:rate15m"} <= seen
+
+
+def test_sglang_list_marks_what_engine_server_exports() -> None:
+    lines = [ln.split("#", 1)[0].split() for ln in promql.SGLANG_NAMES_FILE.read_text().splitlines()]
+    rows = [ln for ln in lines if ln]
+    assert all(r[0].startswith("sglang:") and r[1] in {"gauge", "counter", "histogram"} for r in rows)
+    exported = {r[0] for r in rows if r[-1] == "engine-server"}
+    # The subset the gateway issue asks engine-server to export.
+    assert len(exported) == 14
+    used = set()
+    for query in promql.dashboard_queries(DASHBOARDS) + promql.rule_queries():
+        used |= {promql.base_name(n) for n in promql.metric_names(query.expr) if n.startswith("sglang:")}
+    assert used <= exported, f"used but not exported by engine-server: {used - exported}"
