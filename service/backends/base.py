@@ -9,7 +9,7 @@ those (``service.routing``), which is itself a backend, so the API layer never k
 Contract, in the order a request meets it:
 
 * ``name`` is the ``backend`` label of every metric: the base URL, or ``"embedded"``. A pool reports
-  the member that served the request in :attr:`Usage.backend` (``None`` means ``name``).
+  the member that served the request in :attr:`BackendRequest.served_by` (``None`` means ``name``).
 * ``await models()`` lists the served model ids. It is called on every request, so it must be cheap
   (cached); the API layer answers 404 ``model_not_found`` for a model not in the list.
 * ``await complete(req)`` returns a :class:`Completion` whose body is the OpenAI response,
@@ -55,6 +55,9 @@ class BackendRequest:
     ``body`` is the validated request as a JSON-ready dict (unset optional fields left out, ``model``
     and ``stream`` included); backends may add their own upstream fields to a copy, never to it.
     ``affinity_key`` is a prompt prefix for cache-aware routing (empty when nothing routes on it).
+    The backend that serves the request sets ``served_by`` (its ``name``; a pool: the member's) and
+    may set ``route_reason``; both go into the access log, ``served_by`` also into the metrics'
+    ``backend`` label and the ``x-dflare-backend`` header.
     """
 
     endpoint: Endpoint
@@ -64,6 +67,8 @@ class BackendRequest:
     stream: bool = False
     include_usage: bool = False
     affinity_key: str = ""
+    served_by: str | None = None
+    route_reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -73,13 +78,12 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     speculative: SpecStats | None = None
-    backend: str | None = None  # the member that served it, when ``Backend.name`` is a pool
 
     @classmethod
-    def from_openai(cls, usage: dict[str, Any] | None, backend: str | None = None) -> Usage:
+    def from_openai(cls, usage: dict[str, Any] | None) -> Usage:
         """Read an OpenAI ``usage`` object, ``usage.speculative`` (``SpecStats.to_usage()``) included."""
         if not usage:
-            return cls(backend=backend)
+            return cls()
         spec = usage.get("speculative")
         stats = None
         if spec:
@@ -90,7 +94,6 @@ class Usage:
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
             speculative=stats,
-            backend=backend,
         )
 
 
