@@ -35,7 +35,6 @@ class HealthProber:
         self._on_change = on_change
         self._task: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
-        pool.subscribe(self._on_membership)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="health-prober")
@@ -89,10 +88,8 @@ class HealthProber:
             await asyncio.sleep(self.interval_s)
             await self.probe_all()
 
-    def _on_membership(self, event: str, endpoint: BackendEndpoint) -> None:
-        if event != "added":
-            return
-        with contextlib.suppress(RuntimeError):  # no running loop: the next round probes it
-            task = asyncio.get_running_loop().create_task(self.probe(endpoint))
-            self._probes.add(task)
-            task.add_done_callback(self._probes.discard)
+    def probe_soon(self, endpoint: BackendEndpoint) -> None:
+        """Probe a new member now instead of at the next round (it may be ready already)."""
+        task = asyncio.get_running_loop().create_task(self.probe(endpoint))
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
