@@ -1,0 +1,209 @@
+"""OpenAI chat users, streaming and not, that measure what a user of a speculative server feels.
+
+With `stream=True` locust times only the response headers, so the numbers that matter are fired as
+their own request events (request_type in the first column of locust's tables):
+
+- `TTFT`: request sent -> first content chunk (ms)
+- `ITL`: mean gap between output tokens of one request, (last - first token time) / (tokens - 1) (ms)
+- `E2E`: request sent -> `[DONE]` (ms)
+- `TOK/S`: output tokens per second of one request (the value, not ms)
+- `ACCEPT_LEN`: `usage.speculative.acceptance_length` x 1000 (locust stores integers), when present
+
+Every request also goes to the run's `RequestLog` with exact values, for the PNG summary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass
+
+from locust import FastHttpUser, between, task
+from prompt_sets import PromptPicker, load_prompts
+from run_checks import RequestRecord, recorder
+
+CHAT_PATH = "/v1/chat/completions"
+ACCEPT_LEN_SCALE = 1000
+_user_ids = itertools.count()
+
+
+@dataclass
+class StreamTimes:
+    """What one streamed response told us, filled chunk by chunk."""
+
+    start: float
+    first_token: float | None = None
+    last_token: float | None = None
+    content_chunks: int = 0
+    usage: dict | None = None
+    error: str | None = None
+
+    def feed(self, line: str, now: float) -> bool:
+        """Take one SSE line; True once `[DONE]` arrived."""
+        if not line.startswith("data:"):
+            return False
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return True
+        event = json.loads(data)
+        if "error" in event:
+            self.error = str(event["error"].get("message", event["error"]))
+            return False
+        if event.get("usage"):
+            self.usage = event["usage"]
+        for choice in event.get("choices", []):
+            if choice.get("delta", {}).get("content"):
+                self.content_chunks += 1
+                self.first_token = self.first_token or now
+                self.last_token = now
+        return False
+
+
+class ChatUser(FastHttpUser):
+    """One chat client: mostly streaming (as chat UIs do), sometimes a blocking call (as batch jobs do)."""
+
+    wait_time = between(0.05, 0.25)
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        sets = [s.strip() for s in options.prompt_sets.split(",") if s.strip()]
+        self.prompts = PromptPicker(load_prompts(sets), seed=next(_user_ids))
+        self.model = options.model or self._first_served_model()
+
+    def _first_served_model(self) -> str:
+        with self.client.get("/v1/models", name="/v1/models", catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"/v1/models answered {resp.status_code}")
+                return "default"
+            data = resp.json().get("data") or []
+            return data[0]["id"] if data else "default"
+
+    def _body(self, stream: bool) -> dict:
+        options = self.environment.parsed_options
+        prompt = self.prompts.next()
+        body = {
+            "model": self.model,
+            "messages": prompt.messages,
+            "max_tokens": options.max_tokens,
+            "temperature": options.temperature,
+            "stream": stream,
+        }
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    @task(3)
+    def chat_stream(self) -> None:
+        name = "chat stream"
+        times = StreamTimes(start=time.perf_counter())
+        with self.client.post(
+            CHAT_PATH, json=self._body(True), name=name, stream=True, catch_response=True
+        ) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {_error_message(resp)}")
+                self._record(name, stream=True, ok=False, status=resp.status_code)
+                return
+            done = False
+            buffer = ""
+            for chunk in resp.iter_content(chunk_size=4096):
+                buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
+                while "\n" in buffer and not done:
+                    line, buffer = buffer.split("\n", 1)
+                    done = times.feed(line.strip(), time.perf_counter())
+            end = time.perf_counter()
+            problem = times.error or (None if done else "stream ended without [DONE]")
+            if problem is None and times.first_token is None:
+                problem = "stream carried no content"
+            if problem:
+                resp.failure(problem)
+                self._record(name, stream=True, ok=False, status=resp.status_code)
+                return
+            resp.success()
+        tokens = int((times.usage or {}).get("completion_tokens") or times.content_chunks)
+        ttft = times.first_token - times.start
+        gaps = max(tokens - 1, 1)
+        itl = (times.last_token - times.first_token) / gaps if tokens > 1 else None
+        self._fire("TTFT", name, ttft * 1000, tokens)
+        if itl is not None:
+            self._fire("ITL", name, itl * 1000, tokens)
+        self._fire("E2E", name, (end - times.start) * 1000, tokens)
+        self._measured(name, times.usage, tokens, end - times.start, ttft=ttft, itl=itl, stream=True)
+
+    @task(1)
+    def chat_blocking(self) -> None:
+        name = "chat"
+        start = time.perf_counter()
+        with self.client.post(CHAT_PATH, json=self._body(False), name=name, catch_response=True) as resp:
+            end = time.perf_counter()
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {_error_message(resp)}")
+                self._record(name, stream=False, ok=False, status=resp.status_code)
+                return
+            body = resp.json()
+            if not body.get("choices"):
+                resp.failure("response without choices")
+                self._record(name, stream=False, ok=False, status=resp.status_code)
+                return
+        usage = body.get("usage") or {}
+        tokens = int(usage.get("completion_tokens") or 0)
+        self._measured(name, usage, tokens, end - start, ttft=None, itl=None, stream=False)
+
+    # ---- reporting -------------------------------------------------------------------------------
+    def _measured(
+        self,
+        name: str,
+        usage: dict | None,
+        tokens: int,
+        e2e: float,
+        *,
+        ttft: float | None,
+        itl: float | None,
+        stream: bool,
+    ) -> None:
+        # Output tokens per second of decoding: after the first token when streamed, whole call if not.
+        decode_time = e2e - (ttft or 0.0)
+        tokens_per_s = (
+            (tokens - 1) / decode_time
+            if stream and tokens > 1 and decode_time > 0
+            else (tokens / e2e if not stream and e2e > 0 else None)
+        )
+        if tokens_per_s is not None:
+            self._fire("TOK/S", name, tokens_per_s, tokens)
+        spec = (usage or {}).get("speculative") or {}
+        accept_len = spec.get("acceptance_length")
+        if accept_len is not None:
+            self._fire("ACCEPT_LEN", name, float(accept_len) * ACCEPT_LEN_SCALE, tokens)
+        self._record(
+            name,
+            stream=stream,
+            ok=True,
+            status=200,
+            ttft_s=ttft,
+            itl_s=itl,
+            e2e_s=e2e,
+            completion_tokens=tokens,
+            tokens_per_s=tokens_per_s,
+            acceptance_length=accept_len,
+            acceptance_rate=spec.get("acceptance_rate"),
+        )
+
+    def _fire(self, kind: str, name: str, value: float, tokens: int) -> None:
+        self.environment.events.request.fire(
+            request_type=kind,
+            name=name,
+            response_time=value,
+            response_length=tokens,
+            exception=None,
+            context={},
+        )
+
+    def _record(self, name: str, **fields: object) -> None:
+        recorder(self.environment).add(RequestRecord(t=time.time(), name=name, **fields))
+
+
+def _error_message(resp: object) -> str:
+    try:
+        return str(resp.json()["error"]["message"])[:200]  # the OpenAI error shape
+    except Exception:
+        return (getattr(resp, "text", "") or "")[:200]
