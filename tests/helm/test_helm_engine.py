@@ -1,0 +1,224 @@
+"""The SGLang engine pods as rendered: GPUs, /dev/shm, probes, DFLARE args, model cache, downloads."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helm.chart import SCENARIOS, container, env_map, render, render_values
+
+ENGINE_SCENARIOS = [s for s in SCENARIOS if s != "cpu"]
+
+
+def _engine(scenario: str) -> dict:
+    return render(scenario).one("StatefulSet", "-engine")
+
+
+def _arg(args: list[str], flag: str) -> str:
+    assert flag in args, f"{flag} missing from {args}"
+    return args[args.index(flag) + 1]
+
+
+@pytest.mark.parametrize("scenario", ENGINE_SCENARIOS)
+def test_gpu_limit_equals_request_and_is_a_whole_number(scenario: str) -> None:
+    resources = container(_engine(scenario), "engine")["resources"]
+    limit, request = resources["limits"]["nvidia.com/gpu"], resources["requests"]["nvidia.com/gpu"]
+    assert isinstance(limit, int) and limit >= 1
+    assert limit == request
+
+
+def test_gpu_count_and_tensor_parallel_follow_values() -> None:
+    engine = _engine("pvc")
+    c = container(engine, "engine")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert _arg(c["args"], "--tp-size") == "2"
+    c = container(render_values({"engine": {"gpu": {"count": 4}, "tensorParallelSize": 2}}).one("StatefulSet"), "engine")
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == 4 and _arg(c["args"], "--tp-size") == "2"
+
+
+@pytest.mark.parametrize("scenario", ENGINE_SCENARIOS)
+def test_dev_shm_is_a_memory_emptydir(scenario: str) -> None:
+    engine = _engine(scenario)
+    mounts = {m["mountPath"]: m["name"] for m in container(engine, "engine")["volumeMounts"]}
+    volumes = {v["name"]: v for v in engine["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["sizeLimit"]
+
+
+@pytest.mark.parametrize("scenario", ENGINE_SCENARIOS)
+def test_probes_on_sglang_health_with_a_long_startup_window(scenario: str) -> None:
+    c = container(_engine(scenario), "engine")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    startup = c["startupProbe"]
+    # Weight loading and CUDA graph capture: at least 10 minutes before liveness may kill the pod.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+
+
+@pytest.mark.parametrize("scenario", ENGINE_SCENARIOS)
+def test_sglang_args_carry_dflare_and_the_draft_model(scenario: str) -> None:
+    engine = _engine(scenario)
+    c = container(engine, "engine")
+    assert c["command"] == ["python3", "-m", "sglang.launch_server"]
+    args = c["args"]
+    assert _arg(args, "--speculative-algorithm") == "DFLARE"
+    draft = _arg(args, "--speculative-draft-model-path")
+    target = _arg(args, "--model-path")
+    assert draft and target and draft != target
+    assert "--enable-metrics" in args
+    assert _arg(args, "--port") == "30000" and _arg(args, "--host") == "0.0.0.0"
+    assert c["ports"][0]["containerPort"] == 30000
+    # Discovery contract: the component label and the port annotation.
+    meta = engine["spec"]["template"]["metadata"]
+    assert meta["labels"]["app.kubernetes.io/component"] == "engine"
+    assert meta["annotations"]["dflare.ai/port"] == "30000"
+
+
+def test_default_profile_serves_the_demo_pair_from_the_image() -> None:
+    engine = _engine("default")
+    args = container(engine, "engine")["args"]
+    assert _arg(args, "--model-path") == "/opt/dflare/models/demo-target"
+    assert _arg(args, "--speculative-draft-model-path") == "/opt/dflare/models/demo-dflare"
+    assert "initContainers" not in engine["spec"]["template"]["spec"]  # nothing to download
+
+
+def test_published_pair_is_downloaded_into_the_cache_and_served_from_there() -> None:
+    engine = _engine("published-pair")
+    args = container(engine, "engine")["args"]
+    assert _arg(args, "--model-path") == "/models/Qwen--Qwen3-8B"
+    assert _arg(args, "--speculative-draft-model-path") == "/models/AngelSlim--Qwen3-8b-dflare"
+    assert _arg(args, "--speculative-num-draft-tokens") == "16"
+    assert _arg(args, "--attention-backend") == "fa3"
+    assert args[-2:] == ["--cuda-graph-max-bs-decode", "48"]
+    fetch = container(engine, "fetch-models", init=True)
+    env = env_map(fetch)
+    assert env["TARGET_REPO"] == "Qwen/Qwen3-8B" and env["DRAFT_REPO"] == "AngelSlim/Qwen3-8b-dflare"
+    assert env["TARGET_DIR"] == "/models/Qwen--Qwen3-8B"
+    # HF token: from an optional Secret, as a file (not an env var).
+    volumes = {v["name"]: v for v in engine["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["hf-token"]["secret"] == {"secretName": "hf-token", "optional": True, "defaultMode": 0o440}
+    assert env["HF_TOKEN_PATH"] == "/etc/dflare/hf-token/token"
+    assert env_map(container(engine, "engine"))["HF_HUB_OFFLINE"] == "1"
+    assert engine["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+
+
+def _cache_volume(scenario: str) -> tuple[dict | None, list]:
+    engine = _engine(scenario)
+    volumes = {v["name"]: v for v in engine["spec"]["template"]["spec"]["volumes"]}
+    return volumes.get("model-cache"), engine["spec"].get("volumeClaimTemplates", [])
+
+
+def test_model_cache_pvc_is_optional() -> None:
+    # Default: an emptyDir, no PVC anywhere, so a first install cannot hang on a Pending claim.
+    for scenario in ("default", "published-pair", "keda", "monitoring"):
+        volume, claims = _cache_volume(scenario)
+        assert "emptyDir" in volume and claims == []
+        assert not render(scenario).of_kind("PersistentVolumeClaim")
+    # Existing claim: mounted as is, nothing created.
+    volume, claims = _cache_volume("existing-claim")
+    assert volume["persistentVolumeClaim"] == {"claimName": "shared-models"} and claims == []
+    # pvc: one claim per replica from volumeClaimTemplates.
+    volume, claims = _cache_volume("pvc")
+    assert volume is None
+    (claim,) = claims
+    assert claim["metadata"]["name"] == "model-cache"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "64Gi"
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+
+
+def test_existing_claim_type_requires_a_claim_name() -> None:
+    import helm_python
+
+    with pytest.raises(helm_python.HelmError, match="existingClaim is required"):
+        render_values({"engine": {"modelCache": {"type": "existingClaim"}}})
+
+
+def test_scheduling_and_graceful_termination() -> None:
+    values = {"engine": {"nodeSelector": {"pool": "h100"}, "affinity": {"podAntiAffinity": {}}}}
+    spec = render_values(values).one("StatefulSet")["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"pool": "h100"}
+    assert spec["affinity"] == {"podAntiAffinity": {}}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert spec["terminationGracePeriodSeconds"] >= 60
+    engine = container(render("default").one("StatefulSet"), "engine")
+    assert engine["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+
+
+def test_headless_service_pdb_and_replicas() -> None:
+    rendered = render("default")
+    service = rendered.one("Service", "-engine")
+    assert service["spec"]["clusterIP"] == "None"
+    assert rendered.one("StatefulSet")["spec"]["serviceName"] == service["metadata"]["name"]
+    pdb = rendered.one("PodDisruptionBudget", "-engine")
+    assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "engine"
+    assert render("existing-claim").one("StatefulSet")["spec"]["replicas"] == 3
+
+
+def test_keda_scales_the_engines_on_queue_length() -> None:
+    rendered = render("keda")
+    scaled = rendered.one("ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "dflare-engine"}
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 6)
+    assert scaled["spec"]["cooldownPeriod"] == 600
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert "sglang:num_queue_reqs" in trigger["metadata"]["query"]
+    assert trigger["metadata"]["threshold"] == "4"
+    # KEDA owns the replica count: the StatefulSet must not fight it on upgrade.
+    assert "replicas" not in rendered.one("StatefulSet")["spec"]
+    assert not render("default").of_kind("ScaledObject")
+
+
+def _fake_hf(bin_dir: Path, log: Path) -> None:
+    """A stand-in `hf` CLI (no network here) that records its arguments and writes a file."""
+    script = bin_dir / "hf"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {log}\n'
+        'while [ $# -gt 0 ]; do if [ "$1" = --local-dir ]; then shift; mkdir -p "$1"; '
+        'echo "{}" > "$1/config.json"; fi; shift; done\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+
+
+def test_fetch_models_init_script_downloads_once(tmp_path: Path) -> None:
+    """Runs the rendered init container's shell script: two downloads, then a cache hit on restart."""
+    values = {"engine": {"model": {"source": "huggingface", "target": "Qwen/Qwen3-8B",
+                                   "draft": "AngelSlim/Qwen3-8b-dflare", "draftRevision": "v1"}}}
+    fetch = container(render_values(values).one("StatefulSet"), "fetch-models", init=True)
+    env = env_map(fetch)
+    cache = tmp_path / "models"
+    env = {k: v.replace("/models", str(cache)) for k, v in env.items()}
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    _fake_hf(bin_dir, log)
+    run_env = {**os.environ, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    first = subprocess.run(fetch["command"], env=run_env, capture_output=True, text=True, timeout=30)
+    assert first.returncode == 0, first.stderr
+    calls = log.read_text().splitlines()
+    assert calls == [
+        f"download Qwen/Qwen3-8B --local-dir {cache}/Qwen--Qwen3-8B",
+        f"download AngelSlim/Qwen3-8b-dflare --revision v1 --local-dir {cache}/AngelSlim--Qwen3-8b-dflare",
+    ]
+    assert (cache / "Qwen--Qwen3-8B" / ".dflare-complete").is_file()
+    second = subprocess.run(fetch["command"], env=run_env, capture_output=True, text=True, timeout=30)
+    assert second.returncode == 0 and "model cache hit" in second.stdout
+    assert len(log.read_text().splitlines()) == 2  # no new download
+
+
+def test_fetch_models_failure_fails_the_init_container(tmp_path: Path) -> None:
+    values = {"engine": {"model": {"source": "huggingface", "target": "a/b", "draft": "c/d"}}}
+    fetch = container(render_values(values).one("StatefulSet"), "fetch-models", init=True)
+    env = {k: v.replace("/models", str(tmp_path)) for k, v in env_map(fetch).items()}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "hf").write_text("#!/bin/sh\necho 'Repository Not Found' >&2\nexit 1\n")
+    (bin_dir / "hf").chmod(0o755)
+    run_env = {**os.environ, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.run(fetch["command"], env=run_env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert not (tmp_path / "a--b" / ".dflare-complete").exists()
