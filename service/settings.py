@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     embedded_max_batch: int = Field(8, ge=1)
     embedded_queue_size: int = Field(64, ge=1, description="queued requests before 429")
     embedded_threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
+    embedded_target_dir: Path | None = Field(None, description="target model dir; unset = the demo target")
+    embedded_drafter_dir: Path | None = Field(
+        None, description="drafter dir; unset = the demo drafter of kind embedded_drafter"
+    )
 
     # --- discovery (Kubernetes) ---
     discovery_enabled: bool = False
@@ -54,16 +58,20 @@ class Settings(BaseSettings):
     discovery_label_selector: str = "app.kubernetes.io/component=engine"
     discovery_port_annotation: str = "dflare.ai/port"
     discovery_port: int = 30000
+    discovery_kubeconfig: Path | None = Field(
+        None, description="kubeconfig file; unset = in-cluster service account, else $KUBECONFIG"
+    )
 
     # --- routing and health ---
-    routing_policy: Literal["least_outstanding", "prefix_affinity", "round_robin"] = (
-        "least_outstanding"
-    )
+    routing_policy: Literal["least_outstanding", "prefix_affinity", "round_robin"] = "least_outstanding"
     health_interval_s: float = Field(5.0, gt=0)
     health_fail_threshold: int = Field(3, ge=1)
     health_success_threshold: int = Field(1, ge=1)
     retry_max_attempts: int = Field(3, ge=1)
     retry_backoff_base_s: float = Field(0.05, ge=0)
+    retry_backoff_max_s: float = Field(2.0, ge=0)
+    breaker_failure_threshold: int = Field(5, ge=1, description="consecutive request failures that open it")
+    breaker_cooldown_s: float = Field(5.0, gt=0, description="open time before a half-open trial")
 
     # --- timeouts (seconds) ---
     connect_timeout_s: float = Field(5.0, gt=0)
@@ -85,6 +93,7 @@ class Settings(BaseSettings):
     # --- logging ---
     log_level: str = "info"
     log_prompts: bool = Field(False, description="include prompt/completion text in access logs")
+    access_log: bool = Field(True, description="one JSON line per API request on logger dflare.access")
 
     @field_validator("backends", "api_keys", "cors_origins", mode="before")
     @classmethod

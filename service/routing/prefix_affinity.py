@@ -1,7 +1,8 @@
 """Prefix affinity: the same prompt prefix goes to the same backend, so SGLang's radix cache hits.
 
-Consistent hashing of the prompt prefix on a ring of virtual nodes: adding or removing a backend
-moves only the keys that belonged to it. Pure affinity would let one hot system prompt melt one
+The API layer hands over the prompt prefix as ``BackendRequest.affinity_key``. Consistent hashing
+of that prefix on a ring of virtual nodes: adding or removing a backend moves only the keys that
+belonged to it. Pure affinity would let one hot system prompt melt one
 replica, so the choice is bounded by load (consistent hashing with bounded loads): walking the ring
 from the key's point, the first backend whose outstanding count is within ``load_factor`` x the
 mean (+1) takes the request; the reason says whether it was the affine one or a spill.
@@ -13,37 +14,15 @@ import bisect
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Any
 
 from service.routing.policy import RouteDecision, RouteRequest, RoutingPolicy, register
 from service.routing.pool import BackendEndpoint
 
-PREFIX_CHARS = 512  # system prompt + start of the conversation: what a radix cache would share
 VIRTUAL_NODES = 64
 
 
 def _hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-
-
-def affinity_key(body: dict[str, Any]) -> str | None:
-    """The prompt prefix of an OpenAI chat or completions body (``None`` when there is no prompt)."""
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        parts = []
-        for message in messages:
-            if isinstance(message, dict):
-                content = message.get("content")
-                if isinstance(content, list):  # content parts: keep the text ones
-                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-                parts.append(f"{message.get('role', '')}\x1f{content or ''}\x1e")
-        text = "".join(parts)
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list):
-            prompt = prompt[0] if prompt and isinstance(prompt[0], str) else str(prompt)
-        text = prompt if isinstance(prompt, str) else ""
-    return text[:PREFIX_CHARS] or None
 
 
 @register("prefix_affinity")

@@ -98,17 +98,22 @@ class RoutedBackend(Backend):
                 return KubernetesDiscovery(
                     pool, settings.discovery_namespace, settings.discovery_label_selector,
                     settings.discovery_port_annotation, settings.discovery_port,
+                    kubeconfig=settings.discovery_kubeconfig,
                 )
             return StaticDiscovery(pool, settings.backends)
 
         return cls(
             make_client, discovery,
             policy=make_policy(settings.routing_policy),
-            retry=RetryPolicy(settings.retry_max_attempts, settings.retry_backoff_base_s),
+            retry=RetryPolicy(
+                settings.retry_max_attempts, settings.retry_backoff_base_s, settings.retry_backoff_max_s
+            ),
             health_interval_s=settings.health_interval_s,
             health_timeout_s=min(settings.connect_timeout_s, settings.health_interval_s * 2),
             fail_threshold=settings.health_fail_threshold,
             success_threshold=settings.health_success_threshold,
+            breaker_failures=settings.breaker_failure_threshold,
+            breaker_cooldown_s=settings.breaker_cooldown_s,
             metrics=metrics,
         )
 

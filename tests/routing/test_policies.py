@@ -10,7 +10,7 @@ import pytest
 from service.routing.health import CircuitBreaker, HealthState
 from service.routing.policy import RouteRequest, make_policy
 from service.routing.pool import BackendEndpoint
-from service.routing.prefix_affinity import PREFIX_CHARS, PrefixAffinityPolicy, affinity_key
+from service.routing.prefix_affinity import PrefixAffinityPolicy
 from service.routing.retry import RetryPolicy, is_retryable_status
 
 
@@ -78,15 +78,6 @@ def test_prefix_affinity_spills_when_the_owner_is_overloaded() -> None:
     decision = policy.choose(eps, RouteRequest("m", "hot prefix"))
     assert decision.endpoint is not owner
     assert decision.reason == f"prefix_spill(from={owner.key})"
-
-
-def test_affinity_key_reads_chat_and_completions_bodies() -> None:
-    chat = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]}
-    assert affinity_key(chat) == affinity_key({**chat, "temperature": 0.5})
-    assert affinity_key(chat) != affinity_key({"messages": [{"role": "user", "content": "S hi"}]})
-    assert affinity_key({"prompt": "x" * 5000}) == "x" * PREFIX_CHARS
-    assert affinity_key({"prompt": ["abc"]}) == "abc"
-    assert affinity_key({"prompt": ""}) is None
 
 
 def test_retry_statuses_and_backoff_bounds() -> None:
