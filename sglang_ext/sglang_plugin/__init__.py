@@ -1,0 +1,40 @@
+"""SGLang 0.5.17 plugin: ``--speculative-algorithm DFLARE`` and ``usage.speculative`` on OpenAI endpoints.
+
+Loaded by SGLang in every process through the ``sglang.srt.plugins`` entry point ``dflare`` (installed
+with this package). ``register`` must stay cheap: it also runs in processes that never speculate.
+SGLang swallows plugin exceptions, so failures are logged loudly here and surface later as
+``Unknown speculative algorithm name: DFLARE``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+_registered = False
+
+
+def register() -> None:
+    """Entry point: register the DFLARE algorithm, the draft architecture and the OpenAI usage hooks."""
+    global _registered
+    if _registered:
+        return
+    try:
+        from sglang.srt.models.registry import ModelRegistry
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        from sglang_ext.sglang_plugin import openai_usage, validation
+        from sglang_ext.sglang_plugin.algorithm import register_algorithm
+        from sglang_ext.sglang_plugin.model import DFlareDraftModel
+
+        register_algorithm()
+        ModelRegistry.models[validation.ARCHITECTURE] = DFlareDraftModel
+        # queued here, applied by SGLang's load_plugins() once every plugin has run
+        for target, hook, kind in (*validation.HOOKS, *openai_usage.HOOKS):
+            HookRegistry.register(target, hook, HookType[kind])
+    except Exception:
+        logger.exception("dflare SGLang plugin failed to register: DFLARE will be unavailable")
+        raise
+    _registered = True
+    logger.info("dflare SGLang plugin registered: algorithm DFLARE, architecture QwenDFlareDraftModel")

@@ -1,0 +1,166 @@
+"""``DFlareWorkerV2``: SGLang's DFlash spec-v2 worker with DFlare's context-KV materialisation.
+
+Everything except writing context K/V into the draft cache is inherited: target capture of the taps,
+draft forward (CUDA graphs), verify, accept, overlap scheduling. The one override is
+``_append_target_hidden_to_draft_kv_by_loc``, used at prefill and after every verify (commit of the
+accepted prefix): per-layer fused features -> ONE bmm through the stacked ``k_proj_target`` /
+``v_proj_target`` -> ``k_norm`` + RoPE (SGLang's fused Triton kernel on GPU) -> KV pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
+from sglang.srt.utils import is_cuda
+
+from sglang_ext.sglang_plugin.model import DFlareDraftModel
+
+logger = logging.getLogger(__name__)
+
+
+class FusedNormRope:
+    """All layers' context ``k_norm`` + RoPE in one launch of SGLang's DFlash Triton kernel.
+
+    SGLang's own ``FusedKVMaterializeHelper`` also stacks the block ``qkv_proj`` K/V weights (the
+    DFlash context projection); only its norm/RoPE kernel is reused here.
+    """
+
+    def __init__(self, model: DFlareDraftModel, device: torch.device, max_position: int) -> None:
+        attns = [layer.self_attn for layer in model.layers]
+        rope = attns[0].rotary_emb
+        self.rotary_emb = rope
+        self.rotary_dim = int(getattr(rope, "rotary_dim", model.head_dim))
+        for attn in attns:
+            if not getattr(attn.rotary_emb, "is_neox_style", True):
+                raise NotImplementedError("fused context RoPE needs neox-style RoPE")
+            if int(getattr(attn.rotary_emb, "rotary_dim", model.head_dim)) != self.rotary_dim:
+                raise ValueError("draft layers disagree on rotary_dim")
+            for scale in (getattr(attn.attn, "k_scale", None), getattr(attn.attn, "v_scale", None)):
+                if scale is not None and not math.isclose(float(scale), 1.0):
+                    raise ValueError("fused context KV needs unit k/v scales")
+        self.num_kv_heads, self.head_dim = model.num_kv_heads, model.head_dim
+        self.k_norm_weights = torch.stack([a.k_norm.weight for a in attns]).contiguous()
+        self.eps = torch.tensor(
+            [float(a.k_norm.variance_epsilon) for a in attns], dtype=torch.float32, device=device
+        )
+        ensure = getattr(rope, "_ensure_cos_sin_cache_length", None)
+        if callable(ensure):
+            ensure(max_position)
+        if int(rope.cos_sin_cache.shape[0]) <= max_position:
+            raise RuntimeError(f"RoPE cache shorter than max position {max_position}")
+        self.cos_sin_cache = rope.cos_sin_cache.to(device)
+
+    def __call__(self, kv: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv [D, N, 2*kv] -> k, v [D, N, nkv, hd]."""
+        from sglang.kernels.ops.speculative.fused_kv_materialize import _fused_norm_rope_stacked
+
+        return _fused_norm_rope_stacked(
+            kv.transpose(0, 1),  # [N, D, 2*kv] view: the kernel takes explicit strides
+            self.k_norm_weights,
+            self.eps,
+            self.cos_sin_cache,
+            positions,
+            self.num_kv_heads,
+            self.head_dim,
+            self.rotary_dim,
+        )
+
+
+class DFlareWorkerV2(DFlashWorkerV2):
+    """DFlash worker whose context K/V come from the DFlare per-layer projections."""
+
+    _dflare_norm_rope: FusedNormRope | None = None  # set on CUDA by _init_fused_kv_helper
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.draft_model, DFlareDraftModel):
+            raise TypeError(
+                f"DFLARE resolved the draft checkpoint to {type(self.draft_model).__name__}, not "
+                "DFlareDraftModel: its config.json must declare architectures=['QwenDFlareDraftModel']"
+            )
+        logger.info(
+            "DFLARE worker ready: draft=%s.%s, %d layers, taps=%s, block=%d, fused norm/rope=%s",
+            type(self.draft_model).__module__,
+            type(self.draft_model).__qualname__,
+            len(self.draft_model.layers),
+            self.draft_model.target_layer_ids,
+            self.block_size,
+            self._dflare_norm_rope is not None,
+        )
+
+    def _init_fused_kv_helper(self) -> None:
+        """Replace DFlash's shared-feature fused helper by DFlare's (bmm + the same norm/RoPE kernel)."""
+        self._fused_kv_helper = None
+        self._use_fused_kv_materialize = False
+        self._dflare_norm_rope: FusedNormRope | None = None
+        if not is_cuda():
+            return
+        try:
+            max_position = int(self.target_worker.model_runner.model_config.context_len) + int(
+                self.block_size
+            )
+            self._dflare_norm_rope = FusedNormRope(self.draft_model, self.device, max_position)
+        except Exception as exc:  # unusual RoPE/quantisation: the per-layer path is exact, only slower
+            logger.warning("DFLARE fused context norm/RoPE disabled, using per-layer ops: %s", exc)
+
+    def _append_target_hidden_to_draft_kv_by_loc(
+        self,
+        *,
+        target_hidden: torch.Tensor,
+        cache_loc: torch.Tensor,
+        positions: torch.Tensor,
+        cache_loc_2d: torch.Tensor | None = None,
+        commit_lens: torch.Tensor | None = None,
+    ) -> None:
+        """Write context K/V of ``target_hidden`` rows (all layers) at ``cache_loc``.
+
+        With ``cache_loc_2d`` [bs, B] + ``commit_lens`` (post-verify), only each request's accepted prefix
+        and bonus rows are written, exactly like the DFlash worker.
+        """
+        if target_hidden is None:
+            raise RuntimeError("DFLARE missing target hidden context features")
+        num_tokens = int(target_hidden.shape[0])
+        if num_tokens == 0:
+            return
+        if int(cache_loc.numel()) != num_tokens or int(positions.numel()) != num_tokens:
+            raise ValueError(
+                f"DFLARE context rows {num_tokens}, cache_loc {int(cache_loc.numel())}, positions "
+                f"{int(positions.numel())} disagree"
+            )
+        if cache_loc_2d is not None and commit_lens is None:
+            raise ValueError("DFLARE cache_loc_2d requires commit_lens")
+        device = self.model_runner.device
+        target_hidden = target_hidden.to(device, non_blocking=True)
+        cache_loc = cache_loc.to(device=device, dtype=torch.int64, non_blocking=True)
+        positions = positions.to(device=device, dtype=torch.int64, non_blocking=True)
+        if cache_loc_2d is not None:
+            cache_loc_2d = cache_loc_2d.to(device=device, dtype=torch.int64, non_blocking=True)
+            commit_lens = commit_lens.to(device=device, dtype=torch.int32, non_blocking=True)
+            if int(commit_lens.shape[0]) == 0:
+                return
+
+        with torch.inference_mode():
+            model = self.draft_model
+            features = model.project_target_hidden(target_hidden)
+            per_layer = None
+            if self._dflare_norm_rope is not None:
+                try:
+                    k_all, v_all = self._dflare_norm_rope(model.context_kv_projection(features), positions)
+                    per_layer = list(zip(k_all, v_all, strict=True))
+                except Exception as exc:
+                    logger.warning("DFLARE fused context norm/RoPE failed, using per-layer ops: %s", exc)
+                    self._dflare_norm_rope = None
+            if per_layer is None:
+                per_layer = model.context_kv(features, positions)
+            pool = self.draft_model_runner.token_to_kv_pool
+            for layer, (k, v) in zip(model.layers, per_layer, strict=True):
+                attn = layer.self_attn.attn
+                if cache_loc_2d is not None:
+                    pool.set_kv_buffer_prefix_valid(
+                        attn, cache_loc_2d, commit_lens, k, v, attn.k_scale, attn.v_scale
+                    )
+                else:
+                    pool.set_kv_buffer(attn, cache_loc, k, v, attn.k_scale, attn.v_scale)
