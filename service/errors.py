@@ -118,8 +118,13 @@ class InternalError(GatewayError):
 
 _CONTEXT_RE = re.compile(r"context length|context window|maximum context|too long", re.IGNORECASE)
 _TYPE_BY_STATUS = {
-    400: INVALID_REQUEST, 401: INVALID_REQUEST, 403: INVALID_REQUEST, 404: INVALID_REQUEST,
-    413: INVALID_REQUEST, 422: INVALID_REQUEST, 429: "requests",
+    400: INVALID_REQUEST,
+    401: INVALID_REQUEST,
+    403: INVALID_REQUEST,
+    404: INVALID_REQUEST,
+    413: INVALID_REQUEST,
+    422: INVALID_REQUEST,
+    429: "requests",
 }
 
 
@@ -160,8 +165,9 @@ def error_response(err: GatewayError, request_id: str | None = None) -> Response
     headers = err.headers() or {}
     if request_id:
         headers["x-request-id"] = request_id
-    return Response(orjson.dumps(err.body()), status_code=err.status, headers=headers,
-                    media_type="application/json")
+    return Response(
+        orjson.dumps(err.body()), status_code=err.status, headers=headers, media_type="application/json"
+    )
 
 
 def error_event(err: GatewayError) -> bytes:
@@ -197,31 +203,37 @@ _STATUS_ERRORS: dict[int, tuple[str, str | None]] = {
 def register_exception_handlers(app: FastAPI) -> None:
     """Install the one mapping from exceptions to OpenAI-shaped responses."""
 
-    def request_id(request: Request) -> str | None:
-        return request.scope.get("state", {}).get("request_id")
+    def request_id(request: Request, err: GatewayError | None = None) -> str | None:
+        state = request.scope.get("state", {})
+        record = state.get("dflare")
+        if record is not None and err is not None:
+            record.error_code = err.code or err.type  # for the access log
+        return state.get("request_id")
 
     async def on_gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
-        return error_response(exc, request_id(request))
+        return error_response(exc, request_id(request, exc))
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return error_response(_validation_error(exc), request_id(request))
+        err = _validation_error(exc)
+        return error_response(err, request_id(request, err))
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        type_, code = _STATUS_ERRORS.get(exc.status_code, (INVALID_REQUEST if exc.status_code < 500
-                                                           else SERVER_ERROR, None))
+        type_, code = _STATUS_ERRORS.get(
+            exc.status_code, (INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR, None)
+        )
         err = GatewayError(str(exc.detail))
         err.status, err.type, err.code = exc.status_code, type_, code
-        return error_response(err, request_id(request))
+        return error_response(err, request_id(request, err))
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         rid = request_id(request)
         logger.exception("unhandled error in request %s", rid)
-        return error_response(
-            InternalError(f"The server had an error while processing your request (request id {rid})."), rid
-        )
+        err = InternalError(f"The server had an error while processing your request (request id {rid}).")
+        request_id(request, err)
+        return error_response(err, rid)
 
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     )
     embedded_model: str = Field("dflare-demo", description="model name the embedded engine serves")
     embedded_drafter: Literal["dflare", "dflash", "none"] = "dflare"
-    embedded_block_size: int = Field(16, ge=1, le=64)
+    embedded_block_size: int | None = Field(
+        None, ge=1, le=64, description="speculative block size; unset = the drafter's own"
+    )
     embedded_max_batch: int = Field(8, ge=1)
     embedded_queue_size: int = Field(64, ge=1, description="queued requests before 429")
     embedded_threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")

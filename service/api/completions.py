@@ -1,0 +1,168 @@
+"""``/v1/chat/completions`` and ``/v1/completions``: validate, pick the model, hand to the backend.
+
+Both surfaces share one path (:func:`serve`): the model must be one the backend serves (404), the
+request goes to the backend as a dict, non-streamed answers gain ``x-dflare-*`` headers from
+``usage.speculative``, and streams are relayed chunk by chunk with first/last chunk times recorded
+for TTFT and inter-token latency. A failure after the 200 ends the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response, StreamingResponse
+
+from service.api.protocol import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest
+from service.backends.base import BackendRequest, Endpoint
+from service.deps import BackendDep
+from service.errors import GatewayError, InternalError, InvalidRequest, ModelNotFound, error_event
+
+if TYPE_CHECKING:
+    from service.backends.base import Backend, Stream
+    from service.observability import RequestRecord
+    from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+AFFINITY_CHARS = 512
+
+
+def require_json(request: Request) -> None:
+    """OpenAI takes JSON only; a body sent as a form or text is refused with a clear message."""
+    ctype = request.headers.get("content-type")
+    if ctype is None:
+        return
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise InvalidRequest(f"Unsupported Content-Type {media!r}: send the body as application/json.")
+
+
+router = APIRouter(tags=["completions"], dependencies=[Depends(require_json)], responses=ERROR_RESPONSES)
+
+
+@router.post("/v1/chat/completions", response_model=None, summary="Chat completion (OpenAI)")
+async def chat_completions(body: ChatCompletionRequest, request: Request, backend: BackendDep) -> Response:
+    return await serve(request, backend, Endpoint.CHAT, body)
+
+
+@router.post("/v1/completions", response_model=None, summary="Text completion (OpenAI)")
+async def completions(body: CompletionRequest, request: Request, backend: BackendDep) -> Response:
+    return await serve(request, backend, Endpoint.COMPLETIONS, body)
+
+
+def _prompt_text(body: ChatCompletionRequest | CompletionRequest) -> str:
+    if isinstance(body, ChatCompletionRequest):
+        return "\n".join(m.text() for m in body.messages)
+    prompt = body.prompt_value()
+    return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+
+
+async def serve(
+    request: Request, backend: Backend, endpoint: Endpoint, body: ChatCompletionRequest | CompletionRequest
+) -> Response:
+    record: RequestRecord = request.scope["state"]["dflare"]
+    settings: Settings = request.app.state.settings
+    model = body.model
+    if model not in await backend.models():
+        raise ModelNotFound(model)
+    record.model = model
+    record.stream = body.stream
+    data = body.model_dump(mode="json", exclude_unset=True)
+    data["stream"] = body.stream
+    if isinstance(body, CompletionRequest) and "max_tokens" not in data:
+        data["max_tokens"] = body.max_tokens
+    want_prefix = settings.routing_policy == "prefix_affinity"
+    if settings.log_prompts or want_prefix:
+        text = _prompt_text(body)
+        if settings.log_prompts:
+            record.prompt_text = text
+    breq = BackendRequest(
+        endpoint,
+        data,
+        model,
+        record.request_id,
+        stream=body.stream,
+        include_usage=body.include_usage,
+        affinity_key=text[:AFFINITY_CHARS] if want_prefix else "",
+    )
+    if body.stream:
+        stream = await _note_route(record, breq, backend.stream(breq))
+        return StreamingResponse(
+            _relay(stream, record, settings.log_prompts), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+    completion = await _note_route(record, breq, backend.complete(breq))
+    record.usage = completion.usage
+    if settings.log_prompts:
+        record.completion_text = _completion_text(completion.body)
+    headers = {"x-dflare-backend": record.backend or backend.name}
+    stats = completion.usage.speculative
+    if stats is not None:
+        headers["x-dflare-verify-steps"] = str(stats.verify_steps)
+        headers["x-dflare-accepted-tokens"] = str(stats.accepted_tokens)
+        headers["x-dflare-acceptance-length"] = f"{stats.acceptance_length:.4f}"
+    return Response(orjson.dumps(completion.body), media_type="application/json", headers=headers)
+
+
+async def _note_route(record: RequestRecord, breq: BackendRequest, call: Any) -> Any:
+    """Await a backend call and copy where it went into the record, failure or not."""
+    try:
+        return await call
+    finally:
+        record.backend = breq.served_by
+        record.route_reason = breq.route_reason
+
+
+async def _relay(stream: Stream, record: RequestRecord, capture_text: bool) -> AsyncIterator[bytes]:
+    perf = time.perf_counter
+    text: list[str] = []
+    try:
+        async for chunk in stream:
+            now = perf()
+            if record.first_chunk_at is None:
+                record.first_chunk_at = now
+            record.last_chunk_at = now
+            if capture_text:
+                text.append(_chunk_text(chunk))
+            yield chunk
+    except GatewayError as exc:  # after the 200: one error event, then the end
+        record.error_code = exc.code or exc.type
+        yield error_event(exc) + b"data: [DONE]\n\n"
+    except Exception:
+        logger.exception("stream %s failed", record.request_id)
+        record.error_code = InternalError.code
+        yield error_event(InternalError("The stream failed inside the gateway.")) + b"data: [DONE]\n\n"
+    finally:
+        await stream.aclose()
+        record.usage = stream.usage
+        if capture_text:
+            record.completion_text = "".join(text)
+
+
+def _completion_text(body: dict[str, Any]) -> str:
+    parts = []
+    for choice in body.get("choices") or ():
+        message = choice.get("message")
+        parts.append((message or {}).get("content") or "" if message is not None else choice.get("text", ""))
+    return "".join(parts)
+
+
+def _chunk_text(chunk: bytes) -> str:
+    """Text deltas of the events in one relayed chunk (only with ``log_prompts``)."""
+    parts = []
+    for event in chunk.split(b"\n\n"):
+        if not event.startswith(b"data: {"):
+            continue
+        try:
+            data = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            continue
+        for choice in data.get("choices") or ():
+            delta = choice.get("delta")
+            parts.append((delta or {}).get("content") or "" if delta is not None else choice.get("text", ""))
+    return "".join(parts)

@@ -1,0 +1,94 @@
+"""The gateway's app factory: ``create_app(settings)``; no module-level app, no globals.
+
+The lifespan owns, in order: the one pooled ``aiohttp`` session, the backend (embedded engine when
+no backend URL and no discovery is configured, else the routed pool of SGLang URLs), and closes them
+in reverse. Middleware, outermost first: request bookkeeping (metrics, access log, request id), CORS,
+API keys, body limit, in-flight limit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+
+from service.api import include_routers
+from service.errors import register_exception_handlers
+from service.metrics import GatewayMetrics
+from service.observability import ObservabilityMiddleware
+from service.routing.admission import InFlightLimiter
+from service.security import install_security
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from service.backends.base import Backend
+
+logger = logging.getLogger(__name__)
+
+
+def build_backend(settings: Settings, session: aiohttp.ClientSession, metrics: GatewayMetrics) -> Backend:
+    """The embedded engine, or a routed pool of single-URL SGLang backends sharing ``session``."""
+    if settings.uses_embedded_engine:
+        from service.backends.embedded import EmbeddedBackend
+
+        return EmbeddedBackend(settings)
+    from service.backends.sglang_http import SGLangHTTPBackend
+    from service.routing.routed import RoutedBackend
+
+    def make_client(url: str) -> Backend:
+        return SGLangHTTPBackend.from_settings(url, session, settings)
+
+    return RoutedBackend.from_settings(settings, make_client, metrics)
+
+
+def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
+    """Build the gateway. ``backend`` replaces the one ``settings`` would build (tests, embedding)."""
+    settings = settings if settings is not None else Settings()
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from service.backends.sglang_http import new_session
+
+        session = new_session(settings.connect_timeout_s)
+        chosen = backend if backend is not None else build_backend(settings, session, metrics)
+        app.state.backend = chosen
+        try:
+            await chosen.start()
+            if settings.uses_embedded_engine and backend is None:
+                metrics.backend_up.labels(chosen.name).set(1)
+            logger.info("gateway ready: backend %s", chosen.name)
+            yield
+        finally:
+            await chosen.close()
+            await session.close()
+
+    app = FastAPI(
+        title="DFlare Serve gateway",
+        summary="OpenAI-compatible API with per-request speculative decoding stats",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    register_exception_handlers(app)
+    include_routers(app)
+    # Starlette runs the middleware added last first.
+    app.add_middleware(
+        InFlightLimiter,
+        max_in_flight=settings.max_in_flight,
+        on_reject=lambda reason: metrics.rejected.labels(reason).inc(),
+    )
+    install_security(app, settings)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics, access_log=settings.access_log)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory (``service.app:app_from_env``): settings from ``DFLARE_*`` / the config file."""
+    return create_app(Settings())

@@ -1,0 +1,298 @@
+"""One SGLang (or ``dflare engine-server``) base URL, spoken to through its OpenAI endpoints.
+
+Hot path, measured to matter (issue 6): one pooled ``aiohttp`` session shared by all backends of
+the process, ``orjson``, and streams relayed as the raw bytes that arrive. A stream is cut into SSE
+events only to find the one usage chunk (``"choices":[]`` with a ``usage`` object): the gateway
+always asks upstream for it, reads it, and passes it on only if the client asked. Non-streamed chat
+asks for SGLang's ``return_meta_info`` and turns ``choices[].meta_info`` into ``usage.speculative``
+when the engine did not already put it there (stock SGLang, without our plugin), then strips it.
+Closing a stream early closes the upstream connection, which SGLang takes as an abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from service.backends.base import Backend, BackendRequest, Completion, Endpoint, Stream, Usage
+from service.errors import BackendTimeout, BackendUnavailable, InternalError, UpstreamError, error_event
+from sglang_ext.stats import SpecStats
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+DONE = b"data: [DONE]"
+MODELS_TTL_S = 30.0
+
+
+def new_session(connect_timeout_s: float, limit: int = 0) -> aiohttp.ClientSession:
+    """The one pooled client session of a gateway process (``limit=0``: no connection cap)."""
+    connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
+    )
+
+
+def stats_from_body(body: dict[str, Any]) -> SpecStats | None:
+    """``usage.speculative`` if sent, else from SGLang's ``choices[0].meta_info`` (which is stripped)."""
+    stats = None
+    metas = [c.pop("meta_info", None) for c in body.get("choices") or () if isinstance(c, dict)]
+    usage = body.get("usage")
+    if isinstance(usage, dict):
+        if usage.get("speculative"):
+            stats = SpecStats.from_usage(usage["speculative"])
+        elif metas and metas[0]:
+            stats = SpecStats.from_sglang_meta_info(metas[0])
+        usage["speculative"] = stats.to_usage() if stats is not None else None
+    return stats
+
+
+class _RelayStream(Stream):
+    """Relays upstream SSE bytes; lifts out the usage chunk; ends with an error event on failure."""
+
+    def __init__(
+        self,
+        resp: aiohttp.ClientResponse,
+        req: BackendRequest,
+        backend: str,
+        first_timeout: float,
+        idle_timeout: float,
+        deadline: float,
+    ) -> None:
+        self._resp = resp
+        self._include_usage = req.include_usage
+        self._backend = backend
+        self._first_timeout = first_timeout
+        self._idle_timeout = idle_timeout
+        self._deadline = deadline
+        self._closed = False
+
+    def _take_usage(self, event: bytes) -> bytes | None:
+        """Read a usage chunk; return what to forward in its place (``None``: drop it)."""
+        try:
+            data = orjson.loads(event[5:])
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(data, dict) or data.get("choices") or not isinstance(data.get("usage"), dict):
+            return event
+        usage = data["usage"]
+        self.usage = Usage.from_openai(usage)
+        if not self._include_usage:
+            return None
+        if "speculative" not in usage:
+            usage["speculative"] = None
+            return b"data: " + orjson.dumps(data)
+        return event
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        content = self._resp.content
+        tail = b""
+        timeout = self._first_timeout
+        done = False
+        try:
+            while True:
+                wait = min(timeout, self._deadline - time.monotonic())
+                try:
+                    async with asyncio.timeout(max(wait, 0.0)):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    what = "first token" if timeout is self._first_timeout else "next token"
+                    yield error_event(BackendTimeout(f"Timed out waiting for the {what} from the backend."))
+                    yield DONE + b"\n\n"
+                    return
+                if not chunk:
+                    break
+                timeout = self._idle_timeout
+                if b'"usage":{' not in chunk and b'"usage": {' not in chunk and not tail:
+                    # fast path: no usage chunk here; forward whole events, keep a partial one back
+                    cut = chunk.rfind(b"\n\n") + 2
+                    if cut == len(chunk):
+                        done = done or chunk.endswith(DONE + b"\n\n")
+                        yield chunk
+                        continue
+                    if cut > 1:
+                        yield chunk[:cut]
+                    tail = chunk[cut:] if cut > 1 else chunk
+                    continue
+                events = (tail + chunk).split(b"\n\n")
+                tail = events.pop()
+                out = []
+                for event in events:
+                    if event.startswith(b"data: {") and (b'"usage":{' in event or b'"usage": {' in event):
+                        replaced = self._take_usage(event)
+                        if replaced is not None:
+                            out.append(replaced)
+                    else:
+                        done = done or event == DONE
+                        out.append(event)
+                if out:
+                    yield b"\n\n".join(out) + b"\n\n"
+        except aiohttp.ClientError as exc:
+            logger.warning("stream from %s broke: %s", self._backend, exc)
+        finally:
+            self._closed = True
+            if done:
+                self._resp.release()  # connection back to the pool
+            else:
+                self._resp.close()  # upstream sees the disconnect and aborts
+        if not done:
+            yield error_event(
+                BackendUnavailable(f"The backend closed the stream early ({self._backend}).", retryable=False)
+            )
+            yield DONE + b"\n\n"
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._resp.close()
+
+
+class SGLangHTTPBackend(Backend):
+    """Backend for one base URL; ``session`` is shared (owned by the app, not by this object)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        session: aiohttp.ClientSession | None,
+        *,
+        connect_timeout_s: float = 5.0,
+        first_token_timeout_s: float = 120.0,
+        idle_stream_timeout_s: float = 60.0,
+        request_timeout_s: float = 600.0,
+        health_timeout_s: float = 5.0,
+    ) -> None:
+        self.name = base_url.rstrip("/")
+        self._session = session
+        self._owns_session = session is None
+        self._connect_timeout = connect_timeout_s
+        self._first_timeout = first_token_timeout_s
+        self._idle_timeout = idle_stream_timeout_s
+        self._request_timeout = request_timeout_s
+        self._health_timeout = health_timeout_s
+        self._urls = {e: self.name + e.value for e in Endpoint}
+        self._models: list[str] = []
+        self._models_at = 0.0
+
+    @classmethod
+    def from_settings(
+        cls, base_url: str, session: aiohttp.ClientSession | None, settings: Any
+    ) -> SGLangHTTPBackend:
+        return cls(
+            base_url,
+            session,
+            connect_timeout_s=settings.connect_timeout_s,
+            first_token_timeout_s=settings.first_token_timeout_s,
+            idle_stream_timeout_s=settings.idle_stream_timeout_s,
+            request_timeout_s=settings.request_timeout_s,
+        )
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = new_session(self._connect_timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+
+    # ---- discovery of what it serves ------------------------------------------------------
+    async def models(self) -> list[str]:
+        if not self._models or time.monotonic() - self._models_at > MODELS_TTL_S:
+            try:
+                await self._fetch_models()
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                if not self._models:
+                    raise BackendUnavailable(f"Backend {self.name} is unreachable: {exc}") from exc
+        return self._models
+
+    async def _fetch_models(self) -> None:
+        async with asyncio.timeout(self._health_timeout):
+            async with self.session.get(self.name + "/v1/models") as resp:
+                resp.raise_for_status()
+                data = orjson.loads(await resp.read())
+        self._models = [m["id"] for m in data.get("data", ())]
+        self._models_at = time.monotonic()
+
+    async def health(self) -> bool:
+        try:
+            async with asyncio.timeout(self._health_timeout):
+                async with self.session.get(self.name + "/health") as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        return False
+            await self._fetch_models()
+            return True
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return False
+
+    # ---- requests -------------------------------------------------------------------------
+    def _headers(self, req: BackendRequest) -> dict[str, str]:
+        return {"content-type": "application/json", "x-request-id": req.request_id}
+
+    async def _post(
+        self, req: BackendRequest, payload: dict[str, Any], timeout: float
+    ) -> aiohttp.ClientResponse:
+        """POST and wait for the status line; maps every failure before the first byte."""
+        try:
+            async with asyncio.timeout(timeout):
+                resp = await self.session.post(
+                    self._urls[req.endpoint], data=orjson.dumps(payload), headers=self._headers(req)
+                )
+        except TimeoutError as exc:
+            raise BackendTimeout(f"Backend {self.name} did not answer within {timeout:g} s.") from exc
+        except aiohttp.ClientError as exc:
+            raise BackendUnavailable(f"Backend {self.name} is unreachable: {exc}") from exc
+        if resp.status != 200:
+            raw = await resp.read()
+            resp.release()
+            if resp.status in RETRYABLE_STATUS:
+                raise BackendUnavailable(
+                    f"Backend {self.name} answered {resp.status}: {raw[:300]!r}", upstream_status=resp.status
+                )
+            raise UpstreamError.from_response(resp.status, raw)
+        return resp
+
+    async def complete(self, req: BackendRequest) -> Completion:
+        req.served_by = self.name
+        payload = dict(req.body)
+        payload["stream"] = False
+        if req.endpoint is Endpoint.CHAT:
+            payload["return_meta_info"] = True
+        deadline = time.monotonic() + self._request_timeout
+        resp = await self._post(req, payload, self._request_timeout)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                raw = await resp.read()
+        except TimeoutError as exc:
+            resp.close()
+            raise BackendTimeout(
+                f"Backend {self.name} did not finish within {self._request_timeout:g} s."
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise BackendUnavailable(f"Backend {self.name} broke the response: {exc}") from exc
+        try:
+            body = orjson.loads(raw)
+            stats = stats_from_body(body)
+        except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise InternalError(f"Backend {self.name} sent an unreadable response: {exc}") from exc
+        usage = body.get("usage") or {}
+        return Completion(
+            body, Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), stats)
+        )
+
+    async def stream(self, req: BackendRequest) -> Stream:
+        req.served_by = self.name
+        payload = dict(req.body)
+        payload["stream"] = True
+        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+        deadline = time.monotonic() + self._request_timeout
+        resp = await self._post(req, payload, self._first_timeout)
+        return _RelayStream(resp, req, self.name, self._first_timeout, self._idle_timeout, deadline)

@@ -1,0 +1,110 @@
+"""``dflare serve``: run the gateway under uvicorn.
+
+With no flags it serves the embedded demo pair on 127.0.0.1:8000. ``--backend URL`` (repeatable)
+serves SGLang / engine-server backends instead. Flags override ``DFLARE_*`` variables, which override
+``--config FILE`` (YAML or JSON, the ``Settings`` field names). The flags are handed to the uvicorn
+workers as ``DFLARE_*`` variables, so every worker builds the same ``Settings``. With several workers
+the metrics run in prometheus-client's multiprocess mode (a fresh ``PROMETHEUS_MULTIPROC_DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.config
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+from service.settings import CONFIG_FILE_ENV
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dflare serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 8000)")
+    p.add_argument("--backend", action="append", metavar="URL",
+                   help="SGLang or engine-server base URL; repeat for several (default: embedded engine)")
+    p.add_argument("--workers", type=int, help="uvicorn worker processes (needs --backend when > 1)")
+    p.add_argument("--config", metavar="FILE", help="settings file (YAML or JSON)")
+    p.add_argument("--log-level", help="debug, info, warning, error")
+    return p
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """Access lines are bare JSON on stdout; everything else is timestamped text on stderr."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+            "json": {"format": "%(message)s"},
+        },
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"},
+            "access": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"},
+        },
+        "loggers": {
+            "dflare.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+            "uvicorn": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
+        },
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+    }
+
+
+def _export_flags(args: argparse.Namespace) -> None:
+    if args.config:
+        os.environ[CONFIG_FILE_ENV] = os.path.abspath(args.config)
+    for name in ("host", "port", "workers", "log_level"):
+        value = getattr(args, name)
+        if value is not None:
+            os.environ[f"DFLARE_{name.upper()}"] = str(value)
+    if args.backend:
+        os.environ["DFLARE_BACKENDS"] = json.dumps(args.backend)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _export_flags(args)
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        settings = Settings()
+    except (ValidationError, OSError, ValueError) as exc:
+        print(f"dflare serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    if settings.workers > 1 and settings.uses_embedded_engine:
+        print(
+            "dflare serve: the embedded engine runs one per process; with --workers > 1 start "
+            "`dflare engine-server` and pass --backend http://127.0.0.1:30000",
+            file=sys.stderr,
+        )
+        return 2
+    multiproc_dir = None
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiproc_dir = tempfile.mkdtemp(prefix="dflare-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    import uvicorn
+
+    log_config = logging_config(settings.log_level)
+    logging.config.dictConfig(log_config)
+    try:
+        uvicorn.run(
+            "service.app:app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_config=log_config,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        )
+    finally:
+        if multiproc_dir:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
+    return 0

@@ -1,0 +1,168 @@
+"""Per-request bookkeeping: request id, request metrics and the one JSON access-log line.
+
+A pure ASGI middleware (no ``BaseHTTPMiddleware``: it would buffer streams and cost a task per
+request) wraps the whole app, so refusals made by inner middleware (401, 413, 429) are counted and
+logged like everything else. Handlers fill the :class:`RequestRecord` found in
+``scope["state"]["dflare"]``; the middleware reads it once the last byte (stream included) is sent.
+Prompt and completion text are logged only with ``log_prompts``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from service.backends.base import Endpoint
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from service.backends.base import Usage
+    from service.metrics import GatewayMetrics
+
+access_logger = logging.getLogger("dflare.access")
+
+API_PATHS = frozenset({e.value for e in Endpoint} | {"/v1/models"})
+QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
+NO_MODEL = "none"  # model / backend label before a request reached a backend (bounded cardinality)
+
+
+class RequestRecord:
+    """What the handler learnt about one request (filled as it goes)."""
+
+    __slots__ = (
+        "backend",
+        "completion_text",
+        "error_code",
+        "first_chunk_at",
+        "last_chunk_at",
+        "model",
+        "prompt_text",
+        "request_id",
+        "route_reason",
+        "start",
+        "stream",
+        "usage",
+    )
+
+    def __init__(self, request_id: str, start: float) -> None:
+        self.request_id = request_id
+        self.start = start
+        self.model: str | None = None
+        self.backend: str | None = None
+        self.stream = False
+        self.usage: Usage | None = None
+        self.first_chunk_at: float | None = None
+        self.last_chunk_at: float | None = None
+        self.route_reason: str | None = None
+        self.error_code: str | None = None
+        self.prompt_text: str | None = None
+        self.completion_text: str | None = None
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id" and 0 < len(value) <= 128 and value.isascii():
+            return value.decode()
+    return uuid.uuid4().hex
+
+
+class ObservabilityMiddleware:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, *, access_log: bool = True) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in QUIET_PATHS:
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        rid = _request_id(scope)
+        record = RequestRecord(rid, start)
+        state = scope.setdefault("state", {})
+        state["dflare"] = record
+        state["request_id"] = rid
+        status = 500
+        rid_header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        in_flight = self.metrics.in_flight
+        in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            in_flight.dec()
+            self._finish(scope, record, status, time.perf_counter() - start)
+
+    def _finish(self, scope: Scope, record: RequestRecord, status: int, duration: float) -> None:
+        path = scope["path"]
+        endpoint = path if path in API_PATHS else "other"
+        model = record.model or NO_MODEL
+        usage = record.usage
+        backend = record.backend or NO_MODEL
+        m = self.metrics
+        m.observe_request(model, backend, endpoint, status, duration)
+        itl = None
+        if usage is not None:
+            m.observe_usage(model, backend, usage.prompt_tokens, usage.completion_tokens, usage.speculative)
+        if record.first_chunk_at is not None:
+            ttft = record.first_chunk_at - record.start
+            if usage is not None and usage.completion_tokens > 1 and record.last_chunk_at is not None:
+                itl = (record.last_chunk_at - record.first_chunk_at) / (usage.completion_tokens - 1)
+            m.observe_stream_timing(model, backend, ttft, itl)
+        if self.access_log and access_logger.isEnabledFor(logging.INFO):
+            access_logger.info(self._line(scope, record, status, duration, backend, itl))
+
+    @staticmethod
+    def _line(
+        scope: Scope, record: RequestRecord, status: int, duration: float, backend: str, itl: float | None
+    ) -> str:
+        usage = record.usage
+        stats = usage.speculative if usage is not None else None
+        client = scope.get("client")
+        line: dict[str, Any] = {
+            "ts": round(time.time(), 3),
+            "request_id": record.request_id,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "model": record.model,
+            "backend": backend,
+            "stream": record.stream,
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "latency_ms": round(duration * 1000, 2),
+            "ttft_ms": (
+                round((record.first_chunk_at - record.start) * 1000, 2)
+                if record.first_chunk_at is not None
+                else None
+            ),
+            "itl_ms": round(itl * 1000, 3) if itl is not None else None,
+            "speculative": None
+            if stats is None
+            else {
+                "verify_steps": stats.verify_steps,
+                "accepted_tokens": stats.accepted_tokens,
+                "draft_tokens": stats.draft_tokens,
+                "acceptance_length": round(stats.acceptance_length, 4),
+            },
+            "route": record.route_reason,
+            "error": record.error_code,
+            "client": client[0] if client else None,
+        }
+        if record.prompt_text is not None:
+            line["prompt"] = record.prompt_text
+        if record.completion_text is not None:
+            line["completion"] = record.completion_text
+        return orjson.dumps(line).decode()
