@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import AuthenticationError, GatewayError, RequestTooLarge
 
@@ -111,8 +112,12 @@ class ApiKeyMiddleware:
         await send_error(send, err, {"www-authenticate": "Bearer"})
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive``: an HTTPException, so FastAPI's body parsing re-raises it as a 413
+    instead of wrapping it into a 400, and the app's handler gives it the OpenAI shape."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"Request body larger than {max_bytes} bytes.")
 
 
 class BodyLimitMiddleware:
@@ -139,7 +144,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:

@@ -40,6 +40,7 @@ class FakeSGLang:
         app.router.add_post("/v1/completions", self.generate)
         app.router.add_get("/debug/stats", self.debug_stats)
         app.router.add_post("/debug/fail", self.set_fail)
+        app.router.add_post("/debug/ready", self.set_ready)
         return app
 
     async def health(self, request: web.Request) -> web.Response:
@@ -53,6 +54,11 @@ class FakeSGLang:
 
     async def debug_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats)
+
+    async def set_ready(self, request: web.Request) -> web.Response:
+        """End the simulated model loading now."""
+        self.ready_at = time.monotonic()
+        return web.json_response({"ready": True})
 
     async def set_fail(self, request: web.Request) -> web.Response:
         body = await request.json()

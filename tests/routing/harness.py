@@ -1,0 +1,203 @@
+"""Real-process harness for resilience runs: a gateway process in front of stand-in backends.
+
+Shared by the pytest scenarios (``test_resilience.py``) and the figures script
+(``python -m tests.routing.reliability_run``), so the numbers in docs/reliability.md come from the
+same code the tests run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class FakeBackend:
+    name: str
+    url: str
+    proc: subprocess.Popen[str]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def start_fakes(names: list[str], *args: str) -> list[FakeBackend]:
+    """``tests.routing.fake_sglang`` processes on free ports, started in parallel (each prints its port)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.routing.fake_sglang", "--name", name, *args],
+            cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        for name in names
+    ]
+    backends = []
+    for name, proc in zip(names, procs, strict=True):
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("PORT "):
+            for p in procs:
+                p.kill()
+            raise RuntimeError(f"fake backend {name} did not start: {line!r}")
+        backends.append(FakeBackend(name, f"http://127.0.0.1:{int(line.split()[1])}", proc))
+    return backends
+
+
+def start_fake(name: str, *args: str) -> FakeBackend:
+    return start_fakes([name], *args)[0]
+
+
+@dataclass
+class Gateway:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def start_gateway(backends: list[str], log: Path, **settings: Any) -> Gateway:
+    """``dflare serve``'s app as its own uvicorn process; ``settings`` become ``DFLARE_*`` env vars."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DFLARE_")}
+    env.update({"DFLARE_BACKENDS": ",".join(backends), "DFLARE_HEALTH_INTERVAL_S": "0.2",
+                "DFLARE_ACCESS_LOG": "false", "DFLARE_LOG_LEVEL": "warning"})
+    env.update({f"DFLARE_{k.upper()}": str(v) for k, v in settings.items()})
+    cmd = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "warning", "--timeout-graceful-shutdown", "5"]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return Gateway(f"http://127.0.0.1:{port}", proc, log)
+
+
+async def wait_for(url: str, path: str = "/health", timeout: float = 30.0, status: int = 200) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(url + path) as resp:
+                    if resp.status == status:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url}{path} did not answer {status} within {timeout} s")
+            await asyncio.sleep(0.05)
+
+
+async def metric_samples(url: str, name: str, headers: dict[str, str] | None = None) -> dict[tuple, float]:
+    """Samples of one metric from ``/metrics``, parsed with prometheus_client: labels tuple -> value."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics", headers=headers) as resp:
+        text = await resp.text()
+    out: dict[tuple, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                out[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+async def wait_admitted(url: str, count: int, timeout: float = 30.0) -> None:
+    """Until ``count`` members report ``dflare_backend_up 1``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        up = await metric_samples(url, "dflare_backend_up")
+        if sum(1 for labels, v in up.items() if v == 1 and dict(labels)["backend"] != "routed") >= count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {up} admitted")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Outcome:
+    """What one client saw. ``started``: a content event arrived; ``done``: ``[DONE]`` arrived."""
+
+    status: int = 0
+    backend: str | None = None  # the x-dflare-backend header
+    served_by: str | None = None  # stand-in backend name, read from its first token ("b1-t0")
+    retry_after: str | None = None
+    started: bool = False
+    done: bool = False
+    error: dict[str, Any] | None = None
+    transport_error: str | None = None
+    tokens: int = 0
+    events: list[bytes] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.done and self.error is None and self.transport_error is None
+
+
+def chat_body(prompt: str, max_tokens: int, stream: bool = True, model: str = "tiny") -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "stream": stream}
+
+
+async def stream_chat(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                      headers: dict[str, str] | None = None, timeout: float = 30.0) -> Outcome:
+    out = Outcome()
+    try:
+        async with asyncio.timeout(timeout):
+            async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
+                out.status = resp.status
+                out.backend = resp.headers.get("x-dflare-backend")
+                out.retry_after = resp.headers.get("retry-after")
+                if resp.status != 200:
+                    out.error = (await resp.json()).get("error")
+                    return out
+                if not body.get("stream"):
+                    await resp.read()
+                    out.done = True
+                    return out
+                buffer = b""
+                async for chunk in resp.content.iter_any():
+                    buffer += chunk
+                    *events, buffer = buffer.split(b"\n\n")
+                    for event in events:
+                        _read_event(out, event)
+    except TimeoutError:
+        out.transport_error = "hang"
+    except aiohttp.ClientError as exc:
+        out.transport_error = repr(exc)
+    return out
+
+
+def _read_event(out: Outcome, event: bytes) -> None:
+    out.events.append(event)
+    if event == b"data: [DONE]":
+        out.done = True
+        return
+    data = orjson.loads(event[len(b"data: "):])
+    if "error" in data:
+        out.error = data["error"]
+    elif data.get("choices"):
+        if not out.started:
+            choice = data["choices"][0]
+            text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+            out.served_by = text.rsplit("-t", 1)[0] or None
+        out.started = True
+        out.tokens += 1
