@@ -24,7 +24,11 @@ SCRIPT = "deploy/sync_chart_files.py"
 
 # (source globs relative to the repo root, destination folder relative to the repo root)
 DASHBOARD_SOURCES = ("deploy/grafana/dashboards/*.json", "deploy/grafana/*.json")
-RULE_SOURCES = ("deploy/prometheus/rules/*.yaml", "deploy/prometheus/rules/*.yml", "deploy/prometheus/*.rules.yaml")
+RULE_SOURCES = (
+    "deploy/prometheus/rules/*.yaml",
+    "deploy/prometheus/rules/*.yml",
+    "deploy/prometheus/*.rules.yaml",
+)
 DASHBOARD_DEST = "helm/files/dashboards"
 RULE_DEST = "helm/files/rules"
 MARKER = "helm/files/GENERATED.md"

@@ -42,7 +42,9 @@ class Rendered:
 
     def one(self, kind: str, name_suffix: str = "") -> dict[str, Any]:
         found = [d for d in self.of_kind(kind) if d["metadata"]["name"].endswith(name_suffix)]
-        assert len(found) == 1, f"expected one {kind} *{name_suffix}, found {[d['metadata']['name'] for d in found]}"
+        assert len(found) == 1, (
+            f"expected one {kind} *{name_suffix}, found {[d['metadata']['name'] for d in found]}"
+        )
         return found[0]
 
     def kinds(self) -> set[str]:

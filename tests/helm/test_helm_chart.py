@@ -1,4 +1,4 @@
-"""Helm itself (Go SDK via helm-python-sdk): strict lint, render of every profile, values schema, dry-run install."""
+"""Helm itself (Go SDK, helm-python-sdk): strict lint, render of every profile, schema, dry-run install."""
 
 from __future__ import annotations
 

@@ -36,7 +36,9 @@ def test_gpu_count_and_tensor_parallel_follow_values() -> None:
     c = container(engine, "engine")
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert _arg(c["args"], "--tp-size") == "2"
-    c = container(render_values({"engine": {"gpu": {"count": 4}, "tensorParallelSize": 2}}).one("StatefulSet"), "engine")
+    c = container(
+        render_values({"engine": {"gpu": {"count": 4}, "tensorParallelSize": 2}}).one("StatefulSet"), "engine"
+    )
     assert c["resources"]["requests"]["nvidia.com/gpu"] == 4 and _arg(c["args"], "--tp-size") == "2"
 
 
@@ -161,7 +163,11 @@ def test_headless_service_pdb_and_replicas() -> None:
 def test_keda_scales_the_engines_on_queue_length() -> None:
     rendered = render("keda")
     scaled = rendered.one("ScaledObject")
-    assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "dflare-engine"}
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": "dflare-engine",
+    }
     assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 6)
     assert scaled["spec"]["cooldownPeriod"] == 600
     (trigger,) = scaled["spec"]["triggers"]
@@ -187,8 +193,16 @@ def _fake_hf(bin_dir: Path, log: Path) -> None:
 
 def test_fetch_models_init_script_downloads_once(tmp_path: Path) -> None:
     """Runs the rendered init container's shell script: two downloads, then a cache hit on restart."""
-    values = {"engine": {"model": {"source": "huggingface", "target": "Qwen/Qwen3-8B",
-                                   "draft": "AngelSlim/Qwen3-8b-dflare", "draftRevision": "v1"}}}
+    values = {
+        "engine": {
+            "model": {
+                "source": "huggingface",
+                "target": "Qwen/Qwen3-8B",
+                "draft": "AngelSlim/Qwen3-8b-dflare",
+                "draftRevision": "v1",
+            }
+        }
+    }
     fetch = container(render_values(values).one("StatefulSet"), "fetch-models", init=True)
     env = env_map(fetch)
     cache = tmp_path / "models"

@@ -1,4 +1,4 @@
-"""The gateway as rendered: settings env agree with service/settings.py, least-privilege RBAC, API keys, NOTES."""
+"""The gateway as rendered: env agrees with service/settings.py, least-privilege RBAC, API keys, NOTES."""
 
 from __future__ import annotations
 
@@ -59,8 +59,11 @@ def test_role_grants_exactly_get_list_watch_on_pods() -> None:
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
     assert not rendered.of_kind("ClusterRole") and not rendered.of_kind("ClusterRoleBinding")
     (binding,) = rendered.of_kind("RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     sa = _gateway("default")["spec"]["template"]["spec"]["serviceAccountName"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "llm"}]
 
@@ -112,7 +115,9 @@ def test_cpu_profile_has_no_gpu_and_no_engine_objects() -> None:
     env = env_map(container(rendered.one("Deployment"), "gateway"))
     assert "DFLARE_BACKENDS" not in env and "DFLARE_DISCOVERY_ENABLED" not in env  # = embedded engine
     assert "nvidia.com/gpu" not in str(rendered.docs)
-    assert rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"].endswith("/cpu:0.1.0")
+    assert rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"].endswith(
+        "/cpu:0.1.0"
+    )
 
 
 def test_helm_test_pod_is_a_test_hook_against_the_gateway_service() -> None:
@@ -132,7 +137,10 @@ def test_notes_print_next_steps_and_kubectl_checks(scenario: str) -> None:
     if scenario == "cpu":
         assert "embedded demo engine" in notes and "engine-0" not in notes
     else:
-        assert "kubectl get pods -n llm -l app.kubernetes.io/instance=dflare,app.kubernetes.io/component=engine" in notes
+        assert (
+            "kubectl get pods -n llm -l app.kubernetes.io/instance=dflare,app.kubernetes.io/component=engine"
+            in notes
+        )
         assert "kubectl logs -n llm dflare-engine-0 -c engine -f" in notes
     if scenario in ("published-pair", "pvc", "existing-claim"):
         assert "-c fetch-models" in notes

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from tests.helm.chart import KUBE_VERSION, SCENARIOS, render
-from tests.helm.schemas.generate import build_schemas, render as render_schema
+from tests.helm.schemas.generate import build_schemas
+from tests.helm.schemas.generate import render as render_schema
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 CUSTOM_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule", "ScaledObject")
@@ -29,7 +30,10 @@ def _custom_validator(kind: str) -> jsonschema.protocols.Validator:
 
 
 def _errors(kind: str, doc: dict) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _custom_validator(kind).iter_errors(doc)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in _custom_validator(kind).iter_errors(doc)
+    ]
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -79,8 +83,12 @@ def test_every_custom_kind_is_rendered_by_some_scenario() -> None:
     ("kind", "scenario", "mutate", "fragment"),
     [
         ("ServiceMonitor", "monitoring", lambda d: d["spec"]["endpoints"][0].update(interval=30), "interval"),
-        ("PodMonitor", "monitoring", lambda d: d["spec"]["podMetricsEndpoints"][0].update(honorLabels="yes"),
-         "honorLabels"),
+        (
+            "PodMonitor",
+            "monitoring",
+            lambda d: d["spec"]["podMetricsEndpoints"][0].update(honorLabels="yes"),
+            "honorLabels",
+        ),
         ("PodMonitor", "monitoring", lambda d: d["spec"].update(podMetricEndpoints=[]), "podMetricEndpoints"),
         ("PrometheusRule", "monitoring", lambda d: d["spec"]["groups"][0]["rules"][0].pop("expr"), "expr"),
         ("ScaledObject", "keda", lambda d: d["spec"].update(minReplicaCount="one"), "minReplicaCount"),
