@@ -91,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     import uvicorn
 
+    from service.shutdown import exit_zero_after_drain
+
     log_config = logging_config(settings.log_level)
     logging.config.dictConfig(log_config)
+    exit_zero_after_drain()  # SIGTERM: drain in-flight streams, then exit 0 (not 143)
     try:
         uvicorn.run(
             "service.app:app_from_env",

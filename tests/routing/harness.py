@@ -80,14 +80,13 @@ class Gateway:
 
 
 def start_gateway(backends: list[str], log: Path, **settings: Any) -> Gateway:
-    """``dflare serve``'s app as its own uvicorn process; ``settings`` become ``DFLARE_*`` env vars."""
+    """``dflare serve`` as its own process; ``settings`` become ``DFLARE_*`` environment variables."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DFLARE_")}
     env.update({"DFLARE_BACKENDS": ",".join(backends), "DFLARE_HEALTH_INTERVAL_S": "0.2",
-                "DFLARE_ACCESS_LOG": "false", "DFLARE_LOG_LEVEL": "warning"})
+                "DFLARE_ACCESS_LOG": "false", "DFLARE_SHUTDOWN_GRACE_S": "5"})
     env.update({f"DFLARE_{k.upper()}": str(v) for k, v in settings.items()})
-    cmd = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", "--timeout-graceful-shutdown", "5"]
+    cmd = [sys.executable, "-m", "sglang_ext.cli", "serve", "--port", str(port), "--log-level", "warning"]
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     return Gateway(f"http://127.0.0.1:{port}", proc, log)

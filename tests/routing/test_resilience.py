@@ -6,6 +6,7 @@ Each scenario's figures come from ``scenarios.py``, the same code ``reliability_
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -201,3 +202,22 @@ async def test_killed_backend_mid_stream_ends_with_error_event(spawn, gateway):
     assert outcome.status == 200 and outcome.started and outcome.done
     assert outcome.error is not None and outcome.error["type"] == "server_error"
     assert outcome.events[-1] == b"data: [DONE]"
+
+
+async def test_sigterm_finishes_in_flight_streams_then_exits_zero(spawn, gateway):
+    backend = spawn("drain", "--token-delay", "0.05")
+    gw = gateway([backend.url])
+    await wait_for(gw.url)
+    await wait_admitted(gw.url, 1)
+    async with aiohttp.ClientSession() as session:
+        bodies = [chat_body(f"d{i}", 30) for i in range(3)]
+        streams = [asyncio.create_task(stream_chat(session, gw.url, body)) for body in bodies]
+        await asyncio.sleep(0.4)  # all three are streaming (1.5 s each)
+        gw.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        with pytest.raises(aiohttp.ClientConnectionError):  # no longer accepting
+            async with session.get(gw.url + "/health", headers={"connection": "close"}):
+                pass
+        outcomes = await asyncio.gather(*streams)
+    assert all(o.ok and o.tokens == 30 for o in outcomes), outcomes
+    assert await asyncio.to_thread(gw.proc.wait, 10) == 0
