@@ -30,7 +30,7 @@ META_INFO = {
     "spec_verify_ct": 4,
     "spec_num_correct_drafts": sum(k * n for k, n in enumerate(HISTOGRAM)),
     "spec_num_proposed_drafts": 4 * (BLOCK_SIZE - 1),
-    "spec_accept_rate": 8 / 12,
+    "spec_accept_rate": 7 / 12,
     "spec_accept_length": 3.0,
     "spec_correct_drafts_histogram": HISTOGRAM,
     "spec_accept_histogram": HISTOGRAM,
