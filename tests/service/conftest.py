@@ -1,0 +1,167 @@
+"""Real processes on loopback: a tiny engine-server, gateways in front of it and an embedded gateway.
+
+Everything is started once per session (torch imports dominate start-up) on ports picked by binding
+port 0, so parallel test runs do not collide. Each process logs to a file that is printed when it
+fails to come up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.tiny_models import build_pair
+
+MODEL = "tiny"
+START_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    """A server process and the base URL it listens on."""
+
+    url: str
+    popen: subprocess.Popen
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def start(
+    args: list[str], log: Path, port: int, *, env: dict[str, str] | None = None, ready_path: str = "/health"
+) -> Proc:
+    """Start ``python -m sglang_ext.cli ARGS`` and wait until ``ready_path`` answers 200."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    handle = log.open("wb")
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "sglang_ext.cli", *args],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        cwd=Path(__file__).parents[2],
+    )
+    proc = Proc(f"http://127.0.0.1:{port}", popen, log, env or {})
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise RuntimeError(f"{args[0]} exited with {popen.returncode}:\n{proc.output()}")
+        try:
+            if httpx.get(proc.url + ready_path, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.stop()
+    raise RuntimeError(f"{args[0]} did not become ready in {START_TIMEOUT_S} s:\n{proc.output()}")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return build_pair(tmp_path_factory.mktemp("tiny_pair"))
+
+
+def _engine_server(tiny_pair: tuple[Path, Path], log: Path, *extra: str) -> Iterator[Proc]:
+    target, drafter = tiny_pair
+    port = free_port()
+    proc = start(
+        [
+            "engine-server",
+            "--model-path",
+            str(target),
+            "--draft-model-path",
+            str(drafter),
+            "--served-model-name",
+            MODEL,
+            "--threads",
+            "1",
+            "--max-batch",
+            "4",
+            "--port",
+            str(port),
+            *extra,
+        ],
+        log,
+        port,
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def engine_server(tiny_pair, tmp_path_factory) -> Iterator[Proc]:
+    yield from _engine_server(tiny_pair, tmp_path_factory.mktemp("logs") / "engine.log")
+
+
+@pytest.fixture(scope="session")
+def engine_server_plain(tiny_pair, tmp_path_factory) -> Iterator[Proc]:
+    """Behaves like stock SGLang: speculative stats only in meta_info."""
+    yield from _engine_server(
+        tiny_pair, tmp_path_factory.mktemp("logs") / "engine_plain.log", "--no-plugin-stats"
+    )
+
+
+def gateway(backends: list[str], log: Path, *, workers: int = 1, env: dict[str, str] | None = None) -> Proc:
+    port = free_port()
+    args = ["serve", "--port", str(port)]
+    for url in backends:
+        args += ["--backend", url]
+    if workers > 1:
+        args += ["--workers", str(workers)]
+    fast_health = {"DFLARE_HEALTH_INTERVAL_S": "0.5", **(env or {})}
+    return start(args, log, port, env=fast_health, ready_path="/ready")
+
+
+@pytest.fixture(scope="session")
+def gateway_http(engine_server, tmp_path_factory) -> Iterator[Proc]:
+    proc = gateway([engine_server.url], tmp_path_factory.mktemp("logs") / "gateway_http.log")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_embedded(tiny_pair, tmp_path_factory) -> Iterator[Proc]:
+    """``dflare serve`` with no backend: the embedded engine (the tiny pair instead of the demo pair)."""
+    target, drafter = tiny_pair
+    env = {
+        "DFLARE_EMBEDDED_TARGET_DIR": str(target),
+        "DFLARE_EMBEDDED_DRAFTER_DIR": str(drafter),
+        "DFLARE_EMBEDDED_MODEL": MODEL,
+        "DFLARE_EMBEDDED_THREADS": "1",
+        "DFLARE_EMBEDDED_MAX_BATCH": "4",
+    }
+    proc = gateway([], tmp_path_factory.mktemp("logs") / "gateway_embedded.log", env=env)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session", params=["embedded", "sglang_http"])
+def any_gateway(request) -> Proc:
+    """Both kinds of backend behind the same API."""
+    return request.getfixturevalue("gateway_embedded" if request.param == "embedded" else "gateway_http")
