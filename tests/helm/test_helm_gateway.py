@@ -146,3 +146,14 @@ def test_notes_print_next_steps_and_kubectl_checks(scenario: str) -> None:
         assert "-c fetch-models" in notes
     if scenario == "monitoring":
         assert "kubectl get servicemonitors,podmonitors,prometheusrules" in notes
+
+
+def test_static_backends_need_at_least_one_engine() -> None:
+    import helm_python
+
+    values = {"engine": {"replicas": 0}, "gateway": {"discovery": {"enabled": False}}}
+    with pytest.raises(helm_python.HelmError, match="no backend"):
+        render_values(values)
+    explicit = {**values, "gateway": {"discovery": {"enabled": False}, "backends": ["http://sglang:30000"]}}
+    env = env_map(container(render_values(explicit).one("Deployment"), "gateway"))
+    assert env["DFLARE_BACKENDS"] == "http://sglang:30000"
