@@ -1,5 +1,8 @@
 """Load shapes as data: stages in fractions of the run time and of the peak user count (`-u`).
 
+Pure (no locust import, so tests can load it without gevent's monkey-patching); the locustfile's
+`StagesShape` drives locust from it.
+
 `--shape steady` holds `-u` users for `--run-time`; `ramp` climbs to `-u` in four steps; `spike`
 holds a quarter of `-u`, jumps to `-u` for the middle fifth of the run, then falls back.
 """
@@ -7,8 +10,6 @@ holds a quarter of `-u`, jumps to `-u` for the middle fifth of the run, then fal
 from __future__ import annotations
 
 import math
-
-from locust import LoadTestShape
 
 # shape -> [(end of stage as a fraction of run time, users as a fraction of -u)]
 STAGES: dict[str, list[tuple[float, float]]] = {
@@ -28,17 +29,3 @@ def users_at(shape: str, elapsed_s: float, run_time_s: float, peak_users: int) -
         if progress < end:
             return max(1, math.ceil(fraction * peak_users))
     return None
-
-
-class StagesShape(LoadTestShape):
-    """Drives the user count from STAGES; `-u`, `-r` and `-t` keep their usual meaning."""
-
-    use_common_options = True
-
-    def tick(self) -> tuple[int, float] | None:
-        options = self.runner.environment.parsed_options
-        run_time = float(options.run_time or DEFAULT_RUN_TIME_S)
-        users = users_at(options.shape, self.get_run_time(), run_time, int(options.num_users or 1))
-        if users is None:
-            return None
-        return users, float(options.spawn_rate or users)

@@ -10,8 +10,8 @@ Headless with CSV + HTML reports under loadtest/results/, thresholds that set th
 from __future__ import annotations
 
 from chat_users import ChatUser
-from load_shapes import STAGES, StagesShape
-from locust import events
+from load_shapes import DEFAULT_RUN_TIME_S, STAGES, users_at
+from locust import LoadTestShape, events
 from prompt_sets import PROMPT_SETS
 from run_checks import apply_verdict
 
@@ -80,3 +80,17 @@ def _add_arguments(parser) -> None:
 @events.quitting.add_listener
 def _judge_run(environment, **_kwargs) -> None:
     apply_verdict(environment)
+
+
+class StagesShape(LoadTestShape):
+    """Drives the user count from STAGES; `-u`, `-r` and `-t` keep their usual meaning."""
+
+    use_common_options = True
+
+    def tick(self) -> tuple[int, float] | None:
+        options = self.runner.environment.parsed_options
+        run_time = float(options.run_time or DEFAULT_RUN_TIME_S)
+        users = users_at(options.shape, self.get_run_time(), run_time, int(options.num_users or 1))
+        if users is None:
+            return None
+        return users, float(options.spawn_rate or users)
