@@ -1,0 +1,167 @@
+"""Speculative sampling must follow the target's distribution (exact point-mass speculative sampling).
+
+The expected joint distribution of the first three tokens is computed independently: full forwards of the
+transformers model (no cache) with transformers' own temperature / top-k / top-p logits processors. The
+engine's samples (one seed per request) are compared with a chi-square test, which must also reject a
+wrong reference distribution (it can fail).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from sglang_ext.reference.engine import SpeculativeEngine
+from sglang_ext.reference.sampling import SamplingParams, filtered_probs
+from sglang_ext.reference.tiny import tiny_drafter, tiny_target
+
+VOCAB, PROMPT, N_TOKENS, SAMPLES = 8, [3, 1, 4], 3, 3000
+
+
+@functools.cache
+def small_target() -> torch.nn.Module:
+    model = tiny_target(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, seed=5,
+                        dtype=torch.float64, max_position_embeddings=64)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(15.0)  # random init is nearly uniform; make it peaked like a real LM
+    return model
+
+
+def hf_probs(prefix: tuple[int, ...], params: SamplingParams) -> torch.Tensor:
+    """Next-token distribution of the target after transformers' own warpers."""
+    with torch.inference_mode():
+        logits = small_target()(torch.tensor([prefix])).logits[:, -1]
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
+    if params.top_k:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    return torch.softmax(warpers(torch.tensor([prefix]), logits), dim=-1)[0]
+
+
+def expected_joint(params: SamplingParams) -> dict[tuple[int, ...], float]:
+    """P(x1, x2, x3 | prompt) by enumerating the (filtered) tree."""
+    joint: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(N_TOKENS):
+        nxt: dict[tuple[int, ...], float] = {}
+        for seq, p in joint.items():
+            probs = hf_probs(tuple(PROMPT) + seq, params)
+            for tok in torch.nonzero(probs).flatten().tolist():
+                nxt[(*seq, tok)] = p * float(probs[tok])
+        joint = nxt
+    return joint
+
+
+class GreedyDraftEngine(SpeculativeEngine):
+    """Drafts the target's argmax continuation: accepted often, rejected often, both paths exercised."""
+
+    def _propose(self, rows: int) -> torch.Tensor:
+        drafts = []
+        for s in self._slots[:rows]:
+            seq = (*s.req.prompt_ids, *s.output)
+            row = []
+            for _ in range(self.block_size - 1):
+                row.append(_argmax_next(seq))
+                seq = (*seq, row[-1])
+            drafts.append(row)
+        return torch.tensor(drafts)
+
+
+@functools.cache
+def _argmax_next(seq: tuple[int, ...]) -> int:
+    with torch.inference_mode():
+        return int(small_target()(torch.tensor([seq])).logits[0, -1].argmax())
+
+
+def sample_counts(engine: SpeculativeEngine, params: SamplingParams) -> Counter:
+    batch = [SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                            max_tokens=N_TOKENS, seed=10_000 + i) for i in range(SAMPLES)]
+    results = engine.generate([PROMPT] * SAMPLES, batch)
+    return Counter(tuple(r.output_ids) for r in results), results
+
+
+def chi_square_pvalue(counts: Counter, expected: dict[tuple[int, ...], float]) -> float:
+    """Chi-square goodness of fit; cells with expected count < 5 are pooled into one."""
+    assert set(counts) <= set(expected), f"impossible sequences sampled: {set(counts) - set(expected)}"
+    obs, exp, pooled_obs, pooled_exp = [], [], 0, 0.0
+    for seq, p in expected.items():
+        if p * SAMPLES >= 5:
+            obs.append(counts.get(seq, 0))
+            exp.append(p * SAMPLES)
+        else:
+            pooled_obs += counts.get(seq, 0)
+            pooled_exp += p * SAMPLES
+    if pooled_exp > 0:
+        obs.append(pooled_obs)
+        exp.append(pooled_exp)
+    scale = sum(obs) / sum(exp)
+    return float(chisquare(obs, [e * scale for e in exp]).pvalue)
+
+
+CASES = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=3),
+    SamplingParams(temperature=1.3, top_p=0.8),
+    SamplingParams(temperature=0.9, top_k=4, top_p=0.85),
+]
+
+
+@pytest.mark.parametrize("params", CASES, ids=["t1", "t0.7-k3", "t1.3-p0.8", "t0.9-k4-p0.85"])
+def test_speculative_sampling_matches_target_distribution(params: SamplingParams) -> None:
+    model = small_target()
+    engine = GreedyDraftEngine(model, tiny_drafter(model, block_size=3), 3, max_batch=64)
+    counts, results = sample_counts(engine, params)
+    expected = expected_joint(params)
+    assert chi_square_pvalue(counts, expected) > 1e-3
+    # both outcomes of the accept test happened (otherwise speculation was not exercised)
+    hist = [sum(h) for h in zip(*(r.stats.histogram for r in results), strict=True)]
+    assert hist[0] > 100 and hist[1] + hist[2] > 100, hist
+    # power: the same samples reject a wrong distribution (unfiltered, other temperature; full support)
+    wrong = expected_joint(SamplingParams(temperature=1.0 if params.temperature != 1.0 else 1.6))
+    assert chi_square_pvalue(counts, wrong) < 1e-6
+
+
+def test_real_drafter_sampling_matches_block_size_one() -> None:
+    """The real (random) DFlare drafter at B=4 gives the same distribution as the target alone."""
+    model = small_target()
+    params = SamplingParams(temperature=0.8, top_k=5)
+    engine = SpeculativeEngine(model, tiny_drafter(model, block_size=4, seed=3), 4, max_batch=64)
+    counts, results = sample_counts(engine, params)
+    assert chi_square_pvalue(counts, expected_joint(params)) > 1e-3
+    assert sum(r.stats.accepted_tokens for r in results) > 50
+
+
+def test_filtered_probs_equal_transformers_warpers() -> None:
+    g = torch.Generator().manual_seed(0)
+    for temperature, top_k, top_p in itertools.product([0.5, 1.0, 1.7], [0, 1, 3, 50], [1.0, 0.9, 0.3]):
+        logits = torch.randn(4, 50, generator=g, dtype=torch.float64)
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+        want = torch.softmax(warpers(None, logits.clone()), dim=-1)
+        got = filtered_probs(logits, temperature, top_k, top_p)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_seeded_requests_are_reproducible_and_batch_independent() -> None:
+    model = small_target()
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=42)
+    alone = SpeculativeEngine(model, tiny_drafter(model, block_size=4), 4, max_batch=1).generate([PROMPT], params)
+    others = [SamplingParams(temperature=1.0, max_tokens=12, seed=s) for s in (1, 2, 3)]
+    batched = SpeculativeEngine(model, tiny_drafter(model, block_size=4), 4, max_batch=4).generate(
+        [[1, 2], PROMPT, [5], [6, 6, 6]], [others[0], params, others[1], others[2]]
+    )
+    assert batched[1].output_ids == alone[0].output_ids
