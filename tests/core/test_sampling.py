@@ -159,7 +159,8 @@ def test_filtered_probs_equal_transformers_warpers() -> None:
 def test_seeded_requests_are_reproducible_and_batch_independent() -> None:
     model = small_target()
     params = SamplingParams(temperature=1.0, max_tokens=12, seed=42)
-    alone = SpeculativeEngine(model, tiny_drafter(model, block_size=4), 4, max_batch=1).generate([PROMPT], params)
+    solo = SpeculativeEngine(model, tiny_drafter(model, block_size=4), 4, max_batch=1)
+    alone = solo.generate([PROMPT], params)
     others = [SamplingParams(temperature=1.0, max_tokens=12, seed=s) for s in (1, 2, 3)]
     batched = SpeculativeEngine(model, tiny_drafter(model, block_size=4), 4, max_batch=4).generate(
         [[1, 2], PROMPT, [5], [6, 6, 6]], [others[0], params, others[1], others[2]]
