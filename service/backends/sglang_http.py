@@ -21,7 +21,14 @@ import aiohttp
 import orjson
 
 from service.backends.base import Backend, BackendRequest, Completion, Endpoint, Stream, Usage
-from service.errors import BackendTimeout, BackendUnavailable, InternalError, UpstreamError, error_event
+from service.errors import (
+    BackendTimeout,
+    BackendUnavailable,
+    InternalError,
+    InvalidRequest,
+    UpstreamError,
+    error_event,
+)
 from sglang_ext.stats import SpecStats
 
 logger = logging.getLogger(__name__)
@@ -242,9 +249,13 @@ class SGLangHTTPBackend(Backend):
     ) -> aiohttp.ClientResponse:
         """POST and wait for the status line; maps every failure before the first byte."""
         try:
+            data = orjson.dumps(payload)
+        except TypeError as exc:  # e.g. an unknown extra field holding an integer beyond 64 bits
+            raise InvalidRequest(f"The request cannot be encoded as JSON: {exc}") from exc
+        try:
             async with asyncio.timeout(timeout):
                 resp = await self.session.post(
-                    self._urls[req.endpoint], data=orjson.dumps(payload), headers=self._headers(req)
+                    self._urls[req.endpoint], data=data, headers=self._headers(req)
                 )
         except TimeoutError as exc:
             raise BackendTimeout(f"Backend {self.name} did not answer within {timeout:g} s.") from exc

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # OpenAI allows up to 4 stop sequences; SGLang has no limit. 16 keeps the hold-back window small.
 MAX_STOP_SEQUENCES = 16
+# Integers are bounded so every valid request stays encodable (JSON int64) on its way upstream.
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class _Open(BaseModel):
@@ -50,11 +53,11 @@ class _SamplingFields(_Open):
     """Fields shared by both endpoints. Ranges are OpenAI's (top_k: SGLang's, -1 or 0 = off)."""
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -75,13 +78,14 @@ class _SamplingFields(_Open):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: Literal[False] | None = Field(
         None, description="not supported: speculative decoding does not return log-probabilities"
     )
 
 
-PromptIds = Annotated[list[int], Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+PromptIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class CompletionRequest(_SamplingFields):
@@ -91,7 +95,7 @@ class CompletionRequest(_SamplingFields):
         | Annotated[list[str], Field(min_length=1, max_length=1)]
         | Annotated[list[PromptIds], Field(min_length=1, max_length=1)]
     ) = Field(description="one prompt: text or token ids (a batch of one is accepted)")
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
     echo: Literal[False] = False
     logprobs: None = Field(None, description="not supported with speculative decoding")
 

@@ -136,6 +136,12 @@ class OpenAIServing:
 
     def prepare(self, endpoint: str, body: dict[str, Any], request_id: str) -> Prepared:
         """Tokenize and check against the context; raises :class:`RequestRejected`."""
+        try:
+            return self._prepare(endpoint, body, request_id)
+        except UnicodeError as exc:  # e.g. a lone surrogate from a \ud800 escape
+            raise RequestRejected(f"The prompt is not valid Unicode text: {exc}") from None
+
+    def _prepare(self, endpoint: str, body: dict[str, Any], request_id: str) -> Prepared:
         from sglang_ext.reference import SamplingParams
 
         if endpoint == CHAT:
@@ -178,7 +184,7 @@ class OpenAIServing:
             top_p=_pick(body.get("top_p"), defaults["top_p"]),
             top_k=max(0, _pick(top_k, defaults["top_k"])),
             max_tokens=int(max_tokens or room),
-            seed=body.get("seed"),
+            seed=None if body.get("seed") is None else body["seed"] % 2**63,  # torch takes 0..2^64-1
             stop_token_ids=self.stop_token_ids,
             stop=stop,
         )

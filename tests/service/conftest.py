@@ -7,6 +7,7 @@ fails to come up.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -165,3 +166,29 @@ def gateway_embedded(tiny_pair, tmp_path_factory) -> Iterator[Proc]:
 def any_gateway(request) -> Proc:
     """Both kinds of backend behind the same API."""
     return request.getfixturevalue("gateway_embedded" if request.param == "embedded" else "gateway_http")
+
+
+@contextlib.contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """Run an ASGI app under uvicorn in a thread of this process (for gateways with special settings)."""
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("in-process gateway failed to start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

@@ -1,0 +1,236 @@
+"""Every bad input gets OpenAI's error shape, status, type and code, and the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+
+from service.app import create_app
+from service.backends.base import Backend, BackendRequest, Completion, Stream
+from service.settings import Settings
+from tests.service.conftest import MODEL, serve_in_thread
+
+CHAT = "/v1/chat/completions"
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+BAD_INPUTS = [
+    # name, request kwargs, status, type, code, param
+    (
+        "malformed json",
+        {"content": b'{"model": "tiny", "messages": [', "headers": {"content-type": "application/json"}},
+        400,
+        "invalid_request_error",
+        None,
+        None,
+    ),
+    ("wrong types", {"json": {**GOOD, "messages": "hello"}}, 400, "invalid_request_error", None, "messages"),
+    (
+        "negative max_tokens",
+        {"json": {**GOOD, "max_tokens": -1}},
+        400,
+        "invalid_request_error",
+        None,
+        "max_tokens",
+    ),
+    (
+        "max_tokens beyond context",
+        {"json": {**GOOD, "max_tokens": 100_000}},
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "max_tokens",
+    ),
+    (
+        "prompt beyond context",
+        {"json": {**GOOD, "messages": [{"role": "user", "content": "the " * 400}]}},
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        None,
+    ),
+    (
+        "unknown model",
+        {"json": {**GOOD, "model": "gpt-17"}},
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    ),
+    (
+        "oversized body",
+        {"json": {**GOOD, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}},
+        413,
+        "invalid_request_error",
+        "request_too_large",
+        None,
+    ),
+    (
+        "wrong content type",
+        {"content": b"model=tiny", "headers": {"content-type": "text/plain"}},
+        400,
+        "invalid_request_error",
+        None,
+        None,
+    ),
+    ("n=5", {"json": {**GOOD, "n": 5}}, 400, "invalid_request_error", None, "n"),
+    ("logprobs", {"json": {**GOOD, "logprobs": True}}, 400, "invalid_request_error", None, "logprobs"),
+    ("empty messages", {"json": {**GOOD, "messages": []}}, 400, "invalid_request_error", None, "messages"),
+    ("no body", {"headers": {"content-type": "application/json"}}, 400, "invalid_request_error", None, None),
+    (
+        "temperature out of range",
+        {"json": {**GOOD, "temperature": 7}},
+        400,
+        "invalid_request_error",
+        None,
+        "temperature",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "status", "type_", "code", "param"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input(any_gateway, name, kwargs, status, type_, code, param):
+    r = httpx.post(any_gateway.url + CHAT, timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    assert (error["type"], error["code"]) == (type_, code)
+    if param is not None:
+        assert error["param"] == param
+    after = httpx.post(any_gateway.url + CHAT, json=GOOD, timeout=60)
+    assert after.status_code == 200, "the server must keep serving after a bad request"
+
+
+def test_unknown_route_and_method(gateway_http):
+    r = httpx.get(gateway_http.url + "/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(gateway_http.url + CHAT)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_openai_client_sees_typed_errors(gateway_http):
+    c = openai.OpenAI(base_url=gateway_http.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as exc:
+        c.chat.completions.create(model="gpt-17", messages=GOOD["messages"])
+    assert exc.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=MODEL, messages=GOOD["messages"], max_tokens=100_000)
+    assert exc.value.code == "context_length_exceeded"
+
+
+def test_sglang_style_errors_are_converted(gateway_http, engine_server):
+    """engine-server answers in SGLang's shape; the gateway answers in OpenAI's."""
+    upstream = httpx.post(engine_server.url + CHAT, json={**GOOD, "max_tokens": 100_000}).json()
+    assert upstream["object"] == "error" and upstream["code"] == 400
+    converted = httpx.post(gateway_http.url + CHAT, json={**GOOD, "max_tokens": 100_000}).json()["error"]
+    assert converted["code"] == "context_length_exceeded" and converted["message"] == upstream["message"]
+
+
+def test_api_key_required_when_configured(engine_server):
+    app = create_app(Settings(backends=[engine_server.url], api_keys=["s3cret"], health_interval_s=0.2))
+    with serve_in_thread(app) as url:
+        _wait_ready(url)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as exc:
+            c.models.list()
+        assert exc.value.status_code == 401 and exc.value.code == "invalid_api_key"
+        assert exc.value.body["type"] == "invalid_request_error"
+        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in good.models.list().data] == [MODEL]
+
+
+def test_no_backend_is_503(tmp_path):
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    with serve_in_thread(create_app(Settings(backends=[dead], health_interval_s=0.2))) as url:
+        assert httpx.get(url + "/ready").status_code == 503
+        r = httpx.post(url + CHAT, json=GOOD)
+        assert r.status_code == 503
+        assert r.json()["error"]["type"] == "server_error"
+        assert httpx.get(url + "/health").status_code == 200
+
+
+def test_backend_timeout_is_504(engine_server):
+    app = create_app(Settings(backends=[engine_server.url], request_timeout_s=0.2, health_interval_s=0.2))
+    with serve_in_thread(app) as url:
+        _wait_ready(url)
+        r = httpx.post(url + CHAT, json={**GOOD, "max_tokens": 90}, timeout=30)
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["code"] == "timeout"
+
+
+def test_full_engine_queue_is_429(tiny_pair):
+    target, drafter = tiny_pair
+    settings = Settings(
+        embedded_target_dir=target,
+        embedded_drafter_dir=drafter,
+        embedded_model=MODEL,
+        embedded_max_batch=1,
+        embedded_queue_size=1,
+        embedded_threads=1,
+    )
+    with serve_in_thread(create_app(settings)) as url:
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                body = {**GOOD, "max_tokens": 30}
+                return await asyncio.gather(*(client.post(url + CHAT, json=body) for _ in range(6)))
+
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(200) >= 2 and set(codes) == {200, 429}, codes
+        limited = next(r for r in responses if r.status_code == 429)
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(limited.headers["retry-after"]) >= 1
+        assert httpx.post(url + CHAT, json=GOOD, timeout=60).status_code == 200
+
+
+class _BrokenBackend(Backend):
+    """A backend with a bug: the gateway must answer 500 in OpenAI's shape, not a traceback."""
+
+    name = "broken"
+
+    async def models(self) -> list[str]:
+        return [MODEL]
+
+    async def health(self) -> bool:
+        return True
+
+    async def complete(self, req: BackendRequest) -> Completion:
+        raise RuntimeError("bug in a backend")
+
+    async def stream(self, req: BackendRequest) -> Stream:
+        return _BrokenStream()
+
+
+class _BrokenStream(Stream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b'data: {"choices": []}\n\n'
+        raise RuntimeError("bug mid-stream")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_unexpected_errors_are_500_in_openai_shape():
+    with serve_in_thread(create_app(Settings(), backend=_BrokenBackend())) as url:
+        r = httpx.post(url + CHAT, json=GOOD)
+        assert r.status_code == 500
+        assert r.json()["error"]["type"] == "server_error" and "Traceback" not in r.text
+        with httpx.stream("POST", url + CHAT, json={**GOOD, "stream": True}) as s:
+            events = [line for line in s.iter_lines() if line]
+        assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+
+
+def _wait_ready(url: str, timeout: float = 20.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while httpx.get(url + "/ready").status_code != 200:
+        assert time.monotonic() < deadline, "gateway never became ready"
+        time.sleep(0.1)
