@@ -94,7 +94,9 @@ async def serve(
     if body.stream:
         stream = await _note_route(record, breq, backend.stream(breq))
         return StreamingResponse(
-            _relay(stream, record, settings.log_prompts), media_type="text/event-stream", headers=SSE_HEADERS
+            _relay(stream, record, settings.log_prompts),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, "x-dflare-backend": record.backend or backend.name},
         )
     completion = await _note_route(record, breq, backend.complete(breq))
     record.usage = completion.usage
