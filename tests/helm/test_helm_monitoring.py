@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -93,10 +94,11 @@ def test_monitors_select_the_right_pods_and_ports() -> None:
     assert sm["spec"]["selector"]["matchLabels"].items() <= gateway_service["metadata"]["labels"].items()
     assert sm["spec"]["endpoints"][0]["port"] == gateway_service["spec"]["ports"][0]["name"]
     # /metrics behind the API key: the monitor authenticates with the key Secret.
-    assert sm["spec"]["endpoints"][0]["authorization"]["credentials"] == {
-        "name": "dflare-api-keys",
-        "key": "api-keys",
-    }
+    credentials = sm["spec"]["endpoints"][0]["authorization"]["credentials"]
+    assert credentials == {"name": "dflare-api-keys", "key": "metrics-token"}
+    secret = rendered.one("Secret", "-api-keys")["data"]
+    token = base64.b64decode(secret["metrics-token"]).decode()
+    assert token == base64.b64decode(secret["api-keys"]).decode().splitlines()[0]  # one bare key, no newline
     pm = rendered.one("PodMonitor")
     engine_labels = rendered.one("StatefulSet")["spec"]["template"]["metadata"]["labels"]
     assert pm["spec"]["selector"]["matchLabels"].items() <= engine_labels.items()
