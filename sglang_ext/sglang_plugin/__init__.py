@@ -24,14 +24,15 @@ def register() -> None:
         from sglang.srt.models.registry import ModelRegistry
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-        from sglang_ext.sglang_plugin import openai_usage, validation
+        from sglang_ext.sglang_plugin import openai_usage, phase_timing, validation
         from sglang_ext.sglang_plugin.algorithm import register_algorithm
         from sglang_ext.sglang_plugin.model import DFlareDraftModel
 
         register_algorithm()
         ModelRegistry.models[validation.ARCHITECTURE] = DFlareDraftModel
         # queued here, applied by SGLang's load_plugins() once every plugin has run
-        for target, hook, kind in (*validation.HOOKS, *openai_usage.HOOKS):
+        timing = phase_timing.HOOKS if phase_timing.enabled() else ()
+        for target, hook, kind in (*validation.HOOKS, *openai_usage.HOOKS, *timing):
             HookRegistry.register(target, hook, HookType[kind])
     except Exception:
         logger.exception("dflare SGLang plugin failed to register: DFLARE will be unavailable")

@@ -1,0 +1,343 @@
+"""GPU check of the SGLang DFLARE plugin against SGLang's own decoding (issue 5, deliverable 4).
+
+Run on the GPU machine (``tests/gpu/run_on_gpu.sh check``) with the trained demo pair. Starts every
+server it needs at once (each with a small memory fraction), then checks:
+
+* the draft class SGLang resolved is ours (worker log line);
+* greedy SGLang+DFLARE == SGLang AR token for token, >= 32 prompts, batch 1 and 8, CUDA graphs on and
+  off, float32 (divergences reported with the target's top-2 logit margin);
+* tau = 1 + correct/verify_ct within 5% of the reference engine's on the same prompts;
+* ``k_proj_target`` zeroed (a copy of the checkpoint) drops tau by more than 30%;
+* temperature sampling runs and each request's stats are consistent;
+* built-in DFLASH runs the DFlash demo drafter (greedy == AR too);
+* real responses captured as fixtures (native + OpenAI, streamed + not, DFLARE with usage.speculative,
+  built-in DFLASH without our plugin with return_meta_info);
+* decode tokens/s of AR, DFLASH and DFLARE on the demo pair at batch 1/8/32.
+
+Writes $OUT/check.json as it goes, $OUT/fixtures.json and $OUT/logs.txt at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sglang_harness import OUT, SPEC, Results, generate, post_raw, start_all, timed
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_NEW = 96
+N_PROMPTS = 48
+
+
+def load_prompts(target: Path, n: int) -> list[list[int]]:
+    """The demo held-out chats (first user turn), through the target's chat template, <= 384 tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(target))
+    prompts = []
+    for line in (REPO / "sglang_ext/demo/corpus/heldout.jsonl").read_text().splitlines():
+        msgs = json.loads(line)["messages"][:1]
+        try:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except (ValueError, AttributeError):
+            text = msgs[0]["content"]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if 8 <= len(ids) <= 384:
+            prompts.append(ids)
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def zero_context_k(src: Path, dst: Path) -> Path:
+    """Copy of a DFlare checkpoint with every ``k_proj_target`` zeroed (the ablation)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    files = list(dst.glob("*.safetensors"))
+    zeroed = 0
+    for f in files:
+        tensors = load_file(str(f))
+        for name in tensors:
+            if name.endswith("k_proj_target.weight"):
+                tensors[name] = tensors[name] * 0
+                zeroed += 1
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    assert zeroed > 0, "no k_proj_target tensors found"
+    return dst
+
+
+def spec_tau(outs: list[dict]) -> dict:
+    steps = sum(o["meta_info"].get("spec_verify_ct", 0) for o in outs)
+    correct = sum(o["meta_info"].get("spec_num_correct_drafts", 0) for o in outs)
+    return {"tau": 1 + correct / steps if steps else None, "verify_steps": steps, "accepted": correct}
+
+
+def compare(ref: list[dict], got: list[dict]) -> list[dict]:
+    """Per-request first divergence between two greedy runs (empty list = identical)."""
+    diffs = []
+    for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+        x, y = a["output_ids"], b["output_ids"]
+        if x != y:
+            j = next((k for k in range(min(len(x), len(y))) if x[k] != y[k]), min(len(x), len(y)))
+            diffs.append({"prompt": i, "position": j, "ar": x[j : j + 3], "spec": y[j : j + 3]})
+    return diffs
+
+
+def margins(target: Path, prompts: list[list[int]], ar: list[dict], diffs: list[dict]) -> None:
+    """Add the target's top-2 logit margin (float32, HF) at each divergence."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).cuda().eval()
+    for d in diffs[:32]:
+        ids = prompts[d["prompt"]] + ar[d["prompt"]]["output_ids"][: d["position"]]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids], device="cuda")).logits[0, -1].float()
+        top = torch.topk(logits, 2)
+        d["top2_margin"] = float(top.values[0] - top.values[1])
+        d["top2_ids"] = top.indices.tolist()
+
+
+def reference_tau(target: Path, drafter: Path, prompts: list[list[int]], dtype: str) -> dict:
+    from sglang_ext.reference import SamplingParams, load_engine
+
+    engine = load_engine(target, drafter, dtype=dtype, device="cuda", max_batch=8)
+    results, secs = timed(
+        lambda: engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW))
+    )
+    steps = sum(r.stats.verify_steps for r in results)
+    accepted = sum(r.stats.accepted_tokens for r in results)
+    return {
+        "tau": 1 + accepted / steps,
+        "verify_steps": steps,
+        "accepted": accepted,
+        "seconds": round(secs, 1),
+        "output_ids": [r.output_ids for r in results],
+    }
+
+
+def sampling_consistency(outs: list[dict], block: int) -> dict:
+    from sglang_ext.stats import SpecStats
+
+    bad = []
+    for i, o in enumerate(outs):
+        m = o["meta_info"]
+        try:
+            stats = SpecStats.from_sglang_meta_info(m)
+            n = m["completion_tokens"]
+            steps, acc = stats.verify_steps, stats.accepted_tokens
+            ok = stats.block_size == block and steps <= n <= 1 + steps + acc and len(o["output_ids"]) == n
+        except (ValueError, KeyError, TypeError) as exc:
+            ok, stats = False, repr(exc)
+        if not ok:
+            bad.append({"request": i, "meta": {k: v for k, v in m.items() if k.startswith("spec")}})
+    return {"requests": len(outs), "inconsistent": bad, "tau": spec_tau(outs)["tau"]}
+
+
+def capture_fixtures(dflare_url: str, dflash_url: str, model: str, prompt_ids: list[int]) -> dict:
+    chat = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a Python function that adds."}],
+        "max_tokens": 48,
+        "temperature": 0,
+    }
+    comp = {"model": model, "prompt": "def add(a, b):", "max_tokens": 48, "temperature": 0}
+    native = {"input_ids": prompt_ids, "sampling_params": {"temperature": 0, "max_new_tokens": 48}}
+    stream_opts = {"stream": True, "stream_options": {"include_usage": True}}
+    calls = {
+        "dflare_generate": (dflare_url + "/generate", native),
+        "dflare_generate_stream": (dflare_url + "/generate", {**native, "stream": True}),
+        "dflare_chat": (dflare_url + "/v1/chat/completions", chat),
+        "dflare_chat_stream": (dflare_url + "/v1/chat/completions", {**chat, **stream_opts}),
+        "dflare_completions": (dflare_url + "/v1/completions", comp),
+        "dflare_completions_stream": (dflare_url + "/v1/completions", {**comp, **stream_opts}),
+        "dflare_chat_n2": (dflare_url + "/v1/chat/completions", {**chat, "n": 2, "temperature": 0.7}),
+        "dflash_noplugin_chat_meta": (
+            dflash_url + "/v1/chat/completions",
+            {**chat, "return_meta_info": True},
+        ),
+        "dflash_noplugin_generate": (dflash_url + "/generate", native),
+        "dflash_noplugin_chat_stream": (dflash_url + "/v1/chat/completions", {**chat, **stream_opts}),
+    }
+    fixtures = {}
+    for name, (url, body) in calls.items():
+        status, text = post_raw(url, body)
+        fixtures[name] = {
+            "url": url.split("127.0.0.1:")[1].split("/", 1)[1],
+            "request": body,
+            "status": status,
+            "body": text,
+        }
+    return fixtures
+
+
+def usage_checks(fixtures: dict) -> dict:
+    """Our hooks put usage.speculative on DFLARE's OpenAI responses; none without the plugin."""
+    out = {}
+    for name in ("dflare_chat", "dflare_completions", "dflare_chat_n2"):
+        body = json.loads(fixtures[name]["body"])
+        out[name] = (body.get("usage") or {}).get("speculative")
+    for name in ("dflare_chat_stream", "dflare_completions_stream", "dflash_noplugin_chat_stream"):
+        chunks = [
+            json.loads(ln[6:]) for ln in fixtures[name]["body"].splitlines() if ln.startswith("data: {")
+        ]
+        final = [c for c in chunks if c.get("usage") and c.get("choices") == []]
+        out[name] = final[-1]["usage"].get("speculative", "absent") if final else "no usage chunk"
+    return out
+
+
+def decode_bench(url: str, prompt: list[int], sizes: list[int], new_tokens: int) -> dict:
+    out = {}
+    sampling = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True}
+    generate(url, [prompt], sampling, 1)  # warm
+    for bs in sizes:
+        outs, secs = timed(lambda bs=bs: generate(url, [prompt] * bs, sampling, bs))
+        toks = sum(o["meta_info"]["completion_tokens"] for o in outs)
+        out[bs] = {"tok_s": round(toks / secs, 1), **spec_tau(outs)}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", type=Path, required=True)
+    ap.add_argument("--dflare", type=Path, required=True)
+    ap.add_argument("--dflash", type=Path, required=True)
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+    res = Results(OUT / "check.json")
+    import torch
+
+    res["device"] = torch.cuda.get_device_name(0)
+    res["models"] = {"target": str(args.target), "dflare": str(args.dflare), "dflash": str(args.dflash)}
+    prompts = load_prompts(args.target, N_PROMPTS)
+    res["prompts"] = {"count": len(prompts), "max_new_tokens": MAX_NEW, "requested_dtype": args.dtype}
+    ablated = zero_context_k(args.dflare, Path("/tmp/dflare_zero_k_target"))
+
+    def server_specs(dtype: str) -> list:
+        base = ["--model-path", str(args.target), "--dtype", dtype, "--mem-fraction-static", "0.06"]
+        base += ["--max-running-requests", "32", "--cuda-graph-max-bs", "32"]
+        draft = ["--speculative-draft-model-path"]
+        dflare = [*SPEC, "--speculative-algorithm", "DFLARE", *draft]
+        dflash = [*SPEC, "--speculative-algorithm", "DFLASH", *draft, str(args.dflash)]
+        return [
+            ("ar", 31000, base, {}),
+            ("dflare", 31001, [*base, *dflare, str(args.dflare)], {}),
+            ("dflare_eager", 31002, [*base, *dflare, str(args.dflare), "--disable-cuda-graph"], {}),
+            ("dflare_zero_k", 31003, [*base, *dflare, str(ablated)], {}),
+            ("dflash", 31004, [*base, *dflash], {}),
+            ("dflash_noplugin", 31005, [*base, *dflash], {"SGLANG_PLUGINS": "none-of-ours"}),
+        ]
+
+    dtype = args.dtype
+    servers, startup = timed(lambda: start_all(server_specs(dtype)))
+    if not servers["ar"][1] and dtype != "bfloat16":  # the norm/attention kernels may refuse float32
+        res[f"{dtype}_failed"] = servers["ar"][0].log_tail(30)
+        for srv, _ in servers.values():
+            srv.stop()
+        dtype = "bfloat16"
+        servers, startup = timed(lambda: start_all(server_specs(dtype)))
+    res["dtype"] = dtype
+    res["servers"] = {n: {"up": ok, "ready_s": s.ready_s} for n, (s, ok) in servers.items()}
+    res["startup_s"] = round(startup, 1)
+    try:
+        failed = [n for n, (_, ok) in servers.items() if not ok]
+        if failed:
+            res["server_errors"] = {n: servers[n][0].log_tail(60) for n in failed}
+        up = {n: s.url for n, (s, ok) in servers.items() if ok}
+
+        if "dflare" in up:
+            lines = servers["dflare"][0].log_grep("DFLARE worker ready")
+            res["draft_class"] = {
+                "log": lines[-1] if lines else None,
+                "ours": bool(lines) and "sglang_ext.sglang_plugin.model.DFlareDraftModel" in lines[-1],
+            }
+
+        greedy = {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
+        runs: dict[str, dict[int, list[dict]]] = {}
+        for name in ("ar", "dflare", "dflare_eager", "dflash", "dflare_zero_k"):
+            if name in up:
+                runs[name] = {bs: generate(up[name], prompts, greedy, bs) for bs in (1, 8)}
+        lossless = {}
+        for name in ("dflare", "dflare_eager", "dflash"):
+            if name in runs and "ar" in runs:
+                for bs in (1, 8):
+                    diffs = compare(runs["ar"][bs], runs[name][bs])
+                    lossless[f"{name}_bs{bs}"] = {
+                        "identical": not diffs,
+                        "divergences": diffs,
+                        **spec_tau(runs[name][bs]),
+                    }
+        if "ar" in runs:
+            lossless["ar_bs1_vs_bs8"] = {"identical": not compare(runs["ar"][1], runs["ar"][8])}
+        res["greedy_lossless"] = lossless
+        all_diffs = [d | {"run": k} for k, v in lossless.items() for d in v.get("divergences", [])]
+        if all_diffs and "ar" in runs:
+            margins(args.target, prompts, runs["ar"][1], all_diffs)
+            res["greedy_lossless"] = lossless
+
+        ref = reference_tau(args.target, args.dflare, prompts, dtype)
+        ref_ids = ref.pop("output_ids")
+        ref["outputs_equal_sglang_ar"] = "ar" in runs and all(
+            r == o["output_ids"] for r, o in zip(ref_ids, runs["ar"][1], strict=True)
+        )
+        res["reference_engine"] = ref
+        if "dflare" in runs:
+            tau = spec_tau(runs["dflare"][1])["tau"]
+            res["tau_vs_reference"] = {
+                "sglang": tau,
+                "reference": ref["tau"],
+                "ratio": tau / ref["tau"],
+                "within_5pct": abs(tau / ref["tau"] - 1) <= 0.05,
+            }
+        if "dflare_zero_k" in runs and "dflare" in runs:
+            full, zero = spec_tau(runs["dflare"][1])["tau"], spec_tau(runs["dflare_zero_k"][1])["tau"]
+            res["ablation_zero_k_proj_target"] = {
+                "tau": full,
+                "tau_zeroed": zero,
+                "drop": 1 - zero / full,
+                "drops_over_30pct": 1 - zero / full > 0.30,
+            }
+
+        if "dflare" in up:
+            block = (
+                int(runs["dflare"][1][0]["meta_info"]["spec_num_proposed_drafts"])
+                // max(1, int(runs["dflare"][1][0]["meta_info"]["spec_verify_ct"]))
+                + 1
+            )
+            sampled = generate(
+                up["dflare"],
+                prompts[:32],
+                {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": MAX_NEW, "ignore_eos": True},
+                8,
+            )
+            res["temperature_sampling"] = sampling_consistency(sampled, block)
+
+        if "dflare" in up and "dflash_noplugin" in up:
+            fixtures = capture_fixtures(up["dflare"], up["dflash_noplugin"], str(args.target), prompts[0])
+            (OUT / "fixtures.json").write_text(json.dumps(fixtures, indent=1))
+            res["usage_speculative"] = usage_checks(fixtures)
+
+        bench = {}
+        for name in ("ar", "dflash", "dflare"):
+            if name in up:
+                bench[name] = decode_bench(up[name], prompts[0], [1, 8, 32], 256)
+        res["demo_decode_bench"] = bench
+    finally:
+        for srv, _ in servers.values():
+            srv.stop()
+        with (OUT / "logs.txt").open("w") as f:
+            for name, (srv, _) in servers.items():
+                f.write(f"===== {name}: {' '.join(srv.cmd)}\n{srv.log_tail(80)}\n")
+        res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repo root, after the SGLang bundle parts were copied to /tmp/w
+# (see docs/sglang_plugin.md "GPU checks"):  bash tests/gpu/run_on_gpu.sh {check|bench} [args]
+#   check: tests/gpu/check_sglang_dflare.py on the demo pair   -> $OUT/check.json, fixtures.json, logs.txt
+#   bench: tests/gpu/bench_sglang_sim.py (Qwen3-8B shapes, simulated acceptance) -> $OUT/bench_sim.json
+set -uo pipefail
+export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+[ -d /tmp/site/sglang ] || bash .gpu/tools/unpack.sh || exit 1
+export PYTHONPATH=/tmp/site
+if [ ! -f /tmp/site/.dflare_installed ]; then
+  # the entry point (sglang.srt.plugins -> dflare) is only seen from an installed distribution
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | tail -3
+  touch /tmp/site/.dflare_installed
+fi
+python3 -c "import sglang, sglang_ext.sglang_plugin as p; from importlib.metadata import entry_points as e; \
+print('sglang', sglang.__version__, [x.value for x in e(group='sglang.srt.plugins')])"
+mode=${1:-check}; shift || true
+case "$mode" in
+  check)
+    demo=$(python3 -m sglang_ext.cli demo-path target 2>/dev/null || echo sglang_ext/demo/target)
+    python3 tests/gpu/check_sglang_dflare.py --target "${TARGET:-$demo}" \
+      --dflare "${DFLARE:-$(dirname "$demo")/dflare}" --dflash "${DFLASH:-$(dirname "$demo")/dflash}" "$@" 2>&1 \
+      | tee "$OUT/check_stdout.txt" | tail -60 ;;
+  bench)
+    python3 tests/gpu/bench_sglang_sim.py "$@" 2>&1 | tee "$OUT/bench_stdout.txt" | tail -60 ;;
+  *) echo "unknown mode $mode" >&2; exit 2 ;;
+esac

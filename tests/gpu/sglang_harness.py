@@ -1,0 +1,150 @@
+"""Helpers shared by the GPU scripts: start/stop SGLang servers, HTTP calls, JSON results written as we go.
+
+Not collected by pytest (``--ignore=tests/gpu``); runs on the GPU machine with SGLang 0.5.17 and this
+package installed into ``/tmp/site`` (``tests/gpu/run_on_gpu.sh``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+OUT = Path(os.environ.get("OUT", "/tmp/out"))
+LOGS = Path("/tmp/gpu_logs")
+
+# Flags that avoid what the bundle leaves out (FlashInfer JIT, FA3): design note sglang.md section 7.
+COMMON = [
+    "--attention-backend", "triton",
+    "--sampling-backend", "pytorch",
+    "--grammar-backend", "none",
+    "--host", "127.0.0.1",
+    "--random-seed", "0",
+    "--tokenizer-worker-num", "1",
+    "--log-level", "info",
+]  # fmt: skip
+SPEC = ["--speculative-draft-attention-backend", "triton"]
+
+
+class Results:
+    """A JSON document rewritten after every update, so a run cut short still reports what it did."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.save()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.save()
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1, default=str))
+
+
+class Server:
+    """One ``python -m sglang.launch_server`` in its own process group, logging to /tmp/gpu_logs."""
+
+    def __init__(self, name: str, port: int, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.name, self.port = name, port
+        self.url = f"http://127.0.0.1:{port}"
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.log = LOGS / f"{name}.log"
+        cmd = [sys.executable, "-m", "sglang.launch_server", *COMMON, "--port", str(port), *args]
+        self.cmd = cmd
+        self.started = time.time()
+        self.ready_s: float | None = None
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+    def wait(self, timeout: float = 480) -> bool:
+        while time.time() - self.started < timeout:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(self.url + "/health_generate", timeout=5) as r:
+                    if r.status == 200:
+                        self.ready_s = round(time.time() - self.started, 1)
+                        return True
+            except (urllib.error.URLError, OSError, TimeoutError):
+                pass
+            time.sleep(1)
+        return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def log_grep(self, needle: str) -> list[str]:
+        return [ln for ln in self.log.read_text(errors="replace").splitlines() if needle in ln]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def start_all(specs: Iterable[tuple[str, int, list[str], dict[str, str]]], timeout: float = 480) -> dict:
+    """Start servers concurrently (startup is mostly CPU: imports, Triton JIT, graph capture)."""
+    servers = {name: Server(name, port, args, env) for name, port, args, env in specs}
+    with cf.ThreadPoolExecutor(len(servers)) as pool:
+        ok = dict(zip(servers, pool.map(lambda s: s.wait(timeout), servers.values()), strict=True))
+    return {name: (srv, ok[name]) for name, srv in servers.items()}
+
+
+def post(url: str, body: dict, timeout: float = 600) -> tuple[int, Any]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+
+def post_raw(url: str, body: dict, timeout: float = 600) -> tuple[int, str]:
+    """Status and raw body text (SSE streams kept verbatim for fixtures)."""
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+
+def generate(url: str, prompts: list[list[int]], sampling: dict, concurrency: int) -> list[dict]:
+    """Native /generate for each prompt, ``concurrency`` requests in flight (batch size seen by SGLang)."""
+
+    def one(ids: list[int]) -> dict:
+        status, body = post(url + "/generate", {"input_ids": ids, "sampling_params": sampling})
+        if status != 200:
+            raise RuntimeError(f"/generate -> {status}: {body}")
+        return body
+
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, prompts))
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
