@@ -57,6 +57,8 @@ class WrkResult:
     p99_ms: float
     non_2xx: int
     socket_errors: int
+    requests: int = 0
+    proxy_cpu_ms_per_request: float | None = None
 
 
 @dataclass
@@ -134,6 +136,7 @@ def parse_wrk(output: str) -> WrkResult:
     p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
     if not (rps and p50 and p99):
         raise ValueError(f"unexpected wrk output:\n{output}")
+    total = re.search(r"(\d+) requests in", output)
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     return WrkResult(
@@ -142,7 +145,20 @@ def parse_wrk(output: str) -> WrkResult:
         p99_ms=_ms(p99.group(1)),
         non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
         socket_errors=sum(int(g) for g in sock.groups()) if sock else 0,
+        requests=int(total.group(1)) if total else 0,
     )
+
+
+def session_cpu_s(session: int) -> float:
+    """CPU seconds (user + system) used so far by every live process of a process session."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == session:  # field 6 of /proc/PID/stat: the session id
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
 
 
 def run_wrk(url: str, script: Path, connections: int, duration_s: float, core: int | None) -> WrkResult:
@@ -166,9 +182,18 @@ def run_wrk(url: str, script: Path, connections: int, duration_s: float, core: i
     return result
 
 
-def measure(url: str, script: Path, duration_s: float, core: int | None) -> tuple[WrkResult, WrkResult]:
-    run_wrk(url, script, 8, max(1.0, duration_s / 3), core)  # warm-up: connections, caches, JIT-free paths
-    return run_wrk(url, script, 1, duration_s, core), run_wrk(url, script, 32, duration_s, core)
+def measure(
+    url: str, script: Path, duration_s: float, core: int | None, proxy_session: int | None
+) -> tuple[WrkResult, WrkResult]:
+    """Latency at concurrency 1, then throughput at 32 with the proxy's CPU time per request."""
+    run_wrk(url, script, 8, max(1.0, duration_s / 3), core)  # warm-up: connections, pools, caches
+    latency = run_wrk(url, script, 1, duration_s, core)
+    cpu_before = session_cpu_s(proxy_session) if proxy_session else 0.0
+    throughput = run_wrk(url, script, 32, duration_s, core)
+    if proxy_session and throughput.requests:
+        cpu = session_cpu_s(proxy_session) - cpu_before
+        throughput.proxy_cpu_ms_per_request = round(1000 * cpu / throughput.requests, 4)
+    return latency, throughput
 
 
 def proxy_commands(backend: str, port: int) -> dict[str, tuple[list[str], dict[str, str]]]:
@@ -219,36 +244,51 @@ def machine_info() -> dict:
     }
 
 
-def run(targets: list[str], duration_s: float, workdir: Path) -> BenchReport:
+def _median(results: list[WrkResult], key: str) -> WrkResult:
+    """The run whose ``key`` is the median (a whole run, so its numbers stay consistent)."""
+    return sorted(results, key=lambda r: getattr(r, key))[len(results) // 2]
+
+
+def run(targets: list[str], duration_s: float, rounds: int, workdir: Path) -> BenchReport:
     cores = os.cpu_count() or 1
     proxy_core, backend_core = (0, 1) if cores >= 2 else (None, None)
     script = workdir / "chat.lua"
     script.write_text(WRK_SCRIPT.format(body=json.dumps(CHAT_BODY)))
     report = BenchReport(
-        machine=machine_info(),
+        machine={**machine_info(), "loadavg_1m_start": round(os.getloadavg()[0], 2)},
         settings={
             "duration_s": duration_s,
+            "rounds": rounds,
             "body": CHAT_BODY,
             "proxy_core": proxy_core,
             "backend_core": backend_core,
-            "wrk": "-t1, -c1 for latency, -c32 for throughput",
+            "wrk": "-t1, -c1 for latency, -c32 for throughput, pinned to the proxy's core",
+            "aggregate": "per target, the round with the median p50 (latency) and median req/s (throughput)",
         },
     )
     backend_port = free_port()
     backend = f"http://127.0.0.1:{backend_port}"
     fake = [sys.executable, str(HERE / "fake_backend.py"), "--port", str(backend_port)]
+    runs: dict[str, list[tuple[WrkResult, WrkResult]]] = {name: [] for name in targets}
     with process(pinned(backend_core, fake), workdir / "backend.log"):
         wait_ready(backend)
-        for name in tqdm(targets, desc="gateway bench", unit="target"):
+        steps = [(r, name) for r in range(rounds) for name in targets]  # rounds interleave the targets
+        for _, name in tqdm(steps, desc="gateway bench", unit="run"):
             if name == "direct":
-                lat, thr = measure(backend, script, duration_s, proxy_core)
-            else:
-                port = free_port()
-                argv, env = proxy_commands(backend, port)[name]
-                with process(pinned(proxy_core, argv), workdir / f"{name}.log", env):
-                    wait_ready(f"http://127.0.0.1:{port}")
-                    lat, thr = measure(f"http://127.0.0.1:{port}", script, duration_s, proxy_core)
-            report.targets.append(TargetResult(name, lat, thr))
+                runs[name].append(measure(backend, script, duration_s, proxy_core, None))
+                continue
+            port = free_port()
+            argv, env = proxy_commands(backend, port)[name]
+            with process(pinned(proxy_core, argv), workdir / f"{name}.log", env) as proxy:
+                wait_ready(f"http://127.0.0.1:{port}")
+                runs[name].append(
+                    measure(f"http://127.0.0.1:{port}", script, duration_s, proxy_core, proxy.pid)
+                )
+    report.machine["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
+    for name in targets:
+        lat = _median([r[0] for r in runs[name]], "p50_ms")
+        thr = _median([r[1] for r in runs[name]], "requests_per_s")
+        report.targets.append(TargetResult(name, lat, thr))
     by_name = {t.name: t for t in report.targets}
     base = by_name.get("direct")
     for t in report.targets:
@@ -298,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="gateway overhead benchmark (wrk, fake SGLang backend)")
     parser.add_argument("--targets", default="direct,smg,dflare", help="comma list of direct, smg, dflare")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="repeat every target, report the median run")
     parser.add_argument(
         "--out", type=Path, default=HERE / "results" / "gateway_bench", help="writes OUT.json and OUT.png"
     )
@@ -310,13 +351,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
-        report = run(targets, args.duration, Path(tmp))
+        report = run(targets, args.duration, args.rounds, Path(tmp))
     args.out.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     plot(report, args.out.with_suffix(".png"))
     for t in report.targets:
         print(
             f"{t.name:>7}: +{t.added_p50_ms:.3f} ms p50, +{t.added_p99_ms:.3f} ms p99 at c=1; "
             f"{t.throughput_c32.requests_per_s:,.0f} req/s at c=32"
+            + (
+                f", {t.throughput_c32.proxy_cpu_ms_per_request:.3f} ms CPU/request"
+                if t.throughput_c32.proxy_cpu_ms_per_request is not None
+                else ""
+            )
             + (f" ({t.rps_vs_smg:.2f}x smg)" if t.rps_vs_smg is not None else "")
         )
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
