@@ -32,6 +32,8 @@ def free_port() -> int:
 
 @dataclass
 class FakeBackend:
+    """A stand-in SGLang process (``fake_sglang``); it reports aborts itself."""
+
     name: str
     url: str
     proc: subprocess.Popen[str]
@@ -40,6 +42,46 @@ class FakeBackend:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+    async def abort_count(self, session: aiohttp.ClientSession) -> int:
+        async with session.get(self.url + "/debug/stats") as resp:
+            return len((await resp.json())["aborts"])
+
+
+@dataclass
+class EngineServer(FakeBackend):
+    """A real ``dflare engine-server``; aborts are read from its ``sglang:num_aborted_requests``."""
+
+    async def abort_count(self, session: aiohttp.ClientSession) -> int:
+        async with session.get(self.url + "/metrics") as resp:
+            text = await resp.text()
+        return int(sum(sample.value for family in text_string_to_metric_families(text)
+                       for sample in family.samples if sample.name == "sglang:num_aborted_requests_total"))
+
+
+def start_engine_servers(names: list[str], target: Path, drafter: Path, model: str, log_dir: Path,
+                         timeout: float = 120.0) -> list[EngineServer]:
+    """``dflare engine-server`` processes (one torch thread each), started in parallel; waits for /health."""
+    servers = []
+    for name in names:
+        port = free_port()
+        cmd = [sys.executable, "-m", "sglang_ext.cli", "engine-server", "--model-path", str(target),
+               "--draft-model-path", str(drafter), "--served-model-name", model, "--threads", "1",
+               "--max-batch", "4", "--port", str(port), "--log-level", "warning"]
+        with (log_dir / f"{name}.log").open("ab") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+        servers.append(EngineServer(name, f"http://127.0.0.1:{port}", proc))
+    try:
+        asyncio.run(_all_healthy(servers, timeout))
+    except BaseException:
+        for server in servers:
+            server.kill()
+        raise
+    return servers
+
+
+async def _all_healthy(servers: list[EngineServer], timeout: float) -> None:
+    await asyncio.gather(*(wait_for(s.url, "/health", timeout) for s in servers))
 
 
 def start_fakes(names: list[str], *args: str) -> list[FakeBackend]:

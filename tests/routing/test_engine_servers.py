@@ -1,0 +1,74 @@
+"""The resilience scenarios against three real ``dflare engine-server`` processes (tiny random pair,
+one torch thread each), behind ``dflare serve``. Order matters: the last test kills a backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.routing.harness import (
+    EngineServer,
+    Gateway,
+    start_engine_servers,
+    start_gateway,
+    wait_admitted,
+    wait_for,
+)
+from tests.routing.scenarios import abort_latency, kill_during_load, overload
+from tests.service.tiny_models import build_pair
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EngineServer]]:
+    target, drafter = build_pair(tmp_path_factory.mktemp("pair"))
+    logs = tmp_path_factory.mktemp("logs")
+    servers = start_engine_servers(["e0", "e1", "e2"], target, drafter, MODEL, logs)
+    yield servers
+    for server in servers:
+        server.kill()
+
+
+@pytest.fixture
+def gateway(engines: list[EngineServer], tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def _start(**settings) -> Gateway:
+        gw = start_gateway([e.url for e in engines], tmp_path / f"gw{len(started)}.log", **settings)
+        started.append(gw)
+        return gw
+
+    yield _start
+    for gw in started:
+        gw.stop()
+
+
+async def test_client_disconnect_aborts_engine_within_1s(gateway, engines):
+    gw = gateway()
+    await wait_for(gw.url)
+    await wait_admitted(gw.url, 3)
+    latencies = await abort_latency(gw.url, engines, samples=3, max_tokens=100, model=MODEL)
+    assert max(latencies) < 1.0, latencies
+
+
+async def test_tenfold_overload_on_engines(gateway):
+    gw = gateway(max_in_flight=4)
+    await wait_for(gw.url)
+    await wait_admitted(gw.url, 3)
+    figures = await overload(gw.url, requests=40, max_tokens=60, model=MODEL)
+    assert figures["admitted_failed"] == 0, figures
+    assert figures["rejected_429"] >= 20 and figures["rejected_with_retry_after"] == figures["rejected_429"]
+
+
+async def test_kill_one_engine_during_load(gateway, engines):
+    gw = gateway(breaker_failure_threshold=3)
+    await wait_for(gw.url)
+    await wait_admitted(gw.url, 3)
+    figures = await kill_during_load(gw.url, victim=engines[1], requests=90, concurrency=12, max_tokens=100,
+                                     kill_after_s=0.7, model=MODEL)
+    assert figures["lost"] == 0, figures
+    assert figures["completed"] + figures["interrupted_cleanly"] == figures["sent"] == 90
+    assert figures["interrupted_on_victim"] == figures["interrupted_cleanly"]
