@@ -50,7 +50,11 @@ def tiny_drafter(
     tcfg = target.config
     depth = tcfg.num_hidden_layers
     taps = num_taps or min(depth, 3)
-    layer_ids = sorted(set(build_target_layer_ids(depth, taps))) if depth > 3 else list(range(taps))
+    layer_ids = build_target_layer_ids(depth, taps) if depth > 3 else []
+    if len(set(layer_ids)) < taps:  # too shallow for the upstream rule: spread over every layer
+        if taps > depth:
+            raise ValueError(f"{taps} taps need a target with at least {taps} layers, got {depth}")
+        layer_ids = [round(i * (depth - 1) / max(taps - 1, 1)) for i in range(taps)]
     cfg = DFlareConfig(
         kind=kind,
         hidden_size=tcfg.hidden_size,
