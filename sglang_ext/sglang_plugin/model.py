@@ -102,6 +102,7 @@ class DFlareDraftModel(DFlashDraftModel):
             torch.empty(num_layers, 2 * kv, hidden_size), requires_grad=False
         )
         self._fusion_probs: torch.Tensor | None = None
+        self._mix_cache: torch.Tensor | None = None
 
     # ---- context path ---------------------------------------------------------------------------
     @property
@@ -109,10 +110,21 @@ class DFlareDraftModel(DFlashDraftModel):
         """[D, T] float32 softmax of the fusion logits (computed at load; lazily after a dummy load)."""
         if self._fusion_probs is None or self._fusion_probs.device != self.layer_fusion_weights.device:
             self._fusion_probs = ops.fusion_probabilities(self.layer_fusion_weights)
+            self._mix_cache = None
         return self._fusion_probs
 
+    def _mix_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        probs = self.fusion_probs
+        if self._mix_cache is None or self._mix_cache.dtype != dtype:
+            self._mix_cache = probs.to(dtype)  # cast once, not per step
+        return self._mix_cache
+
     def project_target_hidden(self, target_hidden: torch.Tensor) -> torch.Tensor:
-        """[N, T*H] concatenated taps -> [N, D, H] per-layer fused context features (after hidden_norm)."""
+        """[N, T*H] concatenated taps -> [N, D, H] per-layer fused context features (after hidden_norm).
+
+        ``ops.fuse_context``'s math (mix with the softmax rows, then the shared norm), with SGLang's
+        fused RMSNorm kernel for the norm: one matmul + one norm kernel per step on the GPU.
+        """
         hidden = int(self.config.hidden_size)
         expected = self.num_context_features * hidden
         if target_hidden.ndim != 2 or int(target_hidden.shape[-1]) != expected:
@@ -122,11 +134,16 @@ class DFlareDraftModel(DFlashDraftModel):
                 "the target captures a different tap set than dflash_config.target_layer_ids"
             )
         taps = target_hidden.view(-1, self.num_context_features, hidden)
-        return ops.fuse_context(taps, self.fusion_probs, self.hidden_norm.weight, self.rms_norm_eps)
+        mixed = torch.matmul(self._mix_weights(taps.dtype), taps)  # [D, T] @ [N, T, H] -> [N, D, H]
+        return self.hidden_norm(mixed.view(-1, hidden)).view(mixed.shape)
 
     def context_kv_projection(self, features: torch.Tensor) -> torch.Tensor:
         """[N, D, H] features -> [D, N, 2*kv] raw context K|V of every layer, in ONE bmm."""
         k, v = ops.context_kv(features, self.context_kv_weight.transpose(1, 2))
+        size = k.shape[-1]
+        if k.stride(-2) == 2 * size and v.data_ptr() == k.data_ptr() + size * k.element_size():
+            # k and v are the two halves of the bmm output: view it whole instead of copying
+            return k.as_strided((*k.shape[:-1], 2 * size), k.stride(), k.storage_offset())
         return torch.cat([k, v], dim=-1)
 
     def context_kv(
@@ -197,6 +214,7 @@ class DFlareDraftModel(DFlashDraftModel):
                 f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
             )
         self._fusion_probs = ops.fusion_probabilities(self.layer_fusion_weights)
+        self._mix_cache = None
         logger.info(
             "DFLARE draft weights loaded: %d layers, %d taps %s, fusion entropy per layer %s",
             len(self.layers),
