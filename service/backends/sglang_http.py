@@ -257,6 +257,8 @@ class SGLangHTTPBackend(Backend):
                 resp = await self.session.post(
                     self._urls[req.endpoint], data=data, headers=self._headers(req)
                 )
+        except aiohttp.ConnectionTimeoutError as exc:  # never connected (a dead pod's IP): retryable
+            raise BackendUnavailable(f"Backend {self.name} did not accept a connection: {exc}") from exc
         except TimeoutError as exc:
             raise BackendTimeout(f"Backend {self.name} did not answer within {timeout:g} s.") from exc
         except aiohttp.ClientError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Callable
 
@@ -156,3 +157,42 @@ async def test_unknown_model_and_stream_first_event(spawn, session):
         assert backend.pool.get(one.url).outstanding == 0
     finally:
         await backend.close()
+
+
+def blackhole_url() -> tuple[str, list[socket.socket]]:
+    """A port whose accept backlog is full: SYNs are dropped and connects time out, like a dead pod IP."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    held = [listener]
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        held.append(filler)
+    return f"http://127.0.0.1:{port}", held
+
+
+async def test_connect_timeout_is_retried_elsewhere(spawn):
+    live = spawn("live")
+    url, held = blackhole_url()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_connect=0.3)) as session:
+            backend = routed([url, live.url], session, health_interval_s=30)
+            await backend.start()
+            try:
+                await until(lambda: len(backend.pool.healthy()) == 1, timeout=10)
+                hole = backend.pool.get(url)
+                hole.health.record(True)
+                hole.models = frozenset({"tiny"})
+                reqs = [chat(i) for i in range(4)]
+                results = [await backend.complete(r) for r in reqs]
+                assert all(r.body["choices"][0]["message"]["content"].startswith("live-") for r in results)
+                assert not hole.health.healthy
+            finally:
+                await backend.close()
+    finally:
+        for sock in held:
+            sock.close()
