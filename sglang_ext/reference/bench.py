@@ -1,0 +1,196 @@
+"""``dflare bench engine``: the same prompts decoded speculatively and with block size 1, side by side.
+
+Both engines share one target model object and run in the same process, alternating per round, so the
+tokens/s ratio compares like with like on the same machine at the same moment. Prints a table, writes
+JSON (and optionally a PNG bar chart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sglang_ext.reference.engine import Request, Result, SpeculativeEngine
+from sglang_ext.reference.pair import (
+    PairUnavailableError,
+    add_pair_arguments,
+    encode_prompt,
+    eos_ids,
+    load_pair,
+)
+from sglang_ext.reference.sampling import SamplingParams
+from sglang_ext.stats import total
+
+DEFAULT_PROMPTS = [
+    "Explain how a hash map works.",
+    "Write a short poem about the sea.",
+    "What is the capital of France? Answer in one sentence.",
+    "List three tips for writing clean Python code.",
+    "Describe the water cycle to a ten-year-old.",
+    "Summarise the plot of a heist movie in three sentences.",
+    "How do I reverse a list in Python?",
+    "Give me a recipe for pancakes.",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dflare bench engine", description=__doc__.splitlines()[0])
+    add_pair_arguments(p)
+    p.add_argument("--prompts", type=Path, help="text file, one prompt per line (default: 8 built-in)")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=None, help="speculative block size (default: drafter's)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1, help="concurrent requests (continuous batching rows)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds per mode (median reported)")
+    p.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
+    p.add_argument("--ignore-eos", action="store_true", help="always decode max_tokens tokens")
+    p.add_argument("--out", type=Path, default=Path("bench_engine.json"))
+    p.add_argument("--plot", type=Path, default=None, help="also write a PNG bar chart")
+    return p
+
+
+def run_mode(engine: SpeculativeEngine, prompts: list[list[int]], params: SamplingParams, label: str
+             ) -> tuple[float, list[Result]]:
+    """Decode every prompt through ``engine``; returns (seconds, results in prompt order)."""
+    done: dict[str, Result] = {}
+    ids = [f"{label}-{i}" for i in range(len(prompts))]
+    start = time.perf_counter()
+    for rid, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(Request(rid, prompt, params))
+    with tqdm(total=len(prompts), desc=label, unit="req", leave=False, file=sys.stderr) as bar:
+        while engine.has_work():
+            for res in engine.step():
+                done[res.request_id] = res
+                bar.update(1)
+    return time.perf_counter() - start, [done[i] for i in ids]
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] != "engine":
+        print("usage: dflare bench engine [options]   (see `dflare bench engine --help`)", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(argv[1:])
+    try:
+        pair = load_pair(args)
+    except (PairUnavailableError, OSError, ValueError) as exc:
+        print(f"dflare bench: {exc}", file=sys.stderr)
+        return 2
+    if pair.drafter is None:
+        print("dflare bench: a drafter is needed to compare against block size 1", file=sys.stderr)
+        return 2
+    texts = (args.prompts.read_text().splitlines() if args.prompts else DEFAULT_PROMPTS)
+    texts = [t for t in texts if t.strip()][: args.num_prompts]
+    prompts = [encode_prompt(pair.tokenizer, t, chat=not args.raw) for t in texts]
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0,
+                            stop_token_ids=() if args.ignore_eos else eos_ids(pair.tokenizer))
+    spec = SpeculativeEngine(pair.target, pair.drafter, args.block_size, max_batch=args.batch)
+    plain = SpeculativeEngine(pair.target, None, 1, max_batch=args.batch)
+    run_mode(spec, prompts[:1], params, "warmup")  # first-call allocations out of the timing
+    run_mode(plain, prompts[:1], params, "warmup")
+    times: dict[str, list[float]] = {"speculative": [], "ar": []}
+    outputs: dict[str, list[Result]] = {}
+    for r in range(args.rounds):
+        for label, engine in (("ar", plain), ("speculative", spec)):
+            seconds, results = run_mode(engine, prompts, params, f"{label} round {r + 1}/{args.rounds}")
+            times[label].append(seconds)
+            outputs[label] = results
+    report = summarise(args, pair.description, spec.block_size, times, outputs)
+    print_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def summarise(args: argparse.Namespace, description: str, block_size: int, times: dict[str, list[float]],
+              outputs: dict[str, list[Result]]) -> dict[str, Any]:
+    modes: dict[str, Any] = {}
+    for label, results in outputs.items():
+        tokens = sum(len(r.output_ids) for r in results)
+        seconds = statistics.median(times[label])
+        stats = total(r.stats for r in results if r.stats is not None)
+        modes[label] = {
+            "block_size": block_size if label == "speculative" else 1,
+            "output_tokens": tokens,
+            "seconds": round(seconds, 4),
+            "seconds_per_round": [round(t, 4) for t in times[label]],
+            "tokens_per_s": round(tokens / seconds, 2),
+            "speculative": stats.to_usage() if stats else None,
+        }
+    pairs = zip(outputs["ar"], outputs["speculative"], strict=True)
+    same = sum(a.output_ids == b.output_ids for a, b in pairs)
+    return {
+        "pair": description,
+        "prompts": len(outputs["ar"]),
+        "max_tokens": args.max_tokens,
+        "batch": args.batch,
+        "temperature": args.temperature,
+        "rounds": args.rounds,
+        "machine": machine(),
+        "modes": modes,
+        "speedup": round(modes["speculative"]["tokens_per_s"] / modes["ar"]["tokens_per_s"], 3),
+        "tau": modes["speculative"]["speculative"]["acceptance_length"] if modes["speculative"]["speculative"]
+        else 1.0,
+        "identical_outputs": same,
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    m = report["modes"]
+    print(f"pair: {report['pair']}; {report['prompts']} prompts, max_tokens {report['max_tokens']}, "
+          f"batch {report['batch']}, temperature {report['temperature']}, "
+          f"{report['machine']['torch_threads']} torch threads")
+    print(f"{'mode':<12} {'block':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'tau':>6}")
+    for label in ("ar", "speculative"):
+        row = m[label]
+        tau = row["speculative"]["acceptance_length"] if row["speculative"] else 1.0
+        print(f"{label:<12} {row['block_size']:>5} {row['output_tokens']:>7} {row['seconds']:>8.2f} "
+              f"{row['tokens_per_s']:>8.1f} {tau:>6.2f}")
+    print(f"speedup (tok/s speculative / AR): {report['speedup']:.2f}x; tau {report['tau']:.2f}; "
+          f"identical outputs {report['identical_outputs']}/{report['prompts']}")
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = report["modes"]
+    labels = ["AR (block 1)", f"DFlare spec (block {m['speculative']['block_size']})"]
+    values = [m["ar"]["tokens_per_s"], m["speculative"]["tokens_per_s"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(labels, values, color=["#888888", "#e4572e"])
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"{report['speedup']:.2f}x, tau {report['tau']:.2f} (batch {report['batch']})")
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
