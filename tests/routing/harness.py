@@ -134,6 +134,14 @@ def start_gateway(backends: list[str], log: Path, **settings: Any) -> Gateway:
     return Gateway(f"http://127.0.0.1:{port}", proc, log)
 
 
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process (Linux ``/proc``), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 async def wait_for(url: str, path: str = "/health", timeout: float = 30.0, status: int = 200) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
