@@ -1,0 +1,50 @@
+"""`dflare generate`, `dflare bench engine` and `dflare convert` as a user runs them (random tiny pair)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from sglang_ext.cli import main as dflare
+
+
+def test_generate_random_pair_prints_text_and_stats(capsys) -> None:
+    rc = dflare(["generate", "--random", "--threads", "1", "--max-tokens", "12", "--seed", "3",
+                 "--temperature", "0.7", "hello"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "--- 12 tokens in" in out and "finish_reason=length" in out
+    assert "speculation: block size 8, verify steps" in out and "acceptance length tau" in out
+
+
+def test_generate_block_size_one_and_errors(capsys) -> None:
+    assert dflare(["generate", "--random", "--threads", "1", "--max-tokens", "4", "--block-size", "1"]) == 0
+    assert "speculation: off (block size 1)" in capsys.readouterr().out
+    assert dflare(["generate", "--drafter", "/nonexistent"]) == 2
+    assert "--drafter needs --target" in capsys.readouterr().err
+
+
+def test_bench_engine_writes_side_by_side_json_and_png(tmp_path: Path, capsys) -> None:
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = dflare(["bench", "engine", "--random", "--threads", "1", "--num-prompts", "3", "--max-tokens", "8",
+                 "--batch", "2", "--out", str(out), "--plot", str(png)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"ar", "speculative"}
+    assert report["modes"]["ar"]["block_size"] == 1 and report["modes"]["speculative"]["block_size"] == 8
+    assert report["modes"]["ar"]["output_tokens"] == report["modes"]["speculative"]["output_tokens"] == 24
+    ratio = report["modes"]["speculative"]["tokens_per_s"] / report["modes"]["ar"]["tokens_per_s"]
+    assert abs(report["speedup"] - ratio) < 0.01
+    assert report["modes"]["speculative"]["speculative"]["verify_steps"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "speedup (tok/s speculative / AR)" in capsys.readouterr().out
+
+
+def test_console_script_runs_in_a_fresh_process() -> None:
+    exe = Path(sys.executable).with_name("dflare")
+    proc = subprocess.run([str(exe), "generate", "--random", "--threads", "1", "--max-tokens", "5", "hi"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "speculation: block size 8" in proc.stdout
