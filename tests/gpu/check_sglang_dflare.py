@@ -54,6 +54,19 @@ def load_prompts(target: Path, n: int) -> list[list[int]]:
     return prompts
 
 
+def servable_target(target: Path) -> tuple[Path, bool]:
+    """SGLang resolves the model class from config.json ``architectures``; add it to a copy if missing."""
+    cfg = json.loads((target / "config.json").read_text())
+    if cfg.get("architectures"):
+        return target, False
+    copy = Path("/tmp/demo_target")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(target, copy)
+    cfg["architectures"] = ["Qwen3ForCausalLM"]
+    (copy / "config.json").write_text(json.dumps(cfg, indent=2))
+    return copy, True
+
+
 def zero_context_k(src: Path, dst: Path) -> Path:
     """Copy of a DFlare checkpoint with every ``k_proj_target`` zeroed (the ablation)."""
     from safetensors.torch import load_file, save_file
@@ -216,6 +229,8 @@ def main() -> int:
 
     res["device"] = torch.cuda.get_device_name(0)
     res["models"] = {"target": str(args.target), "dflare": str(args.dflare), "dflash": str(args.dflash)}
+    args.target, patched = servable_target(args.target)
+    res["target_config_patched_architectures"] = patched
     prompts = load_prompts(args.target, N_PROMPTS)
     res["prompts"] = {"count": len(prompts), "max_new_tokens": MAX_NEW, "requested_dtype": args.dtype}
     ablated = zero_context_k(args.dflare, Path("/tmp/dflare_zero_k_target"))
