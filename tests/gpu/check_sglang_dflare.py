@@ -24,6 +24,7 @@ import json
 import shutil
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -180,6 +181,17 @@ def capture_fixtures(dflare_url: str, dflash_url: str, model: str, prompt_ids: l
         "dflash_noplugin_chat_stream": (dflash_url + "/v1/chat/completions", {**chat, **stream_opts}),
     }
     fixtures = {}
+    for name, url in (
+        ("dflare_models", dflare_url + "/v1/models"),
+        ("dflash_noplugin_models", dflash_url + "/v1/models"),
+    ):
+        with urllib.request.urlopen(url, timeout=30) as r:
+            fixtures[name] = {
+                "url": "v1/models",
+                "method": "GET",
+                "status": r.status,
+                "body": r.read().decode(),
+            }
     for name, (url, body) in calls.items():
         status, text = post_raw(url, body)
         fixtures[name] = {
