@@ -55,6 +55,22 @@ def load_prompts(target: Path, n: int) -> list[list[int]]:
     return prompts
 
 
+def float32_kernels_ok() -> str | None:
+    """None if SGLang's CUDA RMSNorm kernels take float32 (they back every norm of the served models)."""
+    import torch
+
+    try:
+        from sgl_kernel import fused_add_rmsnorm, rmsnorm
+
+        x, r, w = (torch.randn(4, 256, device="cuda") for _ in range(3))
+        rmsnorm(x, w, 1e-6)
+        fused_add_rmsnorm(x, r, w, 1e-6)
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # an unsupported dtype surfaces as RuntimeError from the extension
+        return repr(exc)[:300]
+
+
 def servable_target(target: Path) -> tuple[Path, bool]:
     """SGLang resolves the model class from config.json ``architectures``; add it to a copy if missing."""
     cfg = json.loads((target / "config.json").read_text())
@@ -263,6 +279,9 @@ def main() -> int:
         ]
 
     dtype = args.dtype
+    if dtype == "float32" and (why := float32_kernels_ok()) is not None:
+        res["float32_unsupported"] = why
+        dtype = "bfloat16"
     servers, startup = timed(lambda: start_all(server_specs(dtype)))
     if not servers["ar"][1] and dtype != "bfloat16":  # the norm/attention kernels may refuse float32
         res[f"{dtype}_failed"] = servers["ar"][0].log_tail(30)
