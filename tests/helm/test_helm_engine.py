@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from tests.helm.chart import SCENARIOS, container, env_map, render, render_values
+from tests.helm.chart import REPO, SCENARIOS, container, env_map, render, render_values
 
 ENGINE_SCENARIOS = [s for s in SCENARIOS if s != "cpu"]
 
@@ -104,7 +105,11 @@ def test_published_pair_is_downloaded_into_the_cache_and_served_from_there() -> 
     volumes = {v["name"]: v for v in engine["spec"]["template"]["spec"]["volumes"]}
     assert volumes["hf-token"]["secret"] == {"secretName": "hf-token", "optional": True, "defaultMode": 0o440}
     assert env["HF_TOKEN_PATH"] == "/etc/dflare/hf-token/token"
-    assert env_map(container(engine, "engine"))["HF_HUB_OFFLINE"] == "1"
+    engine_env = env_map(container(engine, "engine"))
+    assert engine_env["HF_HUB_OFFLINE"] == "1"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    plugins = project["entry-points"]["sglang.srt.plugins"]
+    assert engine_env["SGLANG_PLUGINS"] in plugins  # the name our entry point is registered under
     assert engine["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
 
 

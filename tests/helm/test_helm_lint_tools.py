@@ -218,3 +218,4 @@ def test_engine_image_bakes_the_demo_pair_where_values_point() -> None:
     assert f'"$(dflare demo-path target)" {values["target"]}' in runs
     assert f'"$(dflare demo-path dflare)" {values["draft"]}' in runs
     assert "group='sglang.srt.plugins'" in runs
+    assert "pip install --no-deps ." in runs  # SGLang's pinned torch stack stays untouched
