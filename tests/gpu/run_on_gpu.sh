@@ -7,10 +7,16 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 [ -d /tmp/site/sglang ] || bash .gpu/tools/unpack.sh || exit 1
-export PYTHONPATH=/tmp/site
+export PYTHONPATH=/tmp/site:$PWD
 if [ ! -f /tmp/site/.dflare_installed ]; then
   # the entry point (sglang.srt.plugins -> dflare) is only seen from an installed distribution
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | tail -3
+  if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | tail -3; then
+    # no build backend there: declare the distribution by hand (same entry point as pyproject.toml)
+    d=/tmp/site/dflare_serve-0.1.0.dist-info; mkdir -p $d
+    printf 'Metadata-Version: 2.1\nName: dflare-serve\nVersion: 0.1.0\n' > $d/METADATA
+    printf '[sglang.srt.plugins]\ndflare = sglang_ext.sglang_plugin:register\n' > $d/entry_points.txt
+    echo "entry point declared by hand; sglang_ext from the checkout"
+  fi
   touch /tmp/site/.dflare_installed
 fi
 python3 -c "import sglang, sglang_ext.sglang_plugin as p; from importlib.metadata import entry_points as e; \
