@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import stat
 import subprocess
 import tomllib
@@ -241,3 +243,19 @@ def test_fetch_models_failure_fails_the_init_container(tmp_path: Path) -> None:
     proc = subprocess.run(fetch["command"], env=run_env, capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
     assert not (tmp_path / "a--b" / ".dflare-complete").exists()
+
+
+def test_keda_query_is_valid_promql(tmp_path: Path) -> None:
+    """promtool (Debian prometheus, .ci/apt-packages.txt) parses the rendered query as a rule expression."""
+    promtool = shutil.which("promtool") or pytest.fail("promtool missing: apt-get install prometheus")
+    query = render("keda").one("ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+    rules = tmp_path / "keda.rules.yaml"
+    rules.write_text(
+        json.dumps({"groups": [{"name": "keda", "rules": [{"record": "keda:query", "expr": query}]}]})
+    )
+    proc = subprocess.run(
+        [promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rules.write_text(rules.read_text().replace("sum(", "sum((", 1))  # the check can fail
+    assert subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True).returncode != 0

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helm.chart import NAMESPACE, Rendered, container, env_map, render
 from tests.routing.fake_k8s import FakeKubernetesAPI
@@ -164,6 +165,18 @@ def test_cpu_profile_gateway_starts_from_the_rendered_deployment(cpu_gateway) ->
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "models: ['dflare-demo']" in proc.stdout and proc.stdout.rstrip().endswith("OK")
+
+    # What the ServiceMonitor scrapes: /metrics on the same port, the chat request counted.
+    status, body = _get(base + "/metrics")
+    assert status == 200
+    samples = [
+        sample
+        for family in text_string_to_metric_families(body.decode())
+        if family.name == "dflare_requests"
+        for sample in family.samples
+        if sample.name == "dflare_requests_total"
+    ]
+    assert any(s.labels.get("model") == "dflare-demo" and s.value >= 1 for s in samples), samples
 
 
 @contextlib.contextmanager
