@@ -107,19 +107,50 @@ def wait_ready(url: str, timeout_s: float = 60.0) -> None:
     raise RuntimeError(f"{url} not ready after {timeout_s:.0f} s: {last}")
 
 
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, CPU ticks used: user + system) of every live process."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            table[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    return table
+
+
+def process_tree(pid: int, table: dict[int, tuple[int, int]] | None = None) -> list[int]:
+    """``pid`` and all its live descendants."""
+    table = table if table is not None else _proc_table()
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, (parent, _) in table.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` and its live descendants."""
+    table = _proc_table()
+    return sum(table[p][1] for p in process_tree(pid, table) if p in table) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def process(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """A child in *our* session: a new session would get its own scheduler autogroup on Linux, which
+    alone doubled the gateway's latency at concurrency 1 next to wrk on a busy machine."""
     with log.open("w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
     try:
         yield proc
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        for pid in reversed(process_tree(proc.pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in process_tree(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
 
 
@@ -149,18 +180,6 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
-def session_cpu_s(session: int) -> float:
-    """CPU seconds (user + system) used so far by every live process of a process session."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == session:  # field 6 of /proc/PID/stat: the session id
-                total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
-
-
 def run_wrk(url: str, script: Path, connections: int, duration_s: float, core: int | None) -> WrkResult:
     argv = pinned(
         core,
@@ -183,15 +202,15 @@ def run_wrk(url: str, script: Path, connections: int, duration_s: float, core: i
 
 
 def measure(
-    url: str, script: Path, duration_s: float, core: int | None, proxy_session: int | None
+    url: str, script: Path, duration_s: float, core: int | None, proxy_pid: int | None
 ) -> tuple[WrkResult, WrkResult]:
     """Latency at concurrency 1, then throughput at 32 with the proxy's CPU time per request."""
     run_wrk(url, script, 8, max(1.0, duration_s / 3), core)  # warm-up: connections, pools, caches
     latency = run_wrk(url, script, 1, duration_s, core)
-    cpu_before = session_cpu_s(proxy_session) if proxy_session else 0.0
+    cpu_before = tree_cpu_s(proxy_pid) if proxy_pid else 0.0
     throughput = run_wrk(url, script, 32, duration_s, core)
-    if proxy_session and throughput.requests:
-        cpu = session_cpu_s(proxy_session) - cpu_before
+    if proxy_pid and throughput.requests:
+        cpu = tree_cpu_s(proxy_pid) - cpu_before
         throughput.proxy_cpu_ms_per_request = round(1000 * cpu / throughput.requests, 4)
     return latency, throughput
 
