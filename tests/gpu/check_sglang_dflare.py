@@ -20,6 +20,7 @@ Writes $OUT/check.json as it goes, $OUT/fixtures.json and $OUT/logs.txt at the e
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -256,7 +257,14 @@ def main() -> int:
     import torch
 
     res["device"] = torch.cuda.get_device_name(0)
-    res["models"] = {"target": str(args.target), "dflare": str(args.dflare), "dflash": str(args.dflash)}
+    weights = {
+        name: {
+            "path": str(path),
+            "sha256": hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:16],
+        }
+        for name, path in (("target", args.target), ("dflare", args.dflare), ("dflash", args.dflash))
+    }
+    res["models"] = weights
     args.target, patched = servable_target(args.target)
     res["target_config_patched_architectures"] = patched
     prompts = load_prompts(args.target, N_PROMPTS)
