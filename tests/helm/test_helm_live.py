@@ -18,7 +18,6 @@ import asyncio
 import base64
 import contextlib
 import copy
-import importlib.util
 import os
 import signal
 import socket
@@ -39,9 +38,6 @@ from tests.routing.fake_k8s import FakeKubernetesAPI
 from tests.routing.harness import start_fake
 
 pytestmark = pytest.mark.slow
-
-if importlib.util.find_spec("service.cli") is None:  # the gateway ships `dflare serve` from service/cli.py
-    pytest.skip("service.cli (dflare serve) is not in this tree yet", allow_module_level=True)
 
 
 def _free_port() -> int:
