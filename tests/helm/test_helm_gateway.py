@@ -132,7 +132,8 @@ def test_helm_test_pod_is_a_test_hook_against_the_gateway_service() -> None:
 def test_notes_print_next_steps_and_kubectl_checks(scenario: str) -> None:
     notes = render(scenario).notes
     assert "kubectl rollout status -n llm deployment/dflare-gateway" in notes
-    assert "kubectl port-forward -n llm svc/dflare-gateway 8000:8000" in notes
+    if scenario != "existing-claim":  # that one has an Ingress
+        assert "kubectl port-forward -n llm svc/dflare-gateway 8000:8000" in notes
     assert "/v1/chat/completions" in notes and "helm test dflare -n llm" in notes
     if scenario == "cpu":
         assert "embedded demo engine" in notes and "engine-0" not in notes
@@ -157,3 +158,20 @@ def test_static_backends_need_at_least_one_engine() -> None:
     explicit = {**values, "gateway": {"discovery": {"enabled": False}, "backends": ["http://sglang:30000"]}}
     env = env_map(container(render_values(explicit).one("Deployment"), "gateway"))
     assert env["DFLARE_BACKENDS"] == "http://sglang:30000"
+
+
+def test_ingress_is_optional_and_routes_to_the_gateway_service() -> None:
+    assert not render("default").of_kind("Ingress")
+    rendered = render("existing-claim")
+    ingress = rendered.one("Ingress")
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "llm.example.com"
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    service = rendered.one("Service", "-gateway")
+    assert backend == {
+        "name": service["metadata"]["name"],
+        "port": {"name": service["spec"]["ports"][0]["name"]},
+    }
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}]
+    assert "export GATEWAY_URL=https://llm.example.com" in rendered.notes
