@@ -15,6 +15,7 @@ from service.backends.sglang_http import SGLangHTTPBackend
 from service.errors import BackendUnavailable, UpstreamError
 from service.routing.discovery import StaticDiscovery
 from service.routing.health import BreakerState
+from service.routing.policy import make_policy
 from service.routing.retry import RetryPolicy
 from service.routing.routed import RoutedBackend
 
@@ -96,7 +97,8 @@ async def test_connect_errors_are_retried_and_the_dead_member_ejected(spawn, ses
 
 async def test_5xx_is_retried_elsewhere_and_opens_the_breaker(spawn, session):
     good, bad = spawn("good"), spawn("bad", "--fail-status", "503")
-    backend = routed([good.url, bad.url], session, breaker_failures=2, breaker_cooldown_s=60)
+    backend = routed([good.url, bad.url], session, breaker_failures=2, breaker_cooldown_s=60,
+                     policy=make_policy("round_robin"))
     await backend.start()
     try:
         await until(lambda: len(backend.pool.healthy()) == 2)
@@ -180,7 +182,8 @@ async def test_connect_timeout_is_retried_elsewhere(spawn):
     url, held = blackhole_url()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_connect=0.3)) as session:
-            backend = routed([url, live.url], session, health_interval_s=30)
+            rr = make_policy("round_robin")  # both members get turns: the hole is certainly tried
+            backend = routed([url, live.url], session, health_interval_s=30, policy=rr)
             await backend.start()
             try:
                 await until(lambda: len(backend.pool.healthy()) == 1, timeout=10)
