@@ -35,6 +35,7 @@ pytestmark = [
 ]
 NAMESPACE = "dflare-test"
 LOAD_SECONDS = 15
+USERS = 4
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Stack:
     prometheus: str
     passing: LocustRun
     failing: LocustRun
+    gateway_instance: str  # the healthy gateway as Prometheus labels its target
 
 
 def _prometheus_config(path: Path, gateways: list[str], engines: list[str]) -> None:
@@ -222,7 +224,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
         ):
             time.sleep(0.5)
         time.sleep(3)
-        yield Stack(url["prom"], runs["pass"], runs["fail"])
+        yield Stack(url["prom"], runs["pass"], runs["fail"], url["gw"].removeprefix("http://"))
 
 
 def test_locust_passes_its_thresholds_against_dflare_serve(stack: Stack) -> None:
@@ -241,6 +243,22 @@ def test_locust_passes_its_thresholds_against_dflare_serve(stack: Stack) -> None
     assert streamed and all(r["ttft_s"] <= r["e2e_s"] for r in streamed)
     # The demo engine speculates: every finished request reports its acceptance length (>= 1).
     assert all(r["acceptance_length"] is not None and r["acceptance_length"] >= 1 for r in records if r["ok"])
+
+
+def test_prometheus_counted_every_request_locust_sent(stack: Stack) -> None:
+    """The same traffic seen from both ends: locust's POSTs vs the gateway's counter, scraped.
+
+    Locust drops the requests its users had in flight when the run time ended (at most one per user);
+    the gateway still counts them.
+    """
+    with (stack.passing.results / "run_stats.csv").open() as f:
+        sent = sum(int(r["Request Count"]) for r in csv.DictReader(f) if r["Type"] == "POST")
+    expr = (
+        f'sum(dflare_requests_total{{instance="{stack.gateway_instance}", endpoint="/v1/chat/completions"}})'
+    )
+    counted = _query(stack.prometheus, expr)
+    assert sent > 0 and counted
+    assert sent <= float(counted[0]["value"][1]) <= sent + USERS
 
 
 def test_locust_fails_against_a_failing_backend(stack: Stack) -> None:
