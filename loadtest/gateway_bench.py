@@ -327,26 +327,26 @@ def plot(report: BenchReport, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [t.name for t in report.targets]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    x = range(len(names))
-    ax1.bar([i - 0.2 for i in x], [t.added_p50_ms for t in report.targets], width=0.4, label="p50")
-    ax1.bar([i + 0.2 for i in x], [t.added_p99_ms for t in report.targets], width=0.4, label="p99")
-    ax1.set_xticks(list(x), names)
-    ax1.set_ylabel("ms added over direct")
+    proxies = [t for t in report.targets if t.name != "direct"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    x = range(len(proxies))
+    ax1.bar([i - 0.2 for i in x], [t.added_p50_ms for t in proxies], width=0.4, label="p50")
+    ax1.bar([i + 0.2 for i in x], [t.added_p99_ms for t in proxies], width=0.4, label="p99")
+    ax1.axhline(0, color="black", linewidth=0.8)
+    ax1.set_xticks(list(x), [t.name for t in proxies])
+    ax1.set_ylabel("ms added over direct (no proxy)")
     ax1.set_title("Added latency, concurrency 1")
     ax1.legend()
-    ax2.bar(names, [t.throughput_c32.requests_per_s for t in report.targets], color="#3b7dd8")
+    ax2.bar([t.name for t in proxies], [t.throughput_c32.requests_per_s for t in proxies], color="#3b7dd8")
     ax2.set_ylabel("requests/s")
-    ax2.set_title("Max req/s at concurrency 32 (one core)")
-    for i, t in enumerate(report.targets):
-        ax2.text(
-            i,
-            t.throughput_c32.requests_per_s,
-            f"{t.throughput_c32.requests_per_s:,.0f}",
-            ha="center",
-            va="bottom",
-        )
+    direct = next((t for t in report.targets if t.name == "direct"), None)
+    backend_rate = f" (backend alone: {direct.throughput_c32.requests_per_s:,.0f})" if direct else ""
+    ax2.set_title(f"Max req/s at concurrency 32, proxy on one core\n{backend_rate.strip(' ()')}", fontsize=10)
+    ax2.set_ylim(0, 1.25 * max((t.throughput_c32.requests_per_s for t in proxies), default=1))
+    for i, t in enumerate(proxies):
+        cpu = t.throughput_c32.proxy_cpu_ms_per_request
+        label = f"{t.throughput_c32.requests_per_s:,.0f}" + (f"\n{cpu:.3f} ms CPU/req" if cpu else "")
+        ax2.text(i, t.throughput_c32.requests_per_s, label, ha="center", va="bottom")
     fig.suptitle(f"Gateway overhead vs. SGLang smg: {report.machine['cpu']}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
