@@ -268,17 +268,20 @@ def _median(results: list[WrkResult], key: str) -> WrkResult:
     return sorted(results, key=lambda r: getattr(r, key))[len(results) // 2]
 
 
-def run(targets: list[str], duration_s: float, rounds: int, workdir: Path) -> BenchReport:
+def run(
+    targets: list[str], duration_s: float, rounds: int, workdir: Path, stream: bool = False
+) -> BenchReport:
     cores = os.cpu_count() or 1
     proxy_core, backend_core = (0, 1) if cores >= 2 else (None, None)
     script = workdir / "chat.lua"
-    script.write_text(WRK_SCRIPT.format(body=json.dumps(CHAT_BODY)))
+    body = {**CHAT_BODY, "stream": True, "stream_options": {"include_usage": True}} if stream else CHAT_BODY
+    script.write_text(WRK_SCRIPT.format(body=json.dumps(body)))
     report = BenchReport(
         machine={**machine_info(), "loadavg_1m_start": round(os.getloadavg()[0], 2)},
         settings={
             "duration_s": duration_s,
             "rounds": rounds,
-            "body": CHAT_BODY,
+            "body": body,
             "proxy_core": proxy_core,
             "backend_core": backend_core,
             "wrk": "-t1, -c1 for latency, -c32 for throughput, pinned to the proxy's core",
@@ -358,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="direct,smg,dflare", help="comma list of direct, smg, dflare")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk measurement")
     parser.add_argument("--rounds", type=int, default=3, help="repeat every target, report the median run")
+    parser.add_argument("--stream", action="store_true", help="streamed chat completions (SSE relayed)")
     parser.add_argument(
         "--out", type=Path, default=HERE / "results" / "gateway_bench", help="writes OUT.json and OUT.png"
     )
@@ -370,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
-        report = run(targets, args.duration, args.rounds, Path(tmp))
+        report = run(targets, args.duration, args.rounds, Path(tmp), stream=args.stream)
     args.out.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     plot(report, args.out.with_suffix(".png"))
     for t in report.targets:
