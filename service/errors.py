@@ -200,42 +200,38 @@ _STATUS_ERRORS: dict[int, tuple[str, str | None]] = {
 }
 
 
-def register_exception_handlers(app: FastAPI) -> None:
-    """Install the one mapping from exceptions to OpenAI-shaped responses."""
-
-    def request_id(request: Request, err: GatewayError | None = None) -> str | None:
-        state = request.scope.get("state", {})
-        record = state.get("dflare")
-        if record is not None and err is not None:
-            record.error_code = err.code or err.type  # for the access log
-        return state.get("request_id")
-
-    async def on_gateway_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, GatewayError)
-        return error_response(exc, request_id(request, exc))
-
-    async def on_validation_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        err = _validation_error(exc)
-        return error_response(err, request_id(request, err))
-
-    async def on_http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
+def _as_gateway_error(exc: BaseException, request_id: str | None) -> GatewayError:
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return _validation_error(exc)
+    if isinstance(exc, StarletteHTTPException):
         type_, code = _STATUS_ERRORS.get(
             exc.status_code, (INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR, None)
         )
         err = GatewayError(str(exc.detail))
         err.status, err.type, err.code = exc.status_code, type_, code
-        return error_response(err, request_id(request, err))
+        return err
+    logger.error("unhandled error in request %s", request_id, exc_info=exc)
+    return InternalError(f"The server had an error while processing your request (request id {request_id}).")
 
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        rid = request_id(request)
-        logger.exception("unhandled error in request %s", rid)
-        err = InternalError(f"The server had an error while processing your request (request id {rid}).")
-        request_id(request, err)
-        return error_response(err, rid)
 
-    app.add_exception_handler(GatewayError, on_gateway_error)
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)
+def exception_response(request: Request, exc: BaseException) -> Response:
+    """The OpenAI-shaped response for any exception a handler raised (noted for the access log)."""
+    state = request.scope.get("state", {})
+    rid = state.get("request_id")
+    err = _as_gateway_error(exc, rid)
+    record = state.get("dflare")
+    if record is not None:
+        record.error_code = err.code or err.type
+    return error_response(err, rid)
+
+
+def register_exception_handlers(app: FastAPI) -> None:
+    """Install the one mapping from exceptions to OpenAI-shaped responses (:func:`exception_response`)."""
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        return exception_response(request, exc)
+
+    for kind in (GatewayError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handler)
