@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 
 from service.backends.base import Backend, BackendRequest, Completion, Stream, Usage
-from service.errors import BackendTimeout, BackendUnavailable, GatewayError
+from service.errors import BackendTimeout, BackendUnavailable, GatewayError, error_event
 from service.routing.health import CircuitBreaker, HealthState
 from service.routing.policy import RouteDecision, RouteRequest, RoutingPolicy, make_policy
 from service.routing.pool import BackendEndpoint, BackendPool
@@ -71,8 +71,12 @@ class RoutedBackend(Backend):
         breaker_failures: int = 5,
         breaker_cooldown_s: float = 5.0,
         metrics: GatewayMetrics | None = None,
+        shutdown_grace_s: float | None = None,
     ) -> None:
         self._make_client = make_client
+        self._shutdown_grace_s = shutdown_grace_s
+        self._undo_drain: Callable[[], None] = lambda: None
+        self._active: set[_RoutedStream] = set()
         self.policy = policy or make_policy("least_outstanding")
         self.retry = retry or RetryPolicy()
         self._metrics = metrics
@@ -115,16 +119,28 @@ class RoutedBackend(Backend):
             breaker_failures=settings.breaker_failure_threshold,
             breaker_cooldown_s=settings.breaker_cooldown_s,
             metrics=metrics,
+            shutdown_grace_s=settings.shutdown_grace_s,
         )
 
     # --- lifecycle ---
     async def start(self) -> None:
         """Never fails for lack of backends: members join as their health checks pass."""
         self._started = True
+        if self._shutdown_grace_s is not None:
+            from service.shutdown import drain_before_deadline
+
+            self._undo_drain = drain_before_deadline(self._shutdown_grace_s, self.drain)
         await self.prober.start()
         await self.discovery.start()
 
+    async def drain(self) -> None:
+        """End every running stream now with an error event (shutdown deadline close)."""
+        if self._active:
+            logger.warning("shutdown deadline near: ending %d running streams", len(self._active))
+        await asyncio.gather(*(s.interrupt() for s in list(self._active)), return_exceptions=True)
+
     async def close(self) -> None:
+        self._undo_drain()
         await self.discovery.stop()
         await self.prober.stop()
         for endpoint in self.pool.members():
@@ -179,7 +195,9 @@ class RoutedBackend(Backend):
                 if not await self._after_failure(endpoint, exc, len(tried)):
                     raise
                 continue
-            return _RoutedStream(self, endpoint, inner, events, first)
+            routed = _RoutedStream(self, endpoint, inner, events, first)
+            self._active.add(routed)
+            return routed
 
     # --- internals ---
     def _pick(self, req: BackendRequest, tried: list[BackendEndpoint]) -> RouteDecision:
@@ -297,6 +315,7 @@ class _RoutedStream(Stream):
         self._events = events
         self._first = first
         self._released = False
+        self._interrupted = False
         self._gen: AsyncIterator[bytes] | None = None
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -310,9 +329,12 @@ class _RoutedStream(Stream):
             failed = _is_error_event(self._first)
             yield self._first
             async for chunk in self._events:
-                failed = failed or _is_error_event(chunk)
+                if _is_error_event(chunk):
+                    if self._interrupted:  # the member's "stream broke" event: say what happened
+                        chunk = error_event(BackendUnavailable("The gateway is shutting down; retry."))
+                    failed = True
                 yield chunk
-            verdict = not failed
+            verdict = None if self._interrupted else not failed
         finally:
             self._finish(verdict)
 
@@ -320,6 +342,11 @@ class _RoutedStream(Stream):
     def usage(self) -> Usage | None:
         """The member's usage (set once its stream ended)."""
         return self._inner.usage
+
+    async def interrupt(self) -> None:
+        """Stop the member's stream; the relay then ends with an error event and ``[DONE]``."""
+        self._interrupted = True
+        await self._inner.aclose()
 
     async def aclose(self) -> None:
         try:
@@ -330,6 +357,7 @@ class _RoutedStream(Stream):
             self._finish(None)
 
     def _finish(self, verdict: bool | None) -> None:
+        self._owner._active.discard(self)
         if not self._released:
             self._released = True
             self._owner._release(self._endpoint, verdict)

@@ -221,3 +221,23 @@ async def test_sigterm_finishes_in_flight_streams_then_exits_zero(spawn, gateway
         outcomes = await asyncio.gather(*streams)
     assert all(o.ok and o.tokens == 30 for o in outcomes), outcomes
     assert await asyncio.to_thread(gw.proc.wait, 10) == 0
+
+
+async def test_sigterm_deadline_ends_running_streams_with_an_error_event(spawn, gateway):
+    backend = spawn("endless", "--token-delay", "0.05")
+    gw = gateway([backend.url], shutdown_grace_s=2)
+    await wait_for(gw.url)
+    await wait_admitted(gw.url, 1)
+    async with aiohttp.ClientSession() as session:
+        stream = asyncio.create_task(stream_chat(session, gw.url, chat_body("long", 400)))  # 20 s
+        await asyncio.sleep(0.5)
+        loop = asyncio.get_running_loop()
+        signalled = loop.time()
+        gw.proc.send_signal(signal.SIGTERM)
+        outcome = await stream
+        ended = loop.time() - signalled
+    assert outcome.status == 200 and outcome.started and outcome.done, outcome
+    assert outcome.error is not None and "shutting down" in outcome.error["message"]
+    assert outcome.events[-1] == b"data: [DONE]"
+    assert 1.0 < ended < 2.0  # drained half a second before the 2 s grace deadline
+    assert await asyncio.to_thread(gw.proc.wait, 10) == 0
