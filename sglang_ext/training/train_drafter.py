@@ -434,7 +434,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     last: dict[str, dict[str, float]] = {}
     for step in bar:
         last = trainer.step(step)
-        if step % 20 == 0 or step == trainer.total_steps - 1:
+        if step % 20 == 0 or step in (start_step, trainer.total_steps - 1):
             bar.set_postfix({n: f"{v['loss']:.2f}/{v['acc']:.2f}" for n, v in last.items()})
             log.write(json.dumps({"step": step, **last}) + "\n")
             log.flush()
