@@ -104,7 +104,6 @@ class KubernetesDiscovery:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.lists = 0  # how many full lists were made (observable re-list behaviour)
-        self.synced = asyncio.Event()
 
     async def start(self) -> None:
         from kubernetes import client
@@ -154,7 +153,6 @@ class KubernetesDiscovery:
                 wanted[pod.metadata.name] = url
         self.lists += 1
         self._post(self._pool.replace, wanted)
-        self._post(self.synced.set)
         logger.info("listed %d pods, %d ready", len(pods.items), len(wanted))
         return pods.metadata.resource_version
 

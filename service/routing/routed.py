@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ClientFactory = Callable[[str], Backend]
+NEVER_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 ERROR_EVENT_PREFIX = b'data: {"error"'
 
 
@@ -244,8 +245,10 @@ class RoutedBackend(Backend):
         if isinstance(exc, BackendUnavailable):
             # 429: alive but busy, not broken; anything else counts against the member's breaker.
             self._release(endpoint, ok=None if exc.upstream_status == 429 else False)
-            if isinstance(exc.__cause__, aiohttp.ClientConnectionError):
-                endpoint.health.mark_down()  # refused / reset: the process is gone, don't wait for probes
+            if isinstance(exc.__cause__, NEVER_CONNECTED):
+                # Refused or unanswered connect: the process is gone, don't wait for the prober. (A
+                # pooled connection dropped by the server is only a breaker failure: keep-alive races.)
+                endpoint.health.mark_down()
                 self._publish(endpoint)
         elif isinstance(exc, BackendTimeout):
             self._release(endpoint, ok=False)
