@@ -241,3 +241,19 @@ async def test_sigterm_deadline_ends_running_streams_with_an_error_event(spawn, 
     assert outcome.events[-1] == b"data: [DONE]"
     assert 1.0 < ended < 2.0  # drained half a second before the 2 s grace deadline
     assert await asyncio.to_thread(gw.proc.wait, 10) == 0
+
+
+async def test_requests_go_only_to_backends_serving_their_model(spawn, gateway):
+    alpha, beta = spawn("alpha-0", "--model", "alpha"), spawn("beta-0", "--model", "beta")
+    gw = gateway([alpha.url, beta.url])
+    await wait_for(gw.url)
+    await wait_admitted(gw.url, 2)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw.url + "/v1/models") as resp:
+            assert sorted(m["id"] for m in (await resp.json())["data"]) == ["alpha", "beta"]
+        for i in range(6):
+            for model in ("alpha", "beta"):
+                outcome = await stream_chat(session, gw.url, chat_body(f"m{i}", 2, model=model))
+                assert outcome.ok and outcome.served_by == f"{model}-0"
+        unknown = await stream_chat(session, gw.url, chat_body("?", 2, model="gamma"))
+        assert unknown.status == 404 and unknown.error["code"] == "model_not_found"
