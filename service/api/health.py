@@ -26,13 +26,13 @@ async def health() -> JSONResponse:
     response_model=None,
     responses={503: {"description": "No backend is usable"}},
 )
-async def ready(backend: BackendDep, metrics: MetricsDep) -> Response:
+async def ready(backend: BackendDep) -> Response:
+    """``dflare_backend_up`` is kept by whoever watches health (the pool's prober), not by this probe."""
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             usable = await backend.health()
     except TimeoutError:
         usable = False
-    metrics.backend_up.labels(backend.name).set(1 if usable else 0)
     if not usable:
         return error_response(BackendUnavailable(f"Backend {backend.name} is not ready."))
     return JSONResponse({"status": "ready", "backend": backend.name})
