@@ -155,3 +155,34 @@ def test_request_id_is_echoed(any_gateway):
 def test_health_and_ready(any_gateway):
     assert httpx.get(any_gateway.url + "/health").json() == {"status": "ok"}
     assert httpx.get(any_gateway.url + "/ready").status_code == 200
+
+
+def test_one_json_access_line_per_request_without_prompt_text(any_gateway):
+    import json
+    import time
+    import uuid
+
+    rid = uuid.uuid4().hex
+    secret = "zebra-" + rid[:8]
+    r = httpx.post(
+        any_gateway.url + "/v1/chat/completions",
+        headers={"x-request-id": rid},
+        json={"model": MODEL, "messages": [{"role": "user", "content": secret}], "max_tokens": 4},
+        timeout=60,
+    )
+    assert r.status_code == 200
+    usage = r.json()["usage"]
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [line for line in any_gateway.output().splitlines() if rid in line]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(lines) == 1, lines
+    entry = json.loads(lines[0])
+    assert entry["request_id"] == rid and entry["status"] == 200 and entry["model"] == MODEL
+    assert entry["prompt_tokens"] == usage["prompt_tokens"]
+    assert entry["completion_tokens"] == usage["completion_tokens"]
+    assert entry["speculative"]["verify_steps"] == usage["speculative"]["verify_steps"]
+    assert entry["latency_ms"] > 0 and entry["backend"]
+    assert secret not in lines[0] and "prompt" not in entry

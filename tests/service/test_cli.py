@@ -1,0 +1,71 @@
+"""`dflare serve` flags, defaults and settings sources (no server started)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from service import cli
+from service.settings import Settings
+
+ENV_KEYS = (
+    "DFLARE_HOST",
+    "DFLARE_PORT",
+    "DFLARE_WORKERS",
+    "DFLARE_BACKENDS",
+    "DFLARE_CONFIG_FILE",
+    "DFLARE_LOG_LEVEL",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env():
+    """The CLI exports flags into os.environ (for its workers): keep them out of other tests."""
+    saved = {key: os.environ.pop(key) for key in ENV_KEYS if key in os.environ}
+    yield
+    for key in ENV_KEYS:
+        os.environ.pop(key, None)
+    os.environ.update(saved)
+
+
+def test_defaults_serve_the_embedded_demo_on_localhost_8000():
+    s = Settings()
+    assert (s.host, s.port, s.workers) == ("127.0.0.1", 8000, 1)
+    assert s.uses_embedded_engine and s.embedded_model == "dflare-demo"
+    assert s.embedded_target_dir is None and s.embedded_drafter == "dflare"
+
+
+def test_flags_become_settings_for_every_worker(tmp_path, monkeypatch):
+    config = tmp_path / "gateway.yaml"
+    config.write_text("port: 9100\nmax_in_flight: 7\nbackends: [http://from-file:30000]\n")
+    args = cli.build_parser().parse_args(
+        [
+            "--backend",
+            "http://a:30000",
+            "--backend",
+            "http://b:30000",
+            "--port",
+            "9000",
+            "--config",
+            str(config),
+        ]
+    )
+    cli._export_flags(args)
+    s = Settings()
+    assert s.backends == ["http://a:30000", "http://b:30000"]  # flags beat the config file
+    assert s.port == 9000
+    assert s.max_in_flight == 7  # the file fills what flags and env leave unset
+    assert not s.uses_embedded_engine
+    assert json.loads(os.environ["DFLARE_BACKENDS"]) == s.backends
+
+
+def test_several_workers_need_backends(capsys):
+    assert cli.main(["--workers", "2"]) == 2
+    assert "engine-server" in capsys.readouterr().err
+
+
+def test_invalid_settings_are_reported(capsys):
+    assert cli.main(["--port", "-5", "--workers", "0"]) == 2
+    assert "invalid settings" in capsys.readouterr().err
