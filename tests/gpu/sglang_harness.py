@@ -106,7 +106,10 @@ class Server:
 
 def start_all(specs: Iterable[tuple[str, int, list[str], dict[str, str]]], timeout: float = 480) -> dict:
     """Start servers concurrently (startup is mostly CPU: imports, Triton JIT, graph capture)."""
-    servers = {name: Server(name, port, args, env) for name, port, args, env in specs}
+    servers = {}
+    for name, port, args, env in specs:  # staggered: each profiles free memory before the next loads
+        servers[name] = Server(name, port, args, env)
+        time.sleep(3)
     with cf.ThreadPoolExecutor(len(servers)) as pool:
         ok = dict(zip(servers, pool.map(lambda s: s.wait(timeout), servers.values()), strict=True))
     return {name: (srv, ok[name]) for name, srv in servers.items()}
