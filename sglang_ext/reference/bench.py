@@ -46,7 +46,8 @@ DEFAULT_PROMPTS = [
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dflare bench engine", description=__doc__.splitlines()[0])
     add_pair_arguments(p)
-    p.add_argument("--prompts", type=Path, help="text file, one prompt per line (default: 8 built-in)")
+    p.add_argument("--prompts", type=Path, help="text file (one prompt per line) or JSONL (`messages` or "
+                   "`prompt`); default: the demo pair's held-out prompts, or 8 built-in ones")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--block-size", type=int, default=None, help="speculative block size (default: drafter's)")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -61,11 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_mode(engine: SpeculativeEngine, prompts: list[list[int]], params: SamplingParams, label: str
-             ) -> tuple[float, list[Result]]:
-    """Decode every prompt through ``engine``; returns (seconds, results in prompt order)."""
+             ) -> tuple[tuple[float, float], list[Result]]:
+    """Decode every prompt through ``engine``; returns ((wall s, process CPU s), results in prompt order).
+
+    CPU seconds are reported next to wall seconds because on a shared machine other processes stretch
+    wall time; with one torch thread CPU time is close to what an idle machine would take.
+    """
     done: dict[str, Result] = {}
     ids = [f"{label}-{i}" for i in range(len(prompts))]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for rid, prompt in zip(ids, prompts, strict=True):
         engine.add_request(Request(rid, prompt, params))
     with tqdm(total=len(prompts), desc=label, unit="req", leave=False, file=sys.stderr) as bar:
@@ -73,7 +78,28 @@ def run_mode(engine: SpeculativeEngine, prompts: list[list[int]], params: Sampli
             for res in engine.step():
                 done[res.request_id] = res
                 bar.update(1)
-    return time.perf_counter() - start, [done[i] for i in ids]
+    return (time.perf_counter() - start, time.process_time() - cpu_start), [done[i] for i in ids]
+
+
+def load_prompts(path: Path | None, demo: bool) -> list[str]:
+    """Prompt texts: a file, else the demo pair's held-out set (in its domain), else built-in ones."""
+    if path is None and demo:
+        from sglang_ext import demo as demo_pkg
+
+        held_out = getattr(demo_pkg, "heldout_prompts_path", None)
+        if held_out is not None and held_out().is_file():
+            path = held_out()
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    if path.suffix != ".jsonl":
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    texts = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            users = [m["content"] for m in row.get("messages", []) if m.get("role") == "user"]
+            texts.append(users[0] if users else row["prompt"])
+    return texts
 
 
 def machine() -> dict[str, Any]:
@@ -100,8 +126,7 @@ def main(argv: list[str]) -> int:
     if pair.drafter is None:
         print("dflare bench: a drafter is needed to compare against block size 1", file=sys.stderr)
         return 2
-    texts = (args.prompts.read_text().splitlines() if args.prompts else DEFAULT_PROMPTS)
-    texts = [t for t in texts if t.strip()][: args.num_prompts]
+    texts = load_prompts(args.prompts, demo=args.target is None and not args.random)[: args.num_prompts]
     prompts = [encode_prompt(pair.tokenizer, t, chat=not args.raw) for t in texts]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0,
                             stop_token_ids=() if args.ignore_eos else eos_ids(pair.tokenizer))
@@ -109,7 +134,7 @@ def main(argv: list[str]) -> int:
     plain = SpeculativeEngine(pair.target, None, 1, max_batch=args.batch)
     run_mode(spec, prompts[:1], params, "warmup")  # first-call allocations out of the timing
     run_mode(plain, prompts[:1], params, "warmup")
-    times: dict[str, list[float]] = {"speculative": [], "ar": []}
+    times: dict[str, list[tuple[float, float]]] = {"speculative": [], "ar": []}
     outputs: dict[str, list[Result]] = {}
     for r in range(args.rounds):
         for label, engine in (("ar", plain), ("speculative", spec)):
@@ -127,19 +152,23 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def summarise(args: argparse.Namespace, description: str, block_size: int, times: dict[str, list[float]],
+def summarise(args: argparse.Namespace, description: str, block_size: int,
+              times: dict[str, list[tuple[float, float]]],
               outputs: dict[str, list[Result]]) -> dict[str, Any]:
     modes: dict[str, Any] = {}
     for label, results in outputs.items():
         tokens = sum(len(r.output_ids) for r in results)
-        seconds = statistics.median(times[label])
+        seconds = statistics.median(t[0] for t in times[label])
+        cpu = statistics.median(t[1] for t in times[label])
         stats = total(r.stats for r in results if r.stats is not None)
         modes[label] = {
             "block_size": block_size if label == "speculative" else 1,
             "output_tokens": tokens,
             "seconds": round(seconds, 4),
-            "seconds_per_round": [round(t, 4) for t in times[label]],
+            "seconds_per_round": [round(t[0], 4) for t in times[label]],
             "tokens_per_s": round(tokens / seconds, 2),
+            "cpu_seconds": round(cpu, 4),
+            "tokens_per_cpu_s": round(tokens / cpu, 2),
             "speculative": stats.to_usage() if stats else None,
         }
     pairs = zip(outputs["ar"], outputs["speculative"], strict=True)
@@ -154,6 +183,7 @@ def summarise(args: argparse.Namespace, description: str, block_size: int, times
         "machine": machine(),
         "modes": modes,
         "speedup": round(modes["speculative"]["tokens_per_s"] / modes["ar"]["tokens_per_s"], 3),
+        "speedup_cpu": round(modes["speculative"]["tokens_per_cpu_s"] / modes["ar"]["tokens_per_cpu_s"], 3),
         "tau": modes["speculative"]["speculative"]["acceptance_length"] if modes["speculative"]["speculative"]
         else 1.0,
         "identical_outputs": same,
@@ -165,13 +195,14 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"pair: {report['pair']}; {report['prompts']} prompts, max_tokens {report['max_tokens']}, "
           f"batch {report['batch']}, temperature {report['temperature']}, "
           f"{report['machine']['torch_threads']} torch threads")
-    print(f"{'mode':<12} {'block':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'tau':>6}")
+    print(f"{'mode':<12} {'block':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'tok/cpu-s':>9} {'tau':>6}")
     for label in ("ar", "speculative"):
         row = m[label]
         tau = row["speculative"]["acceptance_length"] if row["speculative"] else 1.0
         print(f"{label:<12} {row['block_size']:>5} {row['output_tokens']:>7} {row['seconds']:>8.2f} "
-              f"{row['tokens_per_s']:>8.1f} {tau:>6.2f}")
-    print(f"speedup (tok/s speculative / AR): {report['speedup']:.2f}x; tau {report['tau']:.2f}; "
+              f"{row['tokens_per_s']:>8.1f} {row['tokens_per_cpu_s']:>9.1f} {tau:>6.2f}")
+    print(f"speedup (tok/s speculative / AR): {report['speedup']:.2f}x wall, "
+          f"{report['speedup_cpu']:.2f}x CPU; tau {report['tau']:.2f}; "
           f"identical outputs {report['identical_outputs']}/{report['prompts']}")
 
 
