@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,20 +44,35 @@ class FakeBackend:
             self.proc.kill()
             self.proc.wait(5)
 
-    async def abort_count(self, session: aiohttp.ClientSession) -> int:
+    async def request_counts(self, session: aiohttp.ClientSession) -> tuple[int, int]:
+        """(requests ended in any way, of which aborted)."""
         async with session.get(self.url + "/debug/stats") as resp:
-            return len((await resp.json())["aborts"])
+            stats = await resp.json()
+        return stats["finished"] + len(stats["aborts"]), len(stats["aborts"])
 
 
 @dataclass
 class EngineServer(FakeBackend):
     """A real ``dflare engine-server``; aborts are read from its ``sglang:num_aborted_requests``."""
 
-    async def abort_count(self, session: aiohttp.ClientSession) -> int:
+    async def request_counts(self, session: aiohttp.ClientSession) -> tuple[int, int]:
         async with session.get(self.url + "/metrics") as resp:
             text = await resp.text()
-        return int(sum(sample.value for family in text_string_to_metric_families(text)
-                       for sample in family.samples if sample.name == "sglang:num_aborted_requests_total"))
+        totals = {"sglang:num_requests_total": 0.0, "sglang:num_aborted_requests_total": 0.0}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in totals:
+                    totals[sample.name] += sample.value
+        return int(totals["sglang:num_requests_total"]), int(totals["sglang:num_aborted_requests_total"])
+
+
+def build_long_context_pair(root: Path, max_context: int = 1024) -> tuple[Path, Path]:
+    """The service tests' tiny random pair, with room for streams long enough to be cut mid-way."""
+    from tests.service import tiny_models
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiny_models, "MAX_CONTEXT", max_context)
+        return tiny_models.build_pair(root)
 
 
 def start_engine_servers(names: list[str], target: Path, drafter: Path, model: str, log_dir: Path,

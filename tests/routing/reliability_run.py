@@ -21,7 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.routing.harness import rss_kib, start_engine_servers, start_gateway, wait_admitted, wait_for
+from tests.routing.harness import (
+    build_long_context_pair,
+    rss_kib,
+    start_engine_servers,
+    start_gateway,
+    wait_admitted,
+    wait_for,
+)
 from tests.routing.scenarios import abort_latency, kill_during_load, overload
 
 MODEL = "tiny"
@@ -38,7 +45,7 @@ async def scenarios(urls: list[str], engines: list, work: Path, args: argparse.N
         await wait_for(gw.url)
         await wait_admitted(gw.url, len(urls))
         log(f"abort latency: {args.abort_samples} client disconnects mid-stream")
-        latencies = await abort_latency(gw.url, engines, samples=args.abort_samples, max_tokens=100,
+        latencies = await abort_latency(gw.url, engines, samples=args.abort_samples, max_tokens=600,
                                         model=MODEL)
         figures["abort"] = {"samples": len(latencies), "median_s": round(statistics.median(latencies), 3),
                             "max_s": round(max(latencies), 3)}
@@ -86,12 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--abort-samples", type=int, default=10)
     parser.add_argument("--bursts", type=int, default=5)
     args = parser.parse_args(argv)
-    from tests.service.tiny_models import build_pair
-
     with tempfile.TemporaryDirectory(prefix="dflare-reliability-") as tmp:
         work = Path(tmp)
         log("building the tiny pair and starting three engine-servers")
-        target, drafter = build_pair(work / "pair")
+        target, drafter = build_long_context_pair(work / "pair")
         engines = start_engine_servers(["e0", "e1", "e2"], target, drafter, MODEL, work)
         try:
             figures = asyncio.run(scenarios([e.url for e in engines], engines, work, args))

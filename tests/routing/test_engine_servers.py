@@ -11,20 +11,20 @@ import pytest
 from tests.routing.harness import (
     EngineServer,
     Gateway,
+    build_long_context_pair,
     start_engine_servers,
     start_gateway,
     wait_admitted,
     wait_for,
 )
 from tests.routing.scenarios import abort_latency, kill_during_load, overload
-from tests.service.tiny_models import build_pair
 
 MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EngineServer]]:
-    target, drafter = build_pair(tmp_path_factory.mktemp("pair"))
+    target, drafter = build_long_context_pair(tmp_path_factory.mktemp("pair"))
     logs = tmp_path_factory.mktemp("logs")
     servers = start_engine_servers(["e0", "e1", "e2"], target, drafter, MODEL, logs)
     yield servers
@@ -50,7 +50,7 @@ async def test_client_disconnect_aborts_engine_within_1s(gateway, engines):
     gw = gateway()
     await wait_for(gw.url)
     await wait_admitted(gw.url, 3)
-    latencies = await abort_latency(gw.url, engines, samples=3, max_tokens=100, model=MODEL)
+    latencies = await abort_latency(gw.url, engines, samples=3, max_tokens=600, model=MODEL)
     assert max(latencies) < 1.0, latencies
 
 
