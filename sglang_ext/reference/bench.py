@@ -142,6 +142,7 @@ def main(argv: list[str]) -> int:
             times[label].append(seconds)
             outputs[label] = results
     report = summarise(args, pair.description, spec.block_size, times, outputs)
+    report["drafter_kind"] = pair.drafter.config.kind
     print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -213,7 +214,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     m = report["modes"]
-    labels = ["AR (block 1)", f"DFlare spec (block {m['speculative']['block_size']})"]
+    kind = {"dflare": "DFlare", "dflash": "DFlash"}.get(report.get("drafter_kind", ""), "speculative")
+    labels = ["AR (block 1)", f"{kind} (block {m['speculative']['block_size']})"]
     values = [m["ar"]["tokens_per_s"], m["speculative"]["tokens_per_s"]]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.bar(labels, values, color=["#888888", "#e4572e"])
