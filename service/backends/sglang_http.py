@@ -24,6 +24,7 @@ from service.backends.base import Backend, BackendRequest, Completion, Endpoint,
 from service.errors import (
     BackendTimeout,
     BackendUnavailable,
+    GatewayError,
     InternalError,
     InvalidRequest,
     UpstreamError,
@@ -99,10 +100,12 @@ class _RelayStream(Stream):
         return event
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        """Relay; a failure before anything was relayed raises (retryable), after it ends the stream."""
         content = self._resp.content
         tail = b""
         timeout = self._first_timeout
-        done = False
+        done = sent = False
+        failure: GatewayError | None = None
         try:
             while True:
                 wait = min(timeout, self._deadline - time.monotonic())
@@ -110,10 +113,9 @@ class _RelayStream(Stream):
                     async with asyncio.timeout(max(wait, 0.0)):
                         chunk = await content.readany()
                 except TimeoutError:
-                    what = "first token" if timeout is self._first_timeout else "next token"
-                    yield error_event(BackendTimeout(f"Timed out waiting for the {what} from the backend."))
-                    yield DONE + b"\n\n"
-                    return
+                    what = "next" if sent else "first"
+                    failure = BackendTimeout(f"Timed out waiting for the {what} token from {self._backend}.")
+                    break
                 if not chunk:
                     break
                 timeout = self._idle_timeout
@@ -122,9 +124,11 @@ class _RelayStream(Stream):
                     cut = chunk.rfind(b"\n\n") + 2
                     if cut == len(chunk):
                         done = done or chunk.endswith(DONE + b"\n\n")
+                        sent = True
                         yield chunk
                         continue
                     if cut > 1:
+                        sent = True
                         yield chunk[:cut]
                     tail = chunk[cut:] if cut > 1 else chunk
                     continue
@@ -140,20 +144,26 @@ class _RelayStream(Stream):
                         done = done or event == DONE
                         out.append(event)
                 if out:
+                    sent = True
                     yield b"\n\n".join(out) + b"\n\n"
         except aiohttp.ClientError as exc:
-            logger.warning("stream from %s broke: %s", self._backend, exc)
+            failure = BackendUnavailable(f"The stream from {self._backend} broke: {exc}", retryable=not sent)
         finally:
             self._closed = True
             if done:
                 self._resp.release()  # connection back to the pool
             else:
                 self._resp.close()  # upstream sees the disconnect and aborts
-        if not done:
-            yield error_event(
-                BackendUnavailable(f"The backend closed the stream early ({self._backend}).", retryable=False)
-            )
-            yield DONE + b"\n\n"
+        if done:
+            return
+        failure = failure or BackendUnavailable(
+            f"The backend closed the stream early ({self._backend}).", retryable=not sent
+        )
+        if not sent:
+            raise failure  # nothing reached the client: a pool may retry, else the client gets the status
+        logger.warning("stream %s failed after it started: %s", self._backend, failure.message)
+        yield error_event(failure)
+        yield DONE + b"\n\n"
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -16,6 +17,8 @@ from tests.service.conftest import MODEL, serve_in_thread
 
 CHAT = "/v1/chat/completions"
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+# the tiny pair answers this with " the the ..." and no end-of-sequence: a long generation on demand
+LONG = {**GOOD, "messages": [{"role": "user", "content": "Say the the the"}]}
 BAD_INPUTS = [
     # name, request kwargs, status, type, code, param
     (
@@ -159,7 +162,7 @@ def test_backend_timeout_is_504(engine_server):
     app = create_app(Settings(backends=[engine_server.url], request_timeout_s=0.2, health_interval_s=0.2))
     with serve_in_thread(app) as url:
         _wait_ready(url)
-        r = httpx.post(url + CHAT, json={**GOOD, "max_tokens": 90}, timeout=30)
+        r = httpx.post(url + CHAT, json={**LONG, "max_tokens": 90}, timeout=30)
         assert r.status_code == 504, r.text
         assert r.json()["error"]["code"] == "timeout"
 
@@ -178,7 +181,7 @@ def test_full_engine_queue_is_429(tiny_pair):
 
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=60) as client:
-                body = {**GOOD, "max_tokens": 30}
+                body = {**LONG, "max_tokens": 30}
                 return await asyncio.gather(*(client.post(url + CHAT, json=body) for _ in range(6)))
 
         responses = asyncio.run(burst())
@@ -234,3 +237,28 @@ def _wait_ready(url: str, timeout: float = 20.0) -> None:
     while httpx.get(url + "/ready").status_code != 200:
         assert time.monotonic() < deadline, "gateway never became ready"
         time.sleep(0.1)
+
+
+def _stream_events(url: str, body: dict) -> tuple[int, list[str]]:
+    with httpx.stream("POST", url + CHAT, json={**body, "stream": True}, timeout=30) as r:
+        return r.status_code, [line for line in r.iter_lines() if line]
+
+
+def test_first_token_timeout_is_504_before_any_byte(engine_server):
+    settings = Settings(backends=[engine_server.url], first_token_timeout_s=0.001, health_interval_s=0.2)
+    with serve_in_thread(create_app(settings)) as url:
+        _wait_ready(url)
+        status, lines = _stream_events(url, {**LONG, "max_tokens": 20})
+        assert status == 504, lines
+        assert json.loads(lines[0])["error"]["code"] == "timeout"
+
+
+def test_idle_stream_timeout_ends_the_stream_with_an_error_event(engine_server):
+    settings = Settings(backends=[engine_server.url], idle_stream_timeout_s=0.001, health_interval_s=0.2)
+    with serve_in_thread(create_app(settings)) as url:
+        _wait_ready(url)
+        status, lines = _stream_events(url, {**LONG, "max_tokens": 60})
+        assert status == 200
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][len("data: ") :])["error"]["code"] == "timeout"
+        assert httpx.post(url + CHAT, json=GOOD, timeout=60).status_code == 200
