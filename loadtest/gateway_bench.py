@@ -196,7 +196,9 @@ def run_wrk(url: str, script: Path, connections: int, duration_s: float, core: i
     )
     out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=duration_s + 60).stdout
     result = parse_wrk(out)
-    if result.non_2xx or result.socket_errors:
+    # A wrong answer fails the run; a few socket errors (wrk counts a connection cut at the end of
+    # the run, or one stalled past its 2 s timeout on a busy machine) are kept in the report.
+    if result.non_2xx or result.socket_errors > max(1, result.requests // 100):
         raise RuntimeError(f"{url}: {result.non_2xx} non-2xx answers, {result.socket_errors} socket errors")
     return result
 

@@ -44,7 +44,12 @@ def test_gateway_bench_measures_direct_smg_and_dflare(tmp_path: Path) -> None:
     assert rows["direct"]["added_p50_ms"] == 0 and rows["smg"]["rps_vs_smg"] == 1
     for row in rows.values():
         for run in (row["latency_c1"], row["throughput_c32"]):
-            assert run["requests_per_s"] > 0 and run["non_2xx"] == 0 and 0 < run["p50_ms"] <= run["p99_ms"]
+            assert (
+                run["requests_per_s"] > 0
+                and run["non_2xx"] == 0
+                and run["socket_errors"] <= run["requests"] // 100 + 1
+                and 0 < run["p50_ms"] <= run["p99_ms"]
+            )
     for name in ("smg", "dflare"):  # CPU time per request of the proxy's processes
         assert rows[name]["throughput_c32"]["proxy_cpu_ms_per_request"] > 0
     assert rows["direct"]["throughput_c32"]["proxy_cpu_ms_per_request"] is None
