@@ -29,14 +29,17 @@ def load_target(target_dir: str | Path, dtype: torch.dtype, device: str = "cpu")
 
 
 def load_tokenizer(target_dir: str | Path) -> Any:
-    """The target's tokenizer if the directory ships one (an engine without one cannot use stop strings)."""
+    """The target's tokenizer if the directory ships one (an engine without one cannot use stop strings).
+
+    Checked by file: transformers would otherwise build an empty tokenizer from the model config.
+    """
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(target_dir))
-    except (OSError, ValueError) as exc:
-        log.info("no tokenizer in %s (%s): token ids only", target_dir, exc)
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((Path(target_dir) / name).is_file() for name in files):
+        log.info("no tokenizer files in %s: token ids only", target_dir)
         return None
+    return AutoTokenizer.from_pretrained(str(target_dir))
 
 
 def load_engine(

@@ -146,3 +146,30 @@ def test_convert_reports_errors_without_a_traceback(tmp_path: Path, capsys) -> N
     assert dflare_main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 1
     assert "missing tensors ['norm.weight']" in capsys.readouterr().err
     assert not (tmp_path / "dst").exists()
+
+
+def test_angelslim_dflash_dialect_converts_to_zlab(tmp_path: Path) -> None:
+    src = make_drafter("dflash")
+    save_drafter(src, tmp_path / "src")
+    raw = json.loads((tmp_path / "src" / "config.json").read_text())
+    raw["architectures"] = ["QwenDFlashDraftModel"]  # AngelSlim's own DFlash class name
+    (tmp_path / "src" / "config.json").write_text(json.dumps(raw))
+    assert load_config(tmp_path / "src")[1] == "angelslim"
+    assert dflare_main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 0
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["architectures"] == ["DFlashDraftModel"]
+    assert_same_tensors(dict(src.state_dict()), load_file(str(tmp_path / "dst" / "model.safetensors")))
+
+
+def test_load_engine_from_directories_matches_in_memory_engine(tmp_path: Path) -> None:
+    from sglang_ext.reference import SamplingParams, SpeculativeEngine, load_engine
+
+    target = tiny_target(vocab_size=40, hidden_size=32, num_layers=4, dtype=torch.float64, seed=9)
+    drafter = tiny_drafter(target, block_size=4)
+    target.save_pretrained(tmp_path / "target")
+    save_drafter(drafter, tmp_path / "drafter")
+    loaded = load_engine(tmp_path / "target", tmp_path / "drafter", dtype="float64", max_batch=2)
+    assert loaded.block_size == 4 and loaded.tokenizer is None
+    params = SamplingParams(max_tokens=10)
+    want = SpeculativeEngine(target, drafter, 4).generate([[1, 2, 3], [4]], params)
+    got = loaded.generate([[1, 2, 3], [4]], params)
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
