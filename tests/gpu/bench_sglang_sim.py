@@ -129,7 +129,7 @@ def main() -> int:
         if total_gb > 120
         else [["ar", "dflare7"], ["dflash7", "dflash5"]]
     )
-    frac = "0.19" if len(waves) == 1 else "0.4"
+    frac = "0.22" if len(waves) == 1 else "0.4"  # 0.19 left a 4th concurrent server no KV room
     base = [
         "--model-path",
         str(ROOT / "target"),

@@ -292,7 +292,7 @@ def main() -> int:
     ablated = zero_context_k(args.dflare, Path("/tmp/dflare_zero_k_target"))
 
     def server_specs(dtype: str) -> list:
-        base = ["--model-path", str(args.target), "--dtype", dtype, "--mem-fraction-static", "0.12"]
+        base = ["--model-path", str(args.target), "--dtype", dtype, "--mem-fraction-static", "0.16"]
         base += ["--max-running-requests", "32", "--cuda-graph-max-bs", "32"]
         draft = ["--speculative-draft-model-path"]
         dflare = [*SPEC, "--speculative-algorithm", "DFLARE", *draft]

@@ -134,11 +134,16 @@ def post_raw(url: str, body: dict, timeout: float = 600) -> tuple[int, str]:
         return err.code, err.read().decode(errors="replace")
 
 
-def generate(url: str, prompts: list[list[int]], sampling: dict, concurrency: int) -> list[dict]:
-    """Native /generate for each prompt, ``concurrency`` requests in flight (batch size seen by SGLang)."""
+def generate(
+    url: str, prompts: list[list[int]], sampling: dict, concurrency: int, timeout: float = 180
+) -> list[dict]:
+    """Native /generate for each prompt, ``concurrency`` requests in flight (batch size seen by SGLang).
+
+    A request that does not finish within ``timeout`` fails the call (a hung server must not eat the run).
+    """
 
     def one(ids: list[int]) -> dict:
-        status, body = post(url + "/generate", {"input_ids": ids, "sampling_params": sampling})
+        status, body = post(url + "/generate", {"input_ids": ids, "sampling_params": sampling}, timeout)
         if status != 200:
             raise RuntimeError(f"/generate -> {status}: {body}")
         return body
