@@ -57,7 +57,7 @@ def pair():
     torch.set_num_threads(2)
     target = AutoModelForCausalLM.from_pretrained(str(demo.target_path()), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(demo.target_path()))
-    prompts = [render_prompt(tok, r["messages"][:-1]) for r in load_chats(demo.heldout_prompts_path())[:3]]
+    prompts = [render_prompt(tok, r["messages"][:-1]) for r in load_chats(demo.heldout_prompts_path())[:2]]
     return target, tok, prompts
 
 
@@ -66,14 +66,14 @@ def test_greedy_speculative_output_equals_transformers_greedy(pair, kind: str) -
     target, tok, prompts = pair
     drafter = load_drafter(demo.drafter_path(kind), dtype=torch.float32)
     engine = SpeculativeEngine(target, drafter, tokenizer=tok, max_batch=len(prompts))
-    results = engine.generate(prompts, SamplingParams(max_tokens=40, stop_token_ids=(tok.eos_token_id,)))
+    results = engine.generate(prompts, SamplingParams(max_tokens=32, stop_token_ids=(tok.eos_token_id,)))
     accepted = 0
     for prompt, res in zip(prompts, results, strict=True):
         ids = torch.tensor([prompt])
         ref = target.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=40,
+            max_new_tokens=32,
             do_sample=False,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
