@@ -24,12 +24,13 @@ from aiohttp import web
 
 class FakeSGLang:
     def __init__(self, name: str, model: str, token_delay_s: float, loading_s: float,
-                 fail_status: int | None) -> None:
+                 fail_status: int | None, drop_before_first_token: bool = False) -> None:
         self.name = name
         self.model = model
         self.token_delay_s = token_delay_s
         self.ready_at = time.monotonic() + loading_s
         self.fail_status = fail_status
+        self.drop_before_first_token = drop_before_first_token
         self.stats: dict[str, Any] = {"requests": 0, "finished": 0, "aborts": [], "prompts": []}
 
     def app(self) -> web.Application:
@@ -90,6 +91,11 @@ class FakeSGLang:
                                       "choices": [choice], "usage": usage})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if self.drop_before_first_token:  # accepted (200 sent), then the engine "crashes"
+            await response.write(b"")
+            assert request.transport is not None
+            request.transport.close()
+            return response
         kind = "chat.completion.chunk" if chat else "text_completion"
         try:
             for i, word in enumerate(words):
@@ -113,7 +119,8 @@ class FakeSGLang:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    fake = FakeSGLang(args.name, args.model, args.token_delay, args.loading_s, args.fail_status)
+    fake = FakeSGLang(args.name, args.model, args.token_delay, args.loading_s, args.fail_status,
+                      args.drop_before_first_token)
     runner = web.AppRunner(fake.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)
@@ -131,6 +138,7 @@ def main() -> None:
     parser.add_argument("--token-delay", type=float, default=0.02)
     parser.add_argument("--loading-s", type=float, default=0.0)
     parser.add_argument("--fail-status", type=int, default=None)
+    parser.add_argument("--drop-before-first-token", action="store_true")
     asyncio.run(serve(parser.parse_args()))
 
 

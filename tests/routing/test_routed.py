@@ -199,3 +199,24 @@ async def test_connect_timeout_is_retried_elsewhere(spawn):
     finally:
         for sock in held:
             sock.close()
+
+
+async def test_stream_that_breaks_before_its_first_event_is_retried(spawn, session):
+    good, dropper = spawn("good"), spawn("dropper", "--drop-before-first-token")
+    backend = routed([good.url, dropper.url], session, policy=make_policy("round_robin"),
+                     breaker_failures=100)
+    await backend.start()
+    try:
+        await until(lambda: len(backend.pool.healthy()) == 2)
+        reqs = [chat(i, stream=True) for i in range(6)]
+        for req in reqs:
+            stream = await backend.stream(req)
+            text = b"".join([chunk async for chunk in stream])
+            assert b"good-t0" in text and b'"error"' not in text
+            assert text.rstrip().endswith(b"data: [DONE]")
+        retried = sum(1 for r in reqs if "retry=1" in (r.route_reason or ""))
+        stats = await (await session.get(dropper.url + "/debug/stats")).json()
+        assert retried == stats["requests"] >= 1  # every request the dropper took went on elsewhere
+        assert all(e.outstanding == 0 for e in backend.pool.members())
+    finally:
+        await backend.close()
