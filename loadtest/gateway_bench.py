@@ -69,6 +69,7 @@ class TargetResult:
     added_p50_ms: float = 0.0
     added_p99_ms: float = 0.0
     rps_vs_smg: float | None = None
+    rounds: list = field(default_factory=list)  # [latency run, throughput run] of every round
 
 
 @dataclass
@@ -265,9 +266,23 @@ def machine_info() -> dict:
     }
 
 
-def _median(results: list[WrkResult], key: str) -> WrkResult:
-    """The run whose ``key`` is the median (a whole run, so its numbers stay consistent)."""
-    return sorted(results, key=lambda r: getattr(r, key))[len(results) // 2]
+def _median(results: list[WrkResult]) -> WrkResult:
+    """Each number the median over rounds (p50, p99 and req/s of a busy machine are noisy apart)."""
+
+    def med(key: str) -> float:
+        values = sorted(getattr(r, key) for r in results)
+        return values[len(values) // 2]
+
+    cpu = sorted(r.proxy_cpu_ms_per_request for r in results if r.proxy_cpu_ms_per_request is not None)
+    return WrkResult(
+        requests_per_s=med("requests_per_s"),
+        p50_ms=med("p50_ms"),
+        p99_ms=med("p99_ms"),
+        non_2xx=sum(r.non_2xx for r in results),
+        socket_errors=sum(r.socket_errors for r in results),
+        requests=sum(r.requests for r in results),
+        proxy_cpu_ms_per_request=cpu[len(cpu) // 2] if cpu else None,
+    )
 
 
 def run(
@@ -287,7 +302,7 @@ def run(
             "proxy_core": proxy_core,
             "backend_core": backend_core,
             "wrk": "-t1, -c1 for latency, -c32 for throughput, pinned to the proxy's core",
-            "aggregate": "per target, the round with the median p50 (latency) and median req/s (throughput)",
+            "aggregate": "per target and number, the median over rounds; counts summed; all rounds kept",
         },
     )
     backend_port = free_port()
@@ -310,9 +325,9 @@ def run(
                 )
     report.machine["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     for name in targets:
-        lat = _median([r[0] for r in runs[name]], "p50_ms")
-        thr = _median([r[1] for r in runs[name]], "requests_per_s")
-        report.targets.append(TargetResult(name, lat, thr))
+        lat, thr = _median([r[0] for r in runs[name]]), _median([r[1] for r in runs[name]])
+        rounds = [[asdict(a), asdict(b)] for a, b in runs[name]]
+        report.targets.append(TargetResult(name, lat, thr, rounds=rounds))
     by_name = {t.name: t for t in report.targets}
     base = by_name.get("direct")
     for t in report.targets:
