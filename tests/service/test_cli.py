@@ -69,3 +69,17 @@ def test_several_workers_need_backends(capsys):
 def test_invalid_settings_are_reported(capsys):
     assert cli.main(["--port", "-5", "--workers", "0"]) == 2
     assert "invalid settings" in capsys.readouterr().err
+
+
+def test_the_gateway_imports_without_torch():
+    """The gateway image has no torch: only the embedded backend's start() may import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, service.app, service.cli, service.backends.embedded, service.backends.sglang_http, "
+        "sglang_ext.engine_server.app, sglang_ext.engine_server.serving; "
+        "service.app.create_app(); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

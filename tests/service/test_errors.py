@@ -18,7 +18,7 @@ from tests.service.conftest import MODEL, serve_in_thread
 CHAT = "/v1/chat/completions"
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 # the tiny pair answers this with " the the ..." and no end-of-sequence: a long generation on demand
-LONG = {**GOOD, "messages": [{"role": "user", "content": "Say the the the"}]}
+LONG = {**GOOD, "messages": [{"role": "user", "content": "Say the the the"}], "temperature": 0}
 BAD_INPUTS = [
     # name, request kwargs, status, type, code, param
     (
@@ -262,3 +262,16 @@ def test_idle_stream_timeout_ends_the_stream_with_an_error_event(engine_server):
         assert lines[-1] == "data: [DONE]"
         assert json.loads(lines[-2][len("data: ") :])["error"]["code"] == "timeout"
         assert httpx.post(url + CHAT, json=GOOD, timeout=60).status_code == 200
+
+
+def test_log_prompts_puts_texts_in_the_access_line(engine_server, caplog):
+    settings = Settings(backends=[engine_server.url], log_prompts=True, health_interval_s=0.2)
+    with caplog.at_level("INFO", logger="dflare.access"), serve_in_thread(create_app(settings)) as url:
+        _wait_ready(url)
+        body = httpx.post(url + CHAT, json={**LONG, "max_tokens": 4}, timeout=60).json()
+        _stream_events(url, {**LONG, "max_tokens": 4})
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dflare.access"]
+    chats = [line for line in lines if line["path"] == CHAT]
+    assert [line["stream"] for line in chats] == [False, True]
+    assert all(line["prompt"] == "Say the the the" for line in chats)
+    assert chats[0]["completion"] == body["choices"][0]["message"]["content"] == chats[1]["completion"]
