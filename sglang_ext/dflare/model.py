@@ -181,7 +181,7 @@ class DFlareDrafter(nn.Module):
             vb = [a.v_proj_target.bias if cfg.kind == "dflare" else a.v_proj.bias for a in attn]
             k, v = k + torch.stack(kb)[:, None], v + torch.stack(vb)[:, None]
         norms = torch.stack([layer.self_attn.k_norm.weight for layer in self.layers])  # [D, hd]
-        cos, sin = ops.rope_cos_sin(positions, self.inv_freq, k.dtype)
+        cos, sin = ops.rope_cos_sin(positions.to(self.inv_freq.device), self.inv_freq, k.dtype)
         k = ops.finish_context_keys(k, norms, cfg.rms_norm_eps, cos, sin)
         return k, v.unflatten(-1, (-1, cfg.head_dim))
 
@@ -246,6 +246,7 @@ class DFlareDrafter(nn.Module):
     ) -> None:
         """Project N new context tokens (packed over rows) into the cache; the caller sets lengths."""
         k, v = self.context_kv(taps, positions)  # [D, N, nkv, hd]
+        rows, positions = rows.to(cache.device), positions.to(cache.device)
         for i in range(self.config.num_hidden_layers):
             cache.write_packed(i, k[i], v[i], rows, positions)
 
@@ -259,11 +260,14 @@ class DFlareDrafter(nn.Module):
         upto = max(starts) + blk
         cache.ensure_capacity(upto)
         uniform = min(starts) == upto - blk
-        st = torch.tensor(starts, dtype=torch.int64)
-        positions = st[:, None] + torch.arange(blk)[None, :]  # [b, B]
+        dev = self.inv_freq.device
+        block_ids = block_ids.to(dev)
+        st = torch.tensor(starts, dtype=torch.int64, device=dev)
+        positions = st[:, None] + torch.arange(blk, device=dev)[None, :]  # [b, B]
         mask = None
         if not uniform:
-            mask = (torch.arange(upto)[None, :] < (st + blk)[:, None])[:, None, None, :]  # [b, 1, 1, upto]
+            keys = torch.arange(upto, device=dev)
+            mask = (keys[None, :] < (st + blk)[:, None])[:, None, None, :]  # [b, 1, 1, upto]
         offsets: torch.Tensor | int = starts[0] if uniform else st
 
         def keys_values(i: int, k_blk: torch.Tensor, v_blk: torch.Tensor) -> tuple[torch.Tensor, ...]:

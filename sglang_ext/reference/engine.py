@@ -198,7 +198,7 @@ class SpeculativeEngine:
             if s.prefilled:
                 ids[r, 0] = s.pending
             else:
-                ids[r, : len(s.req.prompt_ids)] = torch.tensor(s.req.prompt_ids)
+                ids[r, : len(s.req.prompt_ids)] = torch.tensor(s.req.prompt_ids, device=ids.device)
         if drafts is not None:
             ids[:decoding, 1:blk] = drafts
         starts = [s.length if s.prefilled else 0 for s in slots]
@@ -232,6 +232,7 @@ class SpeculativeEngine:
             drafter.append_context(cache, torch.cat(pending_rows), torch.cat(positions), torch.cat(taps))
         block = torch.full((rows, self.block_size), drafter.config.mask_token_id, dtype=torch.int64)
         block[:, 0] = torch.tensor([s.pending for s in self._slots[:rows]])
+        block = block.to(self.runner.device)
         hidden = drafter.draft_hidden(cache, block, cache.lengths[:rows])
         return drafter.logits(hidden[:, 1:]).argmax(dim=-1)
 
@@ -269,8 +270,9 @@ class SpeculativeEngine:
     ) -> None:
         """Prefill rows: sample the first token from the last prompt position."""
         rows = range(first_new, len(slots))
-        last = torch.tensor([len(slots[r].req.prompt_ids) - 1 for r in rows])
-        logits = self.runner.logits(hidden[first_new:][torch.arange(len(last)), last])[:, None]  # [m, 1, V]
+        last = torch.tensor([len(slots[r].req.prompt_ids) - 1 for r in rows], device=hidden.device)
+        picked = hidden[first_new:][torch.arange(len(last), device=hidden.device), last]
+        logits = self.runner.logits(picked)[:, None]  # [m, 1, V]
         tokens = sample_rows(logits, [slots[r].req.params for r in rows], [slots[r].generator for r in rows])
         for r, tok in zip(rows, tokens[:, 0].tolist(), strict=True):
             s = slots[r]

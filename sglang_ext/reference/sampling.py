@@ -81,7 +81,9 @@ def sample_rows(
             continue
         probs = filtered_probs(logits[r], p.temperature, p.top_k, p.top_p)  # [n, V]
         cdf = torch.cumsum(probs, dim=-1)
-        u = torch.rand(probs.shape[0], 1, generator=generators[r], dtype=cdf.dtype) * cdf[:, -1:]
+        # uniforms from the request's CPU generator: the same seed gives the same draws on any device
+        u = torch.rand(probs.shape[0], 1, generator=generators[r], dtype=cdf.dtype).to(cdf.device)
+        u = u * cdf[:, -1:]
         drawn = torch.searchsorted(cdf, u, right=True).squeeze(-1)
         tokens[r] = drawn.clamp_(max=probs.shape[-1] - 1)
     return tokens
