@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from service.routing.health import CircuitBreaker, HealthState, HealthStatus
+from service.routing.health import CircuitBreaker, HealthState
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,6 @@ class BackendEndpoint:
     client: Any = None
     models: frozenset[str] = frozenset()
     outstanding: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def routable(self) -> bool:
@@ -111,9 +110,6 @@ class BackendPool:
     def models(self) -> set[str]:
         """Models served by admitted backends."""
         return {m for e in self.healthy() for m in e.models}
-
-    def any_pending(self) -> bool:
-        return any(e.health.status is HealthStatus.PENDING for e in self._members.values())
 
     def _emit(self, event: str, endpoint: BackendEndpoint) -> None:
         for listener in self._listeners:

@@ -1,8 +1,9 @@
 """When and how long to wait before retrying a request on another backend.
 
 Only failures *before the first byte reached the client* are retried: connection errors and the
-statuses SGLang's own gateway retries (408, 429 and 5xx). After that the client has part of an
-answer and a retry would duplicate or contradict it. Delays grow exponentially with "equal jitter"
+statuses SGLang's own gateway retries (408, 429 and 5xx), which the single-URL backend reports as a
+``BackendUnavailable`` with ``retryable`` set. After that the client has part of an answer and a
+retry would duplicate or contradict it. Delays grow exponentially with "equal jitter"
 (half fixed, half random) so that a fleet of gateways does not retry in lock-step, and are capped.
 """
 
@@ -10,12 +11,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-
-RETRYABLE_STATUSES = frozenset({408, 429, *range(500, 600)})
-
-
-def is_retryable_status(status: int) -> bool:
-    return status in RETRYABLE_STATUSES
 
 
 @dataclass

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import orjson
 
 from service.backends.base import Backend, BackendRequest, Completion, Stream, Usage
 from service.errors import BackendTimeout, BackendUnavailable, GatewayError, error_event
@@ -44,13 +43,6 @@ ERROR_EVENT_PREFIX = b'data: {"error"'
 
 def _is_error_event(chunk: bytes) -> bool:
     return chunk.startswith(ERROR_EVENT_PREFIX)
-
-
-def _error_code(chunk: bytes) -> str | None:
-    try:
-        return orjson.loads(chunk.split(b"\n\n", 1)[0][6:])["error"].get("code")
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-        return None
 
 
 class RoutedBackend(Backend):
@@ -186,10 +178,9 @@ class RoutedBackend(Backend):
             try:
                 inner = await endpoint.client.stream(req)
                 events = aiter(inner)
-                first = await anext(events, None)
-                if first is None or (_is_error_event(first) and _error_code(first) in RETRYABLE_EVENT_CODES):
-                    await inner.aclose()
-                    raise BackendUnavailable(f"Backend {endpoint.url} failed before the first token.")
+                first = await anext(events, None)  # a member failing before its first event raises
+                if first is None:
+                    raise BackendUnavailable(f"Backend {endpoint.url} ended the stream before any event.")
             except BaseException as exc:
                 if inner is not None and not isinstance(exc, BackendUnavailable):
                     await inner.aclose()
@@ -301,10 +292,6 @@ class RoutedBackend(Backend):
             return
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
-
-
-# Error codes of a stream's first event that mean "this backend failed", not "the request is bad".
-RETRYABLE_EVENT_CODES = frozenset({BackendUnavailable.code, None})
 
 
 class _RoutedStream(Stream):
