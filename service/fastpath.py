@@ -13,15 +13,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.errors import exception_response
+from service.errors import GatewayError, exception_response
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
 Handler = Callable[[Request], Awaitable[Response]]
+HANDLED = (GatewayError, RequestValidationError, HTTPException)
 
 
 class FastPathMiddleware:
@@ -37,6 +40,8 @@ class FastPathMiddleware:
         request = Request(scope, receive)
         try:
             response = await handler(request)
-        except Exception as exc:  # the one error mapping, as FastAPI's handlers would apply it
+        except HANDLED as exc:  # the one error mapping, as FastAPI's handlers would apply it
             response = exception_response(request, exc)
+        # anything else propagates as it would from a route: outer middleware may own it (the body
+        # limit's 413), and Starlette's server-error handler answers the rest through the same mapping
         await response(scope, receive, send)

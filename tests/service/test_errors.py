@@ -275,3 +275,15 @@ def test_log_prompts_puts_texts_in_the_access_line(engine_server, caplog):
     assert [line["stream"] for line in chats] == [False, True]
     assert all(line["prompt"] == "Say the the the" for line in chats)
     assert chats[0]["completion"] == body["choices"][0]["message"]["content"] == chats[1]["completion"]
+
+
+def test_oversized_chunked_body_without_length_is_413(gateway_http):
+    def chunks():
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}]}'
+
+    r = httpx.post(gateway_http.url + CHAT, content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "request_too_large"
