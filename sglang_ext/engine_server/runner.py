@@ -13,7 +13,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -40,8 +39,6 @@ class Generation:
 
     request_id: str
     prompt_tokens: int
-    created: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
     result: Result | None = None
     error: BaseException | None = None
     _chunks: deque[list[int]] = field(default_factory=deque)
@@ -62,8 +59,6 @@ class Generation:
         return self.result.stats if self.result is not None else None
 
     def _push(self, tokens: list[int]) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
         self.generated += len(tokens)
         self._chunks.append(tokens)
         self._wakeup.set()
@@ -103,7 +98,6 @@ class EngineRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._steps = 0
 
     # ---- loop side ------------------------------------------------------------------------
     @property
@@ -113,10 +107,6 @@ class EngineRunner:
     def tokens_in_use(self) -> int:
         """Prompt + generated tokens of every admitted request (what its KV cache holds, roughly)."""
         return sum(g.prompt_tokens + g.generated for g in self._gens.values())
-
-    @property
-    def steps(self) -> int:
-        return self._steps
 
     @property
     def alive(self) -> bool:
@@ -203,7 +193,6 @@ class EngineRunner:
                     for rid in live:
                         engine.abort(rid)
                     live.clear()
-                self._steps += 1
                 for result in results:
                     live.discard(result.request_id)
             elif not engine.has_work():
