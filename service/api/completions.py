@@ -21,7 +21,14 @@ from starlette.responses import Response, StreamingResponse
 
 from service.api.protocol import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest
 from service.backends.base import BackendRequest, Endpoint
-from service.errors import GatewayError, InternalError, InvalidRequest, ModelNotFound, error_event
+from service.errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    ModelNotFound,
+    RateLimited,
+    error_event,
+)
 
 if TYPE_CHECKING:
     from service.backends.base import Backend, Stream
@@ -141,13 +148,13 @@ async def serve(
         affinity_key=text[:AFFINITY_CHARS] if want_prefix else "",
     )
     if body.stream:
-        stream = await _note_route(record, breq, backend.stream(breq))
+        stream = await _note_route(request, record, breq, backend.stream(breq))
         return StreamingResponse(
             _relay(stream, record, settings.log_prompts),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, "x-dflare-backend": record.backend or backend.name},
         )
-    completion = await _note_route(record, breq, backend.complete(breq))
+    completion = await _note_route(request, record, breq, backend.complete(breq))
     record.usage = completion.usage
     if settings.log_prompts:
         record.completion_text = _completion_text(completion.body)
@@ -160,10 +167,13 @@ async def serve(
     return Response(orjson.dumps(completion.body), media_type="application/json", headers=headers)
 
 
-async def _note_route(record: RequestRecord, breq: BackendRequest, call: Any) -> Any:
+async def _note_route(request: Request, record: RequestRecord, breq: BackendRequest, call: Any) -> Any:
     """Await a backend call and copy where it went into the record, failure or not."""
     try:
         return await call
+    except RateLimited:  # a full engine queue: counted like the gateway's own refusals
+        request.app.state.metrics.rejected.labels("queue_full").inc()
+        raise
     finally:
         record.backend = breq.served_by
         record.route_reason = breq.route_reason

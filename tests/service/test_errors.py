@@ -187,6 +187,8 @@ def test_full_engine_queue_is_429(tiny_pair):
         responses = asyncio.run(burst())
         codes = sorted(r.status_code for r in responses)
         assert codes.count(200) >= 2 and set(codes) == {200, 429}, codes
+        metrics = httpx.get(url + "/metrics").text
+        assert f'dflare_rejected_requests_total{{reason="queue_full"}} {codes.count(429)}.0' in metrics
         limited = next(r for r in responses if r.status_code == 429)
         assert limited.json()["error"]["code"] == "rate_limit_exceeded"
         assert int(limited.headers["retry-after"]) >= 1
