@@ -19,7 +19,8 @@ from sglang_ext.reference.sampling import SamplingParams
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dflare generate", description=__doc__.splitlines()[0])
-    p.add_argument("prompt", nargs="?", default="Explain speculative decoding in one paragraph.")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="default: the demo pair's first held-out prompt (its domain: Python code)")
     add_pair_arguments(p)
     p.add_argument("--block-size", type=int, default=None, help="default: the drafter's; 1 = plain decoding")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -31,6 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
     return p
+
+
+def default_prompt(args: argparse.Namespace) -> str:
+    """The demo pair's first held-out prompt (in the domain it was trained on), else a generic one."""
+    if args.target is None and not args.random:
+        from sglang_ext.reference.bench import load_prompts
+
+        return load_prompts(None, demo=True)[0]
+    return "Explain speculative decoding in one paragraph."
 
 
 def generate_main(argv: list[str]) -> int:
@@ -50,7 +60,7 @@ def generate_main(argv: list[str]) -> int:
             seed=args.seed, stop_token_ids=eos_ids(tok), stop=tuple(args.stop),
         )
         engine = SpeculativeEngine(pair.target, pair.drafter, args.block_size, tokenizer=tok, max_batch=1)
-        prompt_ids = encode_prompt(tok, args.prompt, chat=not args.raw)
+        prompt_ids = encode_prompt(tok, args.prompt or default_prompt(args), chat=not args.raw)
     except ValueError as exc:
         print(f"dflare generate: {exc}", file=sys.stderr)
         return 2
