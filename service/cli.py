@@ -4,12 +4,14 @@ With no flags it serves the embedded demo pair on 127.0.0.1:8000. ``--backend UR
 serves SGLang / engine-server backends instead. Flags override ``DFLARE_*`` variables, which override
 ``--config FILE`` (YAML or JSON, the ``Settings`` field names). The flags are handed to the uvicorn
 workers as ``DFLARE_*`` variables, so every worker builds the same ``Settings``. With several workers
-the metrics run in prometheus-client's multiprocess mode (a fresh ``PROMETHEUS_MULTIPROC_DIR``).
+the metrics run in prometheus-client's multiprocess mode (a fresh ``PROMETHEUS_MULTIPROC_DIR``), and
+without backends one local ``dflare engine-server`` child serves them all (one engine, not N).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import logging.config
@@ -17,18 +19,29 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.settings import CONFIG_FILE_ENV
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dflare serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 8000)")
-    p.add_argument("--backend", action="append", metavar="URL",
-                   help="SGLang or engine-server base URL; repeat for several (default: embedded engine)")
-    p.add_argument("--workers", type=int, help="uvicorn worker processes (needs --backend when > 1)")
+    p.add_argument(
+        "--backend",
+        action="append",
+        metavar="URL",
+        help="SGLang or engine-server base URL; repeat for several (default: embedded engine)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="uvicorn worker processes (> 1 without --backend: one local engine-server for all)",
+    )
     p.add_argument("--config", metavar="FILE", help="settings file (YAML or JSON)")
     p.add_argument("--log-level", help="debug, info, warning, error")
     return p
@@ -78,24 +91,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, OSError, ValueError) as exc:
         print(f"dflare serve: invalid settings: {exc}", file=sys.stderr)
         return 2
-    if settings.workers > 1 and settings.uses_embedded_engine:
-        print(
-            "dflare serve: the embedded engine runs one per process; with --workers > 1 start "
-            "`dflare engine-server` and pass --backend http://127.0.0.1:30000",
-            file=sys.stderr,
-        )
-        return 2
+    from service.shutdown import exit_zero_after_drain
+
+    log_config = logging_config(settings.log_level)
+    logging.config.dictConfig(log_config)
+    exit_zero_after_drain()  # SIGTERM: drain in-flight streams, then exit 0 (not 143); children stopped
+    with contextlib.ExitStack() as stack:
+        if settings.workers > 1 and settings.uses_embedded_engine:
+            # one engine for all workers: a local engine-server child becomes their backend
+            from service.local_engine import local_engine_server
+
+            url = stack.enter_context(local_engine_server(settings))
+            os.environ["DFLARE_BACKENDS"] = json.dumps([url])
+            settings = Settings()
+        return _run(settings, log_config)
+
+
+def _run(settings: Settings, log_config: dict[str, Any]) -> int:
     multiproc_dir = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiproc_dir = tempfile.mkdtemp(prefix="dflare-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     import uvicorn
 
-    from service.shutdown import exit_zero_after_drain
-
-    log_config = logging_config(settings.log_level)
-    logging.config.dictConfig(log_config)
-    exit_zero_after_drain()  # SIGTERM: drain in-flight streams, then exit 0 (not 143)
     try:
         uvicorn.run(
             "service.app:app_from_env",

@@ -61,11 +61,6 @@ def test_flags_become_settings_for_every_worker(tmp_path, monkeypatch):
     assert json.loads(os.environ["DFLARE_BACKENDS"]) == s.backends
 
 
-def test_several_workers_need_backends(capsys):
-    assert cli.main(["--workers", "2"]) == 2
-    assert "engine-server" in capsys.readouterr().err
-
-
 def test_invalid_settings_are_reported(capsys):
     assert cli.main(["--port", "-5", "--workers", "0"]) == 2
     assert "invalid settings" in capsys.readouterr().err
@@ -83,3 +78,30 @@ def test_the_gateway_imports_without_torch():
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_several_workers_without_backends_share_one_local_engine_server(tiny_pair, tmp_path):
+    import httpx
+
+    from tests.service.conftest import MODEL, gateway
+
+    target, drafter = tiny_pair
+    env = {
+        "DFLARE_EMBEDDED_TARGET_DIR": str(target),
+        "DFLARE_EMBEDDED_DRAFTER_DIR": str(drafter),
+        "DFLARE_EMBEDDED_MODEL": MODEL,
+        "DFLARE_EMBEDDED_THREADS": "1",
+    }
+    gw = gateway([], tmp_path / "gateway.log", workers=2, env=env)
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        r = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["speculative"]["block_size"] == 4
+        engine = r.headers["x-dflare-backend"]
+        assert engine.startswith("http://127.0.0.1:")
+        assert httpx.get(engine + "/health").status_code == 200
+    finally:
+        gw.stop()
+    assert gw.popen.returncode == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(engine + "/health")
