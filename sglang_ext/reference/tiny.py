@@ -62,14 +62,15 @@ def tiny_drafter(
         num_hidden_layers=num_layers,
         num_attention_heads=tcfg.num_attention_heads,
         num_key_value_heads=tcfg.num_key_value_heads,
-        head_dim=tcfg.head_dim,
+        head_dim=getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads,
         vocab_size=tcfg.vocab_size,
         target_layer_ids=layer_ids,
         target_num_hidden_layers=depth,
         block_size=block_size,
         mask_token_id=tcfg.vocab_size - 1,
         rms_norm_eps=tcfg.rms_norm_eps,
-        rope_theta=float(tcfg.rope_parameters["rope_theta"]),
+        rope_theta=float((getattr(tcfg, "rope_parameters", None) or {}).get("rope_theta")
+                         or getattr(tcfg, "rope_theta", 10000.0)),
         max_position_embeddings=tcfg.max_position_embeddings,
     )
     torch.manual_seed(seed)
