@@ -341,7 +341,11 @@ class SpeculativeEngine:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Result]:
-        """Run prompts to completion through the continuous batch; results in prompt order."""
+        """Run prompts to completion through the continuous batch; results in prompt order.
+
+        A convenience for scripts and tests: it drives ``step()`` itself, so do not mix it with callers that
+        also add requests and step the same engine (their results would be consumed here).
+        """
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         ids = [f"gen-{id(self)}-{i}" for i in range(len(prompts))]
