@@ -162,7 +162,10 @@ class DFlareDrafter(nn.Module):
         vs = [a.v_proj_target.weight if dflare else a.v_proj.weight for a in attn]
         if torch.is_grad_enabled():
             return ops.stack_context_kv_weights(ks, vs)
-        key = tuple(w._version for w in ks + vs) + tuple(id(w) for w in ks)
+        try:
+            key = tuple(w._version for w in ks + vs) + tuple(id(w) for w in ks)
+        except RuntimeError:  # inference tensors (built under inference_mode) have no version counter
+            key = tuple(id(w) for w in ks + vs)
         if self._frozen_kv is None or self._frozen_kv[0] != key:
             self._frozen_kv = (key, ops.stack_context_kv_weights(ks, vs))
         return self._frozen_kv[1]
