@@ -159,7 +159,7 @@ def test_no_backend_is_503(tmp_path):
 
 
 def test_backend_timeout_is_504(engine_server):
-    app = create_app(Settings(backends=[engine_server.url], request_timeout_s=0.2, health_interval_s=0.2))
+    app = create_app(Settings(backends=[engine_server.url], request_timeout_s=0.001, health_interval_s=0.2))
     with serve_in_thread(app) as url:
         _wait_ready(url)
         r = httpx.post(url + CHAT, json={**LONG, "max_tokens": 90}, timeout=30)
