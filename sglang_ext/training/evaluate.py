@@ -142,7 +142,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    has_speed = "speed" in report
+    fig, axes = plt.subplots(1, 3 if has_speed else 2, figsize=(15 if has_speed else 10, 4))
     for name, acc in report["acceptance"].items():
         pos = acc["per_position_acceptance"]
         axes[0].plot(range(1, len(pos) + 1), pos, marker="o", label=f"{name} (tau {acc['tau']:.2f})")
@@ -156,13 +157,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for ax in axes[:2]:
         ax.legend()
         ax.grid(alpha=0.3)
-    if "speed" in report:
+    if has_speed:
         tok_s = report["speed"]["tokens_per_s"]
         axes[2].bar(list(tok_s), list(tok_s.values()), color="tab:blue")
         axes[2].set(ylabel="tokens/s (batch 1)", title="speed vs autoregressive")
         axes[2].tick_params(axis="x", rotation=20)
-    else:
-        axes[2].axis("off")
     fig.suptitle(report.get("title", "dflare eval"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
