@@ -116,6 +116,17 @@ class DFlareDrafter(nn.Module):
         self._lm_head: nn.Module | None = None
         self._frozen_kv: tuple[tuple[int, ...], torch.Tensor] | None = None
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """Move the RoPE table with the module but never change its dtype.
+
+        ``drafter.to(torch.bfloat16)`` would otherwise round ``inv_freq`` to bf16, and keys at long
+        absolute positions would drift from the target's float32 rotary table.
+        """
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(device=self.inv_freq.device)
+        return self
+
     # ---- borrowed target modules -----------------------------------------------------------------
     def bind_target(self, embed_tokens: nn.Module, lm_head: nn.Module) -> None:
         """Borrow the target's embedding and LM head (kept out of ``state_dict`` and ``parameters``)."""

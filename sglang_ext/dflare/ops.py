@@ -77,7 +77,7 @@ def rope_cos_sin(
     positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [..., hd] for integer absolute positions, computed in float32 then cast (HF's way)."""
-    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [..., hd/2]
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.float()  # [..., hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

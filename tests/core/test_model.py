@@ -154,3 +154,13 @@ def test_invalid_blocks_see_only_themselves() -> None:
     assert mask[0, :2, :4].all() and not mask[0, :2, 4:6].any()  # block 0: context < 4
     assert not mask[0, 2:, :6].any() and mask[0, 2:, 8:].all()  # invalid block: only itself
     assert not mask[0, :2, 8:].any() and not mask[0, 2:, 6:8].any()  # blocks never see each other
+
+
+def test_dtype_cast_keeps_the_rope_table_in_float32():
+    """`.to(bf16)` must not round inv_freq: keys at long positions would drift from the target's."""
+    drafter = tiny_drafter(tiny_target(seed=0), kind="dflare", seed=0)
+    before = drafter.inv_freq.clone()
+    drafter.to(torch.bfloat16)
+    assert drafter.inv_freq.dtype == torch.float32
+    assert torch.equal(drafter.inv_freq, before)
+    assert drafter.norm.weight.dtype == torch.bfloat16
