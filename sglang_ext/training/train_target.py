@@ -92,6 +92,8 @@ def save_target(model: torch.nn.Module, out: Path, tokenizer_dir: Path, eos_id: 
     """config.json + bf16 model.safetensors (tied lm_head left out) + generation config + tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
     model.config.dtype = torch.bfloat16
+    # SGLang resolves the model class from `architectures` only; to_json_file leaves it out otherwise.
+    model.config.architectures = [type(model).__name__]
     model.config.to_json_file(str(out / "config.json"))
     state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:

@@ -37,6 +37,7 @@ def test_loader_paths_and_cli() -> None:
 def test_pair_shape_follows_the_paper_ratios_and_fits_24_mb() -> None:
     target = json.loads((demo.target_path() / "config.json").read_text())
     depth = target["num_hidden_layers"]
+    assert target["architectures"] == ["Qwen3ForCausalLM"]  # SGLang picks the model class from it
     assert target["model_type"] == "qwen3" and target["head_dim"] == 64 and 12 <= depth <= 16
     dflare, dflash = (load_drafter(demo.drafter_path(k)).config for k in ("dflare", "dflash"))
     assert (dflare.kind, dflash.kind) == ("dflare", "dflash")

@@ -29,6 +29,8 @@ def test_tiny_build_writes_a_loadable_pair_and_report(built: tuple[Path, Path]) 
     report = json.loads((out / "build_report.json").read_text())
     assert report["target"]["steps"] == 6 and report["target"]["heldout_loss"] > 0
     assert report["drafters"]["steps"] == 4
+    target_config = json.loads((out / "target" / "config.json").read_text())
+    assert target_config["architectures"] == ["Qwen3ForCausalLM"]
     assert set(report["drafters"]["teacher_forced_tau"]) == {"dflare", "dflash"}
     regenerated = TokenizedChats.load(out / "drafters" / "regenerated.safetensors")
     original = TokenizedChats.load(work / "train.safetensors")
