@@ -3,7 +3,8 @@
 The lifespan owns, in order: the one pooled ``aiohttp`` session, the backend (embedded engine when
 no backend URL and no discovery is configured, else the routed pool of SGLang URLs), and closes them
 in reverse. Middleware, outermost first: request bookkeeping (metrics, access log, request id), CORS,
-API keys, body limit, in-flight limit, the direct route of the two completion endpoints.
+API keys, body limit, in-flight limit, the direct route of the two completion endpoints; all built by
+one :class:`~service.fastpath.GatewayMiddleware`, which serves the completion endpoints in one pass.
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ from fastapi import FastAPI
 from service.api import include_routers
 from service.backends.base import Endpoint
 from service.errors import register_exception_handlers
-from service.fastpath import FastPathMiddleware
+from service.fastpath import GatewayMiddleware
 from service.metrics import GatewayMetrics
-from service.observability import ObservabilityMiddleware
-from service.routing.admission import InFlightLimiter
-from service.security import install_security
+from service.security import KeyChecker, load_api_keys
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -91,23 +90,27 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.state.metrics = metrics
     register_exception_handlers(app)
     include_routers(app)
-    # Starlette runs the middleware added last first.
+    # One layer: it builds the middleware chain (bookkeeping > CORS > API keys > body limit >
+    # in-flight limit > direct route) and serves the two completion endpoints in one pass.
     from service.api import completions
 
+    checker = KeyChecker(load_api_keys(settings.api_keys, settings.api_keys_file))
+    if checker:
+        logger.info("API keys required (%d configured)", len(checker))
     app.add_middleware(
-        FastPathMiddleware,
+        GatewayMiddleware,
         routes={
             Endpoint.CHAT.value: completions.chat_completions,
             Endpoint.COMPLETIONS.value: completions.completions,
         },
-    )
-    app.add_middleware(
-        InFlightLimiter,
+        metrics=metrics,
+        access_log=settings.access_log,
+        checker=checker,
+        metrics_require_auth=settings.metrics_require_auth,
+        max_body_bytes=settings.max_body_bytes,
         max_in_flight=settings.max_in_flight,
-        on_reject=lambda reason: metrics.rejected.labels(reason).inc(),
+        cors_origins=settings.cors_origins,
     )
-    install_security(app, settings)
-    app.add_middleware(ObservabilityMiddleware, metrics=metrics, access_log=settings.access_log)
     return app
 
 

@@ -1,15 +1,21 @@
-"""A direct route for the two hot endpoints, past FastAPI's per-request machinery.
+"""The gateway's one ASGI layer: the hot endpoints served in one pass, everything else by the chain.
 
-``POST /v1/chat/completions`` and ``POST /v1/completions`` are the gateway's whole load. Innermost of
-the middleware (after bookkeeping, auth, body and in-flight limits), this ASGI layer calls their
-handlers itself, skipping the router, the exception middleware, the exit stack and dependency
-solving, and maps exceptions through the same :func:`service.errors.exception_response`. The
-FastAPI routes stay registered: they document the endpoints in OpenAPI and serve every other method.
-Measured with ``loadtest/gateway_bench.py``; see docs/benchmarks.md.
+``POST /v1/chat/completions`` and ``POST /v1/completions`` are the gateway's whole load. For them
+this layer (the outermost of the app's middleware) does in one frame what the middleware chain does
+in five: request id and bookkeeping (:class:`~service.observability.ObservabilityMiddleware`), API
+keys, body limit, in-flight limit, then it calls the handler itself, skipping the router, the
+exception middleware, the exit stack and dependency solving, and maps exceptions through the same
+:func:`service.errors.exception_response`. No ``send`` or ``receive`` wrapper is stacked per request:
+the request id header and the status are taken from the response object, and ``receive`` is wrapped
+to count body bytes only when no ``Content-Length`` bounds the body. Every other request (and the hot
+ones when CORS is configured) goes through the chain of separate middlewares, which behave the same.
+The FastAPI routes stay registered: they document the endpoints in OpenAPI and serve every other
+method. Measured with ``loadtest/gateway_bench.py``; see docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -18,16 +24,36 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.errors import GatewayError, exception_response
+from service.errors import (
+    AuthenticationError,
+    GatewayError,
+    RateLimited,
+    RequestTooLarge,
+    exception_response,
+)
+from service.observability import ObservabilityMiddleware, RequestRecord, request_id
+from service.routing.admission import InFlightLimiter
+from service.security import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    KeyChecker,
+    _BodyTooLarge,
+    _presented_key,
+    send_error,
+)
 
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Receive, Scope, Send
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from service.metrics import GatewayMetrics
 
 Handler = Callable[[Request], Awaitable[Response]]
 HANDLED = (GatewayError, RequestValidationError, HTTPException)
 
 
 class FastPathMiddleware:
+    """Innermost of the chain: the two handlers called directly (requests the hot path did not take)."""
+
     def __init__(self, app: ASGIApp, routes: dict[str, Handler]) -> None:
         self.app = app
         self.routes = routes
@@ -45,3 +71,130 @@ class FastPathMiddleware:
         # anything else propagates as it would from a route: outer middleware may own it (the body
         # limit's 413), and Starlette's server-error handler answers the rest through the same mapping
         await response(scope, receive, send)
+
+
+class GatewayMiddleware:
+    """Builds the chain (bookkeeping > CORS > keys > body limit > in-flight > direct route) and
+    serves the two hot endpoints through an equivalent single pass."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes: dict[str, Handler],
+        metrics: GatewayMetrics,
+        access_log: bool,
+        checker: KeyChecker,
+        metrics_require_auth: bool,
+        max_body_bytes: int,
+        max_in_flight: int,
+        cors_origins: list[str],
+    ) -> None:
+        self.routes = routes
+        self.limiter = InFlightLimiter(
+            FastPathMiddleware(app, routes),
+            max_in_flight=max_in_flight,
+            on_reject=lambda reason: metrics.rejected.labels(reason).inc(),
+        )
+        chain: ASGIApp = BodyLimitMiddleware(self.limiter, max_bytes=max_body_bytes)
+        if checker:
+            chain = ApiKeyMiddleware(chain, checker=checker, metrics_require_auth=metrics_require_auth)
+        if cors_origins:
+            from starlette.middleware.cors import CORSMiddleware
+
+            chain = CORSMiddleware(
+                chain,
+                allow_origins=cors_origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["authorization", "content-type", "x-api-key"],
+            )
+        self.observability = ObservabilityMiddleware(chain, metrics, access_log=access_log)
+        self.in_flight_gauge = metrics.in_flight
+        self.checker = checker if checker else None
+        self.max_body_bytes = max_body_bytes
+        self.hot = not cors_origins  # CORS rewrites responses: keep the chain then
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self.routes.get(scope["path"]) if self.hot and scope["type"] == "http" else None
+        if handler is None or scope["method"] != "POST":
+            await self.observability(scope, receive, send)
+            return
+        # bookkeeping, as ObservabilityMiddleware
+        start = time.perf_counter()
+        rid = request_id(scope)
+        record = RequestRecord(rid, start)
+        state = scope.setdefault("state", {})
+        state["dflare"] = record
+        state["request_id"] = rid
+        status = 500
+        gauge = self.in_flight_gauge
+        gauge.inc()
+        try:
+            status = await self._serve(scope, receive, send, handler, rid)
+        finally:
+            gauge.dec()
+            self.observability._finish(scope, record, status, time.perf_counter() - start)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, handler: Handler, rid: str) -> int:
+        """Keys, body limit, in-flight limit and the handler; returns the status sent."""
+        rid_headers = {"x-request-id": rid}
+        if self.checker is not None:  # as ApiKeyMiddleware
+            presented = _presented_key(scope)
+            if not self.checker.check(presented):
+                message = "Missing API key" if presented is None else "Invalid API key"
+                err: GatewayError = AuthenticationError(f"{message}: send 'Authorization: Bearer <key>'.")
+                await send_error(send, err, {"www-authenticate": "Bearer", **rid_headers})
+                return err.status
+        # as BodyLimitMiddleware: by Content-Length up front; counted only when nothing bounds the body
+        max_bytes = self.max_body_bytes
+        bounded = False
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit():
+                if int(value) > max_bytes:
+                    return await self._too_large(send, rid_headers)
+                bounded = True
+            elif name == b"transfer-encoding":
+                bounded = False
+                break
+        if not bounded:
+            received = 0
+            upstream_receive = receive
+
+            async def receive() -> Message:
+                nonlocal received
+                message = await upstream_receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > max_bytes:
+                        raise _BodyTooLarge(max_bytes)
+                return message
+
+        limiter = self.limiter  # as InFlightLimiter, sharing its count with the chain
+        if limiter.in_flight >= limiter.max_in_flight:
+            if limiter.on_reject is not None:
+                limiter.on_reject("overload")
+            limit = limiter.max_in_flight
+            message = f"The gateway is at its limit of {limit} concurrent requests; retry later."
+            err = RateLimited(message, retry_after=limiter.retry_after_s)
+            await send_error(send, err, rid_headers)
+            return err.status
+        limiter.in_flight += 1
+        try:  # as FastPathMiddleware
+            request = Request(scope, receive)
+            try:
+                response = await handler(request)
+            except HANDLED as exc:
+                response = exception_response(request, exc)
+            response.raw_headers.append((b"x-request-id", rid.encode()))
+            status = response.status_code
+            await response(scope, receive, send)
+            return status
+        except _BodyTooLarge:  # raised from receive outside the handler, before anything was sent
+            return await self._too_large(send, rid_headers)
+        finally:
+            limiter.in_flight -= 1
+
+    async def _too_large(self, send: Send, headers: dict[str, str]) -> int:
+        err = RequestTooLarge(f"Request body larger than {self.max_body_bytes} bytes.")
+        await send_error(send, err, headers)
+        return err.status

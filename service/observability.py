@@ -10,8 +10,8 @@ Prompt and completion text are logged only with ``log_prompts``.
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -64,11 +64,16 @@ class RequestRecord:
         self.completion_text: str | None = None
 
 
-def _request_id(scope: Scope) -> str:
+def request_id(scope: Scope) -> str:
+    """The client's ``x-request-id`` if sane, else 32 random hex digits (``os.urandom``: a third of
+    ``uuid.uuid4().hex``'s cost, same shape)."""
     for name, value in scope["headers"]:
         if name == b"x-request-id" and 0 < len(value) <= 128 and value.isascii():
             return value.decode()
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
+
+
+_request_id = request_id
 
 
 class ObservabilityMiddleware:
@@ -82,7 +87,7 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        rid = _request_id(scope)
+        rid = request_id(scope)
         record = RequestRecord(rid, start)
         state = scope.setdefault("state", {})
         state["dflare"] = record
