@@ -44,10 +44,11 @@ AFFINITY_CHARS = 512
 
 def _check_content_type(request: Request) -> None:
     """OpenAI takes JSON only; a body sent as a form or text is refused with a clear message."""
-    ctype = request.headers.get("content-type")
+    # the raw header list (names are lower case): no Headers object on the hot path
+    ctype = next((v for k, v in request.scope["headers"] if k == b"content-type"), None)
     if ctype is None:
         return
-    media = ctype.split(";", 1)[0].strip().lower()
+    media = ctype.decode("latin-1").split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
         raise InvalidRequest(f"Unsupported Content-Type {media!r}: send the body as application/json.")
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from service.backends.base import Backend, BackendRequest, Completion, Endpoint, Stream, Usage
 from service.errors import (
@@ -37,6 +38,15 @@ logger = logging.getLogger(__name__)
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 DONE = b"data: [DONE]"
 MODELS_TTL_S = 30.0
+
+
+def _url(url: str) -> URL | str:
+    """Parsed once, not by aiohttp on every request; a URL yarl refuses stays a string, so aiohttp
+    refuses it per request as before (a ``ClientError``: backend unavailable)."""
+    try:
+        return URL(url)
+    except ValueError:
+        return url
 
 
 def new_session(connect_timeout_s: float, limit: int = 0) -> aiohttp.ClientSession:
@@ -193,7 +203,7 @@ class SGLangHTTPBackend(Backend):
         self._idle_timeout = idle_stream_timeout_s
         self._request_timeout = request_timeout_s
         self._health_timeout = health_timeout_s
-        self._urls = {e: self.name + e.value for e in Endpoint}
+        self._urls = {e: _url(self.name + e.value) for e in Endpoint}
         self._models: list[str] = []
         self._models_at = 0.0
 
