@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from service.backends.base import Usage
     from service.metrics import GatewayMetrics
 
-access_logger = logging.getLogger("dflare.access")
+ACCESS_LOGGER = "dflare.access"
+access_logger = logging.getLogger(ACCESS_LOGGER)
 
 API_PATHS = frozenset({e.value for e in Endpoint} | {"/v1/models"})
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -127,7 +128,10 @@ class ObservabilityMiddleware:
                 itl = (record.last_chunk_at - record.first_chunk_at) / (usage.completion_tokens - 1)
             m.observe_stream_timing(model, backend, ttft, itl)
         if self.access_log and access_logger.isEnabledFor(logging.INFO):
-            access_logger.info(self._line(scope, record, status, duration, backend, itl))
+            # a record handed straight to the logger's handlers: ``Logger.info`` would also walk the
+            # stack for the caller's file and line, which the bare-JSON access format never prints
+            line = self._line(scope, record, status, duration, backend, itl)
+            access_logger.handle(access_logger.makeRecord(ACCESS_LOGGER, logging.INFO, "", 0, line, (), None))
 
     @staticmethod
     def _line(
