@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,7 +28,6 @@ from service.errors import AuthenticationError, GatewayError, RequestTooLarge
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-    from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -161,26 +160,3 @@ class BodyLimitMiddleware:
 
     async def _reject(self, send: Send) -> None:
         await send_error(send, RequestTooLarge(f"Request body larger than {self.max_bytes} bytes."))
-
-
-def install_security(app: Any, settings: Settings) -> None:
-    """Add body limit, API keys and CORS to a Starlette/FastAPI app (CORS outermost, then auth).
-
-    Starlette runs the middleware added last first, hence the order of the calls.
-    """
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    checker = KeyChecker(load_api_keys(settings.api_keys, settings.api_keys_file))
-    if checker:
-        app.add_middleware(
-            ApiKeyMiddleware, checker=checker, metrics_require_auth=settings.metrics_require_auth
-        )
-        logger.info("API keys required (%d configured)", len(checker))
-    if settings.cors_origins:
-        from starlette.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["authorization", "content-type", "x-api-key"],
-        )
