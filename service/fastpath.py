@@ -31,7 +31,7 @@ from service.errors import (
     RequestTooLarge,
     exception_response,
 )
-from service.observability import ObservabilityMiddleware, RequestRecord, request_id
+from service.observability import ObservabilityMiddleware, begin_request
 from service.routing.admission import InFlightLimiter
 from service.security import (
     ApiKeyMiddleware,
@@ -39,11 +39,12 @@ from service.security import (
     KeyChecker,
     _BodyTooLarge,
     _presented_key,
+    limited_receive,
     send_error,
 )
 
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
     from service.metrics import GatewayMetrics
 
@@ -120,12 +121,8 @@ class GatewayMiddleware:
             await self.observability(scope, receive, send)
             return
         # bookkeeping, as ObservabilityMiddleware
-        start = time.perf_counter()
-        rid = request_id(scope)
-        record = RequestRecord(rid, start)
-        state = scope.setdefault("state", {})
-        state["dflare"] = record
-        state["request_id"] = rid
+        record = begin_request(scope)
+        start, rid = record.start, record.request_id
         status = 500
         gauge = self.in_flight_gauge
         gauge.inc()
@@ -157,17 +154,7 @@ class GatewayMiddleware:
                 bounded = False
                 break
         if not bounded:
-            received = 0
-            upstream_receive = receive
-
-            async def receive() -> Message:
-                nonlocal received
-                message = await upstream_receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > max_bytes:
-                        raise _BodyTooLarge(max_bytes)
-                return message
+            receive = limited_receive(receive, max_bytes)
 
         limiter = self.limiter  # as InFlightLimiter, sharing its count with the chain
         if limiter.in_flight >= limiter.max_in_flight:

@@ -74,7 +74,15 @@ def request_id(scope: Scope) -> str:
     return os.urandom(16).hex()
 
 
-_request_id = request_id
+def begin_request(scope: Scope) -> RequestRecord:
+    """Open the books of one request: its id and record, kept in the scope state where the routes
+    fill the record and the access log reads it."""
+    rid = request_id(scope)
+    record = RequestRecord(rid, time.perf_counter())
+    state = scope.setdefault("state", {})
+    state["dflare"] = record
+    state["request_id"] = rid
+    return record
 
 
 class ObservabilityMiddleware:
@@ -87,12 +95,8 @@ class ObservabilityMiddleware:
         if scope["type"] != "http" or scope["path"] in QUIET_PATHS:
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
-        rid = request_id(scope)
-        record = RequestRecord(rid, start)
-        state = scope.setdefault("state", {})
-        state["dflare"] = record
-        state["request_id"] = rid
+        record = begin_request(scope)
+        start, rid = record.start, record.request_id
         status = 500
         rid_header = (b"x-request-id", rid.encode())
 

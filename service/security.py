@@ -119,6 +119,23 @@ class _BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"Request body larger than {max_bytes} bytes.")
 
 
+def limited_receive(receive: Receive, max_bytes: int) -> Receive:
+    """``receive`` that raises :class:`_BodyTooLarge` once more than ``max_bytes`` of body arrived
+    (for bodies no ``Content-Length`` bounds up front)."""
+    received = 0
+
+    async def receive_limited() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > max_bytes:
+                raise _BodyTooLarge(max_bytes)
+        return message
+
+    return receive_limited
+
+
 class BodyLimitMiddleware:
     """413 for bodies over ``max_bytes``, by ``Content-Length`` up front or by counting chunks."""
 
@@ -134,17 +151,7 @@ class BodyLimitMiddleware:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await self._reject(send)
                 return
-        received = 0
         started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge(self.max_bytes)
-            return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
@@ -153,7 +160,7 @@ class BodyLimitMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive(receive, self.max_bytes), tracking_send)
         except _BodyTooLarge:
             if not started:
                 await self._reject(send)
