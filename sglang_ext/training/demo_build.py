@@ -37,14 +37,15 @@ PRESETS: dict[str, dict[str, object]] = {
         ),
         "heldout_max_new": 384,
     },
-    # Proposed next build (not run yet): the shipped drafters were data-starved (5k regenerated samples).
-    # Regeneration of the tiny target is per-step overhead bound, so 8x the rows per batch gives ~8x the
-    # samples in the same time; fewer target epochs (the demo's 10 overfit) leave time for the drafters.
+    # The second build: the first one's drafters were data-starved (5k regenerated samples, 12.8 epochs,
+    # memorised) and its target overfit (10 epochs). Regeneration of the tiny target is per-step overhead
+    # bound, so 8x the rows per batch gives several times the samples per second; 6 target epochs leave
+    # time for it; drafter batch 64 (per-step bound too) sees ~2x the blocks per second.
     "demo_v2": {
         "target": shlex.split(f"{_DEMO_TARGET} --time-budget 120 --max-epochs 6"),
         "drafters": ["dflare:dflare:3", "dflash:dflash:2", "dflare_d2:dflare:2"],
         "drafter": shlex.split(
-            "--batch 32 --anchors 64 --lr 1e-3 --time-budget 200 --regen-budget 110 --regen-batch 4096 "
+            "--batch 64 --anchors 64 --lr 1.2e-3 --time-budget 190 --regen-budget 150 --regen-batch 4096 "
             "--regen-max-new 320 --checkpoint-every 0"
         ),
         "heldout_max_new": 384,

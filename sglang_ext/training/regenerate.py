@@ -2,7 +2,9 @@
 
 A drafter is trained to predict what *the target* would say, so the assistant spans it learns from are
 the target's own generations, not the corpus text. Following the recipe, each generation draws its
-temperature from {0.0: 4, 0.3: 1, 0.5: 1, 0.7: 1, 1.0: 3} (weights); here the draw is per batch. A
+temperature from {0.0: 4, 0.3: 1, 0.5: 1, 0.7: 1, 1.0: 3} (weights); here the draw is per batch and
+stratified (each run of 10 batches is one shuffled copy of the mix), so a short run with large batches
+still follows the mix instead of drawing, say, mostly temperature-1 batches. A
 generation that hits ``max_new_tokens`` without ending its turn is dropped (a looping tail would teach
 the drafter, and inflate acceptance on, text no one asked for).
 """
@@ -62,6 +64,38 @@ def generate_batch(
     return results
 
 
+def generate_halving_on_oom(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    temperature: float,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    keep_unfinished: bool,
+) -> list[list[int] | None]:
+    """``generate_batch``, retried as two halves when the GPU runs out of memory.
+
+    Large batches are what make regeneration of a small target fast (it is per-step overhead bound), but
+    a batch's memory depends on its longest prompt; halving on OOM keeps a long batch from ending the run.
+    """
+    try:
+        return generate_batch(model, prompts, temperature, max_new_tokens, eos_id, pad_id, keep_unfinished)
+    except torch.OutOfMemoryError:
+        if len(prompts) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(prompts) // 2
+        logger.warning("out of memory at batch %d: generating it as two halves", len(prompts))
+        return [
+            *generate_halving_on_oom(
+                model, prompts[:half], temperature, max_new_tokens, eos_id, pad_id, keep_unfinished
+            ),
+            *generate_halving_on_oom(
+                model, prompts[half:], temperature, max_new_tokens, eos_id, pad_id, keep_unfinished
+            ),
+        ]
+
+
 def regenerate(
     model: torch.nn.Module,
     chats: TokenizedChats,
@@ -84,6 +118,7 @@ def regenerate(
     order = list(range(len(chats)))
     rng.shuffle(order)
     temps = [t for t, w in temperatures for _ in range(w)]
+    cycle: list[float] = []
     samples, prompt_lens, keys = [], [], []
     dropped = 0
     start = time.perf_counter()
@@ -93,13 +128,14 @@ def regenerate(
         if time_budget is not None and time.perf_counter() - start > time_budget:
             break
         batch = sorted(batch, key=lambda i: len(chats.samples[i]))
-        temperature = rng.choice(temps)
+        if not cycle:
+            cycle = rng.sample(temps, len(temps))
+        temperature = cycle.pop()
         prompts = [chats.prompt(i) for i in batch]
-        for i, response in zip(
-            batch,
-            generate_batch(model, prompts, temperature, max_new_tokens, eos_id, pad_id, keep_unfinished),
-            strict=True,
-        ):
+        responses = generate_halving_on_oom(
+            model, prompts, temperature, max_new_tokens, eos_id, pad_id, keep_unfinished
+        )
+        for i, response in zip(batch, responses, strict=True):
             if response is None or len(response) < 2:
                 dropped += 1
                 continue

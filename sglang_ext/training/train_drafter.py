@@ -266,7 +266,11 @@ class LockstepTrainer:
         return logs
 
     def probe(self) -> None:
-        for loss, _, _ in self.losses(self.batch_for(0)).values():
+        """One throw-away step for timing; successive probes take successive batches, because batches are
+        length-bucketed and one batch's time says little about the epoch's mean (the first build ran
+        48 % over its budget when every probe reused batch 0)."""
+        self._probes = getattr(self, "_probes", 0) + 1
+        for loss, _, _ in self.losses(self.batch_for(self._probes % len(self._epoch[1]))).values():
             loss.backward()
         for opt in self.optims.values():
             opt.zero_grad(set_to_none=True)
@@ -417,7 +421,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     ckpt = args.out / "checkpoint.pt"
     start_step = trainer.load_checkpoint(ckpt) if args.resume and ckpt.exists() else 0
     if start_step == 0 and args.time_budget:
-        trainer.total_steps, _ = steps_for_budget(trainer.probe, args.time_budget, device)
+        trainer.total_steps, _ = steps_for_budget(trainer.probe, args.time_budget, device, probe_steps=12)
     per_epoch = len(epoch_batches(chats, args.batch, 0, args.seed))
     if start_step == 0:
         trainer.total_steps = max(1, int(min(trainer.total_steps, per_epoch * args.max_epochs)))
