@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "target": shlex.split(f"{_DEMO_TARGET} --time-budget 120 --max-epochs 6"),
         "drafters": ["dflare:dflare:3", "dflash:dflash:2", "dflare_d2:dflare:2"],
         "drafter": shlex.split(
-            "--batch 64 --anchors 64 --lr 1.2e-3 --time-budget 190 --regen-budget 150 --regen-batch 4096 "
+            "--batch 64 --anchors 64 --lr 1.2e-3 --time-budget 220 --regen-budget 150 --regen-batch 4096 "
             "--regen-max-new 320 --checkpoint-every 0"
         ),
         "heldout_max_new": 384,
