@@ -7,13 +7,14 @@ information). Each speculative server times its phases with ``DFLARE_PHASE_TIMIN
 around target verify, draft forward, context-KV materialisation; AR decode on the AR server) and we
 report tokens/s, achieved tau = 1 + correct/verify_ct, and the bound tau * t_AR / (t_verify + t_draft).
 
-Env: ACC (7.3), BS (1,8,32), NEW (512). Writes $OUT/bench_sim.json as it goes.
+Env: ACC (7.3), BS (1,8,32), NEW (1024), ROUNDS (3). Writes $OUT/bench_sim.json as it goes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sglang_harness import OUT, SPEC, Results, generate, start_all, timed
 
 ROOT = Path("/tmp/q8")
+PROMPT = list(range(1000, 1128))
 TAPS9 = [1, 5, 9, 13, 17, 21, 25, 29, 33]
 TAPS5 = [1, 9, 17, 25, 33]
 TARGET = dict(
@@ -74,33 +76,61 @@ def mean_ms(before: dict, after: dict, phase: str, bs: int) -> float | None:
     return round(ms / n, 4) if n > 0 else None
 
 
-def run_server(url: str, phases: Path, sizes: list[int], new: int) -> dict:
-    prompt = list(range(1000, 1128))
+def warm(url: str) -> None:
+    generate(url, [PROMPT] * 2, {"temperature": 0, "max_new_tokens": 64, "ignore_eos": True}, 2)
+
+
+def measure(url: str, phases: Path, bs: int, new: int) -> dict:
+    """One timed batch of ``bs`` identical requests, with the phase times the server logged meanwhile."""
     sampling = {"temperature": 0, "max_new_tokens": new, "ignore_eos": True}
-    generate(url, [prompt] * 2, sampling, 2)  # warm (graphs, allocator)
-    out = {}
-    for bs in sizes:
-        time.sleep(0.5)
-        before = phase_totals(phases)
-        outs, secs = timed(lambda bs=bs: generate(url, [prompt] * bs, sampling, bs))
-        time.sleep(1.0)  # let the scheduler flush its last event batch
-        after = phase_totals(phases)
-        toks = sum(o["meta_info"]["completion_tokens"] for o in outs)
-        steps = sum(o["meta_info"].get("spec_verify_ct", 0) for o in outs)
-        correct = sum(o["meta_info"].get("spec_num_correct_drafts", 0) for o in outs)
-        row = {"tok_s": round(toks / secs, 1), "seconds": round(secs, 2)}
-        row["tau"] = round(1 + correct / steps, 3) if steps else None
-        for phase in ("decode", "verify", "draft", "context_kv"):
-            row[f"{phase}_ms"] = mean_ms(before, after, phase, bs)
-        out[bs] = row
-        print(url, bs, row, flush=True)
-    return out
+    before = phase_totals(phases)
+    outs, secs = timed(lambda: generate(url, [PROMPT] * bs, sampling, bs))
+    time.sleep(0.6)  # let the scheduler flush its last event batch
+    after = phase_totals(phases)
+    toks = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    steps = sum(o["meta_info"].get("spec_verify_ct", 0) for o in outs)
+    correct = sum(o["meta_info"].get("spec_num_correct_drafts", 0) for o in outs)
+    row = {"tok_s": round(toks / secs, 1), "seconds": round(secs, 3)}
+    row["tau"] = round(1 + correct / steps, 3) if steps else None
+    for phase in ("decode", "verify", "draft", "context_kv"):
+        row[f"{phase}_ms"] = mean_ms(before, after, phase, bs)
+    return row
+
+
+def median_row(rounds: list[dict]) -> dict:
+    """Per-field median over rounds; the rounds themselves are kept for the spread."""
+    row: dict = {}
+    for key in rounds[0]:
+        values = [r[key] for r in rounds if r[key] is not None]
+        row[key] = round(statistics.median(values), 4) if values else None
+    row["tok_s_rounds"] = [r["tok_s"] for r in rounds]
+    return row
+
+
+def run_interleaved(urls: dict[str, str], sizes: list[int], new: int, rounds: int) -> dict:
+    """Every server measured at every batch size, ROUNDS times, servers interleaved (order rotated each
+    round): a slow moment of the machine then hits all of them alike, and the median drops it. One short
+    batch-1 run per server (the first version) left a 6 % DFLARE/DFLASH gap that no phase time explained.
+    """
+    for url in urls.values():
+        warm(url)
+    raw: dict[str, dict[int, list[dict]]] = {n: {bs: [] for bs in sizes} for n in urls}
+    names = list(urls)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for bs in sizes:
+            for name in order:
+                row = measure(urls[name], Path(f"/tmp/phases/{name}"), bs, new)
+                raw[name][bs].append(row)
+                print(f"round {r} {name} bs={bs}", row, flush=True)
+    return {n: {bs: median_row(rows) for bs, rows in per.items()} for n, per in raw.items()}
 
 
 def main() -> int:
     acc = os.environ.get("ACC", "7.3")
     sizes = [int(x) for x in os.environ.get("BS", "1,8,32").split(",")]
-    new = int(os.environ.get("NEW", "512"))
+    new = int(os.environ.get("NEW", "1024"))
+    rounds = int(os.environ.get("ROUNDS", "3"))
     import torch
 
     res = Results(OUT / "bench_sim.json")
@@ -110,6 +140,7 @@ def main() -> int:
         "acc": float(acc),
         "batch_sizes": sizes,
         "new_tokens": new,
+        "rounds": rounds,
         "prompt_tokens": 128,
         "attention": "triton",
         "dtype": "bfloat16",
@@ -173,9 +204,9 @@ def main() -> int:
             for name, (srv, ok) in servers.items():
                 if not ok:
                     results[name] = {"error": srv.log_tail(40)}
-                    continue
-                results[name] = run_server(srv.url, Path(f"/tmp/phases/{name}"), sizes, new)
-                res["runs"] = results
+            up = {name: srv.url for name, (srv, ok) in servers.items() if ok}
+            results.update(run_interleaved(up, sizes, new, rounds))
+            res["runs"] = results
         finally:
             for srv, _ in servers.values():
                 srv.stop()

@@ -148,8 +148,11 @@ def generate(
             raise RuntimeError(f"/generate -> {status}: {body}")
         return body
 
-    with cf.ThreadPoolExecutor(concurrency) as pool:
+    pool = cf.ThreadPoolExecutor(concurrency)
+    try:
         return list(pool.map(one, prompts))
+    finally:  # on a failure, queued requests are dropped instead of each waiting out its own timeout
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
