@@ -24,6 +24,7 @@ from sglang_harness import OUT, SPEC, Results, generate, start_all, timed
 
 ROOT = Path("/tmp/q8")
 PROMPT = list(range(1000, 1128))
+LOG_NEEDLES = ("folded", "fused", "DFLARE worker ready", "eager", "Capture cuda graph end")
 TAPS9 = [1, 5, 9, 13, 17, 21, 25, 29, 33]
 TAPS5 = [1, 9, 17, 25, 33]
 TARGET = dict(
@@ -205,6 +206,10 @@ def main() -> int:
                 if not ok:
                     results[name] = {"error": srv.log_tail(40)}
             up = {name: srv.url for name, (srv, ok) in servers.items() if ok}
+            res["server_notes"] = {  # which fast paths each server took (a host-time gap starts here)
+                name: [ln[-200:] for needle in LOG_NEEDLES for ln in srv.log_grep(needle)][:12]
+                for name, (srv, _) in servers.items()
+            }
             results.update(run_interleaved(up, sizes, new, rounds))
             res["runs"] = results
         finally:
