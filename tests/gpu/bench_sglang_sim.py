@@ -161,7 +161,7 @@ def main() -> int:
         if total_gb > 120
         else [["ar", "dflare7"], ["dflash7", "dflash5"]]
     )
-    frac = "0.22" if len(waves) == 1 else "0.4"  # 0.19 left a 4th concurrent server no KV room
+    frac = "0.88" if len(waves) == 1 else "0.9"
     base = [
         "--model-path",
         str(ROOT / "target"),
@@ -172,6 +172,11 @@ def main() -> int:
         "bfloat16",
         "--mem-fraction-static",
         frac,
+        # Concurrent servers: SGLang sizes KV as (free now) - (free at start) * (1 - fraction), so
+        # the last to start got almost none at 0.22 (OOM at 1024 new tokens); a high fraction with
+        # a token cap gives every server the same pool.
+        "--max-total-tokens",
+        str(max(sizes) * (new + 256)),
         "--max-running-requests",
         str(max(sizes)),
         "--cuda-graph-max-bs",
