@@ -306,8 +306,12 @@ def main() -> int:
     ap.add_argument(
         "--skip-reference", action="store_true", help="the reference engine runs on CPU elsewhere"
     )
+    ap.add_argument(
+        "--only-sampling", action="store_true", help="one DFLARE server, the sampling stage alone"
+    )
     args = ap.parse_args()
     res = Results(OUT / "check.json")
+    res["only_sampling"] = args.only_sampling
     import torch
 
     res["device"] = torch.cuda.get_device_name(0)
@@ -335,6 +339,8 @@ def main() -> int:
         draft = ["--speculative-draft-model-path"]
         dflare = [*SPEC, "--speculative-algorithm", "DFLARE", *draft]
         dflash = [*SPEC, "--speculative-algorithm", "DFLASH", *draft, str(args.dflash)]
+        if args.only_sampling:
+            return [("dflare", 31001, [*base, *dflare, str(args.dflare)], {})]
         return [
             ("ar", 31000, base, {}),
             ("dflare", 31001, [*base, *dflare, str(args.dflare)], {}),
@@ -349,8 +355,9 @@ def main() -> int:
         res["float32_unsupported"] = why
         dtype = "bfloat16"
     servers, startup = timed(lambda: start_all(server_specs(dtype)))
-    if not servers["ar"][1] and dtype != "bfloat16":  # the norm/attention kernels may refuse float32
-        res[f"{dtype}_failed"] = servers["ar"][0].log_tail(30)
+    first, first_up = servers.get("ar") or next(iter(servers.values()))
+    if not first_up and dtype != "bfloat16":  # the norm/attention kernels may refuse float32
+        res[f"{dtype}_failed"] = first.log_tail(30)
         for srv, _ in servers.values():
             srv.stop()
         dtype = "bfloat16"
@@ -383,6 +390,7 @@ def main() -> int:
             greedy = {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
             t_greedy = time.time()
             names = [n for n in ("ar", "dflare", "dflare_eager", "dflash", "dflare_zero_k") if n in up]
+            names = [] if args.only_sampling else names
 
             def greedy_runs(name: str) -> dict[int, list[dict]] | str:
                 try:
@@ -438,7 +446,7 @@ def main() -> int:
                     "drops_over_30pct": 1 - zero / full > 0.30,
                 }
         with stage(res, "reference"):
-            if args.skip_reference:
+            if args.skip_reference or args.only_sampling:
                 raise RuntimeError("skipped (--skip-reference): tests/gpu/reference_tau.py runs it on CPU")
             ref = reference_tau(args.target, args.dflare, prompts, dtype)
             ref_ids = ref.pop("output_ids")
@@ -462,7 +470,7 @@ def main() -> int:
         with stage(res, "demo_bench"):
             bench = {}
             for name in ("ar", "dflash", "dflare"):
-                if name in up:
+                if name in up and not args.only_sampling:
                     bench[name] = decode_bench(up[name], prompts[0], [1, 8, 32], 256)
             res["demo_decode_bench"] = bench
         with stage(res, "sampling"):
