@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -62,6 +62,13 @@ def generate_batch(
         else:
             results.append(row if keep_unfinished else None)
     return results
+
+
+def temperature_schedule(temperatures: Sequence[tuple[float, int]], rng: random.Random) -> Iterator[float]:
+    """Endless per-batch temperatures: each run of sum(weights) batches is one shuffled copy of the mix."""
+    mix = [t for t, w in temperatures for _ in range(w)]
+    while True:
+        yield from rng.sample(mix, len(mix))
 
 
 def generate_halving_on_oom(
@@ -117,8 +124,7 @@ def regenerate(
     torch.manual_seed(seed)
     order = list(range(len(chats)))
     rng.shuffle(order)
-    temps = [t for t, w in temperatures for _ in range(w)]
-    cycle: list[float] = []
+    schedule = temperature_schedule(temperatures, rng)
     samples, prompt_lens, keys = [], [], []
     dropped = 0
     start = time.perf_counter()
@@ -128,9 +134,7 @@ def regenerate(
         if time_budget is not None and time.perf_counter() - start > time_budget:
             break
         batch = sorted(batch, key=lambda i: len(chats.samples[i]))
-        if not cycle:
-            cycle = rng.sample(temps, len(temps))
-        temperature = cycle.pop()
+        temperature = next(schedule)
         prompts = [chats.prompt(i) for i in batch]
         responses = generate_halving_on_oom(
             model, prompts, temperature, max_new_tokens, eos_id, pad_id, keep_unfinished
