@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from service.api import include_routers
 from service.backends.base import Endpoint
 from service.errors import register_exception_handlers
-from service.fastpath import GatewayMiddleware
+from service.fastpath import GatewayApp, GatewayMiddleware
 from service.metrics import GatewayMetrics
 from service.security import KeyChecker, load_api_keys
 from service.settings import Settings
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             await chosen.close()
             await session.close()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="DFlare Serve gateway",
         summary="OpenAI-compatible API with per-request speculative decoding stats",
         version="0.1.0",

@@ -15,14 +15,16 @@ method. Measured with ``loadtest/gateway_bench.py``; see docs/benchmarks.md.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from service.errors import (
     AuthenticationError,
@@ -115,11 +117,21 @@ class GatewayMiddleware:
         self.max_body_bytes = max_body_bytes
         self.hot = not cors_origins  # CORS rewrites responses: keep the chain then
 
+    def hot_handler(self, scope: Scope) -> Handler | None:
+        """The handler this layer serves ``scope`` with in one pass, or ``None``: the chain serves it."""
+        if not self.hot or scope["type"] != "http" or scope["method"] != "POST":
+            return None
+        return self.routes.get(scope["path"])
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.routes.get(scope["path"]) if self.hot and scope["type"] == "http" else None
-        if handler is None or scope["method"] != "POST":
+        handler = self.hot_handler(scope)
+        if handler is None:
             await self.observability(scope, receive, send)
             return
+        await self.serve_hot(scope, receive, send, handler)
+
+    async def serve_hot(self, scope: Scope, receive: Receive, send: Send, handler: Handler) -> None:
+        """One hot request: bookkeeping, then keys, limits and the handler (:meth:`_serve`)."""
         # bookkeeping, as ObservabilityMiddleware
         record = begin_request(scope)
         start, rid = record.start, record.request_id
@@ -172,9 +184,12 @@ class GatewayMiddleware:
                 response = await handler(request)
             except HANDLED as exc:
                 response = exception_response(request, exc)
+            except Exception as exc:  # as Starlette's ServerErrorMiddleware: the 500 answer, then re-raised
+                await send_response(exception_response(request, exc), receive, send)
+                raise
             response.raw_headers.append((b"x-request-id", rid.encode()))
             status = response.status_code
-            await response(scope, receive, send)
+            await send_response(response, receive, send)
             return status
         except _BodyTooLarge:  # raised from receive outside the handler, before anything was sent
             return await self._too_large(send, rid_headers)
@@ -185,3 +200,94 @@ class GatewayMiddleware:
         err = RequestTooLarge(f"Request body larger than {self.max_body_bytes} bytes.")
         await send_error(send, err, headers)
         return err.status
+
+
+async def send_response(response: Response, receive: Receive, send: Send) -> None:
+    """Send a response of the hot path: what ``response(scope, receive, send)`` sends, leaner."""
+    if isinstance(response, StreamingResponse):
+        await stream_response(response, receive, send)
+    elif type(response) in (Response, JSONResponse) and response.background is None:
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
+        )
+        await send({"type": "http.response.body", "body": response.body})
+    else:  # pragma: no cover - the handlers answer with the types above
+        raise TypeError(f"unexpected response type {type(response).__name__}")
+
+
+async def stream_response(response: StreamingResponse, receive: Receive, send: Send) -> None:
+    """Stream ``response`` until its iterator ends or the client goes away.
+
+    What Starlette's ``StreamingResponse`` does for servers of ASGI spec < 2.4 (uvicorn's httptools
+    protocol reports 2.3: its ``send`` drops data silently after a disconnect), with one listener
+    task instead of an anyio task group and two tasks. The listener waits for ``http.disconnect``
+    and cancels the streaming task, which interrupts the wait on the upstream; the relay's
+    ``finally`` then closes the upstream connection (SGLang aborts the request), as before.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    finished = disconnected = False
+
+    async def listen() -> None:
+        nonlocal disconnected
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not finished:
+            disconnected = True
+            task.cancel()
+
+    listener = asyncio.get_running_loop().create_task(listen())
+    body = response.body_iterator
+    try:
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
+        )
+        async for chunk in body:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finished = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not disconnected:
+            raise
+        task.uncancel()  # our own cancellation: the client left, the response is over
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    finally:
+        finished = True
+        listener.cancel()
+
+
+class GatewayApp(FastAPI):
+    """The FastAPI app, with the two completion endpoints served before Starlette's outer stack.
+
+    FastAPI puts three layers in front of user middleware (``ServerErrorMiddleware`` with a ``send``
+    wrapper, exception telemetry, an app body limit) and Starlette sets up per request before them.
+    :meth:`__call__` hands a hot request straight to the app's :class:`GatewayMiddleware`
+    (:meth:`GatewayMiddleware.serve_hot`), which answers unexpected errors as
+    ``ServerErrorMiddleware`` would (the 500 in OpenAI's shape, then re-raised for the server's log).
+    Everything else goes through the whole stack as before.
+    """
+
+    gateway: GatewayMiddleware | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        layer: object = stack
+        while layer is not None and not isinstance(layer, GatewayMiddleware):
+            layer = getattr(layer, "app", None)
+        self.gateway = layer
+        return stack
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
+        gateway = self.gateway
+        handler = gateway.hot_handler(scope) if gateway is not None else None
+        if handler is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self  # as Starlette.__call__ (the handlers read app.state)
+        if self.root_path:  # as FastAPI.__call__
+            scope["root_path"] = self.root_path
+        await gateway.serve_hot(scope, receive, send, handler)
