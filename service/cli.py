@@ -114,6 +114,8 @@ def _run(settings: Settings, log_config: dict[str, Any]) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     import uvicorn
 
+    from service.http_protocol import CoalescingHttpToolsProtocol
+
     try:
         uvicorn.run(
             "service.app:app_from_env",
@@ -121,6 +123,7 @@ def _run(settings: Settings, log_config: dict[str, Any]) -> int:
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
+            http=CoalescingHttpToolsProtocol,  # uvicorn's httptools protocol, one write per response
             log_config=log_config,
             access_log=False,
             timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
