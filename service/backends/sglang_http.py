@@ -1,11 +1,14 @@
 """One SGLang (or ``dflare engine-server``) base URL, spoken to through its OpenAI endpoints.
 
-Hot path, measured to matter (issue 6): one pooled ``aiohttp`` session shared by all backends of
-the process, ``orjson``, and streams relayed as the raw bytes that arrive. A stream is cut into SSE
-events only to find the one usage chunk (``"choices":[]`` with a ``usage`` object): the gateway
-always asks upstream for it, reads it, and passes it on only if the client asked. Non-streamed chat
-asks for SGLang's ``return_meta_info`` and turns ``choices[].meta_info`` into ``usage.speculative``
-when the engine did not already put it there (stock SGLang, without our plugin), then strips it.
+Hot path, measured to matter (issue 6, issue 9): the completion POSTs of ``http://`` backends go
+through the lean pooled HTTP/1.1 client of :mod:`service.backends.h1client` (a third of aiohttp's
+CPU cost per request); health checks, model lists and ``https`` backends use one pooled ``aiohttp``
+session shared by all backends of the process; ``orjson``; and streams relayed as the raw bytes that
+arrive. A stream is cut into SSE events only to find the one usage chunk (``"choices":[]`` with a
+``usage`` object): the gateway always asks upstream for it, reads it, and passes it on only if the
+client asked. Non-streamed chat asks for SGLang's ``return_meta_info`` and turns
+``choices[].meta_info`` into ``usage.speculative`` when the engine did not already put it there
+(stock SGLang, without our plugin), then strips it.
 Closing a stream early closes the upstream connection, which SGLang takes as an abort.
 """
 
@@ -22,6 +25,7 @@ import orjson
 from yarl import URL
 
 from service.backends.base import Backend, BackendRequest, Completion, Endpoint, Stream, Usage
+from service.backends.h1client import H1Pool, H1Response
 from service.errors import (
     BackendTimeout,
     BackendUnavailable,
@@ -77,7 +81,7 @@ class _RelayStream(Stream):
 
     def __init__(
         self,
-        resp: aiohttp.ClientResponse,
+        resp: aiohttp.ClientResponse | H1Response,
         req: BackendRequest,
         backend: str,
         first_timeout: float,
@@ -204,6 +208,14 @@ class SGLangHTTPBackend(Backend):
         self._request_timeout = request_timeout_s
         self._health_timeout = health_timeout_s
         self._urls = {e: _url(self.name + e.value) for e in Endpoint}
+        # the hot POSTs of plain-http backends go through the lean client (h1client), the rest aiohttp
+        self._h1: H1Pool | None = None
+        self._targets: dict[Endpoint, bytes] = {}
+        first = self._urls[Endpoint.CHAT]
+        if isinstance(first, URL) and first.scheme == "http" and first.raw_host and first.port:
+            self._h1 = H1Pool(first.raw_host, first.port, connect_timeout_s)
+            urls = self._urls.items()
+            self._targets = {e: u.raw_path_qs.encode("ascii") for e, u in urls if isinstance(u, URL)}
         self._models: list[str] = []
         self._models_at = 0.0
 
@@ -227,6 +239,8 @@ class SGLangHTTPBackend(Backend):
         return self._session
 
     async def close(self) -> None:
+        if self._h1 is not None:
+            await self._h1.close()
         if self._owns_session and self._session is not None:
             await self._session.close()
 
@@ -264,9 +278,16 @@ class SGLangHTTPBackend(Backend):
     def _headers(self, req: BackendRequest) -> dict[str, str]:
         return {"content-type": "application/json", "x-request-id": req.request_id}
 
+    async def _send(self, req: BackendRequest, data: bytes) -> aiohttp.ClientResponse | H1Response:
+        rid = req.request_id
+        if self._h1 is not None and rid.isprintable() and rid.isascii():
+            headers = b"Content-Type: application/json\r\nx-request-id: %s\r\n" % rid.encode("ascii")
+            return await self._h1.post(self._targets[req.endpoint], headers, data)
+        return await self.session.post(self._urls[req.endpoint], data=data, headers=self._headers(req))
+
     async def _post(
         self, req: BackendRequest, payload: dict[str, Any], timeout: float
-    ) -> aiohttp.ClientResponse:
+    ) -> aiohttp.ClientResponse | H1Response:
         """POST and wait for the status line; maps every failure before the first byte."""
         try:
             data = orjson.dumps(payload)
@@ -274,9 +295,7 @@ class SGLangHTTPBackend(Backend):
             raise InvalidRequest(f"The request cannot be encoded as JSON: {exc}") from exc
         try:
             async with asyncio.timeout(timeout):
-                resp = await self.session.post(
-                    self._urls[req.endpoint], data=data, headers=self._headers(req)
-                )
+                resp = await self._send(req, data)
         except aiohttp.ConnectionTimeoutError as exc:  # never connected (a dead pod's IP): retryable
             raise BackendUnavailable(f"Backend {self.name} did not accept a connection: {exc}") from exc
         except TimeoutError as exc:
