@@ -122,6 +122,11 @@ class H1Response:
         self._released = False
 
     @property
+    def complete(self) -> bool:
+        """The whole body has arrived: :meth:`read` returns without waiting."""
+        return self._conn.complete
+
+    @property
     def content(self) -> H1Response:
         """``resp.content.readany()`` as on an aiohttp response."""
         return self

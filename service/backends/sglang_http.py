@@ -321,8 +321,11 @@ class SGLangHTTPBackend(Backend):
         deadline = time.monotonic() + self._request_timeout
         resp = await self._post(req, payload, self._request_timeout)
         try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-                raw = await resp.read()
+            if isinstance(resp, H1Response) and resp.complete:
+                raw = await resp.read()  # all arrived with the head (the usual case): nothing to time
+            else:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                    raw = await resp.read()
         except TimeoutError as exc:
             resp.close()
             raise BackendTimeout(
