@@ -85,6 +85,41 @@ def begin_request(scope: Scope) -> RequestRecord:
     return record
 
 
+def bare_line_stream(logger: logging.Logger) -> logging.StreamHandler | None:
+    """The one handler of ``logger`` when logging a line through it would write exactly the line and
+    a newline to its stream: the configuration ``dflare serve`` installs (a non-propagating logger
+    with one plain ``StreamHandler`` formatting ``%(message)s``, no filters). ``None`` otherwise.
+
+    The access line is the gateway's most frequent log call, and a ``LogRecord`` (thread, process
+    and time fields) plus the handler chain cost about 90k CPU instructions per request, a tenth of
+    a completion's (callgrind); writing the same bytes under the handler's lock costs a fraction.
+    """
+    if logger.propagate or logger.filters or logger.disabled or len(logger.handlers) != 1:
+        return None
+    handler = logger.handlers[0]
+    if type(handler) is not logging.StreamHandler or handler.filters or handler.level > logging.INFO:
+        return None
+    fmt = handler.formatter
+    if type(fmt) is not logging.Formatter or type(fmt._style) is not logging.PercentStyle:
+        return None
+    if fmt._fmt != "%(message)s":
+        return None
+    return handler
+
+
+def write_line(handler: logging.StreamHandler, line: str) -> None:
+    """What ``handler.handle`` of a record of ``line`` does, as ``StreamHandler.emit`` and
+    ``Handler.handleError`` would: under the handler's lock, write, flush; errors are reported the
+    logging way (to stderr), never raised into the request."""
+    with handler.lock:  # type: ignore[union-attr]
+        try:
+            handler.stream.write(line + handler.terminator)
+            handler.stream.flush()
+        except Exception:
+            record = logging.LogRecord(ACCESS_LOGGER, logging.INFO, "", 0, line, (), None)
+            handler.handleError(record)
+
+
 class ObservabilityMiddleware:
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics, *, access_log: bool = True) -> None:
         self.app = app
@@ -132,10 +167,15 @@ class ObservabilityMiddleware:
                 itl = (record.last_chunk_at - record.first_chunk_at) / (usage.completion_tokens - 1)
             m.observe_stream_timing(model, backend, ttft, itl)
         if self.access_log and access_logger.isEnabledFor(logging.INFO):
-            # a record handed straight to the logger's handlers: ``Logger.info`` would also walk the
-            # stack for the caller's file and line, which the bare-JSON access format never prints
             line = self._line(scope, record, status, duration, backend, itl)
-            access_logger.handle(access_logger.makeRecord(ACCESS_LOGGER, logging.INFO, "", 0, line, (), None))
+            stream = bare_line_stream(access_logger)
+            if stream is not None:
+                write_line(stream, line)
+            else:
+                # a record handed straight to the logger's handlers: ``Logger.info`` would also walk
+                # the stack for the caller's file and line, which the bare-JSON format never prints
+                record_ = access_logger.makeRecord(ACCESS_LOGGER, logging.INFO, "", 0, line, (), None)
+                access_logger.handle(record_)
 
     @staticmethod
     def _line(
