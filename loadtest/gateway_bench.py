@@ -218,9 +218,17 @@ def measure(
     return latency, throughput
 
 
-def proxy_commands(backend: str, port: int) -> dict[str, tuple[list[str], dict[str, str]]]:
+def proxy_commands(
+    backend: str, port: int, baseline: Path | None = None
+) -> dict[str, tuple[list[str], dict[str, str]]]:
     env = dict(os.environ)
     dflare_env = {**env, "DFLARE_LOG_LEVEL": "warning"}
+    dflare_argv = [str(BIN / "dflare"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    dflare_argv += ["--backend", backend]
+    # ``dflare_base``: the same command importing ``service``/``sglang_ext`` from another tree (e.g.
+    # ``git archive`` of an older commit) for paired before/after runs; the console script's own
+    # directory comes first on sys.path, then PYTHONPATH, then the editable install
+    base_env = {**dflare_env, "PYTHONPATH": str(baseline)} if baseline is not None else dflare_env
     return {
         "smg": (
             [
@@ -244,10 +252,8 @@ def proxy_commands(backend: str, port: int) -> dict[str, tuple[list[str], dict[s
             ],
             env,
         ),
-        "dflare": (
-            [str(BIN / "dflare"), "serve", "--host", "127.0.0.1", "--port", str(port), "--backend", backend],
-            dflare_env,
-        ),
+        "dflare": (dflare_argv, dflare_env),
+        "dflare_base": (dflare_argv, base_env),
     }
 
 
@@ -286,7 +292,12 @@ def _median(results: list[WrkResult]) -> WrkResult:
 
 
 def run(
-    targets: list[str], duration_s: float, rounds: int, workdir: Path, stream: bool = False
+    targets: list[str],
+    duration_s: float,
+    rounds: int,
+    workdir: Path,
+    stream: bool = False,
+    baseline: Path | None = None,
 ) -> BenchReport:
     cores = os.cpu_count() or 1
     proxy_core, backend_core = (0, 1) if cores >= 2 else (None, None)
@@ -303,6 +314,7 @@ def run(
             "backend_core": backend_core,
             "wrk": "-t1, -c1 for latency, -c32 for throughput, pinned to the proxy's core",
             "aggregate": "per target and number, the median over rounds; counts summed; all rounds kept",
+            "baseline": str(baseline) if baseline is not None else None,
         },
     )
     backend_port = free_port()
@@ -317,7 +329,7 @@ def run(
                 runs[name].append(measure(backend, script, duration_s, proxy_core, None))
                 continue
             port = free_port()
-            argv, env = proxy_commands(backend, port)[name]
+            argv, env = proxy_commands(backend, port, baseline)[name]
             with process(pinned(proxy_core, argv), workdir / f"{name}.log", env) as proxy:
                 wait_ready(f"http://127.0.0.1:{port}")
                 runs[name].append(
@@ -375,7 +387,14 @@ def plot(report: BenchReport, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="gateway overhead benchmark (wrk, fake SGLang backend)")
-    parser.add_argument("--targets", default="direct,smg,dflare", help="comma list of direct, smg, dflare")
+    parser.add_argument(
+        "--targets", default="direct,smg,dflare", help="comma list of direct, smg, dflare, dflare_base"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="tree holding service/ and sglang_ext/ of the version dflare_base runs (paired before/after)",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk measurement")
     parser.add_argument("--rounds", type=int, default=3, help="repeat every target, report the median run")
     parser.add_argument("--stream", action="store_true", help="streamed chat completions (SSE relayed)")
@@ -386,12 +405,16 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         parser.error("wrk not found: apt-get install wrk")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(targets) - {"direct", "smg", "dflare"}
+    unknown = set(targets) - {"direct", "smg", "dflare", "dflare_base"}
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if ("dflare_base" in targets) != (args.baseline is not None):
+        parser.error("dflare_base and --baseline go together")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
-        report = run(targets, args.duration, args.rounds, Path(tmp), stream=args.stream)
+        report = run(
+            targets, args.duration, args.rounds, Path(tmp), stream=args.stream, baseline=args.baseline
+        )
     args.out.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     plot(report, args.out.with_suffix(".png"))
     for t in report.targets:
