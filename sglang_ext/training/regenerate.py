@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -26,21 +27,28 @@ logger = logging.getLogger(__name__)
 RECIPE_TEMPERATURES: tuple[tuple[float, int], ...] = ((0.0, 4), (0.3, 1), (0.5, 1), (0.7, 1), (1.0, 3))
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How one batch is generated (``temperature`` 0 = greedy); ``keep_unfinished`` keeps generations cut
+    at ``max_new_tokens`` instead of dropping them."""
+
+    temperature: float
+    max_new_tokens: int
+    eos_id: int
+    pad_id: int
+    keep_unfinished: bool = False
+
+
 @torch.no_grad()
 def generate_batch(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    temperature: float,
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int,
-    keep_unfinished: bool = False,
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], decoding: Decoding
 ) -> list[list[int] | None]:
     """Left-padded batched ``generate``; a row's continuation up to and including eos, else None
     (or, with ``keep_unfinished``, the truncated continuation)."""
+    temperature, eos_id = decoding.temperature, decoding.eos_id
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
+    ids = torch.full((len(prompts), width), decoding.pad_id, dtype=torch.int64)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
@@ -49,9 +57,9 @@ def generate_batch(
     out = model.generate(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=decoding.max_new_tokens,
         eos_token_id=eos_id,
-        pad_token_id=pad_id,
+        pad_token_id=decoding.pad_id,
         do_sample=temperature > 0,
         **sampling,
     )
@@ -60,7 +68,7 @@ def generate_batch(
         if eos_id in row:
             results.append(row[: row.index(eos_id) + 1])
         else:
-            results.append(row if keep_unfinished else None)
+            results.append(row if decoding.keep_unfinished else None)
     return results
 
 
@@ -72,13 +80,7 @@ def temperature_schedule(temperatures: Sequence[tuple[float, int]], rng: random.
 
 
 def generate_halving_on_oom(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    temperature: float,
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int,
-    keep_unfinished: bool,
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], decoding: Decoding
 ) -> list[list[int] | None]:
     """``generate_batch``, retried as two halves when the GPU runs out of memory.
 
@@ -86,7 +88,7 @@ def generate_halving_on_oom(
     a batch's memory depends on its longest prompt; halving on OOM keeps a long batch from ending the run.
     """
     try:
-        return generate_batch(model, prompts, temperature, max_new_tokens, eos_id, pad_id, keep_unfinished)
+        return generate_batch(model, prompts, decoding)
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
             raise
@@ -94,12 +96,8 @@ def generate_halving_on_oom(
         half = len(prompts) // 2
         logger.warning("out of memory at batch %d: generating it as two halves", len(prompts))
         return [
-            *generate_halving_on_oom(
-                model, prompts[:half], temperature, max_new_tokens, eos_id, pad_id, keep_unfinished
-            ),
-            *generate_halving_on_oom(
-                model, prompts[half:], temperature, max_new_tokens, eos_id, pad_id, keep_unfinished
-            ),
+            *generate_halving_on_oom(model, prompts[:half], decoding),
+            *generate_halving_on_oom(model, prompts[half:], decoding),
         ]
 
 
@@ -136,9 +134,8 @@ def regenerate(
         batch = sorted(batch, key=lambda i: len(chats.samples[i]))
         temperature = next(schedule)
         prompts = [chats.prompt(i) for i in batch]
-        responses = generate_halving_on_oom(
-            model, prompts, temperature, max_new_tokens, eos_id, pad_id, keep_unfinished
-        )
+        decoding = Decoding(temperature, max_new_tokens, eos_id, pad_id, keep_unfinished)
+        responses = generate_halving_on_oom(model, prompts, decoding)
         for i, response in zip(batch, responses, strict=True):
             if response is None or len(response) < 2:
                 dropped += 1

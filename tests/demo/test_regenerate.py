@@ -11,7 +11,12 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from sglang_ext.training import regenerate
-from sglang_ext.training.regenerate import RECIPE_TEMPERATURES, generate_halving_on_oom, temperature_schedule
+from sglang_ext.training.regenerate import (
+    RECIPE_TEMPERATURES,
+    Decoding,
+    generate_halving_on_oom,
+    temperature_schedule,
+)
 
 
 def test_every_run_of_ten_batches_follows_the_recipe_mix_exactly() -> None:
@@ -23,6 +28,9 @@ def test_every_run_of_ten_batches_follows_the_recipe_mix_exactly() -> None:
     again = temperature_schedule(RECIPE_TEMPERATURES, random.Random(3))
     firsts = [list(islice(again, 10)) for _ in range(5)]
     assert len({tuple(f) for f in firsts}) > 1
+
+
+GREEDY = Decoding(temperature=0.0, max_new_tokens=6, eos_id=1, pad_id=0, keep_unfinished=True)
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +47,18 @@ def test_a_batch_that_runs_out_of_memory_is_generated_as_halves_with_the_same_re
     tiny_model: Qwen3ForCausalLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
-    whole = generate_halving_on_oom(tiny_model, prompts, 0.0, 6, eos_id=1, pad_id=0, keep_unfinished=True)
+    whole = generate_halving_on_oom(tiny_model, prompts, GREEDY)
 
     real, sizes = regenerate.generate_batch, []
 
-    def runs_out_above_one_row(model, batch, *args):  # a GPU OOM cannot happen on CPU: injected
+    def runs_out_above_one_row(model, batch, decoding):  # a GPU OOM cannot happen on CPU: injected
         sizes.append(len(batch))
         if len(batch) > 1:
             raise torch.OutOfMemoryError("injected")
-        return real(model, batch, *args)
+        return real(model, batch, decoding)
 
     monkeypatch.setattr(regenerate, "generate_batch", runs_out_above_one_row)
-    halved = generate_halving_on_oom(tiny_model, prompts, 0.0, 6, eos_id=1, pad_id=0, keep_unfinished=True)
+    halved = generate_halving_on_oom(tiny_model, prompts, GREEDY)
     assert sizes == [4, 2, 1, 1, 2, 1, 1]
     assert halved == whole  # greedy rows do not depend on their batch-mates
 
@@ -63,4 +71,4 @@ def test_a_single_row_that_runs_out_of_memory_is_an_error(
 
     monkeypatch.setattr(regenerate, "generate_batch", always_oom)
     with pytest.raises(torch.OutOfMemoryError):
-        generate_halving_on_oom(tiny_model, [[5, 6]], 0.0, 4, eos_id=1, pad_id=0, keep_unfinished=True)
+        generate_halving_on_oom(tiny_model, [[5, 6]], GREEDY)
