@@ -228,6 +228,7 @@ class LockstepTrainer:
         self.tap_index = {s.name: [self.all_taps.index(t) for t in s.taps] for s in specs}
         self.total_steps = args.steps
         self._epoch: tuple[int, list[list[int]]] = (0, epoch_batches(chats, args.batch, 0, args.seed))
+        self._probes = 0
 
     def batch_for(self, step: int) -> Batch:
         epoch, k = divmod(step, len(self._epoch[1]))
@@ -272,7 +273,7 @@ class LockstepTrainer:
         """One throw-away step for timing; successive probes take successive batches, because batches are
         length-bucketed and one batch's time says little about the epoch's mean (the first build ran
         48 % over its budget when every probe reused batch 0)."""
-        self._probes = getattr(self, "_probes", 0) + 1
+        self._probes += 1
         for loss, _, _ in self.losses(self.batch_for(self._probes % len(self._epoch[1]))).values():
             loss.backward()
         for opt in self.optims.values():

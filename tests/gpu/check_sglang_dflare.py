@@ -38,7 +38,6 @@ from sglang_harness import OUT, SPEC, Results, generate, post_raw, start_all, ti
 REPO = Path(__file__).resolve().parents[2]
 MAX_NEW = 96
 N_PROMPTS = 48
-BLOCK = 16  # the demo drafters' block size (their config)
 SAMPLING_TIMEOUT_S = 60
 SAMPLING_WARMUP_S = 300
 
@@ -483,11 +482,13 @@ def main() -> int:
             if warm_sampling is not None:
                 res["sampling_warmup_s"] = warm_sampling.result(timeout=SAMPLING_WARMUP_S)
 
+            block = int(json.loads((args.dflare / "config.json").read_text())["block_size"])
+
             def sample(name: str) -> dict:
                 try:
                     warm_s = first_sampled_request(up[name])
                     outs = generate(up[name], prompts[:32], params, 8, timeout=SAMPLING_TIMEOUT_S)
-                    return {"first_request_s": warm_s, **sampling_consistency(outs, BLOCK)}
+                    return {"first_request_s": warm_s, **sampling_consistency(outs, block)}
                 except Exception as exc:
                     return {"error": repr(exc)[:500], "log_tail": servers[name][0].log_tail(40)}
 
