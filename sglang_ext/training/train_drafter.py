@@ -9,6 +9,9 @@ Recipe (``docs/demo.md``; AngelSlim's DFlash trainer, which DFlare reuses unchan
    tapped hidden states of positions strictly before its anchor, and its own block
    (``ops.block_training_mask``).
 4. Slot k (1..B-1) predicts the data token at ``anchor + k``; cross-entropy weighted ``exp(-(k-1)/gamma)``.
+   With ``--soft-labels`` the label is the target's own next-token distribution at ``anchor + k - 1`` (the
+   distribution the verify step takes its token from) instead of the one data token: the same
+   cross-entropy, against a soft label, as EAGLE's classification loss and DistillSpec's distillation.
 5. AdamW (fp32 master weights and moments, bf16 autocast on GPU), cosine schedule with warmup, clip 1.0.
 
 Several drafters (``--drafter NAME:KIND:LAYERS[:TAPS]``, repeatable) train in lockstep on exactly the same
@@ -173,10 +176,14 @@ def block_loss(
     block_size: int,
     gamma: float,
     mask_id: int,
+    target_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Slot-decayed CE over all blocks of a batch; returns (loss, top-1 hits, weighted count) for logs.
 
     taps [b, S, T, H] are this drafter's tapped target hidden states of the batch's sequences.
+    ``target_logprobs`` [b, S, V] (the target's log-softmax, position p predicting p + 1) turns the labels
+    soft: slot k is scored against the target's distribution at ``anchor + k - 1``. Hits still count the
+    data token, so the logged accuracy means the same either way.
     """
     ids, real, anchors, valid = batch.ids, batch.real, batch.anchors, batch.valid
     b, s = ids.shape
@@ -199,17 +206,32 @@ def block_loss(
         valid[:, :, None] & in_range & real.gather(1, label_pos.flatten(1)).view_as(label_pos)
     ).float() * decay
     logits = drafter.logits(hidden).float()  # [b, N, B-1, V]
-    ce = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none").view_as(weight)
+    if target_logprobs is None:
+        ce = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none").view_as(weight)
+    else:
+        soft = soft_labels(target_logprobs, label_pos)
+        ce = -(soft * F.log_softmax(logits, dim=-1)).sum(-1)
     total = weight.sum().clamp(min=1e-6)
     hits = ((logits.argmax(-1) == labels).float() * (weight > 0)).sum()
     return (ce * weight).sum() / total, hits, (weight > 0).sum()
 
 
+def soft_labels(target_logprobs: torch.Tensor, label_pos: torch.Tensor) -> torch.Tensor:
+    """The target's next-token distribution for the tokens at ``label_pos`` [b, N, K]: its output at the
+    position before each (``label_pos >= 1`` always: labels lie after an anchor). Returns [b, N, K, V]."""
+    index = (label_pos - 1).flatten(1)[:, :, None].expand(-1, -1, target_logprobs.shape[-1])
+    return target_logprobs.gather(1, index).view(*label_pos.shape, -1).float().exp()
+
+
 @torch.no_grad()
-def target_taps(target: torch.nn.Module, batch: Batch, layers: list[int]) -> torch.Tensor:
-    """Hidden states after decoder layers ``layers`` (HF ``hidden_states[l+1]``): [b, S, len(layers), H]."""
+def target_forward(
+    target: torch.nn.Module, batch: Batch, layers: list[int], logprobs: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states after decoder layers ``layers`` (HF ``hidden_states[l+1]``): [b, S, len(layers), H];
+    with ``logprobs`` also the target's next-token log-softmax [b, S, V] (the soft labels' source)."""
     out = target(input_ids=batch.ids, attention_mask=batch.real.long(), output_hidden_states=True)
-    return torch.stack([out.hidden_states[layer + 1] for layer in layers], dim=2)
+    taps = torch.stack([out.hidden_states[layer + 1] for layer in layers], dim=2)
+    return taps, (F.log_softmax(out.logits.float(), dim=-1) if logprobs else None)
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -242,7 +264,7 @@ class LockstepTrainer:
 
     def losses(self, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         with autocast(self.device):
-            taps = target_taps(self.target, batch, self.all_taps)
+            taps, logprobs = target_forward(self.target, batch, self.all_taps, self.args.soft_labels)
             return {
                 name: block_loss(
                     d,
@@ -251,6 +273,7 @@ class LockstepTrainer:
                     self.args.block_size,
                     self.args.gamma,
                     self.mask_id,
+                    logprobs,
                 )
                 for name, d in self.drafters.items()
             }
@@ -323,7 +346,7 @@ def block_acceptance(
         b = make_batch(chats, rows, args.anchors, gen, trainer.pad_id)
         batch = Batch(*(t.to(trainer.device) for t in (b.ids, b.real, b.anchors, b.valid)))
         with autocast(trainer.device):
-            taps = target_taps(trainer.target, batch, trainer.all_taps)
+            taps, _ = target_forward(trainer.target, batch, trainer.all_taps)
         s = batch.ids.shape[1]
         slots = torch.arange(1, args.block_size, device=trainer.device)
         label_pos = batch.anchors[:, :, None] + slots
@@ -501,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--anchors", type=int, default=64, help="anchors per sequence")
     p.add_argument("--gamma", type=float, default=7.0, help="slot decay of the loss")
+    p.add_argument(
+        "--soft-labels", action="store_true", help="CE against the target's distribution, not the data token"
+    )
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--warmup", type=float, default=0.04)
     p.add_argument("--batch", type=int, default=16)

@@ -80,3 +80,13 @@ def test_resumed_training_equals_an_uninterrupted_run(built: tuple[Path, Path], 
     a = load_file(str(whole / "d" / "model.safetensors"))
     b = load_file(str(resumed / "d" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_drafter_only_rebuild_keeps_the_given_target(built: tuple[Path, Path], tmp_path: Path) -> None:
+    work, out = built
+    report = demo_build.train_all(work, tmp_path, "tiny", "cpu", reuse_target=out / "target")
+    assert report["target"] == {"reused": str(out / "target")} and report["drafters"]["steps"] == 4
+    a = load_file(str(out / "target" / "model.safetensors"))
+    b = load_file(str(tmp_path / "target" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_drafter(tmp_path / "drafters" / "dflare").config.target_num_hidden_layers == 6

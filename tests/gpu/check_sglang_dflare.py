@@ -8,7 +8,9 @@ server it needs at once (each with a small memory fraction), then checks:
   off, float32 (divergences reported with the target's top-2 logit margin);
 * tau = 1 + correct/verify_ct within 5% of the reference engine's on the same prompts;
 * ``k_proj_target`` zeroed (a copy of the checkpoint) drops tau by more than 30%;
-* temperature sampling runs and each request's stats are consistent;
+* temperature sampling runs and each request's stats are consistent (top_p 1: the session-2 run hung in
+  the first sampled verify step with top_p 0.95 on DFLARE and built-in DFLASH alike; a bounded probe of
+  sgl_kernel's ``top_p_renorm_prob`` at this vocabulary says whether that kernel is the cause);
 * built-in DFLASH runs the DFlash demo drafter (greedy == AR too);
 * real responses captured as fixtures (native + OpenAI, streamed + not, DFLARE with usage.speculative,
   built-in DFLASH without our plugin with return_meta_info);
@@ -39,7 +41,11 @@ REPO = Path(__file__).resolve().parents[2]
 MAX_NEW = 96
 N_PROMPTS = 48
 SAMPLING_TIMEOUT_S = 60
-SAMPLING_WARMUP_S = 300
+SAMPLING_WARMUP_S = 90
+# Pure temperature sampling: with top_p < 1 SGLang's DFlash-family verify renormalises through sgl_kernel's
+# top_p_renorm_prob, where session 2's servers hung (probe_top_p_kernel below tests that kernel alone).
+SAMPLED = {"temperature": 0.8, "top_p": 1.0}
+PROBE_S = 60
 
 
 def load_prompts(target: Path, n: int) -> list[list[int]]:
@@ -93,9 +99,35 @@ def float32_kernels_ok() -> str | None:
 
 def first_sampled_request(url: str) -> float:
     """Seconds of one short sampled request (the first one pays any kernel compilation)."""
-    params = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 8}
+    params = {**SAMPLED, "max_new_tokens": 8}
     _, secs = timed(lambda: generate(url, [[1, 2, 3, 4]], params, 1, timeout=SAMPLING_WARMUP_S))
     return round(secs, 1)
+
+
+PROBE = """
+import sys, time, torch
+from sgl_kernel import top_p_renorm_prob
+vocab = int(sys.argv[1])
+probs = torch.softmax(torch.randn(16, vocab, device="cuda") * 3, dim=-1)
+t = time.perf_counter()
+out = top_p_renorm_prob(probs, torch.full((16,), 0.95, device="cuda"))
+torch.cuda.synchronize()
+print(round(time.perf_counter() - t, 3), bool(torch.isfinite(out).all()), float(out.sum(-1).mean()))
+"""
+
+
+def probe_top_p_kernel(vocab: int) -> dict:
+    """sgl_kernel's top-p renorm on [16, vocab] in a child process, killed after PROBE_S seconds."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE, str(vocab)], capture_output=True, text=True, timeout=PROBE_S
+        )
+    except subprocess.TimeoutExpired:
+        return {"vocab": vocab, "returned": False, "timeout_s": PROBE_S}
+    return {"vocab": vocab, "returned": done.returncode == 0, "stdout": done.stdout[-300:],
+            "stderr": done.stderr[-300:]}  # fmt: skip
 
 
 def sampling_verify_available() -> bool | str:
@@ -477,7 +509,7 @@ def main() -> int:
             # back. DFLARE and built-in DFLASH side by side, so a hang is attributed to the plugin or not.
             res["sampling_verify_available"] = sampling_verify_available()
             sampled_on = [n for n in ("dflare", "dflash") if n in up]
-            params = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": MAX_NEW, "ignore_eos": True}
+            params = {**SAMPLED, "max_new_tokens": MAX_NEW, "ignore_eos": True}
 
             if warm_sampling is not None:
                 res["sampling_warmup_s"] = warm_sampling.result(timeout=SAMPLING_WARMUP_S)
@@ -508,7 +540,10 @@ def main() -> int:
         with (OUT / "logs.txt").open("w") as f:
             for name, (srv, _) in servers.items():
                 f.write(f"===== {name}: {' '.join(srv.cmd)}\n{srv.log_tail(80)}\n")
-        res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with stage(res, "top_p_kernel"):  # after the servers: a hung kernel must not hold the GPU they use
+        vocab = int(json.loads((args.target / "config.json").read_text())["vocab_size"])
+        res["top_p_renorm_probe"] = [probe_top_p_kernel(v) for v in (vocab, 151936)]
+    res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return 0
 
 
