@@ -119,7 +119,7 @@ class GatewayMetrics:
         )
         self.itl = Histogram(
             "dflare_inter_token_latency_seconds",
-            "Per streamed request: (last chunk - first chunk) / (completion tokens - 1).",
+            "Per streamed request: (last chunk - first chunk) / (completion tokens per choice - 1).",
             mb,
             buckets=ITL_BUCKETS,
             registry=r,

@@ -37,6 +37,7 @@ class RequestRecord:
 
     __slots__ = (
         "backend",
+        "choices",
         "completion_text",
         "error_code",
         "first_chunk_at",
@@ -56,6 +57,7 @@ class RequestRecord:
         self.model: str | None = None
         self.backend: str | None = None
         self.stream = False
+        self.choices = 1  # OpenAI's ``n``: usage counts the tokens of all of them
         self.usage: Usage | None = None
         self.first_chunk_at: float | None = None
         self.last_chunk_at: float | None = None
@@ -163,8 +165,10 @@ class ObservabilityMiddleware:
             m.observe_usage(model, backend, usage.prompt_tokens, usage.completion_tokens, usage.speculative)
         if record.first_chunk_at is not None:
             ttft = record.first_chunk_at - record.start
-            if usage is not None and usage.completion_tokens > 1 and record.last_chunk_at is not None:
-                itl = (record.last_chunk_at - record.first_chunk_at) / (usage.completion_tokens - 1)
+            n = record.choices
+            if usage is not None and usage.completion_tokens > n and record.last_chunk_at is not None:
+                # the n choices stream side by side: per choice (tokens / n - 1) gaps in the same span
+                itl = (record.last_chunk_at - record.first_chunk_at) * n / (usage.completion_tokens - n)
             m.observe_stream_timing(model, backend, ttft, itl)
         if self.access_log and access_logger.isEnabledFor(logging.INFO):
             line = self._line(scope, record, status, duration, backend, itl)

@@ -130,6 +130,7 @@ async def serve(
         raise ModelNotFound(model)
     record.model = model
     record.stream = body.stream
+    record.choices = body.n
     data = body.model_dump(mode="json", exclude_unset=True)
     data["stream"] = body.stream
     if isinstance(body, CompletionRequest) and "max_tokens" not in data:

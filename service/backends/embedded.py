@@ -4,7 +4,8 @@ The engine (and torch) is imported only in :meth:`EmbeddedBackend.start`, so ``s
 without torch. One engine per process: it runs in a worker thread (``EngineRunner``), concurrent
 requests are batched by the engine's own ``add_request`` / ``step`` loop, and its queue is bounded
 (past it: 429). Responses are produced by the same code as ``dflare engine-server`` (``serving.py``),
-so both paths answer with the same bytes.
+so both paths answer with the same bytes, ``n`` > 1 included (``n`` engine requests per call, all
+aborted together when the client leaves or the request times out).
 """
 
 from __future__ import annotations
@@ -30,23 +31,18 @@ from sglang_ext.engine_server.runner import EngineFailed, QueueFull
 
 if TYPE_CHECKING:
     from service.settings import Settings
-    from sglang_ext.engine_server.runner import Generation
-    from sglang_ext.engine_server.serving import OpenAIServing, Outcome, Prepared
+    from sglang_ext.engine_server.serving import OpenAIServing, Submission
 
 logger = logging.getLogger(__name__)
 
 
 class _EngineStream(Stream):
     def __init__(
-        self, serving: OpenAIServing, p: Prepared, gen: Generation, include_usage: bool, timeout_s: float
+        self, serving: OpenAIServing, sub: Submission, include_usage: bool, timeout_s: float
     ) -> None:
-        from sglang_ext.engine_server.serving import Outcome
-
-        self._serving, self._p, self._gen = serving, p, gen
-        self._out: Outcome = Outcome()
-        self._include_usage = include_usage
+        self._serving, self._sub = serving, sub
         self._deadline = time.monotonic() + timeout_s
-        self._events = serving.stream(p, gen, self._out, include_usage=include_usage)
+        self._events = serving.stream(sub, include_usage=include_usage)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -61,11 +57,11 @@ class _EngineStream(Stream):
             yield b"data: [DONE]\n\n"
         finally:
             await self.aclose()
-            out = self._out
-            self.usage = Usage(out.prompt_tokens, out.completion_tokens, out.stats)
+            sub = self._sub
+            self.usage = Usage(sub.prompt_tokens, sub.completion_tokens, sub.stats)
 
     async def aclose(self) -> None:
-        await self._events.aclose()  # aborts the engine request if it is still running
+        await self._events.aclose()  # aborts every choice still running in the engine
 
 
 class EmbeddedBackend(Backend):
@@ -127,14 +123,13 @@ class EmbeddedBackend(Backend):
     async def health(self) -> bool:
         return self._serving is not None and self._serving.runner.alive
 
-    def _prepare(self, req: BackendRequest) -> tuple[Prepared, Generation]:
+    def _submit(self, req: BackendRequest) -> Submission:
         from sglang_ext.engine_server.serving import RequestRejected
 
         serving = self.serving
         req.served_by = self.name
         try:
-            p = serving.prepare(req.endpoint.value, req.body, req.request_id)
-            return p, serving.submit(p)
+            return serving.submit(serving.prepare(req.endpoint.value, req.body, req.request_id))
         except RequestRejected as exc:
             cls = ContextLengthExceeded if exc.code == ContextLengthExceeded.code else InvalidRequest
             raise cls(exc.message, param=exc.param) from exc
@@ -142,21 +137,16 @@ class EmbeddedBackend(Backend):
             raise RateLimited(f"The embedded engine is busy: {exc}.") from exc
 
     async def complete(self, req: BackendRequest) -> Completion:
-        from sglang_ext.engine_server.serving import Outcome
-
-        p, gen = self._prepare(req)
-        out: Outcome = Outcome()
-        serving = self.serving
+        sub = self._submit(req)
         try:
             async with asyncio.timeout(self._settings.request_timeout_s):
-                body, out = await serving.complete(p, gen)
+                body = await self.serving.complete(sub)  # aborts what still runs when interrupted
         except TimeoutError as exc:
-            serving.runner.abort(p.request_id)
             raise BackendTimeout("The engine did not finish the request in time.") from exc
         except EngineFailed as exc:
             raise InternalError(f"The engine failed: {exc}") from exc
-        return Completion(body, Usage(out.prompt_tokens, out.completion_tokens, out.stats))
+        return Completion(body, Usage(sub.prompt_tokens, sub.completion_tokens, sub.stats))
 
     async def stream(self, req: BackendRequest) -> Stream:
-        p, gen = self._prepare(req)
-        return _EngineStream(self.serving, p, gen, req.include_usage, self._settings.request_timeout_s)
+        sub = self._submit(req)
+        return _EngineStream(self.serving, sub, req.include_usage, self._settings.request_timeout_s)

@@ -8,7 +8,8 @@ arrive. A stream is cut into SSE events only to find the one usage chunk (``"cho
 ``usage`` object): the gateway always asks upstream for it, reads it, and passes it on only if the
 client asked. Non-streamed chat asks for SGLang's ``return_meta_info`` and turns
 ``choices[].meta_info`` into ``usage.speculative`` when the engine did not already put it there
-(stock SGLang, without our plugin), then strips it.
+(stock SGLang, without our plugin), then strips it. ``n`` > 1 needs nothing else: SGLang's chunks
+carry each choice's ``index`` and are relayed as they are, its usage already sums the choices.
 Closing a stream early closes the upstream connection, which SGLang takes as an abort.
 """
 
@@ -86,17 +87,27 @@ class ReadStats(SpecStats):
 
 
 def stats_from_body(body: dict[str, Any]) -> SpecStats | None:
-    """``usage.speculative`` if sent, else from SGLang's ``choices[0].meta_info`` (which is stripped)."""
+    """``usage.speculative`` if sent, else from SGLang's ``choices[].meta_info`` (which is stripped),
+    merged over the choices (``n`` > 1) as our plugin sums them."""
     stats = None
     metas = [c.pop("meta_info", None) for c in body.get("choices") or () if isinstance(c, dict)]
     usage = body.get("usage")
     if isinstance(usage, dict):
         if usage.get("speculative"):
             stats = ReadStats.from_usage(usage["speculative"])
-        elif metas and metas[0]:
-            stats = ReadStats.from_sglang_meta_info(metas[0])
+        elif any(metas):
+            found = [ReadStats.from_sglang_meta_info(m) for m in metas if m]
+            stats = _merged([s for s in found if s is not None])
         usage["speculative"] = stats.to_usage() if stats is not None else None
     return stats
+
+
+def _merged(stats: list[ReadStats]) -> ReadStats | None:
+    """The sum of the choices' stats, read-only again (``merge`` builds a plain SpecStats)."""
+    if len(stats) <= 1:
+        return stats[0] if stats else None
+    merged = functools.reduce(SpecStats.merge, stats)
+    return ReadStats(merged.block_size, merged.histogram)
 
 
 class _RelayStream(Stream):

@@ -25,7 +25,7 @@ from starlette.responses import Response, StreamingResponse
 
 from sglang_ext.engine_server.protocol import ChatCompletionRequest, CompletionRequest
 from sglang_ext.engine_server.runner import EngineFailed, QueueFull
-from sglang_ext.engine_server.serving import CHAT, COMPLETIONS, OpenAIServing, Outcome, RequestRejected
+from sglang_ext.engine_server.serving import CHAT, COMPLETIONS, OpenAIServing, RequestRejected, Submission
 
 logger = logging.getLogger(__name__)
 
@@ -162,22 +162,20 @@ def create_engine_app(load: Callable[[], OpenAIServing], *, plugin_stats: bool =
         if stream and meta_info:
             return sglang_error(400, "return_meta_info is not supported for streaming requests")
         try:
-            p = s.prepare(endpoint, body, rid)
-            gen = s.submit(p)
+            sub = s.submit(s.prepare(endpoint, body, rid))
         except RequestRejected as exc:
             return sglang_error(exc.status, exc.message, exc.param)
         except QueueFull as exc:
             return sglang_error(503, f"The request queue is full: {exc}")
         if stream:
-            out = Outcome()
-            events = s.stream(p, gen, out, include_usage=include_usage)
+            events = s.stream(sub, include_usage=include_usage)
             return StreamingResponse(
                 _strip_stats(events) if not plugin_stats else events,
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
         try:
-            result, out = await s.complete(p, gen, meta_info=meta_info)
+            result = await s.complete(sub, meta_info=meta_info)
         except EngineFailed as exc:
             return sglang_error(500, f"engine failed: {exc}")
         if not plugin_stats:
@@ -209,27 +207,27 @@ def create_engine_app(load: Callable[[], OpenAIServing], *, plugin_stats: bool =
         }
         rid = req.rid or uuid.uuid4().hex
         try:
-            p = s.prepare(COMPLETIONS, body, rid)
-            gen = s.submit(p)
+            sub = s.submit(s.prepare(COMPLETIONS, body, rid))
         except RequestRejected as exc:
             return sglang_error(exc.status, exc.message, exc.param)
         except QueueFull as exc:
             return sglang_error(503, f"The request queue is full: {exc}")
         if req.stream:
             return StreamingResponse(
-                _native_stream(s, p, gen), media_type="text/event-stream", headers=SSE_HEADERS
+                _native_stream(s, sub), media_type="text/event-stream", headers=SSE_HEADERS
             )
-        _, out = await s.complete(p, gen)
-        native = {"text": out.text, "output_ids": out.output_ids, "meta_info": s.meta_info(p, out)}
+        await s.complete(sub)
+        out = sub.outs[0]
+        native = {"text": out.text, "output_ids": out.output_ids, "meta_info": s.meta_info(sub.prepared, out)}
         return Response(orjson.dumps(native), media_type="application/json")
 
     return app
 
 
-async def _native_stream(s: OpenAIServing, p: Any, gen: Any) -> AsyncIterator[bytes]:
+async def _native_stream(s: OpenAIServing, sub: Submission) -> AsyncIterator[bytes]:
     """SGLang's native stream: cumulative text and ids, ``meta_info`` on every chunk, spec fields last."""
-    out = Outcome()
-    async for _ in s.stream(p, gen, out, include_usage=False):
+    p, out = sub.prepared, sub.outs[0]
+    async for _ in s.stream(sub, include_usage=False):
         if out.first_token_at is None or out.finished_at is not None:
             continue
         meta = {

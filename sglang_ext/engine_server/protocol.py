@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 # OpenAI allows up to 4 stop sequences; SGLang has no limit. 16 keeps the hold-back window small.
 MAX_STOP_SEQUENCES = 16
 # Integers are bounded so every valid request stays encodable (JSON int64) on its way upstream.
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Choices per request (``n``): each is one engine request, so a cap keeps one call from filling a queue.
+MAX_CHOICES = 128
 
 
 class _Open(BaseModel):
@@ -61,15 +63,8 @@ class _SamplingFields(_Open):
     stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices to generate, each sampled independently")
     user: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
-        return value
 
     @property
     def include_usage(self) -> bool:

@@ -139,6 +139,16 @@ class EngineRunner:
         self._commands.put(("add", Request(request_id, list(prompt_ids), params)))
         return gen
 
+    def submit_many(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list[Generation]:
+        """Admit every ``(request_id, prompt_ids, params)`` or none (raises :class:`QueueFull`): the
+        choices of one OpenAI call (``n``) run together, or the call is refused whole."""
+        if len(self._gens) + len(requests) > self.capacity:
+            raise QueueFull(
+                f"engine queue is full ({len(self._gens)} of {self.capacity} requests admitted, "
+                f"{len(requests)} more asked)"
+            )
+        return [self.submit(rid, ids, params) for rid, ids, params in requests]
+
     def abort(self, request_id: str) -> None:
         """Stop a request (client gone, stop string seen). Its Generation ends at once."""
         gen = self._gens.pop(request_id, None)

@@ -4,19 +4,26 @@ Shared by the gateway's embedded backend and ``dflare engine-server``, so both p
 responses carry ``usage.speculative`` (``SpecStats.to_usage()``, ``null`` without a drafter), streams
 end with a usage chunk when asked, then ``data: [DONE]``. Requests arrive as already validated dicts
 (``protocol.py``); what only the engine can check (context length, a full queue) raises here.
+
+``n`` > 1 (several choices) runs as ``n`` independent engine requests, admitted together (all or none)
+and batched by the engine like any others; the answer follows OpenAI and SGLang: one choice per index,
+``prompt_tokens`` counted once, ``completion_tokens`` summed, ``usage.speculative`` the merged stats.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from sglang_ext.engine_server.detokenize import IncrementalDetokenizer, StopMatcher
 from sglang_ext.engine_server.runner import EngineRunner, Generation
+from sglang_ext.stats import total
 
 if TYPE_CHECKING:
     from sglang_ext.stats import SpecStats
@@ -29,6 +36,8 @@ CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# 2^64 / golden ratio: consecutive choices of one seeded request get far-apart seeds
+SEED_STRIDE = 0x9E3779B97F4A7C15
 
 
 class RequestRejected(Exception):
@@ -51,6 +60,7 @@ class Prepared:
     prompt_ids: list[int]
     params: Any  # sglang_ext.reference.SamplingParams
     stop: tuple[str, ...]
+    n: int = 1  # choices
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -70,13 +80,48 @@ class Outcome:
     finished_at: float | None = None
     chunk_times: list[tuple[float, int]] | None = None  # (arrival, tokens) per engine step, if tracked
 
+
+@dataclass(eq=False, slots=True)
+class Submission:
+    """One admitted OpenAI call: per choice ``i`` its engine generation ``gens[i]`` and ``outs[i]``,
+    which fills as the choice runs. Its usage is what the response reports for all choices."""
+
+    prepared: Prepared
+    gens: list[Generation]
+    outs: list[Outcome]
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt once, whatever ``n`` (OpenAI's and SGLang's convention)."""
+        return self.outs[0].prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(out.completion_tokens for out in self.outs)
+
+    @property
+    def stats(self) -> SpecStats | None:
+        """The choices' stats merged, as SGLang with our plugin reports them; ``None`` if none speculated."""
+        if len(self.outs) == 1:
+            return self.outs[0].stats
+        return total(out.stats for out in self.outs if out.stats is not None)
+
     def usage(self) -> dict[str, Any]:
+        prompt, completion, stats = self.prompt_tokens, self.completion_tokens, self.stats
         return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "speculative": self.stats.to_usage() if self.stats is not None else None,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "speculative": stats.to_usage() if stats is not None else None,
         }
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice ``index``: the request's own for choice 0 (so ``n=1`` and the first of ``n``
+    agree), one derived from it for the others, so seeded choices differ and still reproduce."""
+    if seed is None:
+        return None
+    return (seed + index * SEED_STRIDE) % 2**63
 
 
 def spec_meta_info(stats: SpecStats | None, completion_tokens: int) -> dict[str, Any]:
@@ -188,12 +233,36 @@ class OpenAIServing:
             stop_token_ids=self.stop_token_ids,
             stop=stop,
         )
-        return Prepared(request_id, endpoint, body.get("model") or self.model_name, prompt_ids, params, stop)
+        model = body.get("model") or self.model_name
+        return Prepared(request_id, endpoint, model, prompt_ids, params, stop, int(body.get("n") or 1))
 
     # ---- running --------------------------------------------------------------------------
-    def submit(self, p: Prepared) -> Generation:
-        """Admit the request now (raises ``QueueFull``), so a full queue is known before any byte."""
-        return self.runner.submit(p.request_id, p.prompt_ids, p.params)
+    def submit(self, p: Prepared) -> Submission:
+        """Admit every choice now (raises ``QueueFull``), so a full queue is known before any byte.
+
+        Choice ``i`` of ``n`` > 1 is engine request ``<id>-<i>`` with seed :func:`choice_seed`.
+        """
+        runner = self.runner
+        if p.n == 1:
+            return Submission(p, [runner.submit(p.request_id, p.prompt_ids, p.params)], [Outcome()])
+        if p.n > runner.capacity:  # would never fit: a 400, not a 429 to retry forever
+            raise RequestRejected(
+                f"n={p.n} is more than this engine can hold at once ({runner.capacity} requests).",
+                param="n",
+            )
+        seed = p.params.seed
+        choices = [
+            (f"{p.request_id}-{i}", p.prompt_ids, replace(p.params, seed=choice_seed(seed, i)))
+            for i in range(p.n)
+        ]
+        gens = runner.submit_many(choices)
+        return Submission(p, gens, [Outcome() for _ in gens])
+
+    def abort(self, sub: Submission) -> None:
+        """Abort every choice still in the engine (client gone, timeout, a sibling failed)."""
+        for gen in sub.gens:
+            if not gen.finished:
+                self.runner.abort(gen.request_id)
 
     async def _deltas(self, p: Prepared, gen: Generation, out: Outcome) -> AsyncIterator[str]:
         """Text deltas of one generation, stop strings cut; fills ``out`` as it goes."""
@@ -224,7 +293,7 @@ class OpenAIServing:
             finished = True
         finally:
             if not gen.finished:
-                self.runner.abort(p.request_id)  # client gone, or a stop string the engine missed
+                self.runner.abort(gen.request_id)  # client gone, or a stop string the engine missed
             out.finished_at = time.perf_counter()
             out.completion_tokens = len(out.output_ids)
             out.stats = gen.stats
@@ -240,40 +309,81 @@ class OpenAIServing:
             if self.on_finish is not None:
                 self.on_finish(out)
 
-    async def complete(
-        self, p: Prepared, gen: Generation, *, meta_info: bool = False
-    ) -> tuple[dict[str, Any], Outcome]:
-        """A whole non-streamed response body of a submitted request, and its outcome."""
-        out = Outcome()
-        async for _ in self._deltas(p, gen, out):
-            pass
-        if p.endpoint == CHAT:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": out.text},
-                "logprobs": None,
-                "finish_reason": out.finish_reason,
-            }
-            obj, prefix = "chat.completion", "chatcmpl-"
-        else:
-            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
-            obj, prefix = "text_completion", "cmpl-"
-        if meta_info:
-            choice["meta_info"] = self.meta_info(p, out)
-        body = {
-            "id": prefix + p.request_id,
-            "object": obj,
+    async def _choice_deltas(self, sub: Submission) -> AsyncIterator[tuple[int, str | None]]:
+        """``(index, text delta)`` of every choice as it arrives, ``(index, None)`` once that choice
+        ended (its outcome complete). The choices are read concurrently, so a stop string ends each
+        one as soon as it shows; an error of one choice ends them all."""
+        p = sub.prepared
+        if len(sub.gens) == 1:
+            async with aclosing(self._deltas(p, sub.gens[0], sub.outs[0])) as deltas:
+                async for text in deltas:
+                    yield 0, text
+            yield 0, None
+            return
+        queue: asyncio.Queue[tuple[int, str | Exception | None]] = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for text in self._deltas(p, sub.gens[i], sub.outs[i]):
+                    queue.put_nowait((i, text))
+            except Exception as exc:  # handed to the reader, which raises it
+                queue.put_nowait((i, exc))
+                return
+            queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(sub.gens))]
+        try:
+            running = len(tasks)
+            while running:
+                i, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                running -= item is None
+                yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()  # a pump cancelled mid-choice aborts its engine request
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.abort(sub)  # pumps cancelled before they started
+
+    async def complete(self, sub: Submission, *, meta_info: bool = False) -> dict[str, Any]:
+        """The whole non-streamed response body of a submitted request; ``sub.outs`` complete after."""
+        try:
+            async with aclosing(self._choice_deltas(sub)) as deltas:
+                async for _ in deltas:
+                    pass
+        finally:
+            self.abort(sub)
+        p = sub.prepared
+        chat = p.endpoint == CHAT
+        choices = []
+        for i, out in enumerate(sub.outs):
+            if chat:
+                choice: dict[str, Any] = {
+                    "index": i,
+                    "message": {"role": "assistant", "content": out.text},
+                    "logprobs": None,
+                    "finish_reason": out.finish_reason,
+                }
+            else:
+                choice = {"index": i, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+            if meta_info:
+                choice["meta_info"] = self.meta_info(p, out)
+            choices.append(choice)
+        return {
+            "id": ("chatcmpl-" if chat else "cmpl-") + p.request_id,
+            "object": "chat.completion" if chat else "text_completion",
             "created": p.created,
             "model": p.model,
-            "choices": [choice],
-            "usage": out.usage(),
+            "choices": choices,
+            "usage": sub.usage(),
         }
-        return body, out
 
-    async def stream(
-        self, p: Prepared, gen: Generation, out: Outcome, *, include_usage: bool
-    ) -> AsyncIterator[bytes]:
-        """SSE events of a submitted request; ``out`` is complete once the iterator is exhausted."""
+    async def stream(self, sub: Submission, *, include_usage: bool) -> AsyncIterator[bytes]:
+        """SSE events of a submitted request, each choice's chunks carrying its ``index`` (interleaved
+        as the choices progress, a finish chunk per choice, as SGLang sends them); ``sub.outs`` is
+        complete once the iterator is exhausted."""
+        p = sub.prepared
         chat = p.endpoint == CHAT
         head = {
             "id": ("chatcmpl-" if chat else "cmpl-") + p.request_id,
@@ -282,27 +392,32 @@ class OpenAIServing:
             "model": p.model,
         }
         dumps = orjson.dumps
-        role = chat  # the role chunk goes out with the first text, as SGLang does (TTFT stays honest)
-        async for text in self._deltas(p, gen, out):
-            if role:
-                role = False
-                yield b"data: " + dumps({**head, "choices": [_role_delta()]}) + b"\n\n"
-            choice = (
-                {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
-                if chat
-                else {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
-            )
-            yield b"data: " + dumps({**head, "choices": [choice]}) + b"\n\n"
-        if role:
-            yield b"data: " + dumps({**head, "choices": [_role_delta()]}) + b"\n\n"
-        last = (
-            {"index": 0, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}
-            if chat
-            else {"index": 0, "text": "", "logprobs": None, "finish_reason": out.finish_reason}
-        )
-        yield b"data: " + dumps({**head, "choices": [last]}) + b"\n\n"
+        # the role chunk of a choice goes out with its first text, as SGLang does (TTFT stays honest)
+        greet = [chat] * len(sub.outs)
+        try:
+            async with aclosing(self._choice_deltas(sub)) as deltas:
+                async for i, text in deltas:
+                    if greet[i]:
+                        greet[i] = False
+                        yield b"data: " + dumps({**head, "choices": [_role_delta(i)]}) + b"\n\n"
+                    if text is None:
+                        reason = sub.outs[i].finish_reason
+                        choice = (
+                            {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}
+                            if chat
+                            else {"index": i, "text": "", "logprobs": None, "finish_reason": reason}
+                        )
+                    else:
+                        choice = (
+                            {"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+                            if chat
+                            else {"index": i, "text": text, "logprobs": None, "finish_reason": None}
+                        )
+                    yield b"data: " + dumps({**head, "choices": [choice]}) + b"\n\n"
+        finally:
+            self.abort(sub)
         if include_usage:
-            yield b"data: " + dumps({**head, "choices": [], "usage": out.usage()}) + b"\n\n"
+            yield b"data: " + dumps({**head, "choices": [], "usage": sub.usage()}) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
     def meta_info(self, p: Prepared, out: Outcome) -> dict[str, Any]:
@@ -325,9 +440,9 @@ class OpenAIServing:
         return meta
 
 
-def _role_delta() -> dict[str, Any]:
+def _role_delta(index: int) -> dict[str, Any]:
     return {
-        "index": 0,
+        "index": index,
         "delta": {"role": "assistant", "content": ""},
         "logprobs": None,
         "finish_reason": None,

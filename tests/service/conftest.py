@@ -147,6 +147,14 @@ def gateway_http(engine_server, tmp_path_factory) -> Iterator[Proc]:
 
 
 @pytest.fixture(scope="session")
+def gateway_plain(engine_server_plain, tmp_path_factory) -> Iterator[Proc]:
+    """A gateway in front of the stock-SGLang-like engine-server (stats only in meta_info)."""
+    proc = gateway([engine_server_plain.url], tmp_path_factory.mktemp("logs") / "gateway_plain.log")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
 def gateway_embedded(tiny_pair, tmp_path_factory) -> Iterator[Proc]:
     """``dflare serve`` with no backend: the embedded engine (the tiny pair instead of the demo pair)."""
     target, drafter = tiny_pair

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from sglang_ext.stats import SpecStats
-from tests.service.conftest import MODEL, gateway
+from tests.service.conftest import MODEL
 from tests.service.test_metrics import delta, scrape
 
 PROMPT_IDS = [17, 42, 99, 7, 150, 33]
@@ -30,13 +30,6 @@ def engine_result(tiny_pair):
     eos = engine.tokenizer.eos_token_id
     result = engine.generate([PROMPT_IDS], SamplingParams(max_tokens=MAX_TOKENS, stop_token_ids=(eos,)))[0]
     return result, engine.tokenizer
-
-
-@pytest.fixture(scope="module")
-def gateway_plain(engine_server_plain, tmp_path_factory):
-    proc = gateway([engine_server_plain.url], tmp_path_factory.mktemp("logs") / "gateway_plain.log")
-    yield proc
-    proc.stop()
 
 
 def completion(url: str, **extra) -> dict:

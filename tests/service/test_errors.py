@@ -78,7 +78,10 @@ BAD_INPUTS = [
         None,
         None,
     ),
-    ("n=5", {"json": {**GOOD, "n": 5}}, 400, "invalid_request_error", None, "n"),
+    ("n=0", {"json": {**GOOD, "n": 0}}, 400, "invalid_request_error", None, "n"),
+    ("n above the cap", {"json": {**GOOD, "n": 129}}, 400, "invalid_request_error", None, "n"),
+    # 4 running + 64 waiting fit in the engine: more choices could never run together
+    ("n beyond the engine", {"json": {**GOOD, "n": 100}}, 400, "invalid_request_error", None, "n"),
     ("logprobs", {"json": {**GOOD, "logprobs": True}}, 400, "invalid_request_error", None, "logprobs"),
     ("empty messages", {"json": {**GOOD, "messages": []}}, 400, "invalid_request_error", None, "messages"),
     ("no body", {"headers": {"content-type": "application/json"}}, 400, "invalid_request_error", None, None),

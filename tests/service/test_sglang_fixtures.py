@@ -449,15 +449,34 @@ def test_gateway_relays_plugin_stream(dflare, recs, name):
     assert dflare.received[-1]["stream_options"] == {"include_usage": True}
 
 
-def test_gateway_refuses_n2_before_upstream(dflare, recs):
-    """The gateway serves one choice per request (documented); n=2 is a 400 in OpenAI's shape."""
-    sent_before = len(dflare.received)
+def test_gateway_relays_sampled_n2(dflare, recs):
+    """SGLang's two sampled choices reach the user as sent; usage (summed by SGLang and our plugin)
+    drives the headers and the metrics, for both choices."""
+    rec = recs[SAMPLED]
+    assert rec["status"] == 200, rec["body"][:300]
+    usage = recorded_usage(rec)
+    expected = check_speculative(usage, choices=2)
+    assert expected is not None
+    model = listed_model(recs, SAMPLED)
+    before = scrape(dflare.gateway)
     resp = post(dflare.gateway + CHAT, user_request(recs, SAMPLED))
-    assert resp.status_code == 400
-    assert (
-        resp.json()["error"]["type"] == "invalid_request_error" and "n=1" in resp.json()["error"]["message"]
-    )
-    assert len(dflare.received) == sent_before
+    assert_answer_relayed(resp, rec, expected)
+    got = resp.json()
+    assert [c["index"] for c in got["choices"]] == [0, 1]
+    assert [c["finish_reason"] for c in got["choices"]] == [
+        c["finish_reason"] for c in orjson.loads(rec["body"])["choices"]
+    ]
+    assert dflare.received[-1]["n"] == 2
+    want = {
+        "num_drafts": expected.verify_steps,
+        "num_draft_tokens": expected.draft_tokens,
+        "num_accepted_tokens": expected.accepted_tokens,
+    }
+    wait_for_metrics(dflare.gateway, before, model, dflare.url, want)
+    labels = {"model": model, "backend": dflare.url}
+    after = scrape(dflare.gateway)
+    assert delta(before, after, "dflare_completion_tokens_total", **labels) == usage["completion_tokens"]
+    assert delta(before, after, "dflare_prompt_tokens_total", **labels) == usage["prompt_tokens"]
 
 
 # ---- (c) SGLang's built-in DFLASH without our plugin --------------------------------------------
