@@ -11,7 +11,9 @@ as real ``dflare serve`` / ``dflare engine-server`` processes (``conftest.py``).
 
 from __future__ import annotations
 
+import contextlib
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -189,12 +191,45 @@ def wait_until_idle(app: Any, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+@contextlib.contextmanager
+def watched_engine(app: Any, step_delay_s: float) -> Iterator[dict[str, str]]:
+    """How each engine request ended (request id -> finish reason, from the engine's own results),
+    with every step slowed down so that a request outlives the client's hang-up."""
+    engine = app.state.backend.serving.runner.engine
+    step = engine.step
+    finished: dict[str, str] = {}
+
+    def slow_step() -> list[Any]:
+        time.sleep(step_delay_s)
+        results = step()
+        finished.update({r.request_id: r.finish_reason for r in results})
+        return results
+
+    engine.step = slow_step
+    try:
+        yield finished
+    finally:
+        del engine.step
+
+
+def endings(finished: dict[str, str], rid: str, count: int, timeout: float = 10.0) -> dict[str, str]:
+    """How the engine ended the ``count`` choices of request ``rid`` (waits for them)."""
+    deadline = time.monotonic() + timeout
+    while len(found := {k: v for k, v in finished.items() if k.startswith(rid + "-")}) < count:
+        assert time.monotonic() < deadline, f"the engine ended only {found} of request {rid}"
+        time.sleep(0.02)
+    return found
+
+
 def test_demo_disconnect_aborts_every_choice(demo):
     url, app = demo
-    body = {**demo_body(temperature=0.8, n=3, stream=True), "max_tokens": 400}
-    with httpx.stream("POST", url + CHAT, json=body, timeout=60) as r:
-        next(r.iter_lines())  # running; hang up
-    wait_until_idle(app)
+    rid = uuid.uuid4().hex
+    body = demo_body(temperature=0.8, seed=7, n=3, stream=True, max_tokens=400)
+    with watched_engine(app, step_delay_s=0.05) as finished:
+        with httpx.stream("POST", url + CHAT, json=body, headers={"x-request-id": rid}, timeout=60) as r:
+            next(r.iter_lines())  # running; hang up
+        assert endings(finished, rid, 3) == {f"{rid}-{i}": "abort" for i in range(3)}
+        wait_until_idle(app)
 
 
 def test_demo_failed_choice_aborts_its_siblings(demo):
@@ -208,15 +243,25 @@ def test_demo_failed_choice_aborts_its_siblings(demo):
             raise RuntimeError("injected refusal")
         add(req)
 
+    body = demo_body(temperature=0.8, seed=7, n=3, max_tokens=400)
     engine.add_request = refuse_choice_1
     try:
-        body = {**demo_body(temperature=0.8, n=3), "max_tokens": 400}
-        resp = httpx.post(url + CHAT, json=body, timeout=60)
-        assert resp.status_code == 500 and "injected refusal" in resp.json()["error"]["message"]
-        wait_until_idle(app)
-        events = sse(url + CHAT, body)
-        assert "injected refusal" in events[-1]["error"]["message"]
-        wait_until_idle(app)
+        with watched_engine(app, step_delay_s=0.05) as finished:
+            rid = uuid.uuid4().hex
+            resp = httpx.post(url + CHAT, json=body, headers={"x-request-id": rid}, timeout=60)
+            assert resp.status_code == 500 and "injected refusal" in resp.json()["error"]["message"]
+            assert endings(finished, rid, 2) == {f"{rid}-0": "abort", f"{rid}-2": "abort"}
+            wait_until_idle(app)
+            rid = uuid.uuid4().hex
+            resp = httpx.post(
+                url + CHAT, json={**body, "stream": True}, headers={"x-request-id": rid}, timeout=60
+            )
+            assert resp.status_code == 200  # the failure came after the 200: an error event, then [DONE]
+            last = [e for e in resp.text.split("\n\n") if e.startswith("data: ")][-2:]
+            assert "injected refusal" in orjson.loads(last[0][6:])["error"]["message"]
+            assert last[1] == "data: [DONE]"
+            assert endings(finished, rid, 2) == {f"{rid}-0": "abort", f"{rid}-2": "abort"}
+            wait_until_idle(app)
     finally:
         del engine.add_request
     assert post(url + CHAT, {**body, "max_tokens": 4}).json()["usage"]["completion_tokens"] > 0
