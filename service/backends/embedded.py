@@ -40,7 +40,7 @@ class _EngineStream(Stream):
     def __init__(
         self, serving: OpenAIServing, sub: Submission, include_usage: bool, timeout_s: float
     ) -> None:
-        self._serving, self._sub = serving, sub
+        self._sub = sub
         self._deadline = time.monotonic() + timeout_s
         self._events = serving.stream(sub, include_usage=include_usage)
 

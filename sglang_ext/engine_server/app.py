@@ -6,7 +6,8 @@ plugin's ``usage.speculative``; non-streamed chat honours ``return_meta_info``),
 ``/get_model_info``, ``/abort_request`` and ``/metrics`` (``sglang:*`` names). Errors use SGLang's
 shape ``{"object": "error", "message", "type", "param", "code"}``. With ``plugin_stats=False`` it
 behaves like stock SGLang: no ``usage.speculative``, stats only in ``meta_info``.
-A client that disconnects aborts its request, as in SGLang.
+``n`` > 1 runs as ``n`` engine requests (``serving.py``). A client that disconnects aborts its
+request, all its choices, as in SGLang.
 """
 
 from __future__ import annotations

@@ -342,9 +342,9 @@ class OpenAIServing:
                 yield i, item
         finally:
             for task in tasks:
-                task.cancel()  # a pump cancelled mid-choice aborts its engine request
+                task.cancel()
+            self.abort(sub)  # before any await: this frame may itself be cancelled again there
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.abort(sub)  # pumps cancelled before they started
 
     async def complete(self, sub: Submission, *, meta_info: bool = False) -> dict[str, Any]:
         """The whole non-streamed response body of a submitted request; ``sub.outs`` complete after."""
