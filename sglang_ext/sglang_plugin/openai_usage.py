@@ -113,5 +113,3 @@ HOOKS = (
     (f"{_COMPLETIONS}._generate_completion_stream", around_generate_stream, "AROUND"),
     (_TOKENIZER, around_generate_request, "AROUND"),
 )
-
-

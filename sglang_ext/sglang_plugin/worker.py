@@ -16,6 +16,7 @@ import torch
 from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
 from sglang.srt.utils import is_cuda
 
+from sglang_ext.sglang_plugin import top_p
 from sglang_ext.sglang_plugin.model import DFlareDraftModel
 
 logger = logging.getLogger(__name__)
@@ -81,14 +82,17 @@ class DFlareWorkerV2(DFlashWorkerV2):
                 f"DFLARE resolved the draft checkpoint to {type(self.draft_model).__name__}, not "
                 "DFlareDraftModel: its config.json must declare architectures=['QwenDFlareDraftModel']"
             )
+        torch_top_p = top_p.install()
         logger.info(
-            "DFLARE worker ready: draft=%s.%s, %d layers, taps=%s, block=%d, fused norm/rope=%s",
+            "DFLARE worker ready: draft=%s.%s, %d layers, taps=%s, block=%d, fused norm/rope=%s, "
+            "top-p renorm in PyTorch=%s",
             type(self.draft_model).__module__,
             type(self.draft_model).__qualname__,
             len(self.draft_model.layers),
             self.draft_model.target_layer_ids,
             self.block_size,
             self._dflare_norm_rope is not None,
+            torch_top_p,
         )
 
     def _init_fused_kv_helper(self) -> None:

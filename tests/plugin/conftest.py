@@ -90,8 +90,13 @@ def sglang_runtime(model_dirs, plugins_loaded):
     rope_base._is_cpu = True  # else RoPE init imports vllm's CUDA ops (design note section 6)
     args = prepare_server_args(
         [
-            "--model-path", str(model_dirs["target"]),
-            "--device", "cuda", "--skip-tokenizer-init", "--dtype", "float32",
+            "--model-path",
+            str(model_dirs["target"]),
+            "--device",
+            "cuda",
+            "--skip-tokenizer-init",
+            "--dtype",
+            "float32",
         ]
     )
     init_distributed_environment(

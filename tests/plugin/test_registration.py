@@ -109,8 +109,15 @@ def _sub(**changes) -> dict:
         ({"hidden_size": 128}, (), "hidden_size"),
     ],
     ids=[
-        "angelspec", "dflash-drafter", "unsorted-taps", "last-layer-tap", "mask-id", "no-mask-id",
-        "block-too-big", "other-target", "hidden-size",
+        "angelspec",
+        "dflash-drafter",
+        "unsorted-taps",
+        "last-layer-tap",
+        "mask-id",
+        "no-mask-id",
+        "block-too-big",
+        "other-target",
+        "hidden-size",
     ],
 )
 def test_bad_drafter_fails_the_launch(plugins_loaded, model_dirs, tmp_path, draft, extra, message):
