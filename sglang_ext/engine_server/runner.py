@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import secrets
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
@@ -148,6 +149,14 @@ class EngineRunner:
                 f"{len(requests)} more asked)"
             )
         return [self.submit(rid, ids, params) for rid, ids, params in requests]
+
+    def unique_id(self, request_id: str) -> str:
+        """``request_id``, or a suffixed variant of it while an admitted request holds it: a client
+        may reuse its ``x-request-id`` (a retry while the first attempt still runs)."""
+        rid = request_id
+        while rid in self._gens:
+            rid = f"{request_id}~{secrets.token_hex(4)}"
+        return rid
 
     def abort(self, request_id: str) -> None:
         """Stop a request (client gone, stop string seen). Its Generation ends at once."""

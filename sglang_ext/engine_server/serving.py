@@ -240,11 +240,13 @@ class OpenAIServing:
     def submit(self, p: Prepared) -> Submission:
         """Admit every choice now (raises ``QueueFull``), so a full queue is known before any byte.
 
-        Choice ``i`` of ``n`` > 1 is engine request ``<id>-<i>`` with seed :func:`choice_seed`.
+        Choice ``i`` of ``n`` > 1 is engine request ``<id>-<i>`` with seed :func:`choice_seed`
+        (ids made unique among the admitted requests; the response keeps the caller's).
         """
         runner = self.runner
         if p.n == 1:
-            return Submission(p, [runner.submit(p.request_id, p.prompt_ids, p.params)], [Outcome()])
+            gen = runner.submit(runner.unique_id(p.request_id), p.prompt_ids, p.params)
+            return Submission(p, [gen], [Outcome()])
         if p.n > runner.capacity:  # would never fit: a 400, not a 429 to retry forever
             raise RequestRejected(
                 f"n={p.n} is more than this engine can hold at once ({runner.capacity} requests).",
@@ -252,7 +254,11 @@ class OpenAIServing:
             )
         seed = p.params.seed
         choices = [
-            (f"{p.request_id}-{i}", p.prompt_ids, replace(p.params, seed=choice_seed(seed, i)))
+            (
+                runner.unique_id(f"{p.request_id}-{i}"),
+                p.prompt_ids,
+                replace(p.params, seed=choice_seed(seed, i)),
+            )
             for i in range(p.n)
         ]
         gens = runner.submit_many(choices)

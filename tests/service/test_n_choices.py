@@ -12,9 +12,12 @@ as real ``dflare serve`` / ``dflare engine-server`` processes (``conftest.py``).
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -192,24 +195,41 @@ def wait_until_idle(app: Any, timeout: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def watched_engine(app: Any, step_delay_s: float) -> Iterator[dict[str, str]]:
-    """How each engine request ended (request id -> finish reason, from the engine's own results),
-    with every step slowed down so that a request outlives the client's hang-up."""
+def watched_engine(app: Any, free_steps: int) -> Iterator[tuple[dict[str, str], threading.Event]]:
+    """How each engine request ended (request id -> finish reason, from the engine's own results).
+
+    After ``free_steps`` steps the engine waits for the returned event before each step, so what the
+    gateway does meanwhile (abort on a hang-up, admit a second request) cannot race the generation.
+    """
     engine = app.state.backend.serving.runner.engine
     step = engine.step
     finished: dict[str, str] = {}
+    release = threading.Event()
+    steps = 0
 
-    def slow_step() -> list[Any]:
-        time.sleep(step_delay_s)
+    def gated_step() -> list[Any]:
+        nonlocal steps
+        steps += 1
+        if steps > free_steps:
+            release.wait(10)
         results = step()
         finished.update({r.request_id: r.finish_reason for r in results})
         return results
 
-    engine.step = slow_step
+    engine.step = gated_step
     try:
-        yield finished
+        yield finished, release
     finally:
+        release.set()
         del engine.step
+
+
+def wait_admitted(app: Any, count: int, timeout: float = 10.0) -> None:
+    runner = app.state.backend.serving.runner
+    deadline = time.monotonic() + timeout
+    while runner.num_admitted != count:
+        assert time.monotonic() < deadline, f"{runner.num_admitted} requests admitted, expected {count}"
+        time.sleep(0.01)
 
 
 def endings(finished: dict[str, str], rid: str, count: int, timeout: float = 10.0) -> dict[str, str]:
@@ -225,11 +245,13 @@ def test_demo_disconnect_aborts_every_choice(demo):
     url, app = demo
     rid = uuid.uuid4().hex
     body = demo_body(temperature=0.8, seed=7, n=3, stream=True, max_tokens=400)
-    with watched_engine(app, step_delay_s=0.05) as finished:
+    with watched_engine(app, free_steps=2) as (finished, release):
         with httpx.stream("POST", url + CHAT, json=body, headers={"x-request-id": rid}, timeout=60) as r:
-            next(r.iter_lines())  # running; hang up
+            next(r.iter_lines())  # running, and held after its second step; hang up
+        wait_admitted(app, 0)  # the gateway let go of every choice
+        release.set()
         assert endings(finished, rid, 3) == {f"{rid}-{i}": "abort" for i in range(3)}
-        wait_until_idle(app)
+    wait_until_idle(app)
 
 
 def test_demo_failed_choice_aborts_its_siblings(demo):
@@ -246,12 +268,15 @@ def test_demo_failed_choice_aborts_its_siblings(demo):
     body = demo_body(temperature=0.8, seed=7, n=3, max_tokens=400)
     engine.add_request = refuse_choice_1
     try:
-        with watched_engine(app, step_delay_s=0.05) as finished:
+        with watched_engine(app, free_steps=1) as (finished, release):
             rid = uuid.uuid4().hex
             resp = httpx.post(url + CHAT, json=body, headers={"x-request-id": rid}, timeout=60)
             assert resp.status_code == 500 and "injected refusal" in resp.json()["error"]["message"]
+            wait_admitted(app, 0)
+            release.set()
             assert endings(finished, rid, 2) == {f"{rid}-0": "abort", f"{rid}-2": "abort"}
-            wait_until_idle(app)
+        wait_until_idle(app)
+        with watched_engine(app, free_steps=1) as (finished, release):
             rid = uuid.uuid4().hex
             resp = httpx.post(
                 url + CHAT, json={**body, "stream": True}, headers={"x-request-id": rid}, timeout=60
@@ -260,11 +285,30 @@ def test_demo_failed_choice_aborts_its_siblings(demo):
             last = [e for e in resp.text.split("\n\n") if e.startswith("data: ")][-2:]
             assert "injected refusal" in orjson.loads(last[0][6:])["error"]["message"]
             assert last[1] == "data: [DONE]"
+            wait_admitted(app, 0)
+            release.set()
             assert endings(finished, rid, 2) == {f"{rid}-0": "abort", f"{rid}-2": "abort"}
-            wait_until_idle(app)
+        wait_until_idle(app)
     finally:
         del engine.add_request
     assert post(url + CHAT, {**body, "max_tokens": 4}).json()["usage"]["completion_tokens"] > 0
+
+
+def test_demo_reused_request_id_runs_side_by_side(demo):
+    """A client retrying with the same ``x-request-id`` while the first attempt still runs."""
+    url, app = demo
+    body = demo_body(temperature=0.8, seed=5, n=2)
+    rid = uuid.uuid4().hex
+    call = functools.partial(httpx.post, url + CHAT, json=body, headers={"x-request-id": rid}, timeout=60)
+    with watched_engine(app, free_steps=0) as (finished, release), ThreadPoolExecutor(2) as pool:
+        first, second = pool.submit(call), pool.submit(call)
+        wait_admitted(app, 4)  # both admitted before the engine ran a step
+        release.set()
+        answers = [first.result(), second.result()]
+        assert [r.status_code for r in answers] == [200, 200], answers[1].text
+        ended = endings(finished, rid, 4)
+    assert answers[0].json()["choices"] == answers[1].json()["choices"], "same seed, same choices"
+    assert set(ended.values()) <= {"stop", "length"}, ended
 
 
 # ---- the tiny pair: embedded process, and the SGLang HTTP backend in front of engine-server -----
