@@ -368,3 +368,29 @@ def test_engine_server_disconnect_aborts_every_choice(gateway_http, engine_serve
         assert time.monotonic() < deadline, f"engine-server aborted {aborted} of 3 choices"
         time.sleep(0.1)
     assert aborted == 3
+
+
+@pytest.mark.parametrize(("n", "tokens"), [(1, 11), (3, 33)])
+def test_inter_token_latency_is_per_choice(n, tokens):
+    """``n`` choices stream side by side: 33 tokens of 3 choices over 1 s are 10 gaps per choice."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.backends.base import Usage
+    from service.metrics import GatewayMetrics
+    from service.observability import ObservabilityMiddleware, RequestRecord
+
+    metrics = GatewayMetrics()
+    record = RequestRecord("r", start=100.0)
+    record.model, record.backend, record.choices = MODEL, "embedded", n
+    record.first_chunk_at, record.last_chunk_at = 100.5, 101.5
+    record.usage = Usage(prompt_tokens=5, completion_tokens=tokens)
+    scope = {"type": "http", "method": "POST", "path": CHAT, "headers": []}
+    ObservabilityMiddleware(None, metrics, access_log=False)._finish(scope, record, 200, 2.0)
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for s in family.samples
+        if s.name.startswith("dflare_inter_token_latency_seconds_")
+    }
+    assert samples["dflare_inter_token_latency_seconds_count"] == 1
+    assert samples["dflare_inter_token_latency_seconds_sum"] == pytest.approx(0.1)
