@@ -1,10 +1,12 @@
 """Top-p renormalisation for SGLang's DFlash-family sampled verify, in PyTorch.
 
 Why: SGLang 0.5.17 builds the target distribution of a sampled DFLASH/DFLARE verify step with sgl_kernel's
-``top_p_renorm_prob`` whenever a request has ``top_p < 1`` (``build_dflash_verify_target_probs``). On the
-H200 machines we test on, that call does not return: a child process calling it alone on a [16, V] input
-hung at V = 4,096 and V = 151,936 (docs/results/sglang_check.json), and every sampled request with
-``top_p < 1``, which OpenAI clients send routinely, hung the scheduler, built-in DFLASH included.
+``top_p_renorm_prob`` whenever a request has ``top_p < 1`` (``build_dflash_verify_target_probs``). That call
+goes to FlashInfer, which without prebuilt sampling kernels compiles them with ninja/nvcc on first use, in
+every server process: minutes during which the scheduler serves nothing. On our H200 checks every first
+``top_p < 1`` request (OpenAI clients send top_p routinely) hung past its timeout, built-in DFLASH included;
+the stack of a child process calling the kernel alone was in FlashInfer's ``run_ninja`` after 40 s
+(docs/results/sglang_top_p.json).
 
 The DFLARE worker (``install``, at its construction in the scheduler process) rebinds that one module global
 to the same mathematics written with ``torch.sort``: keep the most probable tokens up to and including the

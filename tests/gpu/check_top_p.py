@@ -1,8 +1,9 @@
 """GPU check of top-p sampling through SGLang's DFlash-family verify (``run_on_gpu.sh top_p``).
 
 The session-2 and -3 checks found sampled requests with ``top_p < 1`` hanging on DFLARE and on built-in
-DFLASH alike, and sgl_kernel's ``top_p_renorm_prob`` alone not returning. This run shows, on the shipped
-pair: (1) where that kernel call stops (its child process dumps its Python stack before the timeout);
+DFLASH alike, and sgl_kernel's ``top_p_renorm_prob`` alone not returning within 60 s. This run shows, on the
+shipped pair: (1) where that call spends its time (the child dumps its Python stack at 40 s: FlashInfer
+compiling its sampling module with ninja);
 (2) DFLARE, whose worker installs the PyTorch renormalisation (``sglang_ext/sglang_plugin/top_p.py``),
 answers top-p requests with consistent per-request stats; (3) built-in DFLASH without our plugin, same
 requests, for comparison. Writes $OUT/top_p.json as it goes.
