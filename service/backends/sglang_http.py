@@ -95,18 +95,20 @@ def stats_from_body(body: dict[str, Any]) -> SpecStats | None:
     if isinstance(usage, dict):
         if usage.get("speculative"):
             stats = ReadStats.from_usage(usage["speculative"])
-        elif any(metas):
-            found = [ReadStats.from_sglang_meta_info(m) for m in metas if m]
-            stats = _merged([s for s in found if s is not None])
+        elif len(metas) == 1:  # the common case, kept lean (hot path)
+            stats = ReadStats.from_sglang_meta_info(metas[0]) if metas[0] else None
+        elif metas:
+            stats = _merged_meta(metas)
         usage["speculative"] = stats.to_usage() if stats is not None else None
     return stats
 
 
-def _merged(stats: list[ReadStats]) -> ReadStats | None:
-    """The sum of the choices' stats, read-only again (``merge`` builds a plain SpecStats)."""
-    if len(stats) <= 1:
-        return stats[0] if stats else None
-    merged = functools.reduce(SpecStats.merge, stats)
+def _merged_meta(metas: list[dict[str, Any] | None]) -> ReadStats | None:
+    """The choices' stats summed (``n`` > 1), read-only again (``merge`` builds a plain SpecStats)."""
+    found = [s for s in (ReadStats.from_sglang_meta_info(m) for m in metas if m) if s is not None]
+    if len(found) <= 1:
+        return found[0] if found else None
+    merged = functools.reduce(SpecStats.merge, found)
     return ReadStats(merged.block_size, merged.histogram)
 
 
