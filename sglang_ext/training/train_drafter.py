@@ -43,9 +43,11 @@ from sglang_ext.training.data import TokenizedChats, pad_batch
 from sglang_ext.training.loop import autocast, cosine_with_warmup, pick_device, steps_for_budget
 
 logger = logging.getLogger(__name__)
-# Real steps timed to size a budgeted run. Not the first ones: in the v2 build steps 5-25 ran 1.6x slower
-# than the run's mean, and sizing on them left 81 of 220 budgeted seconds unused.
-RESIZE_FROM, RESIZE_AT = 30, 80
+# Real steps timed to size a budgeted run, from RESIZE_FROM (past the slowest first steps) to each step of
+# RESIZE_AT, re-sizing while the run is in its first RESIZE_WITHIN (the cosine has barely moved there).
+# One early estimate was not enough: the v2 build sized on steps 5-25 and left 81 of 220 s unused, the v3
+# build on steps 30-80 (0.286 s/step against a 0.135 s mean) and trained 312 of 660 s.
+RESIZE_FROM, RESIZE_AT, RESIZE_WITHIN = 30, (80, 200, 500, 1000, 2000), 0.3
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,12 @@ class DrafterSpec:
         if any(not 0 <= t <= target_layers - 2 for t in taps) or list(taps) != sorted(set(taps)):
             raise ValueError(f"taps {taps} must be sorted, unique and <= L-2 = {target_layers - 2}")
         return cls(name, kind, layers, taps)
+
+
+def budget_steps(step: int, elapsed: float, per_step: float, budget: float, cap: int) -> int:
+    """Total steps for a run at ``step`` after ``elapsed`` seconds that takes ``per_step`` seconds a step
+    from now on and must end by ``budget`` seconds: at least one more step, at most ``cap``."""
+    return max(step + 1, min(cap, step + int((budget - elapsed) / per_step)))
 
 
 def default_num_layers(kind: str, target_layers: int) -> int:
@@ -459,7 +467,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     last: dict[str, dict[str, float]] = {}
     # The probe times forward+backward only; real steps also clip and step three optimizers and sync for
     # the logs (the first build ran 48 % over its budget). So a budgeted run re-derives its step count
-    # from real steps RESIZE_FROM..RESIZE_AT, early in the run (about the end of the 4 % warmup).
+    # from real steps, several times early in the run (RESIZE_AT).
     resize = start_step == 0 and bool(args.time_budget)
     step, t_resize = start_step, t0
     while step < trainer.total_steps:
@@ -472,10 +480,11 @@ def train(args: argparse.Namespace) -> dict[str, object]:
             log.flush()
         step += 1
         bar.update(1)
-        if resize and step == RESIZE_AT and step < trainer.total_steps:
-            per_step = (time.perf_counter() - t_resize) / (RESIZE_AT - RESIZE_FROM)
-            fits = int(args.time_budget / per_step)
-            trainer.total_steps = max(step + 1, min(fits, int(per_epoch * args.max_epochs)))
+        if resize and step in RESIZE_AT and step < RESIZE_WITHIN * trainer.total_steps:
+            now = time.perf_counter()
+            per_step = (now - t_resize) / (step - RESIZE_FROM)
+            cap = int(per_epoch * args.max_epochs)
+            trainer.total_steps = budget_steps(step, now - t0, per_step, args.time_budget, cap)
             bar.total = trainer.total_steps
             logger.info("re-sized to %d steps (%.3f s/step measured)", trainer.total_steps, per_step)
         if args.checkpoint_every and step % args.checkpoint_every == 0:

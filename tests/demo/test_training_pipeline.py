@@ -90,3 +90,10 @@ def test_a_drafter_only_rebuild_keeps_the_given_target(built: tuple[Path, Path],
     b = load_file(str(tmp_path / "target" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert load_drafter(tmp_path / "drafters" / "dflare").config.target_num_hidden_layers == 6
+
+
+def test_a_budgeted_run_is_sized_on_its_remaining_time() -> None:
+    # at step 80, 20 s into a 100 s budget, at 0.5 s per step: 160 more steps fit
+    assert train_drafter.budget_steps(80, 20.0, 0.5, 100.0, cap=10_000) == 240
+    assert train_drafter.budget_steps(80, 20.0, 0.5, 100.0, cap=100) == 100  # the epoch cap wins
+    assert train_drafter.budget_steps(80, 120.0, 0.5, 100.0, cap=10_000) == 81  # over budget: stop next
