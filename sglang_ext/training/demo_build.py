@@ -50,18 +50,6 @@ PRESETS: dict[str, dict[str, object]] = {
         ),
         "heldout_max_new": 384,
     },
-    # Proposed third build (not run yet; docs/demo.md): the v2 drafters were under-trained (2.2 epochs,
-    # loss still falling). Regenerate every training prompt (~200 s at batch 4096, measured rate) and give
-    # the drafters 12 minutes; ~18 minutes in all, run in the background of one device session.
-    "demo_long": {
-        "target": shlex.split(f"{_DEMO_TARGET} --time-budget 120 --max-epochs 6"),
-        "drafters": ["dflare:dflare:3", "dflash:dflash:2", "dflare_d2:dflare:2"],
-        "drafter": shlex.split(
-            "--batch 64 --anchors 64 --lr 1.2e-3 --time-budget 720 --regen-budget 400 --regen-batch 4096 "
-            "--regen-max-new 320 --checkpoint-every 500"
-        ),
-        "heldout_max_new": 384,
-    },
     # The third build: the v2 target (kept: more target epochs did not lower its held-out loss) with
     # drafters trained on every training prompt regenerated, for 11 minutes (5x v2's steps), against the
     # target's own next-token distributions (--soft-labels): 30 % of the regenerated text is sampled at
