@@ -25,6 +25,7 @@ from sglang.srt.speculative.dflash_utils import parse_dflash_draft_config
 from torch import nn
 
 from sglang_ext.dflare import ops
+from sglang_ext.sglang_plugin import draft_capture
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,13 @@ class DFlareDraftModel(DFlashDraftModel):
         )
         self._fusion_probs: torch.Tensor | None = None
         self._mix_cache: torch.Tensor | None = None
+
+    def forward(self, input_ids, positions, forward_batch, *args, **kwargs):
+        """DFlash's block forward; with ``DFLARE_DRAFT_CAPTURE`` set its outputs are also recorded."""
+        out = super().forward(input_ids, positions, forward_batch, *args, **kwargs)
+        if draft_capture.enabled():
+            draft_capture.record(positions, out.hidden_states)
+        return out
 
     # ---- context path ---------------------------------------------------------------------------
     @property

@@ -3,6 +3,7 @@
 # (see docs/sglang_plugin.md "GPU checks"):  bash tests/gpu/run_on_gpu.sh {check|bench} [args]
 #   check: tests/gpu/check_sglang_dflare.py on the demo pair   -> $OUT/check.json, fixtures.json, logs.txt
 #   top_p: tests/gpu/check_top_p.py, top-p sampling on DFLARE and built-in DFLASH -> $OUT/top_p.json
+#   block_logits: tests/gpu/check_block_logits.py, SGLang's DFLARE block logits vs the reference drafter
 #   bench: tests/gpu/bench_sglang_sim.py (Qwen3-8B shapes, simulated acceptance) -> $OUT/bench_sim.json
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -33,6 +34,10 @@ case "$mode" in
     demo=$(python3 -m sglang_ext.cli demo-path target 2>/dev/null || echo sglang_ext/demo/target)
     python3 tests/gpu/check_top_p.py --target "${TARGET:-$demo}" --dflare "$(dirname "$demo")/dflare" \
       --dflash "$(dirname "$demo")/dflash" 2>&1 | tee "$OUT/top_p_stdout.txt" | tail -30 ;;
+  block_logits)
+    demo=$(python3 -m sglang_ext.cli demo-path target 2>/dev/null || echo sglang_ext/demo/target)
+    python3 tests/gpu/check_block_logits.py --target "${TARGET:-$demo}" --dflare "$(dirname "$demo")/dflare" \
+      2>&1 | tee "$OUT/block_logits_stdout.txt" | tail -30 ;;
   bench)
     python3 tests/gpu/bench_sglang_sim.py "$@" 2>&1 | tee "$OUT/bench_stdout.txt" | tail -60 ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;

@@ -1,0 +1,135 @@
+"""GPU check: SGLang's DFLARE block logits == the reference drafter's (``run_on_gpu.sh block_logits``).
+
+One DFLARE server, CUDA graphs off, ``DFLARE_DRAFT_CAPTURE`` set (``sglang_plugin/draft_capture.py``),
+answers held-out prompts one at a time with 2 new tokens: its first draft block per prompt sits at
+positions ``P..P+B-1`` (P = prompt length) and starts with the first generated token. The reference
+drafter (``sglang_ext.dflare``, pure PyTorch, bf16 on the same GPU) drafts the same block from the HF
+target's taps of the prompt, through the training forward with the block mask. Both hidden states go
+through the target's LM head; per block slot the check reports the cosine of the hidden states, the max
+logit difference and top-1 agreement (a disagreement is listed with the reference's top-2 margin).
+Writes $OUT/block_logits.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_sglang_dflare import load_prompts, servable_target
+from sglang_harness import OUT, SPEC, Results, generate, start_all
+
+CAPTURE = Path("/tmp/draft_capture")
+N_PROMPTS = 12
+
+
+def reference_blocks(
+    target: Path, dflare: Path, prompts: list[list[int]], firsts: list[int], device: str = "cuda"
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The reference drafter's final hidden states [B, H] for each prompt's first block (bf16), and the
+    target's LM head weight."""
+    from sglang_ext.dflare import ops
+    from sglang_ext.dflare.checkpoint import load_drafter
+    from sglang_ext.training.train_drafter import load_target
+
+    dev = torch.device(device)
+    model = load_target(target, dev).to(torch.bfloat16)
+    drafter = load_drafter(dflare).to(dev, torch.bfloat16).eval()
+    drafter.bind_target(model.get_input_embeddings(), model.get_output_embeddings())
+    cfg = drafter.config
+    blk, taps_ids = cfg.block_size, list(cfg.target_layer_ids)
+    out = []
+    with torch.inference_mode():
+        for prompt, first in zip(prompts, firsts, strict=True):
+            ids = torch.tensor([[*prompt, first]], device=dev)
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+            taps = torch.stack([hs[t + 1] for t in taps_ids], dim=2)  # [1, S, T, H]
+            p = len(prompt)
+            anchors = torch.tensor([[p]], device=dev)
+            mask = ops.block_training_mask(anchors, p + 1, blk, torch.ones_like(anchors, dtype=torch.bool))
+            block = torch.full((1, blk), cfg.mask_token_id, device=dev)
+            block[0, 0] = first
+            positions = p + torch.arange(blk, device=dev)[None]
+            ctx_pos = torch.arange(p + 1, device=dev)[None]
+            out.append(drafter(drafter.embed(block), positions, taps, ctx_pos, mask)[0].float().cpu())
+    return out, model.get_output_embeddings().weight.detach().float().cpu()
+
+
+def compare(sg: torch.Tensor, ref: torch.Tensor, head: torch.Tensor) -> dict:
+    """Slots 1..B-1 (slot 0 is the known token): cosine, max |logit diff|, top-1 agreement."""
+    sg, ref = sg[1:], ref[1:]
+    cos = torch.nn.functional.cosine_similarity(sg, ref, dim=-1)
+    ls, lr = sg @ head.T, ref @ head.T
+    top2 = lr.topk(2, dim=-1)
+    agree = ls.argmax(-1) == top2.indices[:, 0]
+    return {
+        "cos_min": round(float(cos.min()), 5),
+        "cos_mean": round(float(cos.mean()), 5),
+        "max_abs_logit_diff": round(float((ls - lr).abs().max()), 4),
+        "logit_scale": round(float(lr.abs().max()), 3),
+        "top1_agree": int(agree.sum()),
+        "slots": int(agree.numel()),
+        "disagreements_margin": [
+            round(float(top2.values[i, 0] - top2.values[i, 1]), 4) for i in torch.nonzero(~agree).flatten()
+        ],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", type=Path, required=True)
+    ap.add_argument("--dflare", type=Path, required=True)
+    args = ap.parse_args()
+    res = Results(OUT / "block_logits.json")
+    target, _ = servable_target(args.target)
+    prompts = load_prompts(target, N_PROMPTS)
+    base = ["--model-path", str(target), "--dtype", "bfloat16", "--mem-fraction-static", "0.5"]
+    base += ["--max-running-requests", "8", "--disable-cuda-graph"]
+    spec = [*SPEC, "--speculative-algorithm", "DFLARE", "--speculative-draft-model-path", str(args.dflare)]
+    env = {"DFLARE_DRAFT_CAPTURE": str(CAPTURE)}
+    servers = start_all([("dflare", 31201, [*base, *spec], env)])
+    srv, up = servers["dflare"]
+    res["up"] = up
+    if not up:
+        res["log_tail"] = srv.log_tail(60)
+        srv.stop()
+        return 1
+    try:
+        greedy = {"temperature": 0, "max_new_tokens": 2}
+        firsts = [generate(srv.url, [p], greedy, 1)[0]["output_ids"][0] for p in prompts]
+    finally:
+        srv.stop()
+    records = [r for f in sorted(CAPTURE.glob("draft_*.pt")) for r in torch.load(f)]
+    res["captured_blocks"] = len(records)
+    sg_blocks = []
+    for prompt in prompts:  # the first block of each prompt: positions P..P+B-1 (bs 1, prompts in turn)
+        hit = next((r for r in records if int(r["positions"].flatten()[0]) == len(prompt)), None)
+        sg_blocks.append(None if hit is None else hit["hidden"])
+        if hit is not None:
+            records.remove(hit)
+    ref_blocks, head = reference_blocks(target, args.dflare, prompts, firsts)
+    rows = [
+        compare(s, r, head) if s is not None else {"missing": True}
+        for s, r in zip(sg_blocks, ref_blocks, strict=True)
+    ]
+    res["blocks"] = rows
+    found = [r for r in rows if "missing" not in r]
+    res["summary"] = {
+        "blocks_compared": len(found),
+        "cos_min": min(r["cos_min"] for r in found) if found else None,
+        "top1_agree": sum(r["top1_agree"] for r in found),
+        "slots": sum(r["slots"] for r in found),
+        "max_disagreement_margin": max((m for r in found for m in r["disagreements_margin"]), default=0.0),
+    }
+    print(json.dumps(res["summary"]), flush=True)
+    os.sync()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
