@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -104,14 +105,15 @@ def main() -> int:
         firsts = [generate(srv.url, [p], greedy, 1)[0]["output_ids"][0] for p in prompts]
     finally:
         srv.stop()
+    for f in CAPTURE.glob("draft_*.pt"):  # kept with the results: the comparison can be redone offline
+        shutil.copy(f, OUT / f.name)
     records = [r for f in sorted(CAPTURE.glob("draft_*.pt")) for r in torch.load(f)]
     res["captured_blocks"] = len(records)
     sg_blocks = []
     for prompt in prompts:  # the first block of each prompt: positions P..P+B-1 (bs 1, prompts in turn)
-        hit = next((r for r in records if int(r["positions"].flatten()[0]) == len(prompt)), None)
-        sg_blocks.append(None if hit is None else hit["hidden"])
-        if hit is not None:
-            records.remove(hit)
+        starts = [int(r["positions"].flatten()[0]) for r in records]
+        hit = starts.index(len(prompt)) if len(prompt) in starts else None
+        sg_blocks.append(None if hit is None else records.pop(hit)["hidden"])
     ref_blocks, head = reference_blocks(target, args.dflare, prompts, firsts)
     rows = [
         compare(s, r, head) if s is not None else {"missing": True}
