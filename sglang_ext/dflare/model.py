@@ -11,8 +11,10 @@ draft layer and projects it with the layer's ``k_proj``/``v_proj``; DFlare mixes
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ from torch import nn
 
 from sglang_ext.dflare import ops
 from sglang_ext.dflare.config import DFlareConfig
+from sglang_ext.dflare.linear import COPY_BELOW_PARAMS, StackedLinear
 
 if TYPE_CHECKING:
     from sglang_ext.dflare.cache import RowKVCache
@@ -75,17 +78,6 @@ class DraftAttention(nn.Module):
             self.k_proj_target = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
             self.v_proj_target = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
 
-    def block_qkv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [b, Q, H] -> q [b, nh, Q, hd], k/v [b, nkv, Q, hd] (normed, rotated)."""
-        q = self.q_norm(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))  # [b, Q, nh, hd]
-        k = self.k_norm(self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)))
-        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [b, Q, 1, hd]
-        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
 
 class DraftLayer(nn.Module):
     def __init__(self, cfg: DFlareConfig) -> None:
@@ -94,6 +86,19 @@ class DraftLayer(nn.Module):
         self.self_attn = DraftAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = DraftMLP(cfg.hidden_size, cfg.intermediate_size)
+
+
+@dataclass
+class _LayerWeights:
+    """One draft layer's weights in the form the block stream uses (see ``DFlareDrafter._layer_weights``)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qk_norm: torch.Tensor  # [heads + kv_heads, hd]: q_norm per query head, then k_norm per key head
+    qkv: StackedLinear
+    o: StackedLinear
+    gate_up: StackedLinear
+    down: StackedLinear
 
 
 class DFlareDrafter(nn.Module):
@@ -114,7 +119,9 @@ class DFlareDrafter(nn.Module):
         self.register_buffer("inv_freq", ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
         self._embed: nn.Module | None = None
         self._lm_head: nn.Module | None = None
-        self._frozen_kv: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._param_slots: list[tuple[dict[str, Any], str]] | None = None
+        self._frozen: dict[str, tuple[tuple[int, ...], Any]] = {}
+        self._rope_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         """Move the RoPE table with the module but never change its dtype.
@@ -125,7 +132,67 @@ class DFlareDrafter(nn.Module):
         inv_freq = self.inv_freq
         super()._apply(fn, recurse)
         self.inv_freq = inv_freq.to(device=self.inv_freq.device)
+        self._frozen, self._rope_tables = {}, None
         return self
+
+    # ---- inference constants -------------------------------------------------------------------------
+    def _cached(self, name: str, build: Callable[[], Any]) -> Any:
+        """``build()``, kept under ``name`` while no gradient is tracked and no parameter changed.
+
+        Training (gradients on) builds on every call, so gradients reach the parameters. A change is seen
+        by storage address (``.to()``, ``load_state_dict(assign=True)``) and version counter (in-place
+        updates; inference tensors, built under ``inference_mode``, have none).
+        """
+        if torch.is_grad_enabled():
+            return build()
+        if self._param_slots is None:  # the modules' own parameter dicts: cheap to re-read every call
+            self._param_slots = [(m._parameters, n) for m in self.modules() for n in m._parameters]
+        params = [slots[n] for slots, n in self._param_slots if slots[n] is not None]  # bias=False is None
+        key = tuple(p.data_ptr() for p in params)
+        with contextlib.suppress(RuntimeError):
+            key += tuple(p._version for p in params)
+        hit = self._frozen.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._frozen[name] = (key, build())
+        return hit[1]
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(cos, sin, signed sin) [..., hd] of integer positions, from tables grown on demand.
+
+        Entry p equals ``ops.rope_cos_sin(p)`` (float32 math, then cast): a lookup replaces five ops."""
+        upto = int(positions.max()) + 1 if positions.numel() else 0
+        tables = self._rope_tables
+        if tables is None or tables[0].shape[0] < upto or tables[0].dtype != dtype:
+            n = max(upto, 2 * tables[0].shape[0] if tables is not None else 0, 256)
+            cos, sin = ops.rope_cos_sin(torch.arange(n, device=self.inv_freq.device), self.inv_freq, dtype)
+            tables = self._rope_tables = (cos, sin, ops.signed_sin(sin))
+        positions = positions.to(tables[0].device)
+        return tuple(t[positions] for t in tables)
+
+    def _layer_weights(self) -> list[_LayerWeights]:
+        """The draft layers as :class:`StackedLinear` products (q|k|v, o, gate|up, down) and joint q/k norm
+        weights; at inference small drafters keep transposed copies (see ``sglang_ext.dflare.linear``)."""
+
+        def build() -> list[_LayerWeights]:
+            small = sum(p.numel() for p in self.parameters()) < COPY_BELOW_PARAMS
+            copy = small and not torch.is_grad_enabled()
+            cfg, out = self.config, []
+            for layer in self.layers:
+                a, mlp = layer.self_attn, layer.mlp
+                qk_norm = torch.cat([a.q_norm.weight.expand(cfg.num_attention_heads, -1),
+                                     a.k_norm.weight.expand(cfg.num_key_value_heads, -1)])
+                out.append(_LayerWeights(
+                    input_norm=layer.input_layernorm.weight,
+                    post_norm=layer.post_attention_layernorm.weight,
+                    qk_norm=qk_norm,
+                    qkv=StackedLinear([a.q_proj, a.k_proj, a.v_proj], copy),
+                    o=StackedLinear([a.o_proj], copy),
+                    gate_up=StackedLinear([mlp.gate_proj, mlp.up_proj], copy),
+                    down=StackedLinear([mlp.down_proj], copy),
+                ))
+            return out
+
+        return self._cached("layers", build)
 
     # ---- borrowed target modules -----------------------------------------------------------------
     def bind_target(self, embed_tokens: nn.Module, lm_head: nn.Module) -> None:
@@ -158,28 +225,26 @@ class DFlareDrafter(nn.Module):
         """taps [..., T, H] -> normalised context features [..., D, H] (DFlare) or [..., 1, H] (DFlash)."""
         eps = self.config.rms_norm_eps
         if self.config.kind == "dflare":
-            probs = ops.fusion_probabilities(self.layer_fusion_weights)
+            probs = self._cached("fusion", lambda: ops.fusion_probabilities(self.layer_fusion_weights))
             return ops.fuse_context(taps, probs, self.hidden_norm.weight, eps)
         return ops.dflash_context(taps, self.fc.weight, self.hidden_norm.weight, eps)
 
-    def context_kv_weight(self) -> torch.Tensor:
-        """[D, H, 2*nkv*hd]: the layers' context K/V projections stacked for one bmm.
-
-        Cached while no gradient is tracked (inference); rebuilt if any weight changed in place.
-        """
+    def _context_projections(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, torch.Tensor]:
+        """The layers' context K/V projections stacked for one bmm [D, H, 2*nkv*hd], their K and V biases
+        [D, 1, nkv*hd] each (None without), and the k_norm weights [D, hd]."""
         attn = [layer.self_attn for layer in self.layers]
         dflare = self.config.kind == "dflare"
-        ks = [a.k_proj_target.weight if dflare else a.k_proj.weight for a in attn]
-        vs = [a.v_proj_target.weight if dflare else a.v_proj.weight for a in attn]
-        if torch.is_grad_enabled():
-            return ops.stack_context_kv_weights(ks, vs)
-        try:
-            key = tuple(w._version for w in ks + vs) + tuple(id(w) for w in ks)
-        except RuntimeError:  # inference tensors (built under inference_mode) have no version counter
-            key = tuple(id(w) for w in ks + vs)
-        if self._frozen_kv is None or self._frozen_kv[0] != key:
-            self._frozen_kv = (key, ops.stack_context_kv_weights(ks, vs))
-        return self._frozen_kv[1]
+        ks = [a.k_proj_target if dflare else a.k_proj for a in attn]
+        vs = [a.v_proj_target if dflare else a.v_proj for a in attn]
+        weight = ops.stack_context_kv_weights([k.weight for k in ks], [v.weight for v in vs])
+        biases = None
+        if self.config.attention_bias:
+            biases = torch.stack([k.bias for k in ks])[:, None], torch.stack([v.bias for v in vs])[:, None]
+        return weight, biases, torch.stack([a.k_norm.weight for a in attn])
+
+    def context_kv_weight(self) -> torch.Tensor:
+        """[D, H, 2*nkv*hd]: the layers' context K/V projections stacked for one bmm (cached at inference)."""
+        return self._cached("context", self._context_projections)[0]
 
     def context_kv(self, taps: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Context keys/values of all draft layers for N context tokens.
@@ -187,15 +252,12 @@ class DFlareDrafter(nn.Module):
         taps [N, T, H] (or [N, T*H]), positions [N] -> k, v [D, N, nkv, hd] (k normed and rotated).
         """
         cfg = self.config
+        weight, biases, norms = self._cached("context", self._context_projections)
         feats = self.context_features(taps)  # [N, D|1, H]
-        k, v = ops.context_kv(feats, self.context_kv_weight())  # [D, N, nkv*hd]
-        if cfg.attention_bias:
-            attn = [layer.self_attn for layer in self.layers]
-            kb = [a.k_proj_target.bias if cfg.kind == "dflare" else a.k_proj.bias for a in attn]
-            vb = [a.v_proj_target.bias if cfg.kind == "dflare" else a.v_proj.bias for a in attn]
-            k, v = k + torch.stack(kb)[:, None], v + torch.stack(vb)[:, None]
-        norms = torch.stack([layer.self_attn.k_norm.weight for layer in self.layers])  # [D, hd]
-        cos, sin = ops.rope_cos_sin(positions.to(self.inv_freq.device), self.inv_freq, k.dtype)
+        k, v = ops.context_kv(feats, weight)  # [D, N, nkv*hd]
+        if biases is not None:
+            k, v = k + biases[0], v + biases[1]
+        cos, sin, _ = self._rope(positions, k.dtype)
         k = ops.finish_context_keys(k, norms, cfg.rms_norm_eps, cos, sin)
         return k, v.unflatten(-1, (-1, cfg.head_dim))
 
@@ -207,16 +269,25 @@ class DFlareDrafter(nn.Module):
         keys_values: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]],
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x [b, Q, H] block stream; ``keys_values(i, k_blk, v_blk)`` gives layer i's full K/V."""
-        cos, sin = ops.rope_cos_sin(positions, self.inv_freq, x.dtype)  # [b, Q, hd]
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k_blk, v_blk = attn.block_qkv(layer.input_layernorm(x), cos, sin)
-            k, v = keys_values(i, k_blk, v_blk)
-            out = self.attention(q, k, v, mask, attn.scale)  # [b, nh, Q, hd]
-            x = x + attn.o_proj(out.transpose(1, 2).flatten(-2))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x)
+        """x [b, Q, H] block stream; ``keys_values(i, k_blk, v_blk)`` gives layer i's full K/V.
+
+        Per layer: q/k/v from one product, one norm and one RoPE call over the q and k heads together
+        (per-head norms and rotations: bitwise what separate calls give), attention, o, the SiLU MLP."""
+        cfg = self.config
+        eps, nh, hd = cfg.rms_norm_eps, cfg.num_attention_heads, cfg.head_dim
+        nqk, scale = nh + cfg.num_key_value_heads, hd**-0.5
+        cos, _, sin = self._rope(positions, x.dtype)  # cos, signed sin [b, Q, hd]
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+        for i, w in enumerate(self._layer_weights()):
+            heads = w.qkv(ops.rms_norm(x, w.input_norm, eps)).unflatten(-1, (-1, hd))  # [b, Q, nh+2nkv, hd]
+            qk = ops.apply_rope_signed(ops.rms_norm(heads[:, :, :nqk], w.qk_norm, eps), cos, sin)
+            q, k_blk = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)  # [b, heads, Q, hd]
+            k, v = keys_values(i, k_blk, heads[:, :, nqk:].transpose(1, 2))
+            out = self.attention(q, k, v, mask, scale)  # [b, nh, Q, hd]
+            x = x + w.o(out.transpose(1, 2).flatten(-2))
+            gate, up = w.gate_up(ops.rms_norm(x, w.post_norm, eps)).chunk(2, dim=-1)
+            x = x + w.down(F.silu(gate) * up)
+        return ops.rms_norm(x, self.norm.weight, eps)
 
     def forward(
         self,
@@ -273,16 +344,18 @@ class DFlareDrafter(nn.Module):
         b, blk = block_ids.shape
         upto = max(starts) + blk
         cache.ensure_capacity(upto)
-        uniform = min(starts) == upto - blk
         dev = self.inv_freq.device
         block_ids = block_ids.to(dev)
-        st = torch.tensor(starts, dtype=torch.int64, device=dev)
-        positions = st[:, None] + torch.arange(blk, device=dev)[None, :]  # [b, B]
         mask = None
-        if not uniform:
+        offsets: torch.Tensor | int
+        if min(starts) == max(starts):  # every row at the same positions: [B] positions, slice writes
+            offsets = starts[0]
+            positions = torch.arange(offsets, upto, device=dev)
+        else:
+            offsets = torch.tensor(starts, dtype=torch.int64, device=dev)
+            positions = offsets[:, None] + torch.arange(blk, device=dev)[None, :]  # [b, B]
             keys = torch.arange(upto, device=dev)
-            mask = (keys[None, :] < (st + blk)[:, None])[:, None, None, :]  # [b, 1, 1, upto]
-        offsets: torch.Tensor | int = starts[0] if uniform else st
+            mask = (keys[None, :] < (offsets + blk)[:, None])[:, None, None, :]  # [b, 1, 1, upto]
 
         def keys_values(i: int, k_blk: torch.Tensor, v_blk: torch.Tensor) -> tuple[torch.Tensor, ...]:
             cache.write(i, k_blk, v_blk, offsets)

@@ -89,6 +89,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` [..., hd] with its first half negated: the sign of rotate-half folded into the table."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` with a :func:`signed_sin` table, bitwise equal (negation is exact) in 4 ops
+    instead of 7: ``rotate_half(x) * sin == roll(x, hd/2) * signed_sin``. For per-token CPU decoding."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+
+
 def finish_context_keys(
     k: torch.Tensor, k_norm_weights: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:

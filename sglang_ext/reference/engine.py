@@ -193,12 +193,8 @@ class SpeculativeEngine:
         decoding = sum(s.prefilled for s in slots)  # prefilled rows come first (new rows are appended)
         drafts = self._propose(decoding) if blk > 1 and decoding else None  # [k, B-1]
         qlen = max(blk if s.prefilled else len(s.req.prompt_ids) for s in slots)
-        ids = torch.zeros(len(slots), qlen, dtype=torch.int64, device=self.runner.device)
-        for r, s in enumerate(slots):
-            if s.prefilled:
-                ids[r, 0] = s.pending
-            else:
-                ids[r, : len(s.req.prompt_ids)] = torch.tensor(s.req.prompt_ids, device=ids.device)
+        rows = [[s.pending] if s.prefilled else s.req.prompt_ids for s in slots]
+        ids = torch.tensor([[*row, *[0] * (qlen - len(row))] for row in rows], device=self.runner.device)
         if drafts is not None:
             ids[:decoding, 1:blk] = drafts
         starts = [s.length if s.prefilled else 0 for s in slots]
@@ -216,25 +212,28 @@ class SpeculativeEngine:
         """B-1 greedy draft tokens for rows ``0..rows-1`` from ONE drafter forward: [rows, B-1]."""
         drafter, cache = self.drafter, self.draft_cache
         assert drafter is not None
-        pending_rows, positions, taps = [], [], []
+        pending_rows: list[int] = []
+        positions: list[int] = []
+        taps: list[torch.Tensor] = []
         for r, s in enumerate(self._slots[:rows]):
             start = cache.lengths[r]
             for chunk in s.ctx:
                 n = chunk.shape[0]
-                pending_rows.append(torch.full((n,), r, dtype=torch.int64))
-                positions.append(torch.arange(start, start + n))
+                pending_rows += [r] * n
+                positions += range(start, start + n)
                 taps.append(chunk)
                 start += n
             cache.lengths[r] = start
             s.ctx = []
         if taps:
             cache.ensure_capacity(max(cache.lengths[:rows]) + self.block_size)
-            drafter.append_context(cache, torch.cat(pending_rows), torch.cat(positions), torch.cat(taps))
-        block = torch.full((rows, self.block_size), drafter.config.mask_token_id, dtype=torch.int64)
-        block[:, 0] = torch.tensor([s.pending for s in self._slots[:rows]])
-        block = block.to(self.runner.device)
+            drafter.append_context(cache, torch.tensor(pending_rows), torch.tensor(positions),
+                                   taps[0] if len(taps) == 1 else torch.cat(taps))
+        masks = [drafter.config.mask_token_id] * (self.block_size - 1)
+        block = torch.tensor([[s.pending, *masks] for s in self._slots[:rows]], device=self.runner.device)
         hidden = drafter.draft_hidden(cache, block, cache.lengths[:rows])
-        return drafter.logits(hidden[:, 1:]).argmax(dim=-1)
+        # the drafter's LM head is the target's: the runner's copy of it is the faster product
+        return self.runner.logits(hidden[:, 1:]).argmax(dim=-1)
 
     @staticmethod
     def _kept_length(start: int, accepted: int) -> int:

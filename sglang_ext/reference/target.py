@@ -6,8 +6,11 @@ this runs the HF model's own weights (embeddings, projections, norms, MLP, rotar
 head) with its own attention over a :class:`~sglang_ext.dflare.cache.RowKVCache`. Supported: Qwen3 and
 the Llama/Qwen2 family layout (``q_norm``/``k_norm`` optional, SiLU MLP); sliding-window layers are refused.
 
-Small models are overhead-bound on CPU, so for them (``fuse=None``: below 300M parameters) each layer's
-q/k/v and gate/up weights are concatenated once into one matmul each (a copy; the HF model is untouched).
+Small models are overhead-bound on CPU (a decode step is hundreds of tiny ops), so the forward keeps the op
+count per layer low: q and k heads share one per-head norm and one RoPE call, RoPE reads precomputed
+cos/sin tables, and for models below 300M parameters (``fuse=None``) each layer's q/k/v and gate/up
+projections run as one product each (:class:`~sglang_ext.dflare.linear.StackedLinear`: copies, the HF
+model is untouched).
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from torch import nn
 
 from sglang_ext.dflare import ops
 from sglang_ext.dflare.cache import RowKVCache
+from sglang_ext.dflare.linear import COPY_BELOW_PARAMS, StackedLinear
 
 _REQUIRED = ("q_proj", "k_proj", "v_proj", "o_proj")
-_FUSE_BELOW_PARAMS = 300_000_000
 
 
 class UnsupportedTargetError(ValueError):
@@ -31,16 +34,15 @@ class UnsupportedTargetError(ValueError):
 
 @dataclass
 class _Layer:
-    """One decoder layer's weights as plain tensors (fused where ``qkv``/``gate_up`` are set)."""
+    """One decoder layer's weights in the form the forward uses them."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    q_norm: torch.Tensor | None
-    k_norm: torch.Tensor | None
-    qkv: torch.Tensor | None
-    qkv_bias: torch.Tensor | None
-    gate_up: torch.Tensor | None
-    module: nn.Module
+    qk_norm: torch.Tensor | None  # [heads + kv_heads, hd]: q_norm per query head, then k_norm per key head
+    qkv: StackedLinear
+    o: StackedLinear
+    gate_up: StackedLinear
+    down: StackedLinear
 
 
 class TargetRunner:
@@ -72,8 +74,13 @@ class TargetRunner:
         self.dtype, self.device = params[0].dtype, params[0].device
         self.max_context = int(getattr(cfg, "max_position_embeddings", 32768))
         if fuse is None:
-            fuse = sum(p.numel() for p in params) < _FUSE_BELOW_PARAMS
+            fuse = sum(p.numel() for p in params) < COPY_BELOW_PARAMS
         self.layers = [self._prepare(i, layer, fuse) for i, layer in enumerate(inner.layers)]
+        self._lm_head = StackedLinear([self.lm_head], fuse)
+        rope_type = getattr(self.rotary_emb, "rope_type", "default")
+        self._rope_by_length = rope_type in ("dynamic", "longrope")
+        # cos and signed sin of positions 0..n-1 (see _rope); grown on demand
+        self._cos = self._sin_signed = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
 
     def _prepare(self, index: int, layer: nn.Module, fuse: bool) -> _Layer:
         attn = getattr(layer, "self_attn", None)
@@ -82,17 +89,20 @@ class TargetRunner:
             raise UnsupportedTargetError(f"layer {index} of {name} is not Llama/Qwen-style")
         if getattr(attn, "sliding_window", None):
             raise UnsupportedTargetError("sliding-window attention layers are not supported")
-        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-        has_bias = attn.q_proj.bias is not None
-        with torch.no_grad():
-            qkv = torch.cat([p.weight for p in projs]) if fuse else None
-            qkv_bias = torch.cat([p.bias for p in projs]) if fuse and has_bias else None
-            mlp = layer.mlp
-            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) if fuse else None
-        q_norm = attn.q_norm.weight if hasattr(attn, "q_norm") else None
-        k_norm = attn.k_norm.weight if hasattr(attn, "k_norm") else None
-        return _Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, q_norm, k_norm,
-                      qkv, qkv_bias, gate_up, layer)
+        qk_norm = None
+        if hasattr(attn, "q_norm"):
+            qk_norm = torch.cat([attn.q_norm.weight.expand(self.num_heads, -1),
+                                 attn.k_norm.weight.expand(self.num_kv_heads, -1)]).detach()
+        mlp = layer.mlp
+        return _Layer(
+            input_norm=layer.input_layernorm.weight,
+            post_norm=layer.post_attention_layernorm.weight,
+            qk_norm=qk_norm,
+            qkv=StackedLinear([attn.q_proj, attn.k_proj, attn.v_proj], fuse),
+            o=StackedLinear([attn.o_proj], fuse),
+            gate_up=StackedLinear([mlp.gate_proj, mlp.up_proj], fuse),
+            down=StackedLinear([mlp.down_proj], fuse),
+        )
 
     @property
     def num_layers(self) -> int:
@@ -100,6 +110,26 @@ class TargetRunner:
 
     def new_cache(self, rows: int) -> RowKVCache:
         return RowKVCache(self.num_layers, self.num_kv_heads, self.head_dim, rows, self.dtype, self.device)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (:func:`~sglang_ext.dflare.ops.signed_sin`) [..., hd] of integer positions.
+
+        Read from tables built once by the model's own rotary embedding (so its scaling applies), except
+        for rope types whose tables depend on the sequence length ("dynamic", "longrope")."""
+        if self._rope_by_length:
+            cos, sin = self.rotary_emb(self._cos, positions.reshape(1, -1))
+            return cos[0].view(*positions.shape, -1), ops.signed_sin(sin[0]).view(*positions.shape, -1)
+        upto = int(positions.max()) + 1
+        if self._cos.shape[0] < upto:
+            n = max(upto, 2 * self._cos.shape[0], 256)
+            cos, sin = self.rotary_emb(self._cos, torch.arange(n, device=self.device)[None])
+            self._cos, self._sin_signed = cos[0], ops.signed_sin(sin[0])
+        return self._cos[positions], self._sin_signed[positions]
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        """Boolean mask -> 0 / -inf, the form SDPA converts a boolean mask to (here once, not per layer)."""
+        return torch.zeros(visible.shape, dtype=self.dtype, device=visible.device).masked_fill_(
+            visible.logical_not(), float("-inf"))
 
     def forward(
         self, cache: RowKVCache, ids: torch.Tensor, starts: list[int]
@@ -110,48 +140,36 @@ class TargetRunner:
         Returns the final-normed hidden states [b, q, H] and the taps [b, q, T, H] (None without taps).
         The caller sets ``cache.lengths``: padding K/V lands past a row's length and is overwritten later.
         """
-        b, q = ids.shape
+        q = ids.shape[1]
         upto = max(starts) + q
         cache.ensure_capacity(upto)
-        uniform = min(starts) == max(starts)
-        if uniform:
-            positions = torch.arange(starts[0], starts[0] + q, device=ids.device)[None].expand(b, q)
+        dev = ids.device
+        offsets: torch.Tensor | int
+        if min(starts) == max(starts):  # every row at the same positions: [q] tables, slice writes
+            offsets = starts[0]
+            positions = torch.arange(offsets, upto, device=dev)  # [q]
         else:
-            st = torch.tensor(starts, dtype=torch.int64, device=ids.device)
-            positions = st[:, None] + torch.arange(q, device=ids.device)[None, :]  # [b, q]
-        offsets: torch.Tensor | int = starts[0] if uniform else positions[:, 0]
+            offsets = torch.tensor(starts, dtype=torch.int64, device=dev)
+            positions = offsets[:, None] + torch.arange(q, device=dev)[None, :]  # [b, q]
+        cos, sin = self._rope(positions)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [(b,) q, 1, hd]: broadcast over heads
         mask = None  # one query per row at a common position: every cached key is visible
-        if not (uniform and q == 1):
-            # causal over each row's own positions: key j visible to query i iff j <= starts[r] + i
-            key_pos = torch.arange(upto, device=ids.device)
-            mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # [b, 1, q, upto]
+        if positions.dim() == 2 or q > 1:  # causal: key j visible to query i iff j <= position of i
+            visible = torch.arange(upto, device=dev) <= positions.unsqueeze(-1)  # [(b,) q, upto]
+            mask = self._additive(visible if visible.dim() == 2 else visible[:, None])
         x = self.embed_tokens(ids)  # [b, q, H]
-        cos, sin = self.rotary_emb(x, positions)  # [b, q, hd]
-        cos, sin = cos[:, None], sin[:, None]  # [b, 1, q, hd]
         taps: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             h = ops.rms_norm(x, layer.input_norm, self.eps)
-            x = x + self._attention(i, layer, h, cos, sin, cache, offsets, b, upto, mask)
-            x = x + self._mlp(layer, ops.rms_norm(x, layer.post_norm, self.eps))
+            x = x + self._attention(i, layer, h, cos, sin, cache, offsets, upto, mask)
+            h = ops.rms_norm(x, layer.post_norm, self.eps)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
             if i in self._tap_slot:
                 taps[i] = x
         # [b, q, T, H], in the drafter's tap order (its concatenation order)
         tapped = torch.stack([taps[t] for t in self.tap_layers], dim=2) if taps else None
-        return self.norm(x), tapped
-
-    def _qkv(self, layer: _Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if layer.qkv is None:
-            attn = layer.module.self_attn
-            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return F.linear(h, layer.qkv, layer.qkv_bias).split((nq, nkv, nkv), dim=-1)
-
-    def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
-        mlp = layer.module.mlp
-        if layer.gate_up is None:
-            return mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-        gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-        return mlp.down_proj(F.silu(gate) * up)
+        return ops.rms_norm(x, self.norm.weight, self.eps), tapped
 
     def _attention(
         self,
@@ -162,23 +180,24 @@ class TargetRunner:
         sin: torch.Tensor,
         cache: RowKVCache,
         offsets: torch.Tensor | int,
-        b: int,
         upto: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        q, k, v = self._qkv(layer, h)
-        shape = (*h.shape[:-1], -1, self.head_dim)
-        q, k, v = q.view(shape), k.view(shape), v.view(shape)
-        if layer.q_norm is not None:  # Qwen3: per-head norms before RoPE
-            q, k = ops.rms_norm(q, layer.q_norm, self.eps), ops.rms_norm(k, layer.k_norm, self.eps)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, q, hd]
-        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+        b = h.shape[0]
+        nq, nqk = self.num_heads, self.num_heads + self.num_kv_heads
+        heads = layer.qkv(h).unflatten(-1, (-1, self.head_dim))  # [b, q, nq + 2 nkv, hd]
+        qk = heads[:, :, :nqk]
+        if layer.qk_norm is not None:  # Qwen3: per-head norms before RoPE
+            qk = ops.rms_norm(qk, layer.qk_norm, self.eps)
+        qk = ops.apply_rope_signed(qk, cos, sin)
+        q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)  # [b, heads, q, hd]
+        v = heads[:, :, nqk:].transpose(1, 2)
         cache.write(index, k, v, offsets)
         k_all, v_all = cache.view(index, b, upto)
         out = F.scaled_dot_product_attention(
             q, k_all, v_all, attn_mask=mask, scale=self.scale, enable_gqa=True
         )  # [b, nh, q, hd]
-        return layer.module.self_attn.o_proj(out.transpose(1, 2).flatten(-2))
+        return layer.o(out.transpose(1, 2).flatten(-2))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return self._lm_head(hidden)
