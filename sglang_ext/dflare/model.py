@@ -11,7 +11,6 @@ draft layer and projects it with the layer's ``k_proj``/``v_proj``; DFlare mixes
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -101,6 +100,16 @@ class _LayerWeights:
     down: StackedLinear
 
 
+@dataclass
+class _ContextWeights:
+    """What the context path needs besides the taps (see ``DFlareDrafter._context_weights``)."""
+
+    probs: torch.Tensor | None  # DFlare: [D, T] fusion softmax rows; DFlash: None (``fc`` is used)
+    kv: torch.Tensor  # [D, H, 2*nkv*hd]: every layer's context K/V projection, for one bmm
+    kv_biases: tuple[torch.Tensor, ...] | None  # K and V biases [D, 1, nkv*hd]
+    k_norms: torch.Tensor  # [D, hd]
+
+
 class DFlareDrafter(nn.Module):
     """DFlare (``cfg.kind == "dflare"``) or DFlash (``"dflash"``) drafter; see the module docstring."""
 
@@ -148,9 +157,10 @@ class DFlareDrafter(nn.Module):
         if self._param_slots is None:  # the modules' own parameter dicts: cheap to re-read every call
             self._param_slots = [(m._parameters, n) for m in self.modules() for n in m._parameters]
         params = [slots[n] for slots, n in self._param_slots if slots[n] is not None]  # bias=False is None
-        key = tuple(p.data_ptr() for p in params)
-        with contextlib.suppress(RuntimeError):
-            key += tuple(p._version for p in params)
+        try:
+            key = tuple([(p.data_ptr(), p._version) for p in params])
+        except RuntimeError:
+            key = tuple([p.data_ptr() for p in params])
         hit = self._frozen.get(name)
         if hit is None or hit[0] != key:
             hit = self._frozen[name] = (key, build())
@@ -221,30 +231,37 @@ class DFlareDrafter(nn.Module):
                 self.layer_fusion_weights[i, min(t - 1, i * t // d)] = 2.0
 
     # ---- context -----------------------------------------------------------------------------------
+    def _context_weights(self) -> _ContextWeights:
+        def build() -> _ContextWeights:
+            attn = [layer.self_attn for layer in self.layers]
+            dflare = self.config.kind == "dflare"
+            ks = [a.k_proj_target if dflare else a.k_proj for a in attn]
+            vs = [a.v_proj_target if dflare else a.v_proj for a in attn]
+            biases = None
+            if self.config.attention_bias:
+                biases = tuple(torch.stack([p.bias for p in projs])[:, None] for projs in (ks, vs))
+            return _ContextWeights(
+                probs=ops.fusion_probabilities(self.layer_fusion_weights) if dflare else None,
+                kv=ops.stack_context_kv_weights([k.weight for k in ks], [v.weight for v in vs]),
+                kv_biases=biases,
+                k_norms=torch.stack([a.k_norm.weight for a in attn]),
+            )
+
+        return self._cached("context", build)
+
     def context_features(self, taps: torch.Tensor) -> torch.Tensor:
         """taps [..., T, H] -> normalised context features [..., D, H] (DFlare) or [..., 1, H] (DFlash)."""
-        eps = self.config.rms_norm_eps
-        if self.config.kind == "dflare":
-            probs = self._cached("fusion", lambda: ops.fusion_probabilities(self.layer_fusion_weights))
-            return ops.fuse_context(taps, probs, self.hidden_norm.weight, eps)
-        return ops.dflash_context(taps, self.fc.weight, self.hidden_norm.weight, eps)
+        return self._features(taps, self._context_weights())
 
-    def _context_projections(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, torch.Tensor]:
-        """The layers' context K/V projections stacked for one bmm [D, H, 2*nkv*hd], their K and V biases
-        [D, 1, nkv*hd] each (None without), and the k_norm weights [D, hd]."""
-        attn = [layer.self_attn for layer in self.layers]
-        dflare = self.config.kind == "dflare"
-        ks = [a.k_proj_target if dflare else a.k_proj for a in attn]
-        vs = [a.v_proj_target if dflare else a.v_proj for a in attn]
-        weight = ops.stack_context_kv_weights([k.weight for k in ks], [v.weight for v in vs])
-        biases = None
-        if self.config.attention_bias:
-            biases = torch.stack([k.bias for k in ks])[:, None], torch.stack([v.bias for v in vs])[:, None]
-        return weight, biases, torch.stack([a.k_norm.weight for a in attn])
+    def _features(self, taps: torch.Tensor, w: _ContextWeights) -> torch.Tensor:
+        eps = self.config.rms_norm_eps
+        if w.probs is not None:
+            return ops.fuse_context(taps, w.probs, self.hidden_norm.weight, eps)
+        return ops.dflash_context(taps, self.fc.weight, self.hidden_norm.weight, eps)
 
     def context_kv_weight(self) -> torch.Tensor:
         """[D, H, 2*nkv*hd]: the layers' context K/V projections stacked for one bmm (cached at inference)."""
-        return self._cached("context", self._context_projections)[0]
+        return self._context_weights().kv
 
     def context_kv(self, taps: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Context keys/values of all draft layers for N context tokens.
@@ -252,13 +269,12 @@ class DFlareDrafter(nn.Module):
         taps [N, T, H] (or [N, T*H]), positions [N] -> k, v [D, N, nkv, hd] (k normed and rotated).
         """
         cfg = self.config
-        weight, biases, norms = self._cached("context", self._context_projections)
-        feats = self.context_features(taps)  # [N, D|1, H]
-        k, v = ops.context_kv(feats, weight)  # [D, N, nkv*hd]
-        if biases is not None:
-            k, v = k + biases[0], v + biases[1]
+        w = self._context_weights()
+        k, v = ops.context_kv(self._features(taps, w), w.kv)  # [D, N, nkv*hd]
+        if w.kv_biases is not None:
+            k, v = k + w.kv_biases[0], v + w.kv_biases[1]
         cos, sin, _ = self._rope(positions, k.dtype)
-        k = ops.finish_context_keys(k, norms, cfg.rms_norm_eps, cos, sin)
+        k = ops.finish_context_keys(k, w.k_norms, cfg.rms_norm_eps, cos, sin)
         return k, v.unflatten(-1, (-1, cfg.head_dim))
 
     # ---- the layer stack -----------------------------------------------------------------------------

@@ -13,8 +13,12 @@ import torch.nn.functional as F
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Qwen3 RMSNorm: statistics in float32, result cast back before the weight (bitwise like HF)."""
     dtype = x.dtype
-    if dtype == torch.float32:  # the casts are identities: skip their dispatch cost (small CPU models)
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    if dtype == torch.float32 and weight.dtype == torch.float32:
+        # the casts are identities, and torch's fused norm computes these same bits in one call (small
+        # models on CPU pay per op); a weight broadcast over more than the last dim multiplies after it
+        if weight.shape == x.shape[-1:]:
+            return F.rms_norm(x, weight.shape, weight, eps)
+        return weight * F.rms_norm(x, x.shape[-1:], eps=eps)
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from sglang_ext.dflare import ops
-from sglang_ext.reference.sampling import SamplingParams, sample_rows
+from sglang_ext.reference.sampling import SamplingParams, greedy_tokens, sample_rows
 from sglang_ext.reference.target import TargetRunner
 from sglang_ext.stats import SpecStats
 
@@ -233,7 +233,7 @@ class SpeculativeEngine:
         block = torch.tensor([[s.pending, *masks] for s in self._slots[:rows]], device=self.runner.device)
         hidden = drafter.draft_hidden(cache, block, cache.lengths[:rows])
         # the drafter's LM head is the target's: the runner's copy of it is the faster product
-        return self.runner.logits(hidden[:, 1:]).argmax(dim=-1)
+        return greedy_tokens(self.runner.logits(hidden[:, 1:]))
 
     @staticmethod
     def _kept_length(start: int, accepted: int) -> int:

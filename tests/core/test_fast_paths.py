@@ -7,12 +7,16 @@ positions past the first table size, rows at different positions, weights change
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 from sglang_ext.dflare import ops
 from sglang_ext.dflare.linear import StackedLinear
+from sglang_ext.dflare.model import DFlareDrafter
+from sglang_ext.reference.sampling import greedy_tokens
 from sglang_ext.reference.target import TargetRunner
 from sglang_ext.reference.tiny import tiny_drafter, tiny_target
 
@@ -113,3 +117,36 @@ def test_training_gradients_reach_every_stacked_weight() -> None:
     drafter.logits(hidden).logsumexp(-1).sum().backward()
     for name, p in drafter.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("kind", ["dflare", "dflash"])
+def test_biased_drafter_inference_equals_its_training_path(kind: str) -> None:
+    """q/k/v/o biases (attention_bias=True) in the stacked copies and in the stacked context K/V."""
+    target = tiny_target(vocab_size=40, hidden_size=32, num_layers=6, dtype=F64, seed=3)
+    cfg = dataclasses.replace(tiny_drafter(target, kind=kind).config, attention_bias=True)
+    torch.manual_seed(8)
+    drafter = DFlareDrafter(cfg).to(F64)
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    drafter.bind_target(target.model.embed_tokens, target.lm_head)
+    taps = torch.randn(6, cfg.num_taps, 32, dtype=F64, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        cached = _draft(drafter, drafter.new_cache(1), taps)
+    reference = _draft(drafter, drafter.new_cache(1), taps)  # gradients on: the modules themselves
+    torch.testing.assert_close(cached, reference.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_float32_rms_norm_is_bitwise_the_explicit_formula() -> None:
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(3, 5, 6, 16, generator=g) * 30
+    for weight in (torch.randn(16, generator=g), torch.randn(6, 16, generator=g)):  # last dim, or broadcast
+        want = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        assert torch.equal(ops.rms_norm(x, weight, 1e-6), want)
+
+
+def test_greedy_tokens_equal_argmax_with_ties_and_nan() -> None:
+    logits = torch.randint(0, 4, (3, 5, 64)).float()  # many ties: the first maximum must win
+    logits[1, 2, 9] = float("nan")
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
