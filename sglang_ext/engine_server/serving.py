@@ -290,6 +290,11 @@ class OpenAIServing:
                     yield text
                 if stops.stopped:
                     break
+            if stops.stopped and not gen.finished:
+                # end it in the engine and wait for its Result (one engine step): the stats of an
+                # aborted request come with that Result, and a stop string must not cost the user them
+                self.runner.abort(gen.request_id)
+                await gen.wait()
             if not stops.stopped:
                 text = stops.feed(detok.flush())
                 text += stops.flush()

@@ -117,6 +117,8 @@ def test_stop_string_cuts_the_text(any_gateway):
     )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == text[: text.index(stop)]
+    spec = cut.usage.model_extra["speculative"]  # a stop string keeps the request's stats
+    assert spec is not None and spec["verify_steps"] >= 1
     streamed = "".join(
         ch.choices[0].text
         for ch in c.completions.create(
