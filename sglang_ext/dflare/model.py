@@ -37,25 +37,26 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
+# The modules below hold parameters under their checkpoint names; the math that uses them is
+# DFlareDrafter._run_layers (block stream) and DFlareDrafter.context_kv (context), in ops' functions.
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    """The weight of an RMSNorm (``ops.rms_norm``; eps is ``config.rms_norm_eps``)."""
+
+    def __init__(self, size: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class DraftMLP(nn.Module):
+    """SiLU-gated MLP: ``down(silu(gate(x)) * up(x))``."""
+
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DraftAttention(nn.Module):
@@ -64,26 +65,24 @@ class DraftAttention(nn.Module):
     def __init__(self, cfg: DFlareConfig) -> None:
         super().__init__()
         h, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = hd
-        self.scale = hd**-0.5
-        self.q_proj = nn.Linear(h, self.num_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * hd, h, bias=bias)
-        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)  # per head
-        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)  # per head, shared by context and block keys
+        nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.q_proj = nn.Linear(h, nh * hd, bias=bias)
+        self.k_proj = nn.Linear(h, nkv * hd, bias=bias)
+        self.v_proj = nn.Linear(h, nkv * hd, bias=bias)
+        self.o_proj = nn.Linear(nh * hd, h, bias=bias)
+        self.q_norm = RMSNorm(hd)  # per head
+        self.k_norm = RMSNorm(hd)  # per head, shared by context and block keys
         if cfg.kind == "dflare":
-            self.k_proj_target = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
-            self.v_proj_target = nn.Linear(h, self.num_kv_heads * hd, bias=bias)
+            self.k_proj_target = nn.Linear(h, nkv * hd, bias=bias)
+            self.v_proj_target = nn.Linear(h, nkv * hd, bias=bias)
 
 
 class DraftLayer(nn.Module):
     def __init__(self, cfg: DFlareConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size)
         self.self_attn = DraftAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size)
         self.mlp = DraftMLP(cfg.hidden_size, cfg.intermediate_size)
 
 
@@ -119,8 +118,8 @@ class DFlareDrafter(nn.Module):
         self.attention = attention
         h, t, d = cfg.hidden_size, cfg.num_taps, cfg.num_hidden_layers
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(d))
-        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
-        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(h)
+        self.norm = RMSNorm(h)
         if cfg.kind == "dflare":
             self.layer_fusion_weights = nn.Parameter(torch.zeros(d, t))
         else:
@@ -181,7 +180,7 @@ class DFlareDrafter(nn.Module):
 
     def _layer_weights(self) -> list[_LayerWeights]:
         """The draft layers as :class:`StackedLinear` products (q|k|v, o, gate|up, down) and joint q/k norm
-        weights; at inference small drafters keep transposed copies (see ``sglang_ext.dflare.linear``)."""
+        weights; at inference small drafters keep stacked copies (see ``sglang_ext.dflare.linear``)."""
 
         def build() -> list[_LayerWeights]:
             small = sum(p.numel() for p in self.parameters()) < COPY_BELOW_PARAMS

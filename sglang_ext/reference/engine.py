@@ -232,8 +232,7 @@ class SpeculativeEngine:
         masks = [drafter.config.mask_token_id] * (self.block_size - 1)
         block = torch.tensor([[s.pending, *masks] for s in self._slots[:rows]], device=self.runner.device)
         hidden = drafter.draft_hidden(cache, block, cache.lengths[:rows])
-        # the drafter's LM head is the target's: the runner's copy of it is the faster product
-        return greedy_tokens(self.runner.logits(hidden[:, 1:]))
+        return greedy_tokens(drafter.logits(hidden[:, 1:]))
 
     @staticmethod
     def _kept_length(start: int, accepted: int) -> int:

@@ -7,8 +7,9 @@ head) with its own attention over a :class:`~sglang_ext.dflare.cache.RowKVCache`
 the Llama/Qwen2 family layout (``q_norm``/``k_norm`` optional, SiLU MLP); sliding-window layers are refused.
 
 Small models are overhead-bound on CPU (a decode step is hundreds of tiny ops), so the forward keeps the op
-count per layer low: q and k heads share one per-head norm and one RoPE call, RoPE reads precomputed
-cos/sin tables, and for models below 300M parameters (``fuse=None``) each layer's q/k/v and gate/up
+count per layer low without changing a bit of its results: q and k heads share one per-head norm and one
+RoPE call, RoPE reads cos/sin tables built once, a boolean mask becomes additive once per forward instead
+of once per layer, and for models below 300M parameters (``fuse=None``) each layer's q/k/v and gate/up
 projections run as one product each (:class:`~sglang_ext.dflare.linear.StackedLinear`: copies, the HF
 model is untouched).
 """
@@ -76,7 +77,6 @@ class TargetRunner:
         if fuse is None:
             fuse = sum(p.numel() for p in params) < COPY_BELOW_PARAMS
         self.layers = [self._prepare(i, layer, fuse) for i, layer in enumerate(inner.layers)]
-        self._lm_head = StackedLinear([self.lm_head], fuse)
         rope_type = getattr(self.rotary_emb, "rope_type", "default")
         self._rope_by_length = rope_type in ("dynamic", "longrope")
         # cos and signed sin of positions 0..n-1 (see _rope); grown on demand
@@ -200,4 +200,4 @@ class TargetRunner:
         return layer.o(out.transpose(1, 2).flatten(-2))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._lm_head(hidden)
+        return self.lm_head(hidden)
