@@ -140,9 +140,7 @@ class SpecStats:
                 raise ValueError("meta_info lacks the block size (no proposed drafts, no histogram)")
         if hist is None:
             correct = int(meta.get("spec_num_correct_drafts") or 0)
-            raise ValueError(
-                f"meta_info has spec_verify_ct={steps}, correct={correct} but no histogram"
-            )
+            raise ValueError(f"meta_info has spec_verify_ct={steps}, correct={correct} but no histogram")
         padded = [int(n) for n in hist][:block_size]
         padded += [0] * (block_size - len(padded))
         stats = cls(block_size=block_size, histogram=padded)

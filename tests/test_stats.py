@@ -72,7 +72,11 @@ def test_from_sglang_meta_info_ignores_spec_accept_length_which_counts_prefill()
 
 def test_from_sglang_meta_info_without_speculation_and_inconsistent_input():
     assert SpecStats.from_sglang_meta_info({"completion_tokens": 5}) is None
-    bad = {"spec_verify_ct": 2, "spec_num_correct_drafts": 5, "spec_num_proposed_drafts": 6,
-           "spec_correct_drafts_histogram": [1, 1, 0, 0]}
+    bad = {
+        "spec_verify_ct": 2,
+        "spec_num_correct_drafts": 5,
+        "spec_num_proposed_drafts": 6,
+        "spec_correct_drafts_histogram": [1, 1, 0, 0],
+    }
     with pytest.raises(ValueError):
         SpecStats.from_sglang_meta_info(bad)

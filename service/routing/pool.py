@@ -100,9 +100,7 @@ class BackendPool:
 
     def candidates(self, model: str | None, exclude: Iterable[BackendEndpoint] = ()) -> list[BackendEndpoint]:
         excluded = {id(e) for e in exclude}
-        return [
-            e for e in self._members.values() if id(e) not in excluded and e.routable and e.serves(model)
-        ]
+        return [e for e in self._members.values() if id(e) not in excluded and e.routable and e.serves(model)]
 
     def healthy(self) -> list[BackendEndpoint]:
         return [e for e in self._members.values() if e.health.healthy]

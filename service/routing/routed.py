@@ -93,14 +93,18 @@ class RoutedBackend(Backend):
         def discovery(pool: BackendPool) -> Any:
             if settings.discovery_enabled:
                 return KubernetesDiscovery(
-                    pool, settings.discovery_namespace, settings.discovery_label_selector,
-                    settings.discovery_port_annotation, settings.discovery_port,
+                    pool,
+                    settings.discovery_namespace,
+                    settings.discovery_label_selector,
+                    settings.discovery_port_annotation,
+                    settings.discovery_port,
                     kubeconfig=settings.discovery_kubeconfig,
                 )
             return StaticDiscovery(pool, settings.backends)
 
         return cls(
-            make_client, discovery,
+            make_client,
+            discovery,
             policy=make_policy(settings.routing_policy),
             retry=RetryPolicy(
                 settings.retry_max_attempts, settings.retry_backoff_base_s, settings.retry_backoff_max_s
@@ -211,8 +215,9 @@ class RoutedBackend(Backend):
             retryable=False,
         )
 
-    def _dispatch(self, endpoint: BackendEndpoint, decision: RouteDecision, req: BackendRequest,
-                  attempt: int) -> None:
+    def _dispatch(
+        self, endpoint: BackendEndpoint, decision: RouteDecision, req: BackendRequest, attempt: int
+    ) -> None:
         endpoint.outstanding += 1
         endpoint.breaker.on_dispatch()
         req.served_by = endpoint.url  # access log, metrics label, x-dflare-backend header
@@ -260,7 +265,8 @@ class RoutedBackend(Backend):
 
     def _new_endpoint(self, key: str, url: str) -> BackendEndpoint:
         return BackendEndpoint(
-            key, url,
+            key,
+            url,
             HealthState(self._fail_threshold, self._success_threshold),
             CircuitBreaker(self._breaker_failures, self._breaker_cooldown_s),
             client=self._make_client(url),
@@ -297,8 +303,14 @@ class RoutedBackend(Backend):
 class _RoutedStream(Stream):
     """Relays a member's stream; books the outcome on the member once, however the stream ends."""
 
-    def __init__(self, owner: RoutedBackend, endpoint: BackendEndpoint, inner: Stream,
-                 events: AsyncIterator[bytes], first: bytes) -> None:
+    def __init__(
+        self,
+        owner: RoutedBackend,
+        endpoint: BackendEndpoint,
+        inner: Stream,
+        events: AsyncIterator[bytes],
+        first: bytes,
+    ) -> None:
         self._owner = owner
         self._endpoint = endpoint
         self._inner = inner

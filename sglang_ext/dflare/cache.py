@@ -57,9 +57,7 @@ class RowKVCache:
                 grown[:, :, : old.shape[2]] = old
                 store[i] = grown
 
-    def write(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor | int
-    ) -> None:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor | int) -> None:
         """Store k/v [b, nkv, q, hd] of rows ``0..b-1`` at positions ``offsets[r] + 0..q-1``."""
         b, _, q, _ = k.shape
         if isinstance(offsets, int):

@@ -74,10 +74,10 @@ def normalize_names(
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if name.startswith("model."):  # some exporters wrap the drafter in `model.`
-            name = name[len("model."):]
+            name = name[len("model.") :]
         for old, new in RENAMES[dialect].items():
             if name.startswith(old):
-                name = new + name[len(old):]
+                name = new + name[len(old) :]
                 break
         if name in out:
             raise CheckpointError(f"tensor {name!r} appears twice after renaming {dialect} names")

@@ -188,17 +188,23 @@ class DFlareDrafter(nn.Module):
             cfg, out = self.config, []
             for layer in self.layers:
                 a, mlp = layer.self_attn, layer.mlp
-                qk_norm = torch.cat([a.q_norm.weight.expand(cfg.num_attention_heads, -1),
-                                     a.k_norm.weight.expand(cfg.num_key_value_heads, -1)])
-                out.append(_LayerWeights(
-                    input_norm=layer.input_layernorm.weight,
-                    post_norm=layer.post_attention_layernorm.weight,
-                    qk_norm=qk_norm,
-                    qkv=StackedLinear([a.q_proj, a.k_proj, a.v_proj], copy),
-                    o=StackedLinear([a.o_proj], copy),
-                    gate_up=StackedLinear([mlp.gate_proj, mlp.up_proj], copy),
-                    down=StackedLinear([mlp.down_proj], copy),
-                ))
+                qk_norm = torch.cat(
+                    [
+                        a.q_norm.weight.expand(cfg.num_attention_heads, -1),
+                        a.k_norm.weight.expand(cfg.num_key_value_heads, -1),
+                    ]
+                )
+                out.append(
+                    _LayerWeights(
+                        input_norm=layer.input_layernorm.weight,
+                        post_norm=layer.post_attention_layernorm.weight,
+                        qk_norm=qk_norm,
+                        qkv=StackedLinear([a.q_proj, a.k_proj, a.v_proj], copy),
+                        o=StackedLinear([a.o_proj], copy),
+                        gate_up=StackedLinear([mlp.gate_proj, mlp.up_proj], copy),
+                        down=StackedLinear([mlp.down_proj], copy),
+                    )
+                )
             return out
 
         return self._cached("layers", build)

@@ -46,8 +46,12 @@ DEFAULT_PROMPTS = [
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dflare bench engine", description=__doc__.splitlines()[0])
     add_pair_arguments(p)
-    p.add_argument("--prompts", type=Path, help="text file (one prompt per line) or JSONL (`messages` or "
-                   "`prompt`); default: the demo pair's held-out prompts, or 8 built-in ones")
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        help="text file (one prompt per line) or JSONL (`messages` or "
+        "`prompt`); default: the demo pair's held-out prompts, or 8 built-in ones",
+    )
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--block-size", type=int, default=None, help="speculative block size (default: drafter's)")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -61,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_mode(engine: SpeculativeEngine, prompts: list[list[int]], params: SamplingParams, label: str
-             ) -> tuple[tuple[float, float], list[Result]]:
+def run_mode(
+    engine: SpeculativeEngine, prompts: list[list[int]], params: SamplingParams, label: str
+) -> tuple[tuple[float, float], list[Result]]:
     """Decode every prompt through ``engine``; returns ((wall s, process CPU s), results in prompt order).
 
     CPU seconds are reported next to wall seconds because on a shared machine other processes stretch
@@ -128,8 +133,12 @@ def main(argv: list[str]) -> int:
         return 2
     texts = load_prompts(args.prompts, demo=args.target is None and not args.random)[: args.num_prompts]
     prompts = [encode_prompt(pair.tokenizer, t, chat=not args.raw) for t in texts]
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0,
-                            stop_token_ids=() if args.ignore_eos else eos_ids(pair.tokenizer))
+    params = SamplingParams(
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        seed=0,
+        stop_token_ids=() if args.ignore_eos else eos_ids(pair.tokenizer),
+    )
     spec = SpeculativeEngine(pair.target, pair.drafter, args.block_size, max_batch=args.batch)
     plain = SpeculativeEngine(pair.target, None, 1, max_batch=args.batch)
     run_mode(spec, prompts[:1], params, "warmup")  # first-call allocations out of the timing
@@ -153,9 +162,13 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def summarise(args: argparse.Namespace, description: str, block_size: int,
-              times: dict[str, list[tuple[float, float]]],
-              outputs: dict[str, list[Result]]) -> dict[str, Any]:
+def summarise(
+    args: argparse.Namespace,
+    description: str,
+    block_size: int,
+    times: dict[str, list[tuple[float, float]]],
+    outputs: dict[str, list[Result]],
+) -> dict[str, Any]:
     modes: dict[str, Any] = {}
     for label, results in outputs.items():
         tokens = sum(len(r.output_ids) for r in results)
@@ -185,7 +198,8 @@ def summarise(args: argparse.Namespace, description: str, block_size: int,
         "modes": modes,
         "speedup": round(modes["speculative"]["tokens_per_s"] / modes["ar"]["tokens_per_s"], 3),
         "speedup_cpu": round(modes["speculative"]["tokens_per_cpu_s"] / modes["ar"]["tokens_per_cpu_s"], 3),
-        "tau": modes["speculative"]["speculative"]["acceptance_length"] if modes["speculative"]["speculative"]
+        "tau": modes["speculative"]["speculative"]["acceptance_length"]
+        if modes["speculative"]["speculative"]
         else 1.0,
         "identical_outputs": same,
     }
@@ -193,18 +207,24 @@ def summarise(args: argparse.Namespace, description: str, block_size: int,
 
 def print_table(report: dict[str, Any]) -> None:
     m = report["modes"]
-    print(f"pair: {report['pair']}; {report['prompts']} prompts, max_tokens {report['max_tokens']}, "
-          f"batch {report['batch']}, temperature {report['temperature']}, "
-          f"{report['machine']['torch_threads']} torch threads")
+    print(
+        f"pair: {report['pair']}; {report['prompts']} prompts, max_tokens {report['max_tokens']}, "
+        f"batch {report['batch']}, temperature {report['temperature']}, "
+        f"{report['machine']['torch_threads']} torch threads"
+    )
     print(f"{'mode':<12} {'block':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'tok/cpu-s':>9} {'tau':>6}")
     for label in ("ar", "speculative"):
         row = m[label]
         tau = row["speculative"]["acceptance_length"] if row["speculative"] else 1.0
-        print(f"{label:<12} {row['block_size']:>5} {row['output_tokens']:>7} {row['seconds']:>8.2f} "
-              f"{row['tokens_per_s']:>8.1f} {row['tokens_per_cpu_s']:>9.1f} {tau:>6.2f}")
-    print(f"speedup (tok/s speculative / AR): {report['speedup']:.2f}x wall, "
-          f"{report['speedup_cpu']:.2f}x CPU; tau {report['tau']:.2f}; "
-          f"identical outputs {report['identical_outputs']}/{report['prompts']}")
+        print(
+            f"{label:<12} {row['block_size']:>5} {row['output_tokens']:>7} {row['seconds']:>8.2f} "
+            f"{row['tokens_per_s']:>8.1f} {row['tokens_per_cpu_s']:>9.1f} {tau:>6.2f}"
+        )
+    print(
+        f"speedup (tok/s speculative / AR): {report['speedup']:.2f}x wall, "
+        f"{report['speedup_cpu']:.2f}x CPU; tau {report['tau']:.2f}; "
+        f"identical outputs {report['identical_outputs']}/{report['prompts']}"
+    )
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

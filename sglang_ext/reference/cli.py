@@ -19,8 +19,12 @@ from sglang_ext.reference.sampling import SamplingParams
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dflare generate", description=__doc__.splitlines()[0])
-    p.add_argument("prompt", nargs="?", default=None,
-                   help="default: the demo pair's first held-out prompt (its domain: Python code)")
+    p.add_argument(
+        "prompt",
+        nargs="?",
+        default=None,
+        help="default: the demo pair's first held-out prompt (its domain: Python code)",
+    )
     add_pair_arguments(p)
     p.add_argument("--block-size", type=int, default=None, help="default: the drafter's; 1 = plain decoding")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -56,8 +60,13 @@ def generate_main(argv: list[str]) -> int:
         return 2
     try:
         params = SamplingParams(
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
-            seed=args.seed, stop_token_ids=eos_ids(tok), stop=tuple(args.stop),
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+            stop_token_ids=eos_ids(tok),
+            stop=tuple(args.stop),
         )
         engine = SpeculativeEngine(pair.target, pair.drafter, args.block_size, tokenizer=tok, max_batch=1)
         prompt_ids = encode_prompt(tok, args.prompt or default_prompt(args), chat=not args.raw)

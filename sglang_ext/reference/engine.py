@@ -227,8 +227,12 @@ class SpeculativeEngine:
             s.ctx = []
         if taps:
             cache.ensure_capacity(max(cache.lengths[:rows]) + self.block_size)
-            drafter.append_context(cache, torch.tensor(pending_rows), torch.tensor(positions),
-                                   taps[0] if len(taps) == 1 else torch.cat(taps))
+            drafter.append_context(
+                cache,
+                torch.tensor(pending_rows),
+                torch.tensor(positions),
+                taps[0] if len(taps) == 1 else torch.cat(taps),
+            )
         masks = [drafter.config.mask_token_id] * (self.block_size - 1)
         block = torch.tensor([[s.pending, *masks] for s in self._slots[:rows]], device=self.runner.device)
         hidden = drafter.draft_hidden(cache, block, cache.lengths[:rows])
@@ -240,7 +244,10 @@ class SpeculativeEngine:
         return start + accepted + 1
 
     def _verify(
-        self, slots: Sequence[_Slot], hidden: torch.Tensor, taps: torch.Tensor | None,
+        self,
+        slots: Sequence[_Slot],
+        hidden: torch.Tensor,
+        taps: torch.Tensor | None,
         drafts: torch.Tensor | None,
     ) -> None:
         """Sample the target at every block slot, accept the longest matching prefix, commit, crop."""

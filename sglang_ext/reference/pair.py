@@ -88,7 +88,9 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
     """Token ids of a prompt; with ``chat`` the tokenizer's chat template (non-thinking) wraps it."""
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+            [{"role": "user", "content": text}],
+            add_generation_prompt=True,
+            tokenize=True,
             enable_thinking=False,
         )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)

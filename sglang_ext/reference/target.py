@@ -91,8 +91,12 @@ class TargetRunner:
             raise UnsupportedTargetError("sliding-window attention layers are not supported")
         qk_norm = None
         if hasattr(attn, "q_norm"):
-            qk_norm = torch.cat([attn.q_norm.weight.expand(self.num_heads, -1),
-                                 attn.k_norm.weight.expand(self.num_kv_heads, -1)]).detach()
+            qk_norm = torch.cat(
+                [
+                    attn.q_norm.weight.expand(self.num_heads, -1),
+                    attn.k_norm.weight.expand(self.num_kv_heads, -1),
+                ]
+            ).detach()
         mlp = layer.mlp
         return _Layer(
             input_norm=layer.input_layernorm.weight,
@@ -129,7 +133,8 @@ class TargetRunner:
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:
         """Boolean mask -> 0 / -inf, the form SDPA converts a boolean mask to (here once, not per layer)."""
         return torch.zeros(visible.shape, dtype=self.dtype, device=visible.device).masked_fill_(
-            visible.logical_not(), float("-inf"))
+            visible.logical_not(), float("-inf")
+        )
 
     def forward(
         self, cache: RowKVCache, ids: torch.Tensor, starts: list[int]

@@ -69,8 +69,10 @@ def tiny_drafter(
         block_size=block_size,
         mask_token_id=tcfg.vocab_size - 1,
         rms_norm_eps=tcfg.rms_norm_eps,
-        rope_theta=float((getattr(tcfg, "rope_parameters", None) or {}).get("rope_theta")
-                         or getattr(tcfg, "rope_theta", 10000.0)),
+        rope_theta=float(
+            (getattr(tcfg, "rope_parameters", None) or {}).get("rope_theta")
+            or getattr(tcfg, "rope_theta", 10000.0)
+        ),
         max_position_embeddings=tcfg.max_position_embeddings,
     )
     torch.manual_seed(seed)

@@ -15,8 +15,16 @@ F64 = torch.float64
 
 @functools.cache
 def target(seed: int, vocab: int = 48) -> torch.nn.Module:
-    return tiny_target(vocab_size=vocab, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
-                       seed=seed, dtype=F64, max_position_embeddings=512)
+    return tiny_target(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        seed=seed,
+        dtype=F64,
+        max_position_embeddings=512,
+    )
 
 
 @functools.cache
@@ -26,9 +34,16 @@ def reference_greedy(seed: int, prompt: tuple[int, ...], n: int, vocab: int = 48
     with torch.inference_mode():
         ids = torch.tensor([prompt])
         # explicit mask: generate would otherwise treat prompt ids equal to pad_token_id as padding
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-    return tuple(out[0, len(prompt):].tolist())
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return tuple(out[0, len(prompt) :].tolist())
 
 
 def prompts_for(seed: int, count: int, vocab: int = 48) -> list[list[int]]:
@@ -81,8 +96,9 @@ def oracle_run(block_size: int, batch: int, seed: int = 2, n: int | None = None)
     model = target(seed)
     prompts = prompts_for(seed, 4)
     refs = {tuple(p): reference_greedy(seed, tuple(p), n + block_size) for p in prompts}
-    engine = OracleEngine(model, tiny_drafter(model, block_size=block_size), block_size, max_batch=batch,
-                          references=refs)
+    engine = OracleEngine(
+        model, tiny_drafter(model, block_size=block_size), block_size, max_batch=batch, references=refs
+    )
     results = engine.generate(prompts, SamplingParams(max_tokens=n))
     bad = [
         f"prompt {p}: engine {r.output_ids} != generate {list(refs[tuple(p)][:n])}"

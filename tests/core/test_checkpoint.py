@@ -87,16 +87,24 @@ def write_angelspec(src: DFlareDrafter, path: Path) -> None:
     cfg = src.config
     served = cfg.to_served_json()
     raw = {k: v for k, v in served.items() if k not in ("dflash_config", "num_target_layers")}
-    raw.update({"architectures": ["DFlashDraftModel"], "model_type": "dflash", "model_arch": cfg.kind,
-                "target_layer_ids": cfg.target_layer_ids, "num_target_layers": cfg.num_taps,
-                "target_num_hidden_layers": cfg.target_num_hidden_layers, "mask_token_id": cfg.mask_token_id,
-                "target_hidden_size": cfg.hidden_size})
+    raw.update(
+        {
+            "architectures": ["DFlashDraftModel"],
+            "model_type": "dflash",
+            "model_arch": cfg.kind,
+            "target_layer_ids": cfg.target_layer_ids,
+            "num_target_layers": cfg.num_taps,
+            "target_num_hidden_layers": cfg.target_num_hidden_layers,
+            "mask_token_id": cfg.mask_token_id,
+            "target_hidden_size": cfg.hidden_size,
+        }
+    )
     renames = {"hidden_norm.": "context_norm.", "norm.": "final_norm.", "fc.": "context_proj."}
     tensors = {}
     for name, t in src.state_dict().items():
         for old, new in renames.items():
             if name.startswith(old):
-                name = new + name[len(old):]
+                name = new + name[len(old) :]
                 break
         tensors[name] = t.contiguous()
     tensors["embed_tokens.weight"] = torch.zeros(cfg.vocab_size, cfg.hidden_size)

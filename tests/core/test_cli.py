@@ -11,8 +11,21 @@ from sglang_ext.cli import main as dflare
 
 
 def test_generate_random_pair_prints_text_and_stats(capsys) -> None:
-    rc = dflare(["generate", "--random", "--threads", "1", "--max-tokens", "12", "--seed", "3",
-                 "--temperature", "0.7", "hello"])
+    rc = dflare(
+        [
+            "generate",
+            "--random",
+            "--threads",
+            "1",
+            "--max-tokens",
+            "12",
+            "--seed",
+            "3",
+            "--temperature",
+            "0.7",
+            "hello",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "--- 12 tokens in" in out and "finish_reason=length" in out
@@ -28,8 +41,25 @@ def test_generate_block_size_one_and_errors(capsys) -> None:
 
 def test_bench_engine_writes_side_by_side_json_and_png(tmp_path: Path, capsys) -> None:
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    rc = dflare(["bench", "engine", "--random", "--threads", "1", "--num-prompts", "3", "--max-tokens", "8",
-                 "--batch", "2", "--out", str(out), "--plot", str(png)])
+    rc = dflare(
+        [
+            "bench",
+            "engine",
+            "--random",
+            "--threads",
+            "1",
+            "--num-prompts",
+            "3",
+            "--max-tokens",
+            "8",
+            "--batch",
+            "2",
+            "--out",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert set(report["modes"]) == {"ar", "speculative"}
@@ -44,7 +74,11 @@ def test_bench_engine_writes_side_by_side_json_and_png(tmp_path: Path, capsys) -
 
 def test_console_script_runs_in_a_fresh_process() -> None:
     exe = Path(sys.executable).with_name("dflare")
-    proc = subprocess.run([str(exe), "generate", "--random", "--threads", "1", "--max-tokens", "5", "hi"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(exe), "generate", "--random", "--threads", "1", "--max-tokens", "5", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "speculation: block size 8" in proc.stdout

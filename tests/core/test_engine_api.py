@@ -23,8 +23,14 @@ class WordTokenizer:
 def oracle(block_size: int = 4, max_batch: int = 4, n: int = 60, tokenizer=None) -> tuple[OracleEngine, dict]:
     model = target(SEED)
     refs = {tuple(p): reference_greedy(SEED, tuple(p), n) for p in prompts_for(SEED, 4)}
-    engine = OracleEngine(model, tiny_drafter(model, block_size=block_size), block_size, max_batch=max_batch,
-                          references=refs, tokenizer=tokenizer)
+    engine = OracleEngine(
+        model,
+        tiny_drafter(model, block_size=block_size),
+        block_size,
+        max_batch=max_batch,
+        references=refs,
+        tokenizer=tokenizer,
+    )
     return engine, refs
 
 

@@ -43,8 +43,9 @@ def test_stacked_linear_equals_its_modules(copy: bool) -> None:
 
 def test_target_runner_matches_the_hf_forward_past_the_first_rope_table() -> None:
     """Prefill, one-token steps across position 256 (the table grows), then rows at different positions."""
-    model = tiny_target(vocab_size=40, hidden_size=32, num_layers=3, dtype=F64, seed=4,
-                        max_position_embeddings=1024)
+    model = tiny_target(
+        vocab_size=40, hidden_size=32, num_layers=3, dtype=F64, seed=4, max_position_embeddings=1024
+    )
     runner = TargetRunner(model)
     g = torch.Generator().manual_seed(5)
     seq = torch.randint(0, 40, (2, 300), generator=g)

@@ -24,8 +24,9 @@ def make(kind: str) -> DFlareDrafter:
     return drafter
 
 
-def naive_forward(m: DFlareDrafter, x: torch.Tensor, pos: torch.Tensor, taps: torch.Tensor,
-                  ctx_pos: torch.Tensor) -> torch.Tensor:
+def naive_forward(
+    m: DFlareDrafter, x: torch.Tensor, pos: torch.Tensor, taps: torch.Tensor, ctx_pos: torch.Tensor
+) -> torch.Tensor:
     """One sequence, loops and explicit softmax, written from docs (dflare.md §1.1, §3.2). x [Q, H]."""
     cfg = m.config
     eps, hd, nh, nkv = cfg.rms_norm_eps, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -37,7 +38,7 @@ def naive_forward(m: DFlareDrafter, x: torch.Tensor, pos: torch.Tensor, taps: to
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=F64) / hd))
         ang = p[:, None].to(F64) * inv[None]  # [n, hd/2]
         cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([ang.sin()] * 2, -1)[:, None]
-        rot = torch.cat([-v[..., hd // 2:], v[..., : hd // 2]], -1)
+        rot = torch.cat([-v[..., hd // 2 :], v[..., : hd // 2]], -1)
         return v * cos + rot * sin
 
     if cfg.kind == "dflare":
@@ -117,8 +118,12 @@ def test_cached_inference_equals_stateless_forward(kind: str) -> None:
         cache.lengths[:3] = lengths
         got = m.draft_hidden(cache, block, lengths)
         for r, n in enumerate(lengths):
-            want = m(m.embed(block[r : r + 1]), torch.arange(n, n + blk)[None], taps[r][None],
-                     torch.arange(n)[None])
+            want = m(
+                m.embed(block[r : r + 1]),
+                torch.arange(n, n + blk)[None],
+                taps[r][None],
+                torch.arange(n)[None],
+            )
             torch.testing.assert_close(got[r], want[0], rtol=1e-10, atol=1e-10)
 
 
@@ -137,8 +142,12 @@ def test_training_mask_equals_separate_blocks_and_trains() -> None:
     assert mask.shape == (1, 3 * blk, s + 3 * blk)
     hidden = m(m.embed(ids), positions, taps, torch.arange(s)[None], mask)
     for n, a in enumerate(anchors[0].tolist()):
-        alone = m(m.embed(ids[:, n * blk : (n + 1) * blk]), positions[:, n * blk : (n + 1) * blk],
-                  taps[:, :a], torch.arange(a)[None])
+        alone = m(
+            m.embed(ids[:, n * blk : (n + 1) * blk]),
+            positions[:, n * blk : (n + 1) * blk],
+            taps[:, :a],
+            torch.arange(a)[None],
+        )
         torch.testing.assert_close(hidden[:, n * blk : (n + 1) * blk], alone, rtol=1e-10, atol=1e-10)
     # gradients reach the drafter; the borrowed target modules are not drafter parameters
     m.logits(hidden).logsumexp(-1).sum().backward()

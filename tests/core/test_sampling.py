@@ -31,8 +31,16 @@ VOCAB, PROMPT, N_TOKENS, SAMPLES = 8, [3, 1, 4], 3, 3000
 
 @functools.cache
 def small_target() -> torch.nn.Module:
-    model = tiny_target(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, seed=5,
-                        dtype=torch.float64, max_position_embeddings=64)
+    model = tiny_target(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        seed=5,
+        dtype=torch.float64,
+        max_position_embeddings=64,
+    )
     with torch.no_grad():
         model.lm_head.weight.mul_(15.0)  # random init is nearly uniform; make it peaked like a real LM
     return model
@@ -85,8 +93,16 @@ def _argmax_next(seq: tuple[int, ...]) -> int:
 
 
 def sample_counts(engine: SpeculativeEngine, params: SamplingParams) -> Counter:
-    batch = [SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                            max_tokens=N_TOKENS, seed=10_000 + i) for i in range(SAMPLES)]
+    batch = [
+        SamplingParams(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            max_tokens=N_TOKENS,
+            seed=10_000 + i,
+        )
+        for i in range(SAMPLES)
+    ]
     results = engine.generate([PROMPT] * SAMPLES, batch)
     return Counter(tuple(r.output_ids) for r in results), results
 

@@ -14,9 +14,16 @@ from sglang_ext.reference.tiny import tiny_drafter
 def build(family: str) -> torch.nn.Module:
     import transformers
 
-    common = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=False)
+    common = dict(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     cfg_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -42,8 +49,15 @@ def test_other_families_are_lossless(family: str, fuse: bool) -> None:
     results = engine.generate(prompts, SamplingParams(max_tokens=12))
     for prompt, res in zip(prompts, results, strict=True):
         ids = torch.tensor([prompt])
-        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                              do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        want = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
         assert res.output_ids == want
 
 

@@ -16,18 +16,32 @@ import orjson
 from aiohttp import web
 
 
-def make_pod(name: str, *, ip: str = "127.0.0.1", port: int | None = None, ready: bool = True,
-             labels: dict[str, str] | None = None, namespace: str = "serving") -> dict[str, Any]:
+def make_pod(
+    name: str,
+    *,
+    ip: str = "127.0.0.1",
+    port: int | None = None,
+    ready: bool = True,
+    labels: dict[str, str] | None = None,
+    namespace: str = "serving",
+) -> dict[str, Any]:
     annotations = {"dflare.ai/port": str(port)} if port is not None else {}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}",
-                     "labels": labels if labels is not None else {"app.kubernetes.io/component": "engine"},
-                     "annotations": annotations},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": f"uid-{name}",
+            "labels": labels if labels is not None else {"app.kubernetes.io/component": "engine"},
+            "annotations": annotations,
+        },
         "spec": {"containers": [{"name": "engine", "image": "dflare/engine:test"}]},
-        "status": {"phase": "Running", "podIP": ip,
-                   "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
     }
 
 
@@ -119,14 +133,26 @@ class FakeKubernetesAPI:
         if request.headers.get("Authorization") != "Bearer test-token":
             return web.json_response({"kind": "Status", "code": 401, "reason": "Unauthorized"}, status=401)
         if request.match_info["ns"] != self.namespace:
-            return web.json_response({"kind": "PodList", "apiVersion": "v1", "items": [],
-                                      "metadata": {"resourceVersion": str(self.version)}})
+            return web.json_response(
+                {
+                    "kind": "PodList",
+                    "apiVersion": "v1",
+                    "items": [],
+                    "metadata": {"resourceVersion": str(self.version)},
+                }
+            )
         selector = request.query.get("labelSelector", "")
         if request.query.get("watch") in ("true", "1", "True"):
             return await self._watch(request, selector)
         items = [p for p in self.pods.values() if _matches(p["metadata"]["labels"], selector)]
-        return web.json_response({"kind": "PodList", "apiVersion": "v1", "items": items,
-                                  "metadata": {"resourceVersion": str(self.version)}})
+        return web.json_response(
+            {
+                "kind": "PodList",
+                "apiVersion": "v1",
+                "items": items,
+                "metadata": {"resourceVersion": str(self.version)},
+            }
+        )
 
     async def _watch(self, request: web.Request, selector: str) -> web.StreamResponse:
         since = int(request.query.get("resourceVersion") or self.version)
@@ -138,9 +164,15 @@ class FakeKubernetesAPI:
         generation = self.expirations
         while loop.time() < deadline and not self._closing:
             if since < self.compacted or generation != self.expirations:
-                status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                          "message": f"too old resource version: {since} ({self.compacted})",
-                          "reason": "Expired", "code": 410}
+                status = {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "metadata": {},
+                    "status": "Failure",
+                    "message": f"too old resource version: {since} ({self.compacted})",
+                    "reason": "Expired",
+                    "code": 410,
+                }
                 await response.write(orjson.dumps({"type": "ERROR", "object": status}) + b"\n")
                 break
             for version, kind, pod in self.history:

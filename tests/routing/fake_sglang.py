@@ -23,8 +23,15 @@ from aiohttp import web
 
 
 class FakeSGLang:
-    def __init__(self, name: str, model: str, token_delay_s: float, loading_s: float,
-                 fail_status: int | None, drop_before_first_token: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        token_delay_s: float,
+        loading_s: float,
+        fail_status: int | None,
+        drop_before_first_token: bool = False,
+    ) -> None:
         self.name = name
         self.model = model
         self.token_delay_s = token_delay_s
@@ -50,8 +57,9 @@ class FakeSGLang:
         return web.Response(text="ok")
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model",
-                                                                "owned_by": "sglang"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "sglang"}]}
+        )
 
     async def debug_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats)
@@ -84,11 +92,21 @@ class FakeSGLang:
             self.stats["finished"] += 1
             text = " ".join(words)
             message = {"role": "assistant", "content": text}
-            choice = ({"index": 0, "message": message, "finish_reason": "length"}
-                      if chat else {"index": 0, "text": text, "finish_reason": "length"})
-            return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                                      "created": int(time.time()), "model": self.model,
-                                      "choices": [choice], "usage": usage})
+            choice = (
+                {"index": 0, "message": message, "finish_reason": "length"}
+                if chat
+                else {"index": 0, "text": text, "finish_reason": "length"}
+            )
+            return web.json_response(
+                {
+                    "id": rid,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": int(time.time()),
+                    "model": self.model,
+                    "choices": [choice],
+                    "usage": usage,
+                }
+            )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         if self.drop_before_first_token:  # accepted (200 sent), then the engine "crashes"
@@ -103,13 +121,24 @@ class FakeSGLang:
                 if request.transport is None or request.transport.is_closing():
                     raise ConnectionResetError
                 piece = word if i == 0 else " " + word
-                choice = ({"index": 0, "delta": {"content": piece}, "finish_reason": None} if chat
-                          else {"index": 0, "text": piece, "finish_reason": None})
-                await response.write(b"data: " + orjson.dumps({"id": rid, "object": kind, "model": self.model,
-                                                                "choices": [choice]}) + b"\n\n")
+                choice = (
+                    {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+                    if chat
+                    else {"index": 0, "text": piece, "finish_reason": None}
+                )
+                await response.write(
+                    b"data: "
+                    + orjson.dumps({"id": rid, "object": kind, "model": self.model, "choices": [choice]})
+                    + b"\n\n"
+                )
             if (body.get("stream_options") or {}).get("include_usage"):
-                await response.write(b"data: " + orjson.dumps({"id": rid, "object": kind, "model": self.model,
-                                                                "choices": [], "usage": usage}) + b"\n\n")
+                await response.write(
+                    b"data: "
+                    + orjson.dumps(
+                        {"id": rid, "object": kind, "model": self.model, "choices": [], "usage": usage}
+                    )
+                    + b"\n\n"
+                )
             await response.write(b"data: [DONE]\n\n")
             self.stats["finished"] += 1
         except (ConnectionResetError, asyncio.CancelledError):
@@ -119,8 +148,14 @@ class FakeSGLang:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    fake = FakeSGLang(args.name, args.model, args.token_delay, args.loading_s, args.fail_status,
-                      args.drop_before_first_token)
+    fake = FakeSGLang(
+        args.name,
+        args.model,
+        args.token_delay,
+        args.loading_s,
+        args.fail_status,
+        args.drop_before_first_token,
+    )
     runner = web.AppRunner(fake.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)

@@ -75,15 +75,33 @@ def build_long_context_pair(root: Path, max_context: int = 1024) -> tuple[Path, 
         return tiny_models.build_pair(root)
 
 
-def start_engine_servers(names: list[str], target: Path, drafter: Path, model: str, log_dir: Path,
-                         timeout: float = 120.0) -> list[EngineServer]:
+def start_engine_servers(
+    names: list[str], target: Path, drafter: Path, model: str, log_dir: Path, timeout: float = 120.0
+) -> list[EngineServer]:
     """``dflare engine-server`` processes (one torch thread each), started in parallel; waits for /health."""
     servers = []
     for name in names:
         port = free_port()
-        cmd = [sys.executable, "-m", "sglang_ext.cli", "engine-server", "--model-path", str(target),
-               "--draft-model-path", str(drafter), "--served-model-name", model, "--threads", "1",
-               "--max-batch", "4", "--port", str(port), "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sglang_ext.cli",
+            "engine-server",
+            "--model-path",
+            str(target),
+            "--draft-model-path",
+            str(drafter),
+            "--served-model-name",
+            model,
+            "--threads",
+            "1",
+            "--max-batch",
+            "4",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
         with (log_dir / f"{name}.log").open("ab") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
         servers.append(EngineServer(name, f"http://127.0.0.1:{port}", proc))
@@ -105,7 +123,10 @@ def start_fakes(names: list[str], *args: str) -> list[FakeBackend]:
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.routing.fake_sglang", "--name", name, *args],
-            cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         for name in names
     ]
@@ -141,8 +162,14 @@ def start_gateway(backends: list[str], log: Path, **settings: Any) -> Gateway:
     """``dflare serve`` as its own process; ``settings`` become ``DFLARE_*`` environment variables."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DFLARE_")}
-    env.update({"DFLARE_BACKENDS": ",".join(backends), "DFLARE_HEALTH_INTERVAL_S": "0.2",
-                "DFLARE_ACCESS_LOG": "false", "DFLARE_SHUTDOWN_GRACE_S": "5"})
+    env.update(
+        {
+            "DFLARE_BACKENDS": ",".join(backends),
+            "DFLARE_HEALTH_INTERVAL_S": "0.2",
+            "DFLARE_ACCESS_LOG": "false",
+            "DFLARE_SHUTDOWN_GRACE_S": "5",
+        }
+    )
     env.update({f"DFLARE_{k.upper()}": str(v) for k, v in settings.items()})
     cmd = [sys.executable, "-m", "sglang_ext.cli", "serve", "--port", str(port), "--log-level", "warning"]
     with log.open("ab") as out:
@@ -218,12 +245,21 @@ class Outcome:
 
 
 def chat_body(prompt: str, max_tokens: int, stream: bool = True, model: str = "tiny") -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "stream": stream}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
 
 
-async def stream_chat(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-                      headers: dict[str, str] | None = None, timeout: float = 30.0) -> Outcome:
+async def stream_chat(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> Outcome:
     out = Outcome()
     try:
         async with asyncio.timeout(timeout):
@@ -256,7 +292,7 @@ def _read_event(out: Outcome, event: bytes) -> None:
     if event == b"data: [DONE]":
         out.done = True
         return
-    data = orjson.loads(event[len(b"data: "):])
+    data = orjson.loads(event[len(b"data: ") :])
     if "error" in data:
         out.error = data["error"]
     elif data.get("choices"):

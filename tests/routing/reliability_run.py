@@ -45,16 +45,28 @@ async def scenarios(urls: list[str], engines: list, work: Path, args: argparse.N
         await wait_for(gw.url)
         await wait_admitted(gw.url, len(urls))
         log(f"abort latency: {args.abort_samples} client disconnects mid-stream")
-        latencies = await abort_latency(gw.url, engines, samples=args.abort_samples, max_tokens=600,
-                                        model=MODEL)
-        figures["abort"] = {"samples": len(latencies), "median_s": round(statistics.median(latencies), 3),
-                            "max_s": round(max(latencies), 3)}
-        log(f"load run: {args.requests} streams, {args.concurrency} concurrent, engine e1 killed after "
-            f"{args.kill_after_s} s")
+        latencies = await abort_latency(
+            gw.url, engines, samples=args.abort_samples, max_tokens=600, model=MODEL
+        )
+        figures["abort"] = {
+            "samples": len(latencies),
+            "median_s": round(statistics.median(latencies), 3),
+            "max_s": round(max(latencies), 3),
+        }
+        log(
+            f"load run: {args.requests} streams, {args.concurrency} concurrent, engine e1 killed after "
+            f"{args.kill_after_s} s"
+        )
         started = time.monotonic()
-        kill = await kill_during_load(gw.url, victim=engines[1], requests=args.requests,
-                                      concurrency=args.concurrency, max_tokens=100,
-                                      kill_after_s=args.kill_after_s, model=MODEL)
+        kill = await kill_during_load(
+            gw.url,
+            victim=engines[1],
+            requests=args.requests,
+            concurrency=args.concurrency,
+            max_tokens=100,
+            kill_after_s=args.kill_after_s,
+            model=MODEL,
+        )
         names = {e.url: e.name for e in engines}
         kill["served_by"] = {names.get(k, str(k)): v for k, v in kill["served_by"].items()}
         kill["victim"] = names[kill["victim"]]
@@ -73,12 +85,25 @@ async def scenarios(urls: list[str], engines: list, work: Path, args: argparse.N
         for _ in range(args.bursts):
             bursts.append(await overload(overload_gw.url, 10 * bound, max_tokens=60, model=MODEL))
             rss.append(rss_kib(overload_gw.proc.pid))
-        totals = {key: sum(b[key] for b in bursts) for key in
-                  ("sent", "admitted", "admitted_ok", "admitted_failed", "rejected_429",
-                   "rejected_with_retry_after")}
+        totals = {
+            key: sum(b[key] for b in bursts)
+            for key in (
+                "sent",
+                "admitted",
+                "admitted_ok",
+                "admitted_failed",
+                "rejected_429",
+                "rejected_with_retry_after",
+            )
+        }
         codes = sorted({c for b in bursts for c in b["rejected_error_codes"]})
-        figures["overload"] = {"max_in_flight": bound, "bursts": args.bursts, **totals,
-                               "rejected_error_codes": codes, "gateway_rss_kib_after_each_burst": rss}
+        figures["overload"] = {
+            "max_in_flight": bound,
+            "bursts": args.bursts,
+            **totals,
+            "rejected_error_codes": codes,
+            "gateway_rss_kib_after_each_burst": rss,
+        }
     finally:
         overload_gw.stop()
     return figures
@@ -103,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for engine in engines:
                 engine.kill()
-    figures["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
-                          "cpus": os.cpu_count()}
+    figures["machine"] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
     figures["command"] = "python -m tests.routing.reliability_run " + " ".join(argv or sys.argv[1:])
     text = json.dumps(figures, indent=2)
     print(text)

@@ -15,9 +15,16 @@ import aiohttp
 from tests.routing.harness import FakeBackend, Outcome, chat_body, metric_samples, stream_chat
 
 
-async def kill_during_load(gateway: str, victim: FakeBackend, *, requests: int = 150,
-                           concurrency: int = 15, max_tokens: int = 20, kill_after_s: float = 0.5,
-                           model: str = "tiny") -> dict[str, Any]:
+async def kill_during_load(
+    gateway: str,
+    victim: FakeBackend,
+    *,
+    requests: int = 150,
+    concurrency: int = 15,
+    max_tokens: int = 20,
+    kill_after_s: float = 0.5,
+    model: str = "tiny",
+) -> dict[str, Any]:
     """Closed-loop streaming load; ``victim`` is SIGKILLed mid-run. Classifies every request."""
     outcomes: list[Outcome] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -54,8 +61,14 @@ async def kill_during_load(gateway: str, victim: FakeBackend, *, requests: int =
     }
 
 
-async def abort_latency(gateway: str, backends: list[FakeBackend], samples: int = 5,
-                        max_tokens: int = 2000, model: str = "tiny", max_races: int = 3) -> list[float]:
+async def abort_latency(
+    gateway: str,
+    backends: list[FakeBackend],
+    samples: int = 5,
+    max_tokens: int = 2000,
+    model: str = "tiny",
+    max_races: int = 3,
+) -> list[float]:
     """Client drops a stream after 3 events; seconds until a backend counted the request as aborted.
 
     Polled every 10 ms, so each figure is an upper bound (plus one poll round trip). A request that
@@ -67,8 +80,10 @@ async def abort_latency(gateway: str, backends: list[FakeBackend], samples: int 
     async with aiohttp.ClientSession() as session:
         while len(latencies) < samples:
             ended, aborted = await _counts(session, backends)
-            resp = await session.post(gateway + "/v1/chat/completions",
-                                      json=chat_body(f"long {len(latencies)}", max_tokens, model=model))
+            resp = await session.post(
+                gateway + "/v1/chat/completions",
+                json=chat_body(f"long {len(latencies)}", max_tokens, model=model),
+            )
             assert resp.status == 200, await resp.text()
             for _ in range(3):
                 await resp.content.readuntil(b"\n\n")
@@ -95,8 +110,10 @@ async def overload(gateway: str, requests: int, max_tokens: int = 20, model: str
     """All ``requests`` at once (10x the gateway's bound): who got in, who got 429, who failed."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         outcomes = await asyncio.gather(
-            *(stream_chat(session, gateway, chat_body(f"burst {i}", max_tokens, model=model))
-              for i in range(requests))
+            *(
+                stream_chat(session, gateway, chat_body(f"burst {i}", max_tokens, model=model))
+                for i in range(requests)
+            )
         )
     rejected = [o for o in outcomes if o.status == 429]
     admitted = [o for o in outcomes if o.status != 429]

@@ -21,8 +21,9 @@ async def served(session: aiohttp.ClientSession, gateway: str, n: int = 6) -> se
     return {o.served_by for o in outcomes}
 
 
-async def until_served(session: aiohttp.ClientSession, gateway: str, want: set[str],
-                       timeout: float = 10.0) -> None:
+async def until_served(
+    session: aiohttp.ClientSession, gateway: str, want: set[str], timeout: float = 10.0
+) -> None:
     """Until a round of requests lands exactly on ``want`` (membership changes are asynchronous)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -43,8 +44,13 @@ async def test_gateway_follows_pods(spawn, tmp_path: Path):
     kubeconfig.write_text(api.kubeconfig())
     await api.put(make_pod("engine-0", port=port_of(b0.url)))
     await api.put(make_pod("engine-1", port=port_of(b1.url), ready=False))
-    gw = start_gateway([], tmp_path / "gateway.log", discovery_enabled="true", discovery_namespace="serving",
-                       discovery_kubeconfig=kubeconfig)
+    gw = start_gateway(
+        [],
+        tmp_path / "gateway.log",
+        discovery_enabled="true",
+        discovery_namespace="serving",
+        discovery_kubeconfig=kubeconfig,
+    )
     try:
         await wait_for(gw.url)
         await wait_for(gw.url, "/ready", timeout=15)

@@ -67,8 +67,9 @@ async def test_kill_one_engine_during_load(gateway, engines):
     gw = gateway(breaker_failure_threshold=3)
     await wait_for(gw.url)
     await wait_admitted(gw.url, 3)
-    figures = await kill_during_load(gw.url, victim=engines[1], requests=90, concurrency=12, max_tokens=100,
-                                     kill_after_s=0.7, model=MODEL)
+    figures = await kill_during_load(
+        gw.url, victim=engines[1], requests=90, concurrency=12, max_tokens=100, kill_after_s=0.7, model=MODEL
+    )
     assert figures["lost"] == 0, figures
     assert figures["completed"] + figures["interrupted_cleanly"] == figures["sent"] == 90
     assert figures["interrupted_on_victim"] == figures["interrupted_cleanly"]

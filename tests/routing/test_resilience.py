@@ -138,23 +138,41 @@ async def test_auth_matrix_body_limit_and_cors(spawn, gateway, tmp_path: Path):
     backend = spawn("auth")
     keys_file = tmp_path / "keys"
     keys_file.write_text("# rotated monthly\nfile-key-1\n\nfile-key-2\n")
-    gw = gateway([backend.url], api_keys="env-key", api_keys_file=keys_file, metrics_require_auth="true",
-                 max_body_bytes=4096, cors_origins="https://ui.example")
+    gw = gateway(
+        [backend.url],
+        api_keys="env-key",
+        api_keys_file=keys_file,
+        metrics_require_auth="true",
+        max_body_bytes=4096,
+        cors_origins="https://ui.example",
+    )
     open_gw = gateway([backend.url])  # no keys: open, metrics open, CORS off
     await wait_for(gw.url)
     await wait_for(open_gw.url)
     await wait_for(gw.url, "/ready", timeout=10)
     body = chat_body("hi", 2, stream=False)
-    keys = {"none": {}, "wrong": {"authorization": "Bearer nope"}, "env": {"authorization": "Bearer env-key"},
-            "file": {"authorization": "Bearer file-key-2"}, "x-api-key": {"x-api-key": "file-key-1"},
-            "basic": {"authorization": "Basic env-key"}, "empty": {"authorization": "Bearer "}}
+    keys = {
+        "none": {},
+        "wrong": {"authorization": "Bearer nope"},
+        "env": {"authorization": "Bearer env-key"},
+        "file": {"authorization": "Bearer file-key-2"},
+        "x-api-key": {"x-api-key": "file-key-1"},
+        "basic": {"authorization": "Basic env-key"},
+        "empty": {"authorization": "Bearer "},
+    }
     expected_ok = {"env", "file", "x-api-key"}
     async with aiohttp.ClientSession() as session:
         for name, headers in keys.items():
-            for method, path in (("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"),
-                                 ("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
-                async with session.request(method, gw.url + path, headers=headers,
-                                           json=body if method == "POST" else None) as resp:
+            for method, path in (
+                ("GET", "/health"),
+                ("GET", "/ready"),
+                ("GET", "/metrics"),
+                ("GET", "/v1/models"),
+                ("POST", "/v1/chat/completions"),
+            ):
+                async with session.request(
+                    method, gw.url + path, headers=headers, json=body if method == "POST" else None
+                ) as resp:
                     want = 200 if path in ("/health", "/ready") or name in expected_ok else 401
                     assert resp.status == want, (name, path, resp.status)
                     if want == 401:
@@ -169,21 +187,30 @@ async def test_auth_matrix_body_limit_and_cors(spawn, gateway, tmp_path: Path):
         async def chunks():
             for _ in range(10):
                 yield b" " * 1000
-        async with session.post(gw.url + "/v1/chat/completions", data=chunks(),
-                                headers={**auth, "content-type": "application/json"}) as resp:
+
+        async with session.post(
+            gw.url + "/v1/chat/completions",
+            data=chunks(),
+            headers={**auth, "content-type": "application/json"},
+        ) as resp:
             assert resp.status == 413  # no Content-Length: counted as it arrives
-        async with session.post(gw.url + "/v1/chat/completions", json=big,
-                                headers={"x-api-key": "?"}) as resp:
+        async with session.post(
+            gw.url + "/v1/chat/completions", json=big, headers={"x-api-key": "?"}
+        ) as resp:
             assert resp.status == 401  # the key is checked before anything else
-        preflight = {"origin": "https://ui.example", "access-control-request-method": "POST",
-                     "access-control-request-headers": "authorization,content-type"}
+        preflight = {
+            "origin": "https://ui.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization,content-type",
+        }
         async with session.options(gw.url + "/v1/chat/completions", headers=preflight) as resp:
             assert resp.status == 200
             assert resp.headers["access-control-allow-origin"] == "https://ui.example"
         async with session.options(open_gw.url + "/v1/chat/completions", headers=preflight) as resp:
             assert "access-control-allow-origin" not in resp.headers
-        async with session.post(open_gw.url + "/v1/chat/completions", json=body,
-                                headers={"origin": "https://ui.example"}) as resp:
+        async with session.post(
+            open_gw.url + "/v1/chat/completions", json=body, headers={"origin": "https://ui.example"}
+        ) as resp:
             assert resp.status == 200 and "access-control-allow-origin" not in resp.headers
         async with session.get(open_gw.url + "/metrics") as resp:
             assert resp.status == 200

@@ -27,8 +27,12 @@ def closed_port_url() -> str:
 
 
 def chat(i: int, stream: bool = False, model: str = "tiny") -> BackendRequest:
-    body = {"model": model, "messages": [{"role": "user", "content": f"hello {i}"}], "max_tokens": 3,
-            "stream": stream}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"hello {i}"}],
+        "max_tokens": 3,
+        "stream": stream,
+    }
     return BackendRequest(Endpoint.CHAT, body, model, f"req-{i}", stream=stream)
 
 
@@ -97,8 +101,13 @@ async def test_connect_errors_are_retried_and_the_dead_member_ejected(spawn, ses
 
 async def test_5xx_is_retried_elsewhere_and_opens_the_breaker(spawn, session):
     good, bad = spawn("good"), spawn("bad", "--fail-status", "503")
-    backend = routed([good.url, bad.url], session, breaker_failures=2, breaker_cooldown_s=60,
-                     policy=make_policy("round_robin"))
+    backend = routed(
+        [good.url, bad.url],
+        session,
+        breaker_failures=2,
+        breaker_cooldown_s=60,
+        policy=make_policy("round_robin"),
+    )
     await backend.start()
     try:
         await until(lambda: len(backend.pool.healthy()) == 2)
@@ -203,8 +212,9 @@ async def test_connect_timeout_is_retried_elsewhere(spawn):
 
 async def test_stream_that_breaks_before_its_first_event_is_retried(spawn, session):
     good, dropper = spawn("good"), spawn("dropper", "--drop-before-first-token")
-    backend = routed([good.url, dropper.url], session, policy=make_policy("round_robin"),
-                     breaker_failures=100)
+    backend = routed(
+        [good.url, dropper.url], session, policy=make_policy("round_robin"), breaker_failures=100
+    )
     await backend.start()
     try:
         await until(lambda: len(backend.pool.healthy()) == 2)
