@@ -101,10 +101,10 @@ class Submission:
 
     @property
     def stats(self) -> SpecStats | None:
-        """The choices' stats merged, as SGLang with our plugin reports them; ``None`` if none speculated."""
-        if len(self.outs) == 1:
-            return self.outs[0].stats
-        return total(out.stats for out in self.outs if out.stats is not None)
+        """The choices' stats merged, as SGLang with our plugin reports them; ``None`` if none speculated
+        (no verify step ran: SGLang reports ``null`` when an answer ends at its first token, so do we)."""
+        merged = total(out.stats for out in self.outs if out.stats is not None)
+        return merged if merged is not None and merged.verify_steps > 0 else None
 
     def usage(self) -> dict[str, Any]:
         prompt, completion, stats = self.prompt_tokens, self.completion_tokens, self.stats

@@ -188,3 +188,10 @@ def test_one_json_access_line_per_request_without_prompt_text(any_gateway):
     assert entry["speculative"]["verify_steps"] == usage["speculative"]["verify_steps"]
     assert entry["latency_ms"] > 0 and entry["backend"]
     assert secret not in lines[0] and "prompt" not in entry
+
+
+def test_an_answer_without_a_verify_step_reports_null_speculation(any_gateway):
+    """Only the prefill's token: nothing was speculated, so ``null`` (as SGLang + plugin reports it)."""
+    one = client(any_gateway).completions.create(model=MODEL, prompt="the quick brown", max_tokens=1)
+    assert one.usage.completion_tokens == 1
+    assert one.usage.model_extra["speculative"] is None
