@@ -8,6 +8,8 @@ column as the separate products. The stacked weight is a copy, so big models (me
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,3 +36,41 @@ class StackedLinear:
         if self.weight is not None:
             return F.linear(x, self.weight, self.bias)
         return torch.cat([F.linear(x, lin.weight, lin.bias) for lin in self.linears], dim=-1)
+
+
+@dataclass
+class DecoderLayerWeights:
+    """One Llama/Qwen-style decoder layer's weights in the form the CPU forwards use them: the target's
+    (``reference.target``) and the drafter's (``dflare.model``) layers have the same module names."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qk_norm: torch.Tensor | None  # [heads + kv_heads, hd]: q_norm per query head, then k_norm per key head
+    qkv: StackedLinear
+    o: StackedLinear
+    gate_up: StackedLinear
+    down: StackedLinear
+
+    @classmethod
+    def of(
+        cls, layer: nn.Module, num_heads: int, num_kv_heads: int, copy: bool, trainable: bool = False
+    ) -> DecoderLayerWeights:
+        """``layer``'s weights; ``copy`` stacks q|k|v and gate|up into new tensors (small models, no
+        gradients). The joint q/k norm weight keeps its autograd graph only for a ``trainable`` layer."""
+        attn, mlp = layer.self_attn, layer.mlp
+        qk_norm = None
+        if hasattr(attn, "q_norm"):
+            qk_norm = torch.cat(
+                [attn.q_norm.weight.expand(num_heads, -1), attn.k_norm.weight.expand(num_kv_heads, -1)]
+            )
+            if not trainable:
+                qk_norm = qk_norm.detach()
+        return cls(
+            input_norm=layer.input_layernorm.weight,
+            post_norm=layer.post_attention_layernorm.weight,
+            qk_norm=qk_norm,
+            qkv=StackedLinear([attn.q_proj, attn.k_proj, attn.v_proj], copy),
+            o=StackedLinear([attn.o_proj], copy),
+            gate_up=StackedLinear([mlp.gate_proj, mlp.up_proj], copy),
+            down=StackedLinear([mlp.down_proj], copy),
+        )

@@ -21,7 +21,7 @@ from torch import nn
 
 from sglang_ext.dflare import ops
 from sglang_ext.dflare.config import DFlareConfig
-from sglang_ext.dflare.linear import COPY_BELOW_PARAMS, StackedLinear
+from sglang_ext.dflare.linear import COPY_BELOW_PARAMS, DecoderLayerWeights
 
 if TYPE_CHECKING:
     from sglang_ext.dflare.cache import RowKVCache
@@ -84,19 +84,6 @@ class DraftLayer(nn.Module):
         self.self_attn = DraftAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size)
         self.mlp = DraftMLP(cfg.hidden_size, cfg.intermediate_size)
-
-
-@dataclass
-class _LayerWeights:
-    """One draft layer's weights in the form the block stream uses (see ``DFlareDrafter._layer_weights``)."""
-
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
-    qk_norm: torch.Tensor  # [heads + kv_heads, hd]: q_norm per query head, then k_norm per key head
-    qkv: StackedLinear
-    o: StackedLinear
-    gate_up: StackedLinear
-    down: StackedLinear
 
 
 @dataclass
@@ -178,34 +165,15 @@ class DFlareDrafter(nn.Module):
         positions = positions.to(tables[0].device)
         return tuple(t[positions] for t in tables)
 
-    def _layer_weights(self) -> list[_LayerWeights]:
+    def _layer_weights(self) -> list[DecoderLayerWeights]:
         """The draft layers as :class:`StackedLinear` products (q|k|v, o, gate|up, down) and joint q/k norm
         weights; at inference small drafters keep stacked copies (see ``sglang_ext.dflare.linear``)."""
 
-        def build() -> list[_LayerWeights]:
+        def build() -> list[DecoderLayerWeights]:
             small = sum(p.numel() for p in self.parameters()) < COPY_BELOW_PARAMS
             copy = small and not torch.is_grad_enabled()
-            cfg, out = self.config, []
-            for layer in self.layers:
-                a, mlp = layer.self_attn, layer.mlp
-                qk_norm = torch.cat(
-                    [
-                        a.q_norm.weight.expand(cfg.num_attention_heads, -1),
-                        a.k_norm.weight.expand(cfg.num_key_value_heads, -1),
-                    ]
-                )
-                out.append(
-                    _LayerWeights(
-                        input_norm=layer.input_layernorm.weight,
-                        post_norm=layer.post_attention_layernorm.weight,
-                        qk_norm=qk_norm,
-                        qkv=StackedLinear([a.q_proj, a.k_proj, a.v_proj], copy),
-                        o=StackedLinear([a.o_proj], copy),
-                        gate_up=StackedLinear([mlp.gate_proj, mlp.up_proj], copy),
-                        down=StackedLinear([mlp.down_proj], copy),
-                    )
-                )
-            return out
+            heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
+            return [DecoderLayerWeights.of(lay, heads, kv_heads, copy, trainable=True) for lay in self.layers]
 
         return self._cached("layers", build)
 

@@ -16,34 +16,19 @@ model is untouched).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sglang_ext.dflare import ops
 from sglang_ext.dflare.cache import RowKVCache
-from sglang_ext.dflare.linear import COPY_BELOW_PARAMS, StackedLinear
+from sglang_ext.dflare.linear import COPY_BELOW_PARAMS, DecoderLayerWeights
 
 _REQUIRED = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class UnsupportedTargetError(ValueError):
     """The target model's architecture is not one this runner implements."""
-
-
-@dataclass
-class _Layer:
-    """One decoder layer's weights in the form the forward uses them."""
-
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
-    qk_norm: torch.Tensor | None  # [heads + kv_heads, hd]: q_norm per query head, then k_norm per key head
-    qkv: StackedLinear
-    o: StackedLinear
-    gate_up: StackedLinear
-    down: StackedLinear
 
 
 class TargetRunner:
@@ -82,31 +67,14 @@ class TargetRunner:
         # cos and signed sin of positions 0..n-1 (see _rope); grown on demand
         self._cos = self._sin_signed = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
 
-    def _prepare(self, index: int, layer: nn.Module, fuse: bool) -> _Layer:
+    def _prepare(self, index: int, layer: nn.Module, fuse: bool) -> DecoderLayerWeights:
         attn = getattr(layer, "self_attn", None)
         if attn is None or any(not hasattr(attn, n) for n in _REQUIRED) or not hasattr(layer, "mlp"):
             name = type(self.model).__name__
             raise UnsupportedTargetError(f"layer {index} of {name} is not Llama/Qwen-style")
         if getattr(attn, "sliding_window", None):
             raise UnsupportedTargetError("sliding-window attention layers are not supported")
-        qk_norm = None
-        if hasattr(attn, "q_norm"):
-            qk_norm = torch.cat(
-                [
-                    attn.q_norm.weight.expand(self.num_heads, -1),
-                    attn.k_norm.weight.expand(self.num_kv_heads, -1),
-                ]
-            ).detach()
-        mlp = layer.mlp
-        return _Layer(
-            input_norm=layer.input_layernorm.weight,
-            post_norm=layer.post_attention_layernorm.weight,
-            qk_norm=qk_norm,
-            qkv=StackedLinear([attn.q_proj, attn.k_proj, attn.v_proj], fuse),
-            o=StackedLinear([attn.o_proj], fuse),
-            gate_up=StackedLinear([mlp.gate_proj, mlp.up_proj], fuse),
-            down=StackedLinear([mlp.down_proj], fuse),
-        )
+        return DecoderLayerWeights.of(layer, self.num_heads, self.num_kv_heads, fuse)
 
     @property
     def num_layers(self) -> int:
@@ -179,7 +147,7 @@ class TargetRunner:
     def _attention(
         self,
         index: int,
-        layer: _Layer,
+        layer: DecoderLayerWeights,
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
