@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -129,7 +128,6 @@ def main() -> int:
         "max_disagreement_margin": max((m for r in found for m in r["disagreements_margin"]), default=0.0),
     }
     print(json.dumps(res["summary"]), flush=True)
-    os.sync()
     return 0
 
 

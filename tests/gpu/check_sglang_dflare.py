@@ -44,7 +44,6 @@ SAMPLING_WARMUP_S = 90
 # Pure temperature sampling: with top_p < 1 SGLang's DFlash-family verify renormalises through sgl_kernel's
 # top_p_renorm_prob, which JIT-compiles FlashInfer's sampling module for minutes (check_top_p.py).
 SAMPLED = {"temperature": 0.8, "top_p": 1.0}
-PROBE_S = 60
 
 
 def load_prompts(target: Path, n: int) -> list[list[int]]:
@@ -101,32 +100,6 @@ def first_sampled_request(url: str) -> float:
     params = {**SAMPLED, "max_new_tokens": 8}
     _, secs = timed(lambda: generate(url, [[1, 2, 3, 4]], params, 1, timeout=SAMPLING_WARMUP_S))
     return round(secs, 1)
-
-
-PROBE = """
-import sys, time, torch
-from sgl_kernel import top_p_renorm_prob
-vocab = int(sys.argv[1])
-probs = torch.softmax(torch.randn(16, vocab, device="cuda") * 3, dim=-1)
-t = time.perf_counter()
-out = top_p_renorm_prob(probs, torch.full((16,), 0.95, device="cuda"))
-torch.cuda.synchronize()
-print(round(time.perf_counter() - t, 3), bool(torch.isfinite(out).all()), float(out.sum(-1).mean()))
-"""
-
-
-def probe_top_p_kernel(vocab: int) -> dict:
-    """sgl_kernel's top-p renorm on [16, vocab] in a child process, killed after PROBE_S seconds."""
-    import subprocess
-
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", PROBE, str(vocab)], capture_output=True, text=True, timeout=PROBE_S
-        )
-    except subprocess.TimeoutExpired:
-        return {"vocab": vocab, "returned": False, "timeout_s": PROBE_S}
-    return {"vocab": vocab, "returned": done.returncode == 0, "stdout": done.stdout[-300:],
-            "stderr": done.stderr[-300:]}  # fmt: skip
 
 
 def sampling_verify_available() -> bool | str:
@@ -539,9 +512,6 @@ def main() -> int:
         with (OUT / "logs.txt").open("w") as f:
             for name, (srv, _) in servers.items():
                 f.write(f"===== {name}: {' '.join(srv.cmd)}\n{srv.log_tail(80)}\n")
-    with stage(res, "top_p_kernel"):  # after the servers: a compiling call must not delay them
-        vocab = int(json.loads((args.target / "config.json").read_text())["vocab_size"])
-        res["top_p_renorm_probe"] = [probe_top_p_kernel(v) for v in (vocab, 151936)]
     res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return 0
 
