@@ -7,7 +7,8 @@ drafter (``sglang_ext.dflare``, pure PyTorch, bf16 on the same GPU) drafts the s
 target's taps of the prompt, through the training forward with the block mask. Both hidden states go
 through the target's LM head; per block slot the check reports the cosine of the hidden states, the max
 logit difference and top-1 agreement (a disagreement is listed with the reference's top-2 margin).
-Writes $OUT/block_logits.json.
+Writes $OUT/block_logits.json and keeps the capture files beside it, so that ``--offline DIR`` can redo the
+comparison from them (on any device) without a server.
 """
 
 from __future__ import annotations
@@ -60,6 +61,45 @@ def reference_blocks(
     return out, model.get_output_embeddings().weight.detach().float().cpu()
 
 
+def first_blocks(
+    records: list[dict], prompts: list[list[int]], ends: list[int] | None = None
+) -> list[torch.Tensor | None]:
+    """Each prompt's first draft block: the first record of that prompt's requests starting at position
+    len(prompt). Matching on the start alone is wrong (a request's second block can start where a later
+    prompt's first one does), so the records are searched in order: with ``ends`` (the record count when
+    each prompt's request returned) only within that prompt's own records; without it (an older capture)
+    from just after the previous prompt's first block, which is right unless a request's later block
+    starts exactly at the next prompt's length."""
+    starts = [int(r["positions"].flatten()[0]) for r in records]
+    out: list[torch.Tensor | None] = []
+    lo = 0
+    for i, prompt in enumerate(prompts):
+        hi = ends[i] if ends is not None else len(starts)
+        hit = next((k for k in range(lo, hi) if starts[k] == len(prompt)), None)
+        out.append(None if hit is None else records[hit]["hidden"])
+        if ends is not None:
+            lo = hi
+        elif hit is not None:
+            lo = hit + 1
+    return out
+
+
+def captured(directory: Path) -> list[dict]:
+    return [r for f in sorted(directory.glob("draft_*.pt")) for r in torch.load(f)]
+
+
+def greedy_firsts(target: Path, prompts: list[list[int]], device: str) -> list[int]:
+    """The target's greedy first token per prompt (bf16), for an offline re-comparison whose GPU run did
+    not record the tokens SGLang generated."""
+    from sglang_ext.training.train_drafter import load_target
+
+    model = load_target(target, torch.device(device)).to(torch.bfloat16)
+    with torch.inference_mode():
+        return [
+            int(model(input_ids=torch.tensor([p], device=device)).logits[0, -1].argmax()) for p in prompts
+        ]
+
+
 def compare(sg: torch.Tensor, ref: torch.Tensor, head: torch.Tensor) -> dict:
     """Slots 1..B-1 (slot 0 is the known token): cosine, max |logit diff|, top-1 agreement."""
     sg, ref = sg[1:], ref[1:]
@@ -80,53 +120,76 @@ def compare(sg: torch.Tensor, ref: torch.Tensor, head: torch.Tensor) -> dict:
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--target", type=Path, required=True)
-    ap.add_argument("--dflare", type=Path, required=True)
-    args = ap.parse_args()
-    res = Results(OUT / "block_logits.json")
-    target, _ = servable_target(args.target)
-    prompts = load_prompts(target, N_PROMPTS)
-    base = ["--model-path", str(target), "--dtype", "bfloat16", "--mem-fraction-static", "0.5"]
-    base += ["--max-running-requests", "8", "--disable-cuda-graph"]
-    spec = [*SPEC, "--speculative-algorithm", "DFLARE", "--speculative-draft-model-path", str(args.dflare)]
-    env = {"DFLARE_DRAFT_CAPTURE": str(CAPTURE)}
-    servers = start_all([("dflare", 31201, [*base, *spec], env)])
-    srv, up = servers["dflare"]
-    res["up"] = up
-    if not up:
-        res["log_tail"] = srv.log_tail(60)
-        srv.stop()
-        return 1
-    try:
-        greedy = {"temperature": 0, "max_new_tokens": 2}
-        firsts = [generate(srv.url, [p], greedy, 1)[0]["output_ids"][0] for p in prompts]
-    finally:
-        srv.stop()
-    for f in CAPTURE.glob("draft_*.pt"):  # kept with the results: the comparison can be redone offline
-        shutil.copy(f, OUT / f.name)
-    records = [r for f in sorted(CAPTURE.glob("draft_*.pt")) for r in torch.load(f)]
-    res["captured_blocks"] = len(records)
-    sg_blocks = []
-    for prompt in prompts:  # the first block of each prompt: positions P..P+B-1 (bs 1, prompts in turn)
-        starts = [int(r["positions"].flatten()[0]) for r in records]
-        hit = starts.index(len(prompt)) if len(prompt) in starts else None
-        sg_blocks.append(None if hit is None else records.pop(hit)["hidden"])
-    ref_blocks, head = reference_blocks(target, args.dflare, prompts, firsts)
-    rows = [
-        compare(s, r, head) if s is not None else {"missing": True}
-        for s, r in zip(sg_blocks, ref_blocks, strict=True)
-    ]
-    res["blocks"] = rows
+def summarize(rows: list[dict]) -> dict:
     found = [r for r in rows if "missing" not in r]
-    res["summary"] = {
+    return {
         "blocks_compared": len(found),
         "cos_min": min(r["cos_min"] for r in found) if found else None,
         "top1_agree": sum(r["top1_agree"] for r in found),
         "slots": sum(r["slots"] for r in found),
         "max_disagreement_margin": max((m for r in found for m in r["disagreements_margin"]), default=0.0),
     }
+
+
+def capture_server(target: Path, dflare: Path, prompts: list[list[int]], res: Results) -> list[int] | None:
+    """Serve DFLARE with the capture on and answer ``prompts`` one at a time; their first tokens."""
+    base = ["--model-path", str(target), "--dtype", "bfloat16", "--mem-fraction-static", "0.5"]
+    base += ["--max-running-requests", "8", "--disable-cuda-graph"]
+    spec = [*SPEC, "--speculative-algorithm", "DFLARE", "--speculative-draft-model-path", str(dflare)]
+    servers = start_all([("dflare", 31201, [*base, *spec], {"DFLARE_DRAFT_CAPTURE": str(CAPTURE)})])
+    srv, up = servers["dflare"]
+    res["up"] = up
+    if not up:
+        res["log_tail"] = srv.log_tail(60)
+        srv.stop()
+        return None
+    firsts, ends = [], []
+    try:
+        greedy = {"temperature": 0, "max_new_tokens": 2}
+        for p in prompts:  # one at a time: the capture file is complete when a response returns
+            firsts.append(generate(srv.url, [p], greedy, 1)[0]["output_ids"][0])
+            ends.append(len(captured(CAPTURE)))
+    finally:
+        srv.stop()
+    res["record_ends"] = ends
+    return firsts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", type=Path, required=True)
+    ap.add_argument("--dflare", type=Path, required=True)
+    ap.add_argument("--offline", type=Path, help="re-compare the captures in this directory (no server)")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    target, _ = servable_target(args.target)
+    prompts = load_prompts(target, N_PROMPTS)
+    if args.offline:
+        res = Results(args.offline / "block_logits_offline.json")
+        capture = args.offline
+        firsts = greedy_firsts(target, prompts, args.device)
+        res["firsts_from"] = f"target greedy (bf16, {args.device})"
+    else:
+        res = Results(OUT / "block_logits.json")
+        capture = CAPTURE
+        got = capture_server(target, args.dflare, prompts, res)
+        if got is None:
+            return 1
+        firsts = got
+        res["firsts_from"] = "SGLang DFLARE server"
+        for f in CAPTURE.glob("draft_*.pt"):  # kept with the results: see --offline
+            shutil.copy(f, OUT / f.name)
+    res["firsts"] = firsts
+    records = captured(capture)
+    res["captured_blocks"] = len(records)
+    sg_blocks = first_blocks(records, prompts, res.data.get("record_ends"))
+    ref_blocks, head = reference_blocks(target, args.dflare, prompts, firsts, args.device)
+    rows = [
+        compare(s, r, head) if s is not None else {"missing": True}
+        for s, r in zip(sg_blocks, ref_blocks, strict=True)
+    ]
+    res["blocks"] = rows
+    res["summary"] = summarize(rows)
     print(json.dumps(res["summary"]), flush=True)
     return 0
 
