@@ -26,7 +26,7 @@ from check_sglang_dflare import load_prompts, servable_target
 from sglang_harness import OUT, SPEC, Results, generate, start_all
 
 CAPTURE = Path("/tmp/draft_capture")
-N_PROMPTS = 12
+N_PROMPTS = 32
 
 
 def reference_blocks(
