@@ -26,7 +26,14 @@ from starlette.responses import Response, StreamingResponse
 
 from sglang_ext.engine_server.protocol import ChatCompletionRequest, CompletionRequest
 from sglang_ext.engine_server.runner import EngineFailed, QueueFull
-from sglang_ext.engine_server.serving import CHAT, COMPLETIONS, OpenAIServing, RequestRejected, Submission
+from sglang_ext.engine_server.serving import (
+    CHAT,
+    COMPLETIONS,
+    OpenAIServing,
+    Outcome,
+    RequestRejected,
+    Submission,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -219,10 +226,21 @@ def create_engine_app(load: Callable[[], OpenAIServing], *, plugin_stats: bool =
             )
         await s.complete(sub)
         out = sub.outs[0]
-        native = {"text": out.text, "output_ids": out.output_ids, "meta_info": s.meta_info(sub.prepared, out)}
+        native = {
+            "text": out.text,
+            "output_ids": _native_ids(out),
+            "meta_info": s.meta_info(sub.prepared, out),
+        }
         return Response(orjson.dumps(native), media_type="application/json")
 
     return app
+
+
+def _native_ids(out: Outcome) -> list[int]:
+    """SGLang's native ``output_ids`` end with the stop token id that ended the request (its text not)."""
+    if isinstance(out.matched_stop, int) and out.completion_tokens > len(out.output_ids):
+        return [*out.output_ids, out.matched_stop]
+    return out.output_ids
 
 
 async def _native_stream(s: OpenAIServing, sub: Submission) -> AsyncIterator[bytes]:
@@ -240,7 +258,7 @@ async def _native_stream(s: OpenAIServing, sub: Submission) -> AsyncIterator[byt
         }
         chunk = {"text": out.text, "output_ids": list(out.output_ids), "meta_info": meta}
         yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-    final = {"text": out.text, "output_ids": out.output_ids, "meta_info": s.meta_info(p, out)}
+    final = {"text": out.text, "output_ids": _native_ids(out), "meta_info": s.meta_info(p, out)}
     yield b"data: " + orjson.dumps(final) + b"\n\n"
     yield b"data: [DONE]\n\n"
 

@@ -312,9 +312,10 @@ class OpenAIServing:
                 out.finish_reason, out.matched_stop = "stop", stops.matched
             elif finished:
                 out.finish_reason = "length" if gen.finish_reason == "length" else "stop"
-                last = out.output_ids[-1] if out.output_ids else None
-                if out.finish_reason == "stop" and last in self.stop_token_ids:
-                    out.matched_stop = last
+                if gen.result is not None and gen.result.matched_stop is not None:
+                    # counted and reported as SGLang does: the end-of-turn token is generated output
+                    out.matched_stop = gen.result.matched_stop
+                    out.completion_tokens += 1
             else:
                 out.finish_reason = "abort"
             if self.on_finish is not None:

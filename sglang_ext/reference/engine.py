@@ -41,8 +41,9 @@ class Request:
 
 @dataclass
 class Result:
-    """A finished request. ``output_ids`` exclude a matched stop token id; after a stop STRING they end
-    with the token that completed it, and ``text`` (set when the engine has a tokenizer) is cut before it."""
+    """A finished request. ``output_ids`` exclude a matched stop token id (kept in ``matched_stop``); after
+    a stop STRING they end with the token that completed it, and ``text`` (set when the engine has a
+    tokenizer) is cut before it."""
 
     request_id: str
     prompt_tokens: int
@@ -50,6 +51,13 @@ class Result:
     finish_reason: FinishReason
     stats: SpecStats | None
     text: str | None = None
+    matched_stop: int | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        """Generated tokens, counting a matched stop token id as SGLang does (its ``completion_tokens``
+        and ``output_ids`` include the end-of-turn token), so both backends report the same usage."""
+        return len(self.output_ids) + (self.matched_stop is not None)
 
 
 @dataclass
@@ -65,6 +73,7 @@ class _Slot:
     ctx: list[torch.Tensor] = field(default_factory=list)  # taps [n, T, H] not yet in the draft cache
     prefilled: bool = False
     finish: FinishReason | None = None
+    matched_stop: int | None = None  # the stop token id that ended it (not in ``output``)
     text: str | None = None
 
 
@@ -295,7 +304,7 @@ class SpeculativeEngine:
         kept: list[int] = []
         for t in tokens[: p.max_tokens - len(s.output)]:
             if t in p.stop_token_ids:
-                s.finish = "stop"
+                s.finish, s.matched_stop = "stop", t
                 break
             kept.append(t)
         s.output.extend(kept)
@@ -338,7 +347,9 @@ class SpeculativeEngine:
             self._slots[r] = self._slots[last]
         self._slots.pop()
         reason: FinishReason = s.finish or "abort"
-        return Result(s.req.request_id, len(s.req.prompt_ids), list(s.output), reason, s.stats, text)
+        return Result(
+            s.req.request_id, len(s.req.prompt_ids), list(s.output), reason, s.stats, text, s.matched_stop
+        )
 
     # ---- convenience -------------------------------------------------------------------------------
     def generate(

@@ -52,8 +52,9 @@ def build_tokenizer(out: Path, vocab_size: int = 300):
     return fast
 
 
-def build_pair(root: Path) -> tuple[Path, Path]:
-    """Write ``root/target`` (HF Qwen3 + tokenizer) and ``root/drafter``; return both paths."""
+def build_pair(root: Path, favoured: str = FAVOURED) -> tuple[Path, Path]:
+    """Write ``root/target`` (HF Qwen3 + tokenizer) and ``root/drafter``; return both paths. The target
+    leans towards the token ``favoured`` (its end-of-turn token makes it answer nothing but that)."""
     import torch
 
     from sglang_ext.dflare.checkpoint import save_drafter
@@ -74,7 +75,7 @@ def build_pair(root: Path) -> tuple[Path, Path]:
     )
     with torch.no_grad():
         target.model.embed_tokens.weight[:, 0] += NUDGE
-        target.lm_head.weight[tokenizer.convert_tokens_to_ids(FAVOURED), 0] += NUDGE
+        target.lm_head.weight[tokenizer.convert_tokens_to_ids(favoured), 0] += NUDGE
     target.save_pretrained(target_dir)
     (target_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": tokenizer.eos_token_id}))
     save_drafter(tiny_drafter(target, "dflare", block_size=BLOCK_SIZE), drafter_dir)
