@@ -216,8 +216,23 @@ def sampling_consistency(outs: list[dict], block: int) -> dict:
     return {"requests": len(outs), "inconsistent": bad, "tau": spec_tau(outs)["tau"]}
 
 
+def completion_prompt(target: Path) -> str:
+    """The fixtures' ``/v1/completions`` prompt: a user turn through the chat template, as text. The demo
+    target only ever saw chats, so a bare code prompt ("def add(a, b):") ends at its first token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(target))
+    msgs = [{"role": "user", "content": "Write a Python function that adds."}]
+    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
 def capture_fixtures(
-    dflare_url: str, dflash_url: str, model: str, prompt_ids: list[int], sampled: bool = False
+    dflare_url: str,
+    dflash_url: str,
+    model: str,
+    prompt_ids: list[int],
+    comp_prompt: str,
+    sampled: bool = False,
 ) -> dict:
     """Greedy captures, or (``sampled``) the one that samples, which runs after the sampling check."""
     chat = {
@@ -226,7 +241,7 @@ def capture_fixtures(
         "max_tokens": 48,
         "temperature": 0,
     }
-    comp = {"model": model, "prompt": "def add(a, b):", "max_tokens": 48, "temperature": 0}
+    comp = {"model": model, "prompt": comp_prompt, "max_tokens": 48, "temperature": 0}
     native = {"input_ids": prompt_ids, "sampling_params": {"temperature": 0, "max_new_tokens": 48}}
     stream_opts = {"stream": True, "stream_options": {"include_usage": True}}
     calls = {
@@ -312,9 +327,13 @@ def main() -> int:
     ap.add_argument(
         "--only-sampling", action="store_true", help="one DFLARE server, the sampling stage alone"
     )
+    ap.add_argument(
+        "--only-fixtures", action="store_true", help="DFLARE and plugin-less DFLASH: fixture captures only"
+    )
     args = ap.parse_args()
     res = Results(OUT / "check.json")
-    res["only_sampling"] = args.only_sampling
+    res["only_sampling"], res["only_fixtures"] = args.only_sampling, args.only_fixtures
+    partial = args.only_sampling or args.only_fixtures
     import torch
 
     res["device"] = torch.cuda.get_device_name(0)
@@ -344,6 +363,11 @@ def main() -> int:
         dflash = [*SPEC, "--speculative-algorithm", "DFLASH", *draft, str(args.dflash)]
         if args.only_sampling:
             return [("dflare", 31001, [*base, *dflare, str(args.dflare)], {})]
+        if args.only_fixtures:
+            return [
+                ("dflare", 31001, [*base, *dflare, str(args.dflare)], {}),
+                ("dflash_noplugin", 31005, [*base, *dflash], {"SGLANG_PLUGINS": "none-of-ours"}),
+            ]
         return [
             ("ar", 31000, base, {}),
             ("dflare", 31001, [*base, *dflare, str(args.dflare)], {}),
@@ -378,7 +402,9 @@ def main() -> int:
         # greedy stage does not use, while that stage runs.
         warmer = cf.ThreadPoolExecutor(1)
         warm_sampling = (
-            warmer.submit(first_sampled_request, up["dflash_noplugin"]) if "dflash_noplugin" in up else None
+            warmer.submit(first_sampled_request, up["dflash_noplugin"])
+            if "dflash_noplugin" in up and not args.only_fixtures
+            else None
         )
 
         if "dflare" in up:
@@ -393,7 +419,7 @@ def main() -> int:
             greedy = {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
             t_greedy = time.time()
             names = [n for n in ("ar", "dflare", "dflare_eager", "dflash", "dflare_zero_k") if n in up]
-            names = [] if args.only_sampling else names
+            names = [] if partial else names
 
             def greedy_runs(name: str) -> dict[int, list[dict]] | str:
                 try:
@@ -449,7 +475,7 @@ def main() -> int:
                     "drops_over_30pct": 1 - zero / full > 0.30,
                 }
         with stage(res, "reference"):
-            if args.skip_reference or args.only_sampling:
+            if args.skip_reference or partial:
                 raise RuntimeError("skipped (--skip-reference): tests/gpu/reference_tau.py runs it on CPU")
             ref = reference_tau(args.target, args.dflare, prompts, dtype)
             ref_ids = ref.pop("output_ids")
@@ -467,20 +493,23 @@ def main() -> int:
                 }
         with stage(res, "fixtures"):
             if "dflare" in up and "dflash_noplugin" in up:
-                fixtures = capture_fixtures(up["dflare"], up["dflash_noplugin"], str(args.target), prompts[0])
+                comp_prompt = completion_prompt(args.target)
+                fixtures = capture_fixtures(
+                    up["dflare"], up["dflash_noplugin"], str(args.target), prompts[0], comp_prompt
+                )
                 (OUT / "fixtures.json").write_text(json.dumps(fixtures, indent=1))
                 res["usage_speculative"] = usage_checks(fixtures)
         with stage(res, "demo_bench"):
             bench = {}
             for name in ("ar", "dflash", "dflare"):
-                if name in up and not args.only_sampling:
+                if name in up and not partial:
                     bench[name] = decode_bench(up[name], prompts[0], [1, 8, 32], 256)
             res["demo_decode_bench"] = bench
         with stage(res, "sampling"):
             # Last, and bounded: run 1 lost its remaining stages to a sampling request that never came
             # back. DFLARE and built-in DFLASH side by side, so a hang is attributed to the plugin or not.
             res["sampling_verify_available"] = sampling_verify_available()
-            sampled_on = [n for n in ("dflare", "dflash") if n in up]
+            sampled_on = [] if args.only_fixtures else [n for n in ("dflare", "dflash") if n in up]
             params = {**SAMPLED, "max_new_tokens": MAX_NEW, "ignore_eos": True}
 
             if warm_sampling is not None:
@@ -502,7 +531,9 @@ def main() -> int:
             if "dflare" in up and "dflash_noplugin" in up and (OUT / "fixtures.json").exists():
                 fixtures = json.loads((OUT / "fixtures.json").read_text())
                 fixtures.update(
-                    capture_fixtures(up["dflare"], up["dflash_noplugin"], str(args.target), prompts[0], True)
+                    capture_fixtures(
+                        up["dflare"], up["dflash_noplugin"], str(args.target), prompts[0], comp_prompt, True
+                    )
                 )
                 (OUT / "fixtures.json").write_text(json.dumps(fixtures, indent=1))
                 res["usage_speculative"] = usage_checks(fixtures)

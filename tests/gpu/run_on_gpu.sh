@@ -30,6 +30,11 @@ case "$mode" in
     python3 tests/gpu/check_sglang_dflare.py --target "${TARGET:-$demo}" \
       --dflare "${DFLARE:-$(dirname "$demo")/dflare}" --dflash "${DFLASH:-$(dirname "$demo")/dflash}" "$@" 2>&1 \
       | tee "$OUT/check_stdout.txt" | tail -60 ;;
+  fixtures)
+    demo=$(python3 -m sglang_ext.cli demo-path target 2>/dev/null || echo sglang_ext/demo/target)
+    python3 tests/gpu/check_sglang_dflare.py --target "${TARGET:-$demo}" --dflare "$(dirname "$demo")/dflare" \
+      --dflash "$(dirname "$demo")/dflash" --only-fixtures --dtype bfloat16 2>&1 \
+      | tee "$OUT/fixtures_stdout.txt" | tail -30 ;;
   top_p)
     demo=$(python3 -m sglang_ext.cli demo-path target 2>/dev/null || echo sglang_ext/demo/target)
     python3 tests/gpu/check_top_p.py --target "${TARGET:-$demo}" --dflare "$(dirname "$demo")/dflare" \
