@@ -105,9 +105,22 @@ class DFlareDraftModel(DFlashDraftModel):
         self._fusion_probs: torch.Tensor | None = None
         self._mix_cache: torch.Tensor | None = None
 
-    def forward(self, input_ids, positions, forward_batch, *args, **kwargs):
-        """DFlash's block forward; with ``DFLARE_DRAFT_CAPTURE`` set its outputs are also recorded."""
-        out = super().forward(input_ids, positions, forward_batch, *args, **kwargs)
+    def forward(
+        self,
+        input_ids,
+        positions,
+        forward_batch,
+        input_embeds=None,
+        get_embedding: bool = False,
+        pp_proxy_tensors=None,
+    ):
+        """DFlash's block forward; with ``DFLARE_DRAFT_CAPTURE`` set its outputs are also recorded.
+
+        The parameters spell out the parent's on purpose: SGLang's CUDA-graph runner passes the draft
+        ``input_embeds`` only if ``inspect.signature(forward)`` names them (a ``*args, **kwargs`` override
+        made every DFLARE server with CUDA graphs fail at capture)."""
+        args = (input_ids, positions, forward_batch, input_embeds, get_embedding, pp_proxy_tensors)
+        out = super().forward(*args)
         if draft_capture.enabled():
             draft_capture.record(positions, out.hidden_states)
         return out

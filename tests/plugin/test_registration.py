@@ -52,6 +52,22 @@ def test_draft_architecture_resolves_to_our_class(plugins_loaded):
     assert cls is DFlareDraftModel and arch == "QwenDFlareDraftModel"
 
 
+def test_draft_forward_signature_is_the_parents(plugins_loaded):
+    """SGLang's CUDA-graph runner decides from ``inspect.signature(model.forward)`` whether to pass the
+    draft ``input_embeds``: our override must name every parameter DFlash's forward does (a ``*args,
+    **kwargs`` override failed every DFLARE server at graph capture on the H200, 13:57 UTC)."""
+    import inspect
+
+    from sglang.srt.models.dflash import DFlashDraftModel
+
+    from sglang_ext.sglang_plugin.model import DFlareDraftModel
+
+    ours = inspect.signature(DFlareDraftModel.forward).parameters
+    parents = inspect.signature(DFlashDraftModel.forward).parameters
+    assert list(ours) == list(parents) and "input_embeds" in ours
+    assert [p.default for p in ours.values()] == [p.default for p in parents.values()]
+
+
 def test_worker_factory_returns_dflare_worker(plugins_loaded, model_dirs):
     from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
