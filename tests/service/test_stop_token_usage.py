@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.service.conftest import MODEL, Proc, free_port, gateway, start
+from tests.service.conftest import MODEL, Proc, _engine_server, gateway
 from tests.service.tiny_models import build_pair
 
 EOT = "<|im_end|>"
@@ -37,13 +37,7 @@ def eot_id(eot_pair) -> int:
 
 @pytest.fixture(scope="module")
 def eot_engine(eot_pair, tmp_path_factory) -> Iterator[Proc]:
-    target, drafter = eot_pair
-    port = free_port()
-    args = ["engine-server", "--model-path", str(target), "--draft-model-path", str(drafter)]
-    args += ["--served-model-name", MODEL, "--threads", "1", "--max-batch", "2", "--port", str(port)]
-    proc = start(args, tmp_path_factory.mktemp("logs") / "eot_engine.log", port)
-    yield proc
-    proc.stop()
+    yield from _engine_server(eot_pair, tmp_path_factory.mktemp("logs") / "eot_engine.log")
 
 
 @pytest.fixture(scope="module")
