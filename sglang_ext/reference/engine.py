@@ -236,7 +236,7 @@ class SpeculativeEngine:
         masks = [drafter.config.mask_token_id] * (self.block_size - 1)
         block = torch.tensor([[s.pending, *masks] for s in self._slots[:rows]], device=self.runner.device)
         hidden = drafter.draft_hidden(cache, block, cache.lengths[:rows])
-        return greedy_tokens(drafter.logits(hidden[:, 1:]))
+        return greedy_tokens(self.runner.logits(hidden[:, 1:]))  # the drafter's logits: the target's LM head
 
     @staticmethod
     def _kept_length(start: int, accepted: int) -> int:
