@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sglang_ext.reference.engine import Request, Result, SpeculativeEngine
+from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE, Request, Result, SpeculativeEngine
 from sglang_ext.reference.pair import (
     PairUnavailableError,
     add_pair_arguments,
@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--block-size", type=int, default=None, help="speculative block size (default: drafter's)")
+    p.add_argument(
+        "--min-draft-confidence",
+        type=float,
+        default=CPU_MIN_DRAFT_CONFIDENCE,
+        help="verify drafts only while the drafter's belief that all so far are right stays at or above "
+        "this (0 = verify the whole block; default %(default)s)",
+    )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1, help="concurrent requests (continuous batching rows)")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -139,7 +146,13 @@ def main(argv: list[str]) -> int:
         seed=0,
         stop_token_ids=() if args.ignore_eos else eos_ids(pair.tokenizer),
     )
-    spec = SpeculativeEngine(pair.target, pair.drafter, args.block_size, max_batch=args.batch)
+    spec = SpeculativeEngine(
+        pair.target,
+        pair.drafter,
+        args.block_size,
+        max_batch=args.batch,
+        min_draft_confidence=args.min_draft_confidence,
+    )
     plain = SpeculativeEngine(pair.target, None, 1, max_batch=args.batch)
     run_mode(spec, prompts[:1], params, "warmup")  # first-call allocations out of the timing
     run_mode(plain, prompts[:1], params, "warmup")
@@ -147,10 +160,17 @@ def main(argv: list[str]) -> int:
     outputs: dict[str, list[Result]] = {}
     for r in range(args.rounds):
         for label, engine in (("ar", plain), ("speculative", spec)):
+            before = spec.verified_drafts
             seconds, results = run_mode(engine, prompts, params, f"{label} round {r + 1}/{args.rounds}")
+            if engine is spec:
+                verified = spec.verified_drafts - before  # of the last round, as the outputs
             times[label].append(seconds)
             outputs[label] = results
     report = summarise(args, pair.description, spec.block_size, times, outputs)
+    report["min_draft_confidence"] = args.min_draft_confidence
+    spec_stats = report["modes"]["speculative"]["speculative"]
+    if spec_stats and spec_stats["verify_steps"]:  # drafts the target checked per verify step
+        report["verified_drafts_per_step"] = round(verified / spec_stats["verify_steps"], 3)
     report["drafter_kind"] = pair.drafter.config.kind
     print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +243,7 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"speedup (tok/s speculative / AR): {report['speedup']:.2f}x wall, "
         f"{report['speedup_cpu']:.2f}x CPU; tau {report['tau']:.2f}; "
+        f"verified drafts/step {report.get('verified_drafts_per_step', 0):.2f}; "
         f"identical outputs {report['identical_outputs']}/{report['prompts']}"
     )
 
