@@ -1,8 +1,8 @@
 """``dflare bench engine``: the same prompts decoded speculatively and with block size 1, side by side.
 
-Both engines share one target model object and run in the same process, alternating per round, so the
-tokens/s ratio compares like with like on the same machine at the same moment. Prints a table, writes
-JSON (and optionally a PNG bar chart).
+Both engines share one target model object and run in the same process, alternating prompt by prompt at
+batch 1 (else round by round), so the tokens/s ratio compares like with like on the same machine at the
+same moment. Prints a table, writes JSON (and optionally a PNG bar chart).
 """
 
 from __future__ import annotations
@@ -73,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_mode(
-    engine: SpeculativeEngine, prompts: list[list[int]], params: SamplingParams, label: str
+    engine: SpeculativeEngine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    label: str,
+    progress: bool = True,
 ) -> tuple[tuple[float, float], list[Result]]:
     """Decode every prompt through ``engine``; returns ((wall s, process CPU s), results in prompt order).
 
@@ -85,7 +89,9 @@ def run_mode(
     start, cpu_start = time.perf_counter(), time.process_time()
     for rid, prompt in zip(ids, prompts, strict=True):
         engine.add_request(Request(rid, prompt, params))
-    with tqdm(total=len(prompts), desc=label, unit="req", leave=False, file=sys.stderr) as bar:
+    with tqdm(
+        total=len(prompts), desc=label, unit="req", leave=False, file=sys.stderr, disable=not progress
+    ) as bar:
         while engine.has_work():
             for res in engine.step():
                 done[res.request_id] = res
@@ -158,15 +164,31 @@ def main(argv: list[str]) -> int:
     run_mode(plain, prompts[:1], params, "warmup")
     times: dict[str, list[tuple[float, float]]] = {"speculative": [], "ar": []}
     outputs: dict[str, list[Result]] = {}
+    # batch 1: the modes alternate prompt by prompt (in ABBA order), since a shared machine's speed drifts
+    # within seconds; with batching each mode decodes all prompts at once (rows join as others finish)
+    chunks = [prompts[i : i + 1] for i in range(len(prompts))] if args.batch == 1 else [prompts]
+    per_prompt = len(chunks) > 1
+    modes = (("ar", plain), ("speculative", spec))
     for r in range(args.rounds):
-        for label, engine in (("ar", plain), ("speculative", spec)):
-            before = spec.verified_drafts
-            seconds, results = run_mode(engine, prompts, params, f"{label} round {r + 1}/{args.rounds}")
-            if engine is spec:
-                verified = spec.verified_drafts - before  # of the last round, as the outputs
-            times[label].append(seconds)
-            outputs[label] = results
+        before = spec.verified_drafts
+        spent = {label: [0.0, 0.0] for label, _ in modes}
+        results: dict[str, list[Result]] = {label: [] for label, _ in modes}
+        bar = tqdm(
+            chunks, desc=f"round {r + 1}/{args.rounds}", leave=False, file=sys.stderr, disable=not per_prompt
+        )
+        for c, chunk in enumerate(bar):
+            for label, engine in modes if c % 2 == 0 else modes[::-1]:
+                desc = f"{label} round {r + 1}/{args.rounds}"
+                (wall, cpu), done = run_mode(engine, chunk, params, desc, progress=not per_prompt)
+                spent[label][0] += wall
+                spent[label][1] += cpu
+                results[label] += done
+        verified = spec.verified_drafts - before  # of the last round, as the outputs
+        for label, _ in modes:
+            times[label].append((spent[label][0], spent[label][1]))
+            outputs[label] = results[label]
     report = summarise(args, pair.description, spec.block_size, times, outputs)
+    report["alternation"] = "per prompt (ABBA)" if per_prompt else "per round"
     report["min_draft_confidence"] = args.min_draft_confidence
     spec_stats = report["modes"]["speculative"]["speculative"]
     if spec_stats and spec_stats["verify_steps"]:  # drafts the target checked per verify step
