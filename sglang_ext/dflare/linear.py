@@ -1,9 +1,12 @@
 """``StackedLinear``: several ``nn.Linear`` layers that read the same input, run as one product.
 
 Small models decode on CPU at a few rows per step, where each op's fixed cost dominates: stacking the
-rows of q/k/v (or gate/up) into one weight turns three products into one, with the same bits per output
-column as the separate products. The stacked weight is a copy, so big models (memory) and training
-(gradients must reach the modules' own weights) use the modules directly and concatenate their outputs.
+rows of q/k/v (or gate/up) into one weight turns three products into one. The copy is stored transposed
+([in, out], contiguous): for the 1-16 row products of CPU decoding and verification ``x @ W_t`` is
+mostly faster than ``F.linear(x, W)`` (which hands MKL a transposed operand), up to 2.3x for the LM head at
+8 rows, at the cost of float rounding-level differences from ``F.linear``. It is a copy, so big models
+(memory) and training (gradients must reach the modules' own weights) use the modules directly and
+concatenate their outputs.
 """
 
 from __future__ import annotations
@@ -18,23 +21,24 @@ COPY_BELOW_PARAMS = 300_000_000  # models this small get stacked copies of their
 
 
 class StackedLinear:
-    """``x -> cat([lin(x) for lin in linears], -1)``; with ``copy`` from one stacked weight (and bias)."""
+    """``x -> cat([lin(x) for lin in linears], -1)``; with ``copy`` from one stacked, transposed weight."""
 
     def __init__(self, linears: list[nn.Linear], copy: bool) -> None:
         self.linears = linears
-        self.weight: torch.Tensor | None = None
+        self.weight_t: torch.Tensor | None = None  # [in, sum of outs], contiguous (``copy`` only)
         self.bias: torch.Tensor | None = None
-        if copy and len(linears) > 1:
+        if copy:
             with torch.no_grad():
-                self.weight = torch.cat([lin.weight for lin in linears])
+                self.weight_t = torch.cat([lin.weight for lin in linears]).t().contiguous()
                 if linears[0].bias is not None:
                     self.bias = torch.cat([lin.bias for lin in linears])
-        elif len(linears) == 1:  # nothing to stack: the module's own weight, no copy
-            self.weight, self.bias = linears[0].weight, linears[0].bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:
-            return F.linear(x, self.weight, self.bias)
+        if self.weight_t is not None:
+            out = torch.matmul(x, self.weight_t)
+            return out if self.bias is None else out + self.bias
+        if len(self.linears) == 1:
+            return F.linear(x, self.linears[0].weight, self.linears[0].bias)
         return torch.cat([F.linear(x, lin.weight, lin.bias) for lin in self.linears], dim=-1)
 
 

@@ -1,8 +1,8 @@
 """``dflare bench engine``: the same prompts decoded speculatively and with block size 1, side by side.
 
-Both engines share one target model object and run in the same process, alternating per round, so the
-tokens/s ratio compares like with like on the same machine at the same moment. Prints a table, writes
-JSON (and optionally a PNG bar chart).
+Both engines share one target model object and run in the same process, alternating prompt by prompt at
+batch 1 (else round by round), so the tokens/s ratio compares like with like on the same machine at the
+same moment. Prints a table, writes JSON (and optionally a PNG bar chart).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sglang_ext.reference.engine import Request, Result, SpeculativeEngine
+from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE, Request, Result, SpeculativeEngine
 from sglang_ext.reference.pair import (
     PairUnavailableError,
     add_pair_arguments,
@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--block-size", type=int, default=None, help="speculative block size (default: drafter's)")
+    p.add_argument(
+        "--min-draft-confidence",
+        type=float,
+        default=CPU_MIN_DRAFT_CONFIDENCE,
+        help="verify drafts only while the drafter's belief that all so far are right stays at or above "
+        "this (0 = verify the whole block; default %(default)s)",
+    )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1, help="concurrent requests (continuous batching rows)")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -66,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_mode(
-    engine: SpeculativeEngine, prompts: list[list[int]], params: SamplingParams, label: str
+    engine: SpeculativeEngine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    label: str,
+    progress: bool = True,
 ) -> tuple[tuple[float, float], list[Result]]:
     """Decode every prompt through ``engine``; returns ((wall s, process CPU s), results in prompt order).
 
@@ -78,7 +89,9 @@ def run_mode(
     start, cpu_start = time.perf_counter(), time.process_time()
     for rid, prompt in zip(ids, prompts, strict=True):
         engine.add_request(Request(rid, prompt, params))
-    with tqdm(total=len(prompts), desc=label, unit="req", leave=False, file=sys.stderr) as bar:
+    with tqdm(
+        total=len(prompts), desc=label, unit="req", leave=False, file=sys.stderr, disable=not progress
+    ) as bar:
         while engine.has_work():
             for res in engine.step():
                 done[res.request_id] = res
@@ -139,18 +152,47 @@ def main(argv: list[str]) -> int:
         seed=0,
         stop_token_ids=() if args.ignore_eos else eos_ids(pair.tokenizer),
     )
-    spec = SpeculativeEngine(pair.target, pair.drafter, args.block_size, max_batch=args.batch)
+    spec = SpeculativeEngine(
+        pair.target,
+        pair.drafter,
+        args.block_size,
+        max_batch=args.batch,
+        min_draft_confidence=args.min_draft_confidence,
+    )
     plain = SpeculativeEngine(pair.target, None, 1, max_batch=args.batch)
     run_mode(spec, prompts[:1], params, "warmup")  # first-call allocations out of the timing
     run_mode(plain, prompts[:1], params, "warmup")
     times: dict[str, list[tuple[float, float]]] = {"speculative": [], "ar": []}
     outputs: dict[str, list[Result]] = {}
+    # batch 1: the modes alternate prompt by prompt (in ABBA order), since a shared machine's speed drifts
+    # within seconds; with batching each mode decodes all prompts at once (rows join as others finish)
+    chunks = [prompts[i : i + 1] for i in range(len(prompts))] if args.batch == 1 else [prompts]
+    per_prompt = len(chunks) > 1
+    modes = (("ar", plain), ("speculative", spec))
     for r in range(args.rounds):
-        for label, engine in (("ar", plain), ("speculative", spec)):
-            seconds, results = run_mode(engine, prompts, params, f"{label} round {r + 1}/{args.rounds}")
-            times[label].append(seconds)
-            outputs[label] = results
+        before = spec.verified_drafts
+        spent = {label: [0.0, 0.0] for label, _ in modes}
+        results: dict[str, list[Result]] = {label: [] for label, _ in modes}
+        bar = tqdm(
+            chunks, desc=f"round {r + 1}/{args.rounds}", leave=False, file=sys.stderr, disable=not per_prompt
+        )
+        for c, chunk in enumerate(bar):
+            for label, engine in modes if c % 2 == 0 else modes[::-1]:
+                desc = f"{label} round {r + 1}/{args.rounds}"
+                (wall, cpu), done = run_mode(engine, chunk, params, desc, progress=not per_prompt)
+                spent[label][0] += wall
+                spent[label][1] += cpu
+                results[label] += done
+        verified = spec.verified_drafts - before  # of the last round, as the outputs
+        for label, _ in modes:
+            times[label].append((spent[label][0], spent[label][1]))
+            outputs[label] = results[label]
     report = summarise(args, pair.description, spec.block_size, times, outputs)
+    report["alternation"] = "per prompt (ABBA)" if per_prompt else "per round"
+    report["min_draft_confidence"] = args.min_draft_confidence
+    spec_stats = report["modes"]["speculative"]["speculative"]
+    if spec_stats and spec_stats["verify_steps"]:  # drafts the target checked per verify step
+        report["verified_drafts_per_step"] = round(verified / spec_stats["verify_steps"], 3)
     report["drafter_kind"] = pair.drafter.config.kind
     print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +265,7 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"speedup (tok/s speculative / AR): {report['speedup']:.2f}x wall, "
         f"{report['speedup_cpu']:.2f}x CPU; tau {report['tau']:.2f}; "
+        f"verified drafts/step {report.get('verified_drafts_per_step', 0):.2f}; "
         f"identical outputs {report['identical_outputs']}/{report['prompts']}"
     )
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from sglang_ext.reference.engine import Request, SpeculativeEngine
+from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE, Request, SpeculativeEngine
 from sglang_ext.reference.pair import (
     PairUnavailableError,
     add_pair_arguments,
@@ -27,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_pair_arguments(p)
     p.add_argument("--block-size", type=int, default=None, help="default: the drafter's; 1 = plain decoding")
+    p.add_argument(
+        "--min-draft-confidence",
+        type=float,
+        default=CPU_MIN_DRAFT_CONFIDENCE,
+        help="adaptive draft length: verify drafts while the drafter's belief that all so far are right "
+        "stays at or above this (0 = the whole block; default %(default)s)",
+    )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -68,7 +75,14 @@ def generate_main(argv: list[str]) -> int:
             stop_token_ids=eos_ids(tok),
             stop=tuple(args.stop),
         )
-        engine = SpeculativeEngine(pair.target, pair.drafter, args.block_size, tokenizer=tok, max_batch=1)
+        engine = SpeculativeEngine(
+            pair.target,
+            pair.drafter,
+            args.block_size,
+            tokenizer=tok,
+            max_batch=1,
+            min_draft_confidence=args.min_draft_confidence,
+        )
         prompt_ids = encode_prompt(tok, args.prompt or default_prompt(args), chat=not args.raw)
     except ValueError as exc:
         print(f"dflare generate: {exc}", file=sys.stderr)

@@ -4,10 +4,17 @@ One ``step()`` = (for rows already decoding) ONE drafter forward proposing ``B -
 target forward over every row's block (new requests are prefilled in the same forward), the longest
 accepted prefix + a bonus token committed per row, and both KV caches trimmed by setting row lengths.
 Block size 1 is plain autoregressive decoding through the same code (the baseline of every benchmark).
+
+Adaptive draft length (``min_draft_confidence``): the target verifies a row's drafts only as far as the
+drafter believes in them, i.e. while the product of its top-token probabilities over drafts ``1..i`` stays
+at or above the threshold (at least one draft). Deep drafts are rarely right unless the drafter is sure, and
+on a CPU every verified row costs target compute, so this keeps most of tau at about half the verified
+rows. It is lossless for any threshold: whatever is committed was checked by the target.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from collections import deque
@@ -27,6 +34,25 @@ if TYPE_CHECKING:
     from sglang_ext.dflare.model import DFlareDrafter
 
 FinishReason = Literal["stop", "length", "abort"]
+
+# What the CLIs (`dflare generate`, `dflare bench engine`, the engine server) pass as ``min_draft_confidence``
+# on CPU: on the demo pair it keeps tau within ~3 % of verifying the whole block at about half the verified
+# rows (docs/benchmarks.md). The engine's own default, 0, verifies every draft: the drafter's acceptance as
+# trained, which is what `dflare eval` measures.
+CPU_MIN_DRAFT_CONFIDENCE = 0.02
+
+
+def confident_drafts(logits: torch.Tensor, log_min_confidence: float) -> tuple[torch.Tensor, list[int]]:
+    """Greedy drafts of draft logits [rows, n, V] and how many of each row to verify: the longest prefix
+    whose believed probability of being right throughout (product of the top-token probabilities) is at
+    least ``exp(log_min_confidence)``, and at least one. Returns ([rows, max length] drafts, lengths)."""
+    rows, n = logits.shape[:2]
+    if log_min_confidence == -math.inf:
+        return greedy_tokens(logits), [n] * rows
+    top = logits.max(dim=-1)  # the greedy drafts (as greedy_tokens) and their logits
+    believed = (top.values - logits.logsumexp(dim=-1)).cumsum(dim=-1)  # log P(1..i right), non-increasing
+    lengths = (believed >= log_min_confidence).sum(dim=-1).clamp_(min=1).tolist()
+    return top.indices[:, : max(lengths)], lengths
 
 
 @dataclass
@@ -87,6 +113,7 @@ class SpeculativeEngine:
         block_size: int | None = None,
         tokenizer: Any = None,
         max_batch: int = 8,
+        min_draft_confidence: float = 0.0,
     ) -> None:
         if block_size is None:
             block_size = drafter.config.block_size if drafter is not None else 1
@@ -96,6 +123,11 @@ class SpeculativeEngine:
             raise ValueError(f"block_size={block_size} needs a drafter (block size 1 = plain decoding)")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if not 0.0 <= min_draft_confidence <= 1.0:
+            raise ValueError(f"min_draft_confidence must be in [0, 1], got {min_draft_confidence}")
+        # log of the threshold; -inf (threshold 0) verifies every draft
+        self._log_min_confidence = math.log(min_draft_confidence) if min_draft_confidence > 0 else -math.inf
+        self.verified_drafts = 0  # drafts the target checked, over the engine's life (benchmarks report it)
         self.block_size, self.tokenizer, self.max_batch = block_size, tokenizer, max_batch
         self.drafter = drafter if block_size > 1 else None
         taps = self.drafter.config.target_layer_ids if self.drafter is not None else []
@@ -198,9 +230,11 @@ class SpeculativeEngine:
         slots = self._slots
         if not slots:
             return results
-        blk = self.block_size
         decoding = sum(s.prefilled for s in slots)  # prefilled rows come first (new rows are appended)
-        drafts = self._propose(decoding) if blk > 1 and decoding else None  # [k, B-1]
+        drafts, lengths = None, [0] * decoding
+        if self.block_size > 1 and decoding:
+            drafts, lengths = self._propose(decoding)  # [k, n] drafts, n = the longest verified length
+        blk = 1 + (drafts.shape[1] if drafts is not None else 0)  # verified block: pending token + drafts
         qlen = max(blk if s.prefilled else len(s.req.prompt_ids) for s in slots)
         rows = [[s.pending] if s.prefilled else s.req.prompt_ids for s in slots]
         ids = torch.tensor([[*row, *[0] * (qlen - len(row))] for row in rows], device=self.runner.device)
@@ -209,7 +243,7 @@ class SpeculativeEngine:
         starts = [s.length if s.prefilled else 0 for s in slots]
         hidden, taps = self.runner.forward(self.cache, ids, starts)
         if decoding:
-            self._verify(slots[:decoding], hidden[:decoding, :blk], taps, drafts)
+            self._verify(slots[:decoding], hidden[:decoding, :blk], taps, drafts, lengths)
         if decoding < len(slots):
             self._first_tokens(slots, decoding, hidden, taps)
         for r in range(len(slots) - 1, -1, -1):
@@ -217,8 +251,10 @@ class SpeculativeEngine:
                 results.append(self._finish_row(r))
         return results
 
-    def _propose(self, rows: int) -> torch.Tensor:
-        """B-1 greedy draft tokens for rows ``0..rows-1`` from ONE drafter forward: [rows, B-1]."""
+    def _propose(self, rows: int) -> tuple[torch.Tensor, list[int]]:
+        """Greedy drafts for rows ``0..rows-1`` from ONE drafter forward of the whole block, and how many of
+        each row's drafts the target verifies (see the module docstring): ([rows, n], lengths), where
+        n = max(lengths) <= B-1 (drafts past a row's length are not verified)."""
         drafter, cache = self.drafter, self.draft_cache
         assert drafter is not None
         pending_rows: list[int] = []
@@ -245,7 +281,8 @@ class SpeculativeEngine:
         masks = [drafter.config.mask_token_id] * (self.block_size - 1)
         block = torch.tensor([[s.pending, *masks] for s in self._slots[:rows]], device=self.runner.device)
         hidden = drafter.draft_hidden(cache, block, cache.lengths[:rows])
-        return greedy_tokens(drafter.logits(hidden[:, 1:]))
+        logits = self.runner.logits(hidden[:, 1:])  # the drafter's logits: the target's LM head
+        return confident_drafts(logits, self._log_min_confidence)
 
     @staticmethod
     def _kept_length(start: int, accepted: int) -> int:
@@ -258,17 +295,21 @@ class SpeculativeEngine:
         hidden: torch.Tensor,
         taps: torch.Tensor | None,
         drafts: torch.Tensor | None,
+        lengths: list[int],
     ) -> None:
-        """Sample the target at every block slot, accept the longest matching prefix, commit, crop."""
+        """Sample the target at every verified block slot, accept the longest matching prefix of each row's
+        ``lengths[r]`` verified drafts, commit, crop."""
         params = [s.req.params for s in slots]
-        post = sample_rows(self.runner.logits(hidden), params, [s.generator for s in slots])  # [k, B]
+        counts = [n + 1 for n in lengths]  # slots sampled per row: its own, so draws do not depend on others
+        post = sample_rows(self.runner.logits(hidden), params, [s.generator for s in slots], counts)
         if drafts is not None:
             accepted = ops.accept_lengths(drafts, post[:, :-1]).tolist()
         else:
             accepted = [0] * len(slots)
+        self.verified_drafts += sum(lengths)
         post_rows = post.tolist()
         for r, s in enumerate(slots):
-            a = accepted[r]
+            a = min(accepted[r], lengths[r])
             if s.stats is not None:
                 s.stats.record_step(a)
             if taps is not None:

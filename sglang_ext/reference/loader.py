@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sglang_ext.dflare.checkpoint import dtype_from_name, load_drafter
-from sglang_ext.reference.engine import SpeculativeEngine
+from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE, SpeculativeEngine
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,15 @@ def load_engine(
     dtype: torch.dtype | str | None = None,
     device: str = "cpu",
     max_batch: int = 8,
+    min_draft_confidence: float | None = None,
 ) -> SpeculativeEngine:
-    """Target (HF causal LM directory) + optional drafter; ``block_size`` defaults to the drafter's."""
+    """Target (HF causal LM directory) + optional drafter; ``block_size`` defaults to the drafter's,
+    ``min_draft_confidence`` (adaptive draft length) to the CPU default on CPU and 0 (off) elsewhere."""
     torch_dtype = resolve_dtype(dtype, device)
     target = load_target(target_dir, torch_dtype, device)
     drafter = load_drafter(drafter_dir, dtype=torch_dtype, device=device) if drafter_dir else None
-    return SpeculativeEngine(target, drafter, block_size, load_tokenizer(target_dir), max_batch)
+    if min_draft_confidence is None:
+        min_draft_confidence = CPU_MIN_DRAFT_CONFIDENCE if torch.device(device).type == "cpu" else 0.0
+    return SpeculativeEngine(
+        target, drafter, block_size, load_tokenizer(target_dir), max_batch, min_draft_confidence
+    )

@@ -75,22 +75,27 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample_rows(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    counts: list[int] | None = None,
 ) -> torch.Tensor:
     """One token per position: logits [b, n, V] -> tokens [b, n] (row r uses ``params[r]``, its generator).
 
     Greedy rows take the argmax; sampling rows draw by inverse CDF from uniforms of their own generator, so
-    a request's draws do not depend on what else is in the batch.
+    a request's draws do not depend on what else is in the batch. ``counts[r]`` (default n) limits row r's
+    draws to its first positions (the rest stay argmax, unused): rows verify blocks of their own length.
     """
     tokens = greedy_tokens(logits)
     for r, p in enumerate(params):
         if p.greedy:
             continue
-        probs = filtered_probs(logits[r], p.temperature, p.top_k, p.top_p)  # [n, V]
+        n = logits.shape[1] if counts is None else counts[r]
+        probs = filtered_probs(logits[r, :n], p.temperature, p.top_k, p.top_p)  # [n, V]
         cdf = torch.cumsum(probs, dim=-1)
         # uniforms from the request's CPU generator: the same seed gives the same draws on any device
         u = torch.rand(probs.shape[0], 1, generator=generators[r], dtype=cdf.dtype).to(cdf.device)
         u = u * cdf[:, -1:]
         drawn = torch.searchsorted(cdf, u, right=True).squeeze(-1)
-        tokens[r] = drawn.clamp_(max=probs.shape[-1] - 1)
+        tokens[r, :n] = drawn.clamp_(max=probs.shape[-1] - 1)
     return tokens

@@ -10,8 +10,8 @@ Small models are overhead-bound on CPU (a decode step is hundreds of tiny ops), 
 count per layer low without changing a bit of its results: q and k heads share one per-head norm and one
 RoPE call, RoPE reads cos/sin tables built once, a boolean mask becomes additive once per forward instead
 of once per layer, and for models below 300M parameters (``fuse=None``) each layer's q/k/v and gate/up
-projections run as one product each (:class:`~sglang_ext.dflare.linear.StackedLinear`: copies, the HF
-model is untouched).
+projections run as one product each, and those and the LM head from transposed copies
+(:class:`~sglang_ext.dflare.linear.StackedLinear`; the HF model is untouched).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 
 from sglang_ext.dflare import ops
 from sglang_ext.dflare.cache import RowKVCache
-from sglang_ext.dflare.linear import COPY_BELOW_PARAMS, DecoderLayerWeights
+from sglang_ext.dflare.linear import COPY_BELOW_PARAMS, DecoderLayerWeights, StackedLinear
 
 _REQUIRED = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -62,6 +62,7 @@ class TargetRunner:
         if fuse is None:
             fuse = sum(p.numel() for p in params) < COPY_BELOW_PARAMS
         self.layers = [self._prepare(i, layer, fuse) for i, layer in enumerate(inner.layers)]
+        self._lm_head = StackedLinear([self.lm_head], fuse)  # a transposed copy for small models
         rope_type = getattr(self.rotary_emb, "rope_type", "default")
         self._rope_by_length = rope_type in ("dynamic", "longrope")
         # cos and signed sin of positions 0..n-1 (see _rope); grown on demand
@@ -173,4 +174,4 @@ class TargetRunner:
         return layer.o(out.transpose(1, 2).flatten(-2))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return self._lm_head(hidden)

@@ -63,7 +63,7 @@ class OracleEngine(SpeculativeEngine):
         self.vocab = self.runner.config.vocab_size
         self.steps: dict[str, int] = {}
 
-    def _propose(self, rows: int) -> torch.Tensor:
+    def _propose(self, rows: int) -> tuple[torch.Tensor, list[int]]:
         blk = self.block_size
         drafts = torch.zeros(rows, blk - 1, dtype=torch.int64)
         for r, s in enumerate(self._slots[:rows]):
@@ -76,7 +76,7 @@ class OracleEngine(SpeculativeEngine):
             if j < blk - 1:
                 true[j] = (true[j] + 1) % (self.vocab - 1)
             drafts[r] = torch.tensor(true)
-        return drafts
+        return drafts, [blk - 1] * rows  # every draft verified
 
 
 def greedy_mismatches(engine: SpeculativeEngine, seed: int, prompts: list[list[int]], n: int) -> list[str]:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sglang_ext.cli import main as dflare
 
 
@@ -39,7 +41,8 @@ def test_generate_block_size_one_and_errors(capsys) -> None:
     assert "--drafter needs --target" in capsys.readouterr().err
 
 
-def test_bench_engine_writes_side_by_side_json_and_png(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("batch", [1, 2])  # 1: the modes alternate prompt by prompt; 2: round by round
+def test_bench_engine_writes_side_by_side_json_and_png(tmp_path: Path, capsys, batch: int) -> None:
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     rc = dflare(
         [
@@ -53,6 +56,8 @@ def test_bench_engine_writes_side_by_side_json_and_png(tmp_path: Path, capsys) -
             "--max-tokens",
             "8",
             "--batch",
+            str(batch),
+            "--rounds",
             "2",
             "--out",
             str(out),
@@ -68,6 +73,9 @@ def test_bench_engine_writes_side_by_side_json_and_png(tmp_path: Path, capsys) -
     ratio = report["modes"]["speculative"]["tokens_per_s"] / report["modes"]["ar"]["tokens_per_s"]
     assert abs(report["speedup"] - ratio) < 0.01
     assert report["modes"]["speculative"]["speculative"]["verify_steps"] > 0
+    assert report["alternation"] == ("per prompt (ABBA)" if batch == 1 else "per round")
+    assert len(report["modes"]["ar"]["seconds_per_round"]) == 2
+    assert 1 <= report["verified_drafts_per_step"] <= 7
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "speedup (tok/s speculative / AR)" in capsys.readouterr().out
 

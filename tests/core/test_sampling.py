@@ -72,10 +72,13 @@ def expected_joint(params: SamplingParams) -> dict[tuple[int, ...], float]:
 
 
 class GreedyDraftEngine(SpeculativeEngine):
-    """Drafts the target's argmax continuation: accepted often, rejected often, both paths exercised."""
+    """Drafts the target's argmax continuation: accepted often, rejected often, both paths exercised.
 
-    def _propose(self, rows: int) -> torch.Tensor:
-        drafts = []
+    Rows verify different numbers of drafts (1..B-1, cycling with the output length), as the adaptive
+    draft length makes them do: a row's draws and accepts must not depend on the batch's longest row."""
+
+    def _propose(self, rows: int) -> tuple[torch.Tensor, list[int]]:
+        drafts, lengths = [], []
         for s in self._slots[:rows]:
             seq = (*s.req.prompt_ids, *s.output)
             row = []
@@ -83,7 +86,8 @@ class GreedyDraftEngine(SpeculativeEngine):
                 row.append(_argmax_next(seq))
                 seq = (*seq, row[-1])
             drafts.append(row)
-        return torch.tensor(drafts)
+            lengths.append(1 + len(s.output) % (self.block_size - 1))
+        return torch.tensor(drafts)[:, : max(lengths)], lengths
 
 
 @functools.cache
