@@ -52,6 +52,8 @@ def engine_server_args(settings: Settings, port: int) -> list[str]:
         args += ["--draft-model-path", str(s.embedded_drafter_dir)]
     if s.embedded_block_size is not None:
         args += ["--block-size", str(s.embedded_block_size)]
+    if s.embedded_min_draft_confidence is not None:
+        args += ["--min-draft-confidence", str(s.embedded_min_draft_confidence)]
     return args
 
 

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     embedded_block_size: int | None = Field(
         None, ge=1, le=64, description="speculative block size; unset = the drafter's own"
     )
+    embedded_min_draft_confidence: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="adaptive draft length threshold (0 = verify the whole block); unset = 0.02 on CPU",
+    )
     embedded_max_batch: int = Field(8, ge=1)
     embedded_queue_size: int = Field(64, ge=1, description="queued requests before 429")
     embedded_threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")

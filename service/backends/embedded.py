@@ -107,6 +107,7 @@ class EmbeddedBackend(Backend):
             drafter,
             model_name=s.embedded_model,
             block_size=s.embedded_block_size,
+            min_draft_confidence=s.embedded_min_draft_confidence,
             max_batch=s.embedded_max_batch,
             max_waiting=s.embedded_queue_size,
             threads=s.embedded_threads,

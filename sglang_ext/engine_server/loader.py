@@ -43,6 +43,7 @@ def load_serving(
     max_waiting: int = 64,
     threads: int = 0,
     device: str = "cpu",
+    min_draft_confidence: float | None = None,
 ) -> OpenAIServing:
     """Engine + tokenizer + serving; start ``serving.runner`` inside the event loop afterwards."""
     import torch
@@ -59,6 +60,7 @@ def load_serving(
         block_size=block_size,
         device=device,
         max_batch=max_batch,
+        min_draft_confidence=min_draft_confidence,
     )
     if engine.tokenizer is None:  # the engine matches stop strings, so it needs the tokenizer too
         engine.tokenizer = AutoTokenizer.from_pretrained(target_dir)
