@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE, Request, Result, SpeculativeEngine
+from sglang_ext.reference.engine import Request, Result, SpeculativeEngine
 from sglang_ext.reference.pair import (
     PairUnavailableError,
+    add_min_draft_confidence_argument,
     add_pair_arguments,
     encode_prompt,
     eos_ids,
@@ -54,13 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--block-size", type=int, default=None, help="speculative block size (default: drafter's)")
-    p.add_argument(
-        "--min-draft-confidence",
-        type=float,
-        default=CPU_MIN_DRAFT_CONFIDENCE,
-        help="verify drafts only while the drafter's belief that all so far are right stays at or above "
-        "this (0 = verify the whole block; default %(default)s)",
-    )
+    add_min_draft_confidence_argument(p)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1, help="concurrent requests (continuous batching rows)")
     p.add_argument("--temperature", type=float, default=0.0)

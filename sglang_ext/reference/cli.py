@@ -6,9 +6,10 @@ import argparse
 import sys
 import time
 
-from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE, Request, SpeculativeEngine
+from sglang_ext.reference.engine import Request, SpeculativeEngine
 from sglang_ext.reference.pair import (
     PairUnavailableError,
+    add_min_draft_confidence_argument,
     add_pair_arguments,
     encode_prompt,
     eos_ids,
@@ -27,13 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_pair_arguments(p)
     p.add_argument("--block-size", type=int, default=None, help="default: the drafter's; 1 = plain decoding")
-    p.add_argument(
-        "--min-draft-confidence",
-        type=float,
-        default=CPU_MIN_DRAFT_CONFIDENCE,
-        help="adaptive draft length: verify drafts while the drafter's belief that all so far are right "
-        "stays at or above this (0 = the whole block; default %(default)s)",
-    )
+    add_min_draft_confidence_argument(p)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

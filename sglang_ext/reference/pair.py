@@ -12,6 +12,7 @@ import torch
 
 from sglang_ext.dflare.checkpoint import load_drafter
 from sglang_ext.dflare.model import DFlareDrafter
+from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE
 from sglang_ext.reference.loader import load_target, load_tokenizer, resolve_dtype
 
 
@@ -46,6 +47,17 @@ def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16, float64")
     g.add_argument("--device", default="cpu")
     g.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+
+
+def add_min_draft_confidence_argument(parser: argparse.ArgumentParser) -> None:
+    """``--min-draft-confidence`` of the reference CLIs (generate, bench): the CPU default."""
+    parser.add_argument(
+        "--min-draft-confidence",
+        type=float,
+        default=CPU_MIN_DRAFT_CONFIDENCE,
+        help="adaptive draft length: verify drafts while the drafter's belief that all so far are right "
+        "stays at or above this (0 = the whole block; default %(default)s)",
+    )
 
 
 def _demo_dirs(kind: str) -> tuple[Path, Path]:

@@ -154,17 +154,18 @@ def gateway_plain(engine_server_plain, tmp_path_factory) -> Iterator[Proc]:
     proc.stop()
 
 
+def embedded_env(tiny_pair: tuple[Path, Path], **settings: str) -> dict[str, str]:
+    """Environment of a ``dflare serve`` whose embedded engine runs the tiny pair on one thread;
+    ``settings`` adds ``DFLARE_EMBEDDED_<NAME>`` variables."""
+    target, drafter = tiny_pair
+    env = {"TARGET_DIR": str(target), "DRAFTER_DIR": str(drafter), "MODEL": MODEL, "THREADS": "1", **settings}
+    return {f"DFLARE_EMBEDDED_{name.upper()}": value for name, value in env.items()}
+
+
 @pytest.fixture(scope="session")
 def gateway_embedded(tiny_pair, tmp_path_factory) -> Iterator[Proc]:
     """``dflare serve`` with no backend: the embedded engine (the tiny pair instead of the demo pair)."""
-    target, drafter = tiny_pair
-    env = {
-        "DFLARE_EMBEDDED_TARGET_DIR": str(target),
-        "DFLARE_EMBEDDED_DRAFTER_DIR": str(drafter),
-        "DFLARE_EMBEDDED_MODEL": MODEL,
-        "DFLARE_EMBEDDED_THREADS": "1",
-        "DFLARE_EMBEDDED_MAX_BATCH": "4",
-    }
+    env = embedded_env(tiny_pair, max_batch="4")
     proc = gateway([], tmp_path_factory.mktemp("logs") / "gateway_embedded.log", env=env)
     yield proc
     proc.stop()

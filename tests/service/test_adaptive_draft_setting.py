@@ -15,21 +15,14 @@ import pytest
 
 from service.local_engine import engine_server_args
 from service.settings import Settings
-from tests.service.conftest import MODEL, Proc, gateway
+from tests.service.conftest import MODEL, Proc, embedded_env, gateway
 
 PROMPT = [17, 42, 99, 7, 150, 33]
 
 
 @pytest.fixture(scope="module")
 def whole_block(tiny_pair, tmp_path_factory) -> Iterator[Proc]:
-    target, drafter = tiny_pair
-    env = {
-        "DFLARE_EMBEDDED_TARGET_DIR": str(target),
-        "DFLARE_EMBEDDED_DRAFTER_DIR": str(drafter),
-        "DFLARE_EMBEDDED_MODEL": MODEL,
-        "DFLARE_EMBEDDED_THREADS": "1",
-        "DFLARE_EMBEDDED_MIN_DRAFT_CONFIDENCE": "0",
-    }
+    env = embedded_env(tiny_pair, min_draft_confidence="0")
     proc = gateway([], tmp_path_factory.mktemp("logs") / "whole_block.log", env=env)
     yield proc
     proc.stop()

@@ -83,16 +83,9 @@ def test_the_gateway_imports_without_torch():
 def test_several_workers_without_backends_share_one_local_engine_server(tiny_pair, tmp_path):
     import httpx
 
-    from tests.service.conftest import MODEL, gateway
+    from tests.service.conftest import MODEL, embedded_env, gateway
 
-    target, drafter = tiny_pair
-    env = {
-        "DFLARE_EMBEDDED_TARGET_DIR": str(target),
-        "DFLARE_EMBEDDED_DRAFTER_DIR": str(drafter),
-        "DFLARE_EMBEDDED_MODEL": MODEL,
-        "DFLARE_EMBEDDED_THREADS": "1",
-    }
-    gw = gateway([], tmp_path / "gateway.log", workers=2, env=env)
+    gw = gateway([], tmp_path / "gateway.log", workers=2, env=embedded_env(tiny_pair))
     try:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
         r = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=60)
