@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sglang_ext.dflare import ops
-from sglang_ext.dflare.checkpoint import save_drafter
+from sglang_ext.dflare.checkpoint import load_checkpoint, save_drafter
 from sglang_ext.dflare.config import DFlareConfig, build_target_layer_ids
 from sglang_ext.dflare.model import DFlareDrafter
 from sglang_ext.training.data import TokenizedChats, pad_batch
@@ -121,6 +121,29 @@ def build_drafter(
     drafter.init_fusion_weights()
     drafter.bind_target(target.get_input_embeddings(), target.get_output_embeddings())
     return drafter
+
+
+def warm_start(drafter: DFlareDrafter, path: Path) -> None:
+    """Load a trained drafter's weights into a freshly built one of the same shape (``--init-from``).
+
+    Continued training of shipped drafters needs this rather than ``--resume``: a finished run keeps only
+    the bf16 drafter directory, not the optimizer state, and a new run brings its own data and schedule.
+    """
+    cfg, _, tensors = load_checkpoint(path)
+    mine = drafter.config
+    if (cfg.kind, cfg.num_hidden_layers, list(cfg.target_layer_ids)) != (
+        mine.kind,
+        mine.num_hidden_layers,
+        list(mine.target_layer_ids),
+    ):
+        raise ValueError(
+            f"--init-from {path}: {cfg.kind} with {cfg.num_hidden_layers} layers and taps "
+            f"{list(cfg.target_layer_ids)} does not match {mine.kind} / {mine.num_hidden_layers} / "
+            f"{list(mine.target_layer_ids)}"
+        )
+    device = drafter.norm.weight.device
+    drafter.load_state_dict({n: t.to(device=device, dtype=torch.float32) for n, t in tensors.items()})
+    logger.info("warm start from %s", path)
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -250,6 +273,9 @@ class LockstepTrainer:
         self.target, self.chats, self.specs, self.args, self.device = target, chats, specs, args, device
         self.mask_id, self.pad_id = mask_id, pad_id
         self.drafters = {s.name: build_drafter(s, target, args, mask_id).to(device) for s in specs}
+        if getattr(args, "init_from", None) is not None:
+            for name, drafter in self.drafters.items():
+                warm_start(drafter, args.init_from / name)
         self.optims = {
             name: torch.optim.AdamW(d.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
             for name, d in self.drafters.items()
@@ -545,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--stop-after", type=int, default=None, help="checkpoint and exit after N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument(
+        "--init-from", type=Path, default=None, help="start each drafter NAME from the weights in DIR/NAME"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     return p

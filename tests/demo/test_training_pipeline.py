@@ -82,6 +82,29 @@ def test_resumed_training_equals_an_uninterrupted_run(built: tuple[Path, Path], 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_warm_start_continues_from_a_trained_drafter(built: tuple[Path, Path], tmp_path: Path) -> None:
+    """--init-from DIR starts drafter NAME from DIR/NAME: at learning rate 0 the output is the input bit
+    for bit, while a fresh start at lr 0 is not; a drafter of another shape is refused."""
+    work, out = built
+    common = ["--target", str(out / "target"), "--data", str(work / "train.safetensors"), "--no-regenerate",
+              "--limit", "4", "--batch", "2", "--anchors", "3", "--block-size", "4", "--steps", "2",
+              "--checkpoint-every", "0", "--device", "cpu", "--lr", "0"]  # fmt: skip
+    init = out / "drafters"
+    train_drafter.main(
+        [*common, "--drafter", "dflare:dflare:2", "--init-from", str(init), "--out", str(tmp_path / "w")]
+    )
+    train_drafter.main([*common, "--drafter", "dflare:dflare:2", "--out", str(tmp_path / "cold")])
+    given = load_file(str(init / "dflare" / "model.safetensors"))
+    warm = load_file(str(tmp_path / "w" / "dflare" / "model.safetensors"))
+    cold = load_file(str(tmp_path / "cold" / "dflare" / "model.safetensors"))
+    assert given.keys() == warm.keys() and all(torch.equal(given[k], warm[k]) for k in given)
+    assert not all(torch.equal(given[k], cold[k]) for k in given)
+    with pytest.raises(ValueError, match="does not match"):
+        train_drafter.main(
+            [*common, "--drafter", "dflare:dflare:3", "--init-from", str(init), "--out", str(tmp_path / "x")]
+        )
+
+
 def test_a_drafter_only_rebuild_keeps_the_given_target(built: tuple[Path, Path], tmp_path: Path) -> None:
     work, out = built
     report = demo_build.train_all(work, tmp_path, "tiny", "cpu", reuse_target=out / "target")
