@@ -116,7 +116,7 @@ class DFlareDrafter(nn.Module):
         self._lm_head: nn.Module | None = None
         self._param_slots: list[tuple[dict[str, Any], str]] | None = None
         self._frozen: dict[str, tuple[tuple[int, ...], Any]] = {}
-        self._rope_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._rope_tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         """Move the RoPE table with the module but never change its dtype.
@@ -127,7 +127,7 @@ class DFlareDrafter(nn.Module):
         inv_freq = self.inv_freq
         super()._apply(fn, recurse)
         self.inv_freq = inv_freq.to(device=self.inv_freq.device)
-        self._frozen, self._rope_tables = {}, None
+        self._frozen, self._rope_tables = {}, {}
         return self
 
     # ---- inference constants -------------------------------------------------------------------------
@@ -155,13 +155,16 @@ class DFlareDrafter(nn.Module):
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """(cos, sin, signed sin) [..., hd] of integer positions, from tables grown on demand.
 
-        Entry p equals ``ops.rope_cos_sin(p)`` (float32 math, then cast): a lookup replaces five ops."""
+        Entry p equals ``ops.rope_cos_sin(p)`` (float32 math, then cast): a lookup replaces five ops. One
+        table per dtype: under autocast the context keys (bf16) and the block stream (fp32) alternate, and
+        a single table rebuilt on every dtype change doubled in size each time (out of GPU memory).
+        """
         upto = int(positions.max()) + 1 if positions.numel() else 0
-        tables = self._rope_tables
-        if tables is None or tables[0].shape[0] < upto or tables[0].dtype != dtype:
+        tables = self._rope_tables.get(dtype)
+        if tables is None or tables[0].shape[0] < upto:
             n = max(upto, 2 * tables[0].shape[0] if tables is not None else 0, 256)
             cos, sin = ops.rope_cos_sin(torch.arange(n, device=self.inv_freq.device), self.inv_freq, dtype)
-            tables = self._rope_tables = (cos, sin, ops.signed_sin(sin))
+            tables = self._rope_tables[dtype] = (cos, sin, ops.signed_sin(sin))
         positions = positions.to(tables[0].device)
         return tuple(t[positions] for t in tables)
 

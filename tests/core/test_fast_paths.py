@@ -74,6 +74,22 @@ def test_drafter_rope_table_equals_computing_each_position() -> None:
     assert torch.equal(signed, ops.signed_sin(want_sin))
 
 
+def test_drafter_rope_tables_stay_small_when_dtypes_alternate() -> None:
+    """Under autocast the context keys (bf16) and the block stream (fp32) ask for RoPE in turn. One shared
+    table rebuilt on each dtype change doubled every call and ran an H200 out of memory within one
+    training probe; a table per dtype keeps both at the size the positions need."""
+    drafter = tiny_drafter(tiny_target(seed=0), kind="dflare", seed=0)
+    positions = torch.arange(40)
+    for _ in range(30):
+        for dtype in (torch.bfloat16, torch.float32):
+            cos, _, _ = drafter._rope(positions, dtype)
+            assert cos.dtype == dtype
+    assert {d: t[0].shape[0] for d, t in drafter._rope_tables.items()} == {
+        torch.bfloat16: 256,
+        torch.float32: 256,
+    }
+
+
 def _draft(drafter, cache, taps: torch.Tensor) -> torch.Tensor:
     n = taps.shape[0]
     drafter.append_context(cache, torch.zeros(n, dtype=torch.int64), torch.arange(n), taps)
