@@ -150,7 +150,7 @@ class GatewayMetrics:
             registry=r,
         )
         self.spec_draft_tokens = Counter(
-            "dflare_spec_decode_num_draft_tokens", "Drafted tokens proposed to the verifier.", mb, registry=r
+            "dflare_spec_decode_num_draft_tokens", "Drafted tokens the verifier checked.", mb, registry=r
         )
         self.spec_accepted_tokens = Counter(
             "dflare_spec_decode_num_accepted_tokens",

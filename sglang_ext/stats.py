@@ -7,7 +7,9 @@ One definition of acceptance everywhere: a *verify step* is one target forward o
 (longest matching prefix) and adds one bonus token, so the acceptance length of a request is
 ``tau = 1 + accepted_tokens / verify_steps`` and, over many requests,
 ``1 + sum(accepted) / sum(verify_steps)``. Drafts are counted as the verifier accepted them, before
-any cut at a stop token or ``max_tokens``.
+any cut at a stop token or ``max_tokens``. ``draft_tokens`` counts the drafts the verifier checked:
+``B - 1`` per step on SGLang, fewer where an engine verifies only a confident prefix of the block (the
+reference engine's adaptive draft length), so ``acceptance_rate`` is always accepted / verified.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ class SpecStats:
     """Counts of one request (or a sum of requests) decoded speculatively with block size ``B``.
 
     ``histogram[k]`` is the number of verify steps that accepted exactly ``k`` drafts, ``k`` in
-    ``0..B-1``. Everything else is derived from it, so it cannot disagree with the totals.
+    ``0..B-1``. Everything else is derived from it, so it cannot disagree with the totals, except the
+    drafts verified when some step verified fewer than ``B - 1``: ``verified_drafts`` holds that count
+    then (``None`` while every step verified the whole block, so such stats equal SGLang's).
     """
 
     block_size: int
     histogram: list[int] = field(default_factory=list)
+    verified_drafts: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -39,10 +44,16 @@ class SpecStats:
             )
 
     # ---- recording -------------------------------------------------------------------------
-    def record_step(self, accepted: int) -> None:
-        """Record one verify step in which the verifier accepted ``accepted`` drafted tokens."""
-        if not 0 <= accepted < self.block_size:
-            raise ValueError(f"accepted={accepted} outside 0..{self.block_size - 1}")
+    def record_step(self, accepted: int, verified: int | None = None) -> None:
+        """Record one verify step in which the verifier accepted ``accepted`` of the ``verified`` drafts
+        it was given (default: the whole block's ``B - 1``)."""
+        full = self.block_size - 1
+        if verified is None:
+            verified = full
+        if not 0 <= accepted <= verified <= full:
+            raise ValueError(f"accepted={accepted} of verified={verified} outside 0..{full}")
+        if verified != full or self.verified_drafts is not None:
+            self.verified_drafts = self.draft_tokens + verified
         self.histogram[accepted] += 1
 
     def merge(self, other: SpecStats) -> SpecStats:
@@ -52,7 +63,11 @@ class SpecStats:
         for src in (self.histogram, other.histogram):
             for k, n in enumerate(src):
                 hist[k] += n
-        return SpecStats(block_size=size, histogram=hist)
+        partial = self.verified_drafts is not None or other.verified_drafts is not None
+        verified = self.draft_tokens + other.draft_tokens  # each side's own B - 1 per whole-block step
+        if not partial and verified == sum(hist) * (size - 1):
+            return SpecStats(block_size=size, histogram=hist)
+        return SpecStats(block_size=size, histogram=hist, verified_drafts=verified)
 
     # ---- derived quantities ----------------------------------------------------------------
     @property
@@ -61,7 +76,9 @@ class SpecStats:
 
     @property
     def draft_tokens(self) -> int:
-        """Proposed drafts: every verify step checks ``B - 1`` of them."""
+        """Drafts the verifier checked: ``B - 1`` per verify step unless ``verified_drafts`` says fewer."""
+        if self.verified_drafts is not None:
+            return self.verified_drafts
         return self.verify_steps * (self.block_size - 1)
 
     @property
@@ -111,10 +128,11 @@ class SpecStats:
     def from_usage(cls, usage: Mapping[str, Any]) -> SpecStats:
         """Inverse of :meth:`to_usage` (the gateway reads what an engine sent)."""
         hist = [int(n) for n in usage["histogram"]]
-        stats = cls(block_size=int(usage.get("block_size", len(hist))), histogram=hist)
-        if stats.verify_steps != int(usage.get("verify_steps", stats.verify_steps)):
+        block_size = int(usage.get("block_size", len(hist)))
+        steps = sum(hist)
+        if steps != int(usage.get("verify_steps", steps)):
             raise ValueError("usage.speculative: verify_steps disagrees with histogram")
-        return stats
+        return cls(block_size, hist, _verified(usage.get("draft_tokens"), hist, block_size, "draft_tokens"))
 
     @classmethod
     def from_sglang_meta_info(
@@ -143,7 +161,10 @@ class SpecStats:
             raise ValueError(f"meta_info has spec_verify_ct={steps}, correct={correct} but no histogram")
         padded = [int(n) for n in hist][:block_size]
         padded += [0] * (block_size - len(padded))
-        stats = cls(block_size=block_size, histogram=padded)
+        verified = _verified(
+            meta.get("spec_num_verified_drafts"), padded, block_size, "spec_num_verified_drafts"
+        )
+        stats = cls(block_size=block_size, histogram=padded, verified_drafts=verified)
         correct = meta.get("spec_num_correct_drafts")
         if correct is not None and int(correct) != stats.accepted_tokens:
             raise ValueError(
@@ -151,6 +172,20 @@ class SpecStats:
                 f"({stats.accepted_tokens})"
             )
         return stats
+
+
+def _verified(sent: Any, hist: list[int], block_size: int, name: str) -> int | None:
+    """``verified_drafts`` of stats with this histogram from a sent count: ``None`` when absent or equal
+    to whole blocks; a count outside accepted..whole blocks is refused."""
+    if sent is None:
+        return None
+    sent, whole = int(sent), sum(hist) * (block_size - 1)
+    if sent == whole:
+        return None
+    accepted = sum(k * n for k, n in enumerate(hist))
+    if not accepted <= sent < whole:
+        raise ValueError(f"{name}={sent} outside accepted {accepted}..{whole} (B - 1 per verify step)")
+    return sent
 
 
 def total(stats: Iterable[SpecStats]) -> SpecStats | None:

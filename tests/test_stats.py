@@ -80,3 +80,45 @@ def test_from_sglang_meta_info_without_speculation_and_inconsistent_input():
     }
     with pytest.raises(ValueError):
         SpecStats.from_sglang_meta_info(bad)
+
+
+def test_steps_that_verify_fewer_drafts_count_only_those():
+    """The reference engine's adaptive draft length verifies a prefix of the block: acceptance rate is
+    accepted / verified, while steps that verify the whole block keep the SGLang form (no count kept)."""
+    whole = _stats(8, [7, 2])
+    assert whole.verified_drafts is None and whole.draft_tokens == 14
+    cut = SpecStats(block_size=8)
+    cut.record_step(2, verified=3)
+    cut.record_step(0, verified=1)
+    cut.record_step(7)  # a whole block after cut ones
+    assert cut.draft_tokens == 3 + 1 + 7 and cut.verified_drafts == 11
+    assert cut.acceptance_rate == pytest.approx(9 / 11)
+    assert cut.acceptance_length == pytest.approx(1 + 9 / 3)  # tau does not depend on it
+    with pytest.raises(ValueError):
+        cut.record_step(3, verified=2)  # cannot accept more than were verified
+    with pytest.raises(ValueError):
+        cut.record_step(0, verified=8)  # B - 1 at most
+    merged = whole.merge(cut)
+    assert merged.draft_tokens == 14 + 11 and merged.verified_drafts == 25
+    assert whole.merge(_stats(8, [1])).verified_drafts is None
+
+
+def test_verified_drafts_travel_through_usage_and_meta_info():
+    cut = SpecStats(block_size=4)
+    cut.record_step(1, verified=1)
+    cut.record_step(2, verified=2)
+    usage = cut.to_usage()
+    assert usage["draft_tokens"] == 3 and usage["acceptance_rate"] == 1.0
+    assert SpecStats.from_usage(usage) == cut
+    for bad in (2, 7):  # below accepted; above whole blocks
+        with pytest.raises(ValueError):
+            SpecStats.from_usage({**usage, "draft_tokens": bad})
+    meta = {"spec_verify_ct": 2, "spec_num_proposed_drafts": 6, "spec_num_correct_drafts": 3,
+            "spec_correct_drafts_histogram": [0, 1, 1], "spec_num_verified_drafts": 3}  # fmt: skip
+    assert SpecStats.from_sglang_meta_info(meta) == cut  # block size still from proposed: 6 // 2 + 1
+    assert SpecStats.from_sglang_meta_info({**meta, "spec_num_verified_drafts": 6}).verified_drafts is None
+
+
+def test_merging_block_sizes_counts_each_sides_own_blocks():
+    merged = _stats(4, [1]).merge(_stats(8, [0]))
+    assert merged.block_size == 8 and merged.draft_tokens == 3 + 7

@@ -75,13 +75,14 @@ class ReadStats(SpecStats):
     accepted_tokens = functools.cached_property(SpecStats.accepted_tokens.fget)  # type: ignore[assignment]
     acceptance_length = functools.cached_property(SpecStats.acceptance_length.fget)  # type: ignore[assignment]
 
-    def record_step(self, accepted: int) -> None:
+    def record_step(self, accepted: int, verified: int | None = None) -> None:
         raise TypeError("stats read from an answer are read-only (their totals are cached)")
 
-    def __eq__(self, other: object) -> bool:  # equal to a SpecStats of the same histogram, both ways
+    def __eq__(self, other: object) -> bool:  # equal to a SpecStats of the same counts, both ways
         if not isinstance(other, SpecStats):
             return NotImplemented
-        return (self.block_size, self.histogram) == (other.block_size, other.histogram)
+        mine = (self.block_size, self.histogram, self.verified_drafts)
+        return mine == (other.block_size, other.histogram, other.verified_drafts)
 
     __hash__ = None  # type: ignore[assignment]  # mutable, as SpecStats
 
@@ -109,7 +110,7 @@ def _merged_meta(metas: list[dict[str, Any] | None]) -> ReadStats | None:
     if len(found) <= 1:
         return found[0] if found else None
     merged = functools.reduce(SpecStats.merge, found)
-    return ReadStats(merged.block_size, merged.histogram)
+    return ReadStats(merged.block_size, merged.histogram, merged.verified_drafts)
 
 
 class _RelayStream(Stream):

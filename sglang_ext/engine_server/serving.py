@@ -128,22 +128,27 @@ def spec_meta_info(stats: SpecStats | None, completion_tokens: int) -> dict[str,
     """The speculative fields SGLang 0.5.17 adds to a finished request's ``meta_info``.
 
     ``spec_accept_length`` is SGLang's own definition (completion tokens per verify step, the
-    prefill token included), kept as SGLang reports it; the 0.5.17 aliases are included too.
+    prefill token included), kept as SGLang reports it; the 0.5.17 aliases are included too. Proposed
+    drafts keep SGLang's meaning, ``B - 1`` per verify step (clients infer the block size from it); the
+    drafts our adaptive draft length actually verified go in the extra ``spec_num_verified_drafts``,
+    which :meth:`SpecStats.from_sglang_meta_info` reads, and the accept rate is accepted / verified.
     """
     if stats is None or stats.verify_steps == 0:
         return {}
     steps = stats.verify_steps
     hist = list(stats.histogram)
+    proposed = steps * (stats.block_size - 1)
     return {
         "spec_verify_ct": steps,
         "spec_num_correct_drafts": stats.accepted_tokens,
-        "spec_num_proposed_drafts": stats.draft_tokens,
+        "spec_num_proposed_drafts": proposed,
+        "spec_num_verified_drafts": stats.draft_tokens,
         "spec_accept_rate": stats.acceptance_rate,
         "spec_accept_length": completion_tokens / steps,
         "spec_correct_drafts_histogram": hist,
         "spec_accept_histogram": hist,
         "spec_accepted_drafts": stats.accepted_tokens,
-        "spec_proposed_drafts": stats.draft_tokens,
+        "spec_proposed_drafts": proposed,
     }
 
 

@@ -311,7 +311,7 @@ class SpeculativeEngine:
         for r, s in enumerate(slots):
             a = min(accepted[r], lengths[r])
             if s.stats is not None:
-                s.stats.record_step(a)
+                s.stats.record_step(a, lengths[r])  # the drafts the target checked
             if taps is not None:
                 s.ctx.append(taps[r, : a + 1])  # taps of block slots 0..a: the drafter's next context
             s.length = self._kept_length(s.length, a)

@@ -78,7 +78,11 @@ def test_demo_pair_adaptive_length_is_lossless_and_verifies_fewer_drafts() -> No
     accepted = sum(r.stats.accepted_tokens for r in results)
     assert accepted > steps  # the drafter really drafts (tau > 2 on these prompts)
     assert steps <= engine.verified_drafts < 0.8 * steps * 7  # at least one draft a step, well below B - 1
+    # each request's stats count the drafts the target checked, so its acceptance rate is accepted / checked
+    assert sum(r.stats.draft_tokens for r in results) == engine.verified_drafts
+    assert all(r.stats.acceptance_rate <= 1.0 for r in results)
     full = SpeculativeEngine(target, drafter, 8, max_batch=2)  # threshold 0: the whole block
     full_results = full.generate(prompts, params)
     assert [r.output_ids for r in full_results] == want
     assert full.verified_drafts == 7 * sum(r.stats.verify_steps for r in full_results)
+    assert all(r.stats.verified_drafts is None for r in full_results)  # whole blocks: the SGLang form

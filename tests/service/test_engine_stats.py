@@ -54,7 +54,10 @@ def test_native_generate_meta_info(engine_server, engine_result):
     meta = httpx.post(engine_server.url + "/generate", json=payload, timeout=60).json()["meta_info"]
     assert meta["spec_verify_ct"] == result.stats.verify_steps
     assert meta["spec_num_correct_drafts"] == result.stats.accepted_tokens
-    assert meta["spec_num_proposed_drafts"] == result.stats.draft_tokens
+    # proposed keeps SGLang's meaning (whole blocks: clients infer B from it); verified is what the
+    # adaptive draft length let the target check, and what usage.speculative calls draft_tokens
+    assert meta["spec_num_proposed_drafts"] == result.stats.verify_steps * (result.stats.block_size - 1)
+    assert meta["spec_num_verified_drafts"] == result.stats.draft_tokens
     assert meta["spec_correct_drafts_histogram"] == result.stats.histogram
     assert meta["spec_accept_length"] == pytest.approx(result.completion_tokens / result.stats.verify_steps)
     assert meta["completion_tokens"] == result.completion_tokens

@@ -120,7 +120,8 @@ def check_gateway_deltas(before: dict, after: dict, backend: str, usages: list[d
     assert delta(before, after, "dflare_spec_decode_num_drafts_total", **mb) == exp["drafts"]
     assert delta(before, after, "dflare_spec_decode_num_draft_tokens_total", **mb) == exp["draft_tokens"]
     assert delta(before, after, "dflare_spec_decode_num_accepted_tokens_total", **mb) == exp["accepted"]
-    assert exp["drafts"] > 0 and exp["draft_tokens"] == 3 * exp["drafts"]
+    # block 4: one to three drafts verified per step (the CPU engine's adaptive draft length)
+    assert exp["drafts"] > 0 and exp["drafts"] <= exp["draft_tokens"] <= 3 * exp["drafts"]
     for pos in ("0", "1", "2"):
         got = delta(before, after, "dflare_spec_decode_num_accepted_tokens_per_pos_total", position=pos, **mb)
         assert got == exp["per_pos"][pos], pos

@@ -92,7 +92,8 @@ def check_stream_shape(events: list[dict[str, Any]], n: int, chat: bool) -> dict
 
 
 def n_times(stats: SpecStats, n: int) -> SpecStats:
-    return SpecStats(stats.block_size, [k * n for k in stats.histogram])
+    verified = None if stats.verified_drafts is None else stats.verified_drafts * n
+    return SpecStats(stats.block_size, [k * n for k in stats.histogram], verified)
 
 
 # ---- the embedded demo pair, in this process ---------------------------------------------------
