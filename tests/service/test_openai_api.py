@@ -165,7 +165,7 @@ def test_one_json_access_line_per_request_without_prompt_text(any_gateway):
     import uuid
 
     rid = uuid.uuid4().hex
-    secret = "zebra-" + rid[:8]
+    secret = "zebra-crossing-4711"  # fixed: a random prompt could end at its first token (no verify step)
     r = httpx.post(
         any_gateway.url + "/v1/chat/completions",
         headers={"x-request-id": rid},
@@ -185,6 +185,7 @@ def test_one_json_access_line_per_request_without_prompt_text(any_gateway):
     assert entry["request_id"] == rid and entry["status"] == 200 and entry["model"] == MODEL
     assert entry["prompt_tokens"] == usage["prompt_tokens"]
     assert entry["completion_tokens"] == usage["completion_tokens"]
+    assert usage["speculative"]["verify_steps"] > 0
     assert entry["speculative"]["verify_steps"] == usage["speculative"]["verify_steps"]
     assert entry["latency_ms"] > 0 and entry["backend"]
     assert secret not in lines[0] and "prompt" not in entry
