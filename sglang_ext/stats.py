@@ -42,6 +42,11 @@ class SpecStats:
             raise ValueError(
                 f"histogram has {len(self.histogram)} bins, expected block_size={self.block_size}"
             )
+        whole = self.verified_drafts is not None and self.verified_drafts == sum(self.histogram) * (
+            self.block_size - 1
+        )
+        if whole:  # whole blocks: the SGLang form, equal to stats without the count
+            self.verified_drafts = None
 
     # ---- recording -------------------------------------------------------------------------
     def record_step(self, accepted: int, verified: int | None = None) -> None:
@@ -63,10 +68,7 @@ class SpecStats:
         for src in (self.histogram, other.histogram):
             for k, n in enumerate(src):
                 hist[k] += n
-        partial = self.verified_drafts is not None or other.verified_drafts is not None
         verified = self.draft_tokens + other.draft_tokens  # each side's own B - 1 per whole-block step
-        if not partial and verified == sum(hist) * (size - 1):
-            return SpecStats(block_size=size, histogram=hist)
         return SpecStats(block_size=size, histogram=hist, verified_drafts=verified)
 
     # ---- derived quantities ----------------------------------------------------------------
@@ -175,15 +177,13 @@ class SpecStats:
 
 
 def _verified(sent: Any, hist: list[int], block_size: int, name: str) -> int | None:
-    """``verified_drafts`` of stats with this histogram from a sent count: ``None`` when absent or equal
-    to whole blocks; a count outside accepted..whole blocks is refused."""
+    """A sent count of verified drafts for stats with this histogram, refused outside accepted..whole
+    blocks (the constructor turns whole blocks into ``None``)."""
     if sent is None:
         return None
     sent, whole = int(sent), sum(hist) * (block_size - 1)
-    if sent == whole:
-        return None
     accepted = sum(k * n for k, n in enumerate(hist))
-    if not accepted <= sent < whole:
+    if not accepted <= sent <= whole:
         raise ValueError(f"{name}={sent} outside accepted {accepted}..{whole} (B - 1 per verify step)")
     return sent
 

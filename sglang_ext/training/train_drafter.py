@@ -273,7 +273,7 @@ class LockstepTrainer:
         self.target, self.chats, self.specs, self.args, self.device = target, chats, specs, args, device
         self.mask_id, self.pad_id = mask_id, pad_id
         self.drafters = {s.name: build_drafter(s, target, args, mask_id).to(device) for s in specs}
-        if getattr(args, "init_from", None) is not None:
+        if args.init_from is not None:
             for name, drafter in self.drafters.items():
                 warm_start(drafter, args.init_from / name)
         self.optims = {
