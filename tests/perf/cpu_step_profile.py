@@ -8,6 +8,8 @@ A script, not a test (timings belong in benchmarks). Each mode prints medians an
              (constant 3-draft blocks, same verify width); ``--touch-mb`` makes the stand-in read a buffer
              where the drafter would run
   isolated   the target forward alone at 1-8 rows over a 150-token context
+  rows       each weight product in the running engines (as ``phases`` runs them), by weight shape and rows:
+             what the verify's and the drafter's extra rows cost where the weights stream from cache
   bandwidth  read bandwidth of ``x.sum()`` over 1-256 MB
   products   per-call time of a [rows, 256] x [256, 1024] product: float32, bfloat16, fp16 and int8 weights
 
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 from sglang_ext import demo
+from sglang_ext.dflare.linear import StackedLinear
 from sglang_ext.reference.bench import load_prompts
 from sglang_ext.reference.engine import SpeculativeEngine
 from sglang_ext.reference.loader import load_engine
@@ -97,6 +100,37 @@ def phases(args: argparse.Namespace) -> dict[str, Any]:
     _timed(spec.drafter, "draft_hidden", times["spec.drafter.block_forward"])
     _alternate([plain, spec], prompts, params, args.rounds)
     return {k: {"calls": len(v), "median_ms": _ms(v)} for k, v in sorted(times.items())}
+
+
+def rows(args: argparse.Namespace) -> dict[str, Any]:
+    spec, plain, prompts, params = _engines(args)
+    _alternate([plain, spec], prompts[:2], params, 1)  # warm-up, untimed
+    times: dict[str, list[float]] = defaultdict(list)
+    label = ["ar"]
+    inner = StackedLinear.__call__
+
+    def timed(self: StackedLinear, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = inner(self, x)
+        rows = x.numel() // x.shape[-1]
+        if rows <= 16:  # decode and verify products; prefills are not what a step costs
+            shape = "x".join(str(n) for n in (self.weight_t if self.weight_t is not None else x).shape)
+            times[f"{label[0]}.{shape}.rows{rows}"].append(time.perf_counter() - start)
+        return out
+
+    StackedLinear.__call__ = timed  # type: ignore[method-assign]
+    try:
+        for _ in range(args.rounds):
+            for i, prompt in enumerate(prompts):
+                for name, engine in (("ar", plain), ("spec", spec))[:: 1 if i % 2 == 0 else -1]:
+                    label[0] = name
+                    engine.generate([prompt], params)
+    finally:
+        StackedLinear.__call__ = inner  # type: ignore[method-assign]
+    return {
+        k: {"calls": len(v), "median_us": round(statistics.median(v) * 1e6, 1)}
+        for k, v in sorted(times.items())
+    }
 
 
 def standin(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,6 +223,7 @@ MODES = {
     "phases": phases,
     "standin": standin,
     "isolated": isolated,
+    "rows": rows,
     "bandwidth": bandwidth,
     "products": products,
 }
