@@ -44,14 +44,14 @@ def speculative_usage(metas: Iterable[Mapping[str, Any]]) -> dict[str, Any] | No
 
 def _with_speculative(response: Any, ret: list[Mapping[str, Any]]) -> Any:
     """The response as JSON with ``usage.speculative`` (SGLang's UsageInfo model has no room for it)."""
-    from fastapi.responses import ORJSONResponse
+    from fastapi.responses import JSONResponse
     from pydantic import BaseModel
 
     if not isinstance(response, BaseModel) or getattr(response, "usage", None) is None:
         return response  # error responses pass through
     content = response.model_dump(mode="json", by_alias=True)
     content["usage"]["speculative"] = speculative_usage(item.get("meta_info", {}) for item in ret)
-    return ORJSONResponse(content=content)
+    return JSONResponse(content=content)
 
 
 def after_build_response(result: Any, _self: Any, request: Any, ret: Any, *args: Any, **kwargs: Any) -> Any:
