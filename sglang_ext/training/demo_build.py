@@ -26,6 +26,23 @@ _DEMO_TARGET = (
     "--layers 12 --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 --head-dim 64 "
     "--seq-len 512 --batch 64 --lr 2e-3"
 )
+
+
+def _soft_label_build(lr: str) -> dict[str, object]:
+    """The recipe of the third to fifth builds: the v2 target's settings, the three drafters trained 660 s
+    on a full regeneration with soft labels. They differ only in the drafters' peak learning rate (and in
+    ``--init-from``, given on the command line)."""
+    return {
+        "target": shlex.split(f"{_DEMO_TARGET} --time-budget 120 --max-epochs 6"),
+        "drafters": ["dflare:dflare:3", "dflash:dflash:2", "dflare_d2:dflare:2"],
+        "drafter": shlex.split(
+            f"--batch 64 --anchors 64 --lr {lr} --time-budget 660 --regen-budget 300 --regen-batch 4096 "
+            "--regen-max-new 320 --checkpoint-every 500 --soft-labels"
+        ),
+        "heldout_max_new": 384,
+    }
+
+
 PRESETS: dict[str, dict[str, object]] = {
     # What built the shipped pair (one 10-minute H200 call, docs/demo.md).
     "demo": {
@@ -54,39 +71,15 @@ PRESETS: dict[str, dict[str, object]] = {
     # drafters trained on every training prompt regenerated, for 11 minutes (5x v2's steps), against the
     # target's own next-token distributions (--soft-labels): 30 % of the regenerated text is sampled at
     # temperature 1, where one data token is a noisy label; the target's distribution is the exact one.
-    "demo_v3": {
-        "target": shlex.split(f"{_DEMO_TARGET} --time-budget 120 --max-epochs 6"),
-        "drafters": ["dflare:dflare:3", "dflash:dflash:2", "dflare_d2:dflare:2"],
-        "drafter": shlex.split(
-            "--batch 64 --anchors 64 --lr 1.2e-3 --time-budget 660 --regen-budget 300 --regen-batch 4096 "
-            "--regen-max-new 320 --checkpoint-every 500 --soft-labels"
-        ),
-        "heldout_max_new": 384,
-    },
+    "demo_v3": _soft_label_build("1.2e-3"),
     # The fourth build: the shipped v3 drafters trained on for another 11 minutes (--init-from), on a fresh
     # regeneration of every training prompt, at half v3's peak learning rate (they start trained). Issue 4's
     # CPU 2x needs tau ~4 at block 8; v3's teacher-forced tau was still rising when its schedule ended.
-    "demo_v4": {
-        "target": shlex.split(f"{_DEMO_TARGET} --time-budget 120 --max-epochs 6"),
-        "drafters": ["dflare:dflare:3", "dflash:dflash:2", "dflare_d2:dflare:2"],
-        "drafter": shlex.split(
-            "--batch 64 --anchors 64 --lr 6e-4 --time-budget 660 --regen-budget 300 --regen-batch 4096 "
-            "--regen-max-new 320 --checkpoint-every 500 --soft-labels"
-        ),
-        "heldout_max_new": 384,
-    },
+    "demo_v4": _soft_label_build("6e-4"),
     # The fifth build: the shipped v4 drafters trained on for another 11 minutes on a fresh regeneration, at
     # two thirds of v4's peak learning rate. v3 -> v4 raised held-out greedy tau 15 % and teacher-forced tau
     # was still rising (4.12 -> 4.70); issue 4's CPU 2x needs more tau at block 8 than v4 gives.
-    "demo_v5": {
-        "target": shlex.split(f"{_DEMO_TARGET} --time-budget 120 --max-epochs 6"),
-        "drafters": ["dflare:dflare:3", "dflash:dflash:2", "dflare_d2:dflare:2"],
-        "drafter": shlex.split(
-            "--batch 64 --anchors 64 --lr 4e-4 --time-budget 660 --regen-budget 300 --regen-batch 4096 "
-            "--regen-max-new 320 --checkpoint-every 500 --soft-labels"
-        ),
-        "heldout_max_new": 384,
-    },
+    "demo_v5": _soft_label_build("4e-4"),
     "tiny": {
         "target": shlex.split(
             "--layers 6 --hidden 64 --intermediate 128 --heads 2 --kv-heads 1 --head-dim 32 --seq-len 64 "

@@ -80,11 +80,19 @@ def _engines(args: argparse.Namespace) -> tuple[SpeculativeEngine, SpeculativeEn
     return spec, plain, prompts, params
 
 
-def _alternate(engines: list[SpeculativeEngine], prompts: list[list[int]], params, rounds: int) -> None:
-    """Decode every prompt with every engine, prompt by prompt, in ABBA order."""
+def _alternate(
+    engines: list[SpeculativeEngine],
+    prompts: list[list[int]],
+    params,
+    rounds: int,
+    before: Callable[[SpeculativeEngine], None] | None = None,
+) -> None:
+    """Decode every prompt with every engine, prompt by prompt, in ABBA order (``before(engine)`` first)."""
     for _ in range(rounds):
         for i, prompt in enumerate(prompts):
             for engine in engines if i % 2 == 0 else engines[::-1]:
+                if before is not None:
+                    before(engine)
                 engine.generate([prompt], params)
 
 
@@ -114,17 +122,16 @@ def rows(args: argparse.Namespace) -> dict[str, Any]:
         out = inner(self, x)
         rows = x.numel() // x.shape[-1]
         if rows <= 16:  # decode and verify products; prefills are not what a step costs
-            shape = "x".join(str(n) for n in (self.weight_t if self.weight_t is not None else x).shape)
+            shape = f"{self.linears[0].in_features}x{sum(lin.out_features for lin in self.linears)}"
             times[f"{label[0]}.{shape}.rows{rows}"].append(time.perf_counter() - start)
         return out
 
+    def set_label(engine: SpeculativeEngine) -> None:
+        label[0] = "ar" if engine is plain else "spec"
+
     StackedLinear.__call__ = timed  # type: ignore[method-assign]
     try:
-        for _ in range(args.rounds):
-            for i, prompt in enumerate(prompts):
-                for name, engine in (("ar", plain), ("spec", spec))[:: 1 if i % 2 == 0 else -1]:
-                    label[0] = name
-                    engine.generate([prompt], params)
+        _alternate([plain, spec], prompts, params, args.rounds, set_label)
     finally:
         StackedLinear.__call__ = inner  # type: ignore[method-assign]
     return {
