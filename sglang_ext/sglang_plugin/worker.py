@@ -16,7 +16,7 @@ import torch
 from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
 from sglang.srt.utils import is_cuda
 
-from sglang_ext.sglang_plugin import top_p
+from sglang_ext.sglang_plugin import step_profile, top_p, trace_replay
 from sglang_ext.sglang_plugin.model import DFlareDraftModel
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,11 @@ class DFlareWorkerV2(DFlashWorkerV2):
                 "DFlareDraftModel: its config.json must declare architectures=['QwenDFlareDraftModel']"
             )
         torch_top_p = top_p.install()
+        self._trace_replay = trace_replay.from_environment(self.server_args)
+        self._replay_reqs: list = []
+        if self._trace_replay is not None:
+            self._install_trace_replay()
+        self._step_profiler = step_profile.from_environment()
         logger.info(
             "DFLARE worker ready: draft=%s.%s, %d layers, taps=%s, block=%d, fused norm/rope=%s, "
             "top-p renorm in PyTorch=%s",
@@ -93,6 +98,44 @@ class DFlareWorkerV2(DFlashWorkerV2):
             self.block_size,
             self._dflare_norm_rope is not None,
             torch_top_p,
+        )
+
+    def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None):
+        """SGLang's DFlash step; with trace replay on, the batch's requests are kept for the accept step,
+        and with step profiling on, chosen decode batch sizes run under the torch profiler."""
+        decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch)
+        if self._trace_replay is not None and decode:
+            self._replay_reqs = list(batch.reqs)
+        if self._step_profiler is not None and decode:
+            return self._step_profiler.run(
+                len(batch.seq_lens), super().forward_batch_generation, batch, on_publish, grammar_barrier
+            )
+        return super().forward_batch_generation(batch, on_publish, grammar_barrier)
+
+    def _install_trace_replay(self) -> None:
+        """Route SGLang's simulated-acceptance branch of the verify step to the trace replay.
+
+        The DFlash step calls ``apply_dflash_simulated_acceptance`` (a module global) after its own accept
+        whenever ``SIMULATE_ACC_LEN > 0``; both globals of that module are replaced in this process only.
+        """
+        from sglang.srt.speculative import dflash_worker_v2 as base
+
+        base.SIMULATE_ACC_LEN = 1.0
+        base.apply_dflash_simulated_acceptance = self._replay_acceptance
+
+    def _replay_acceptance(self, *, candidates: torch.Tensor, **outputs: torch.Tensor) -> None:
+        bs, block = candidates.shape
+        if len(self._replay_reqs) != bs:
+            raise RuntimeError(f"trace replay: {len(self._replay_reqs)} requests for {bs} verify rows")
+        accepted = self._trace_replay.accepted_lengths(self._replay_reqs, [block - 1] * bs)
+        trace_replay.write_replayed_acceptance(
+            accepted,
+            candidates=candidates,
+            target_predict=outputs["target_predict"],
+            accept_len=outputs["accept_len"],
+            commit_lens=outputs["commit_lens"],
+            bonus=outputs["bonus"],
+            out_tokens=outputs["out_tokens"],
         )
 
     def _init_fused_kv_helper(self) -> None:
