@@ -3,7 +3,8 @@
 ``DFLARE_STEP_PROFILE=<dir>`` with ``DFLARE_STEP_PROFILE_BATCHES=1,32,128`` (the default): the first
 ``WARMUP`` decode steps at each listed batch size run as usual, the next one runs under ``torch.profiler``
 (CPU + CUDA) and synchronised, and the scheduler writes ``<dir>/step_profile_bs<N>.json``: the step's wall
-time, its GPU busy time (sum of kernel times), and the top operators and kernels by GPU and by host time.
+time, its GPU busy time (sum of kernel times), whether the target verify replayed a CUDA graph, and the
+top operators and kernels by GPU and by host time.
 The gap between wall and busy time is host work the GPU waited for. Each batch size is captured once per
 process. Off unless the variable is set.
 """
@@ -50,10 +51,10 @@ class StepProfiler:
             out = step(*args)
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1000
-        self._write(bs, prof, wall_ms)
+        self._write(bs, prof, wall_ms, getattr(out, "can_run_cuda_graph", None))
         return out
 
-    def _write(self, bs: int, prof: Any, wall_ms: float) -> None:
+    def _write(self, bs: int, prof: Any, wall_ms: float, verify_graph: bool | None) -> None:
         events = prof.key_averages()
 
         def rows(key: str) -> list[dict[str, Any]]:
@@ -73,6 +74,7 @@ class StepProfiler:
             "batch_size": bs,
             "wall_ms": round(wall_ms, 3),
             "gpu_busy_ms": round(busy_ms, 3),
+            "verify_cuda_graph": verify_graph,
             "top_by_device": rows("self_device_time_total"),
             "top_by_cpu": rows("self_cpu_time_total"),
         }

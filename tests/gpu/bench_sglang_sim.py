@@ -186,6 +186,7 @@ def main() -> int:
     ]
     algo = {"dflash7": "DFLASH", "dflare7": "DFLARE", "dflash5": "DFLASH"}
     results: dict[str, dict] = {}
+    notes: dict[str, list[str]] = {}  # every wave's servers, not only the last wave's
     for w, wave in enumerate(waves):
         specs = []
         for i, name in enumerate(wave):
@@ -211,10 +212,13 @@ def main() -> int:
                 if not ok:
                     results[name] = {"error": srv.log_tail(40)}
             up = {name: srv.url for name, (srv, ok) in servers.items() if ok}
-            res["server_notes"] = {  # which fast paths each server took (a host-time gap starts here)
-                name: [ln[-200:] for needle in LOG_NEEDLES for ln in srv.log_grep(needle)][:12]
-                for name, (srv, _) in servers.items()
-            }
+            notes.update(  # which fast paths each server took (a host-time gap starts here)
+                {
+                    name: [ln[-200:] for needle in LOG_NEEDLES for ln in srv.log_grep(needle)][:12]
+                    for name, (srv, _) in servers.items()
+                }
+            )
+            res["server_notes"] = notes
             results.update(run_interleaved(up, sizes, new, rounds))
             res["runs"] = results
         finally:

@@ -5,6 +5,7 @@
 #   top_p: tests/gpu/check_top_p.py, top-p sampling on DFLARE and built-in DFLASH -> $OUT/top_p.json
 #   block_logits: tests/gpu/check_block_logits.py, SGLang's DFLARE block logits vs the reference drafter
 #   bench: tests/gpu/bench_sglang_sim.py (Qwen3-8B shapes, simulated acceptance) -> $OUT/bench_sim.json
+#   load: tests/gpu/bench_sglang_load.py (batch 1-256, acceptance traces) -> $OUT/bench_load.json
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -45,5 +46,7 @@ case "$mode" in
       2>&1 | tee "$OUT/block_logits_stdout.txt" | tail -30 ;;
   bench)
     python3 tests/gpu/bench_sglang_sim.py "$@" 2>&1 | tee "$OUT/bench_stdout.txt" | tail -60 ;;
+  load)
+    python3 tests/gpu/bench_sglang_load.py "$@" 2>&1 | tee "$OUT/load_stdout.txt" | tail -80 ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

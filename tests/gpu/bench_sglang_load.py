@@ -1,0 +1,193 @@
+"""GPU load benchmark: AR vs static DFLARE blocks from batch 1 to 256, acceptance replayed from traces.
+
+Qwen3-8B shapes with dummy weights; DFLARE with DFlare's depth and taps (7 layers, 9 taps). Acceptance comes
+from acceptance traces (``DFLARE_TRACE_REPLAY``, chosen per request through ``custom_params``): the frozen
+synthetic trace (tau 7.3 at block 16) and the demo pair's recorded trace, so a block of b keeps what the
+trace accepts within b - 1 drafts. One AR server runs for the whole call; the DFLARE servers (one per block)
+run one after another beside it, and every round measures AR and DFLARE at every batch size, alternating.
+
+Per row: tok/s, x AR (AR of the same wave and round set), tau, verified tokens per request per step, verify /
+draft / context-KV ms (CUDA events), the AR step, the bound tau * t_AR / (t_verify + t_draft + t_kv), and
+the running batch SGLang actually reached (the largest batch size its decode or verify forwards ran at
+during the measurement, from the same phase records).
+
+Env: BLOCKS (16,8), BS (1,8,32,64,128,256), ROUNDS (3), TRACES (synthetic,demo), TRACE_DIR (the shipped
+traces), ATTN (triton), PROFILE (1: torch-profile one step at batch 1, 32, 128 per DFLARE server),
+TAG (file name suffix). Writes $OUT/bench_load<TAG>.json as it goes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sglang_sim import TAPS9, TARGET, draft, mean_ms, phase_totals
+from sglang_harness import OUT, Results, Server, generate, timed
+
+ROOT = Path("/tmp/q8load")
+PROMPT = list(range(1000, 1128))  # 128 prompt tokens
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_TRACES = REPO / "sglang_ext" / "traces" / "data"
+
+
+def new_tokens(bs: int) -> int:
+    """Long enough for a steady batch, short enough that the grid fits a device call."""
+    return 256 if bs <= 64 else 128
+
+
+def running_batch(before: dict, after: dict) -> int:
+    """The largest batch size a decode or verify forward ran at between two phase snapshots."""
+    sizes = [
+        int(key.split("/")[1])
+        for key, (n, _) in after.items()
+        if key.split("/")[0] in ("decode", "verify") and n > before.get(key, [0, 0.0])[0]
+    ]
+    return max(sizes, default=0)
+
+
+def measure(server: Server, bs: int, trace: str | None) -> dict:
+    sampling = {"temperature": 0, "max_new_tokens": new_tokens(bs), "ignore_eos": True}
+    if trace:
+        sampling["custom_params"] = {"dflare_trace": trace}
+    phases = Path(f"/tmp/phases/{server.name}")
+    before = phase_totals(phases)
+    outs, secs = timed(lambda: generate(server.url, [PROMPT] * bs, sampling, bs))
+    time.sleep(0.6)  # let the scheduler flush its last phase records
+    after = phase_totals(phases)
+    toks = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    steps = sum(o["meta_info"].get("spec_verify_ct", 0) for o in outs)
+    correct = sum(o["meta_info"].get("spec_num_correct_drafts", 0) for o in outs)
+    row = {"tok_s": round(toks / secs, 1), "running_batch": running_batch(before, after)}
+    row["tau"] = round(1 + correct / steps, 3) if steps else 1.0
+    for phase in ("decode", "verify", "draft", "context_kv"):
+        row[f"{phase}_ms"] = mean_ms(before, after, phase, bs)
+    return row
+
+
+def median(rows: list[dict]) -> dict:
+    out: dict = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if r[key] is not None]
+        out[key] = round(statistics.median(values), 4) if values else None
+    out["tok_s_rounds"] = [r["tok_s"] for r in rows]
+    return out
+
+
+def server_args(attn: str, max_bs: int) -> list[str]:
+    return [
+        "--model-path", str(ROOT / "target"), "--load-format", "dummy", "--skip-tokenizer-init",
+        "--dtype", "bfloat16", "--mem-fraction-static", "0.9",
+        "--attention-backend", attn,
+        "--max-total-tokens", str(max_bs * (128 + new_tokens(max_bs) + 48)),
+        "--max-running-requests", str(max_bs), "--cuda-graph-max-bs", str(max_bs),
+        "--context-length", "4096",
+    ]  # fmt: skip
+
+
+def dflare_args(attn: str, block: int) -> list[str]:
+    return [
+        "--speculative-algorithm", "DFLARE", "--speculative-draft-model-path", str(ROOT / "dflare7"),
+        "--speculative-draft-load-format", "dummy", "--speculative-num-draft-tokens", str(block),
+        "--speculative-draft-attention-backend", attn,
+    ]  # fmt: skip
+
+
+def profile_pass(server: Server) -> None:
+    """Reach 21+ decode steps at each profiled batch size before the timed rounds (see step_profile)."""
+    for bs in (1, 32, 128):
+        sampling = {"temperature": 0, "max_new_tokens": 96, "ignore_eos": True}
+        generate(server.url, [PROMPT] * bs, {**sampling, "custom_params": {"dflare_trace": "synthetic"}}, bs)
+
+
+def main() -> int:
+    import torch
+
+    blocks = [int(x) for x in os.environ.get("BLOCKS", "16,8").split(",")]
+    sizes = [int(x) for x in os.environ.get("BS", "1,8,32,64,128,256").split(",")]
+    rounds = int(os.environ.get("ROUNDS", "3"))
+    traces = os.environ.get("TRACES", "synthetic,demo").split(",")
+    trace_dir = Path(os.environ.get("TRACE_DIR", str(DEFAULT_TRACES)))
+    attn = os.environ.get("ATTN", "triton")
+    tag = os.environ.get("TAG", "")
+    res = Results(OUT / f"bench_load{tag}.json")
+    res["device"] = torch.cuda.get_device_name(0)
+    res["setup"] = {
+        "model": "Qwen3-8B shapes, dummy weights, bfloat16",
+        "drafter": "DFLARE 7 layers, 9 taps",
+        "prompt_tokens": len(PROMPT),
+        "new_tokens": {str(bs): new_tokens(bs) for bs in sizes},
+        "rounds": rounds,
+        "attention": attn,
+        "traces": traces,
+        "command": f"BLOCKS={','.join(map(str, blocks))} ATTN={attn} bash tests/gpu/run_on_gpu.sh load",
+    }
+    for name, cfg in {"target": TARGET, "dflare7": draft("QwenDFlareDraftModel", 7, TAPS9)}.items():
+        (ROOT / name).mkdir(parents=True, exist_ok=True)
+        (ROOT / name / "config.json").write_text(json.dumps(cfg))
+    base = server_args(attn, max(sizes))
+    ar = Server("ar", 31000, base, {"DFLARE_PHASE_TIMING": "/tmp/phases/ar"})
+    rows: list[dict] = []
+    notes: dict[str, list[str]] = {}
+    try:
+        for block in blocks:
+            name = f"dflare_b{block}"
+            env = {
+                "DFLARE_PHASE_TIMING": f"/tmp/phases/{name}",
+                "DFLARE_TRACE_REPLAY": str(trace_dir),
+            }
+            if os.environ.get("PROFILE", "1") == "1":
+                env["DFLARE_STEP_PROFILE"] = str(OUT / f"profile{tag}_{name}")
+            time.sleep(3)  # staggered: each server profiles free memory before the next one loads
+            spec = Server(name, 31010 + block, base + dflare_args(attn, block), env)
+            ok = ar.wait(600) and spec.wait(600)
+            notes[name] = [
+                ln[-240:]
+                for needle in ("DFLARE", "Capture cuda graph", "max_running")
+                for ln in spec.log_grep(needle)
+            ][:16]
+            if not ok:
+                res[f"error_{name}"] = ar.log_tail(30) + "\n---\n" + spec.log_tail(40)
+                spec.stop()
+                continue
+            try:
+                generate(ar.url, [PROMPT] * 2, {"temperature": 0, "max_new_tokens": 32}, 2)
+                if "DFLARE_STEP_PROFILE" in env:
+                    profile_pass(spec)
+                raw: dict[tuple, list[dict]] = {}
+                for r in range(rounds):
+                    for bs in sizes:
+                        runs = [("ar", None), *((name, t) for t in traces)]
+                        for who, trace in runs[r % len(runs) :] + runs[: r % len(runs)]:
+                            row = measure(ar if who == "ar" else spec, bs, trace)
+                            raw.setdefault((who, trace, bs), []).append(row)
+                            print(f"b{block} round {r} {who} {trace} bs={bs}", row, flush=True)
+                for bs in sizes:
+                    a = median(raw[("ar", None, bs)])
+                    for trace in traces:
+                        rows.append({"trace": trace, "batch": bs, "mode": "ar", "block": 1, "wave": block,
+                                     **a, "verified_per_req": 1, "ar_step_ms": a["decode_ms"]})  # fmt: skip
+                        s = median(raw[(name, trace, bs)])
+                        t_spec = sum(s[k] or 0 for k in ("verify_ms", "draft_ms", "context_kv_ms"))
+                        bound = s["tau"] * a["decode_ms"] / t_spec if a["decode_ms"] and t_spec else None
+                        rows.append({
+                            "trace": trace, "batch": bs, "mode": "static", "block": block, "wave": block, **s,
+                            "x_ar": round(s["tok_s"] / a["tok_s"], 3), "verified_per_req": block,
+                            "ar_step_ms": a["decode_ms"], "bound": round(bound, 3) if bound else None,
+                        })  # fmt: skip
+                res["rows"] = rows
+            finally:
+                spec.stop()
+        res["server_notes"] = notes
+    finally:
+        ar.stop()
+    res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
