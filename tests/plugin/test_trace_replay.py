@@ -52,7 +52,7 @@ def test_unknown_trace_and_empty_directory_are_refused(replay, tmp_path: Path) -
         replay.accepted_lengths([_req("x", dflare_trace="nope")], [7])
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(trace_replay.TraceReplayError, match="no \\*.json"):
+    with pytest.raises(trace_replay.TraceReplayError, match=r"no \*\.json"):
         trace_replay.load_traces(empty)
 
 
@@ -101,8 +101,9 @@ def test_worker_hook_takes_sglangs_simulated_acceptance_call(replay) -> None:
     DFlareWorkerV2._replay_acceptance(worker, candidates=torch.ones(bs, block, dtype=torch.int64), **outputs)
     assert outputs["commit_lens"].tolist() == [8, 2]
     worker._replay_reqs = worker._replay_reqs[:1]
+    candidates = torch.ones(bs, block, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="1 requests for 2 verify rows"):
-        DFlareWorkerV2._replay_acceptance(worker, candidates=torch.ones(bs, block, dtype=torch.int64), **outputs)
+        DFlareWorkerV2._replay_acceptance(worker, candidates=candidates, **outputs)
 
 
 def test_replay_only_on_request_and_only_on_dummy_weights(tmp_path: Path, monkeypatch) -> None:
