@@ -1,0 +1,67 @@
+"""Plot ``docs/results/sglang_bench_load.json``: x AR against batch size for every mode and block, one panel
+per trace, and the verify / draft cost per step against the AR step.
+
+``python tests/gpu/plot_sglang_load.py [JSON] [PNG]``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def series(rows: list[dict], trace: str, key: str) -> dict[str, list[tuple[int, float]]]:
+    """label -> sorted (batch, value) points of one trace (AR rows of every wave pooled by batch)."""
+    points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row["trace"] != trace or row.get(key) is None:
+            continue
+        label = "AR" if row["mode"] == "ar" else f"{row['mode']} block {row['block']}"
+        points[label][row["batch"]].append(row[key])
+    return {
+        label: sorted((bs, sum(v) / len(v)) for bs, v in by_bs.items()) for label, by_bs in points.items()
+    }
+
+
+def main() -> None:
+    src = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/sglang_bench_load.json")
+    dst = Path(sys.argv[2] if len(sys.argv) > 2 else src.with_suffix(".png"))
+    data = json.loads(src.read_text())
+    rows = data["rows"]
+    traces = sorted({r["trace"] for r in rows})
+    fig, axes = plt.subplots(2, len(traces), figsize=(6 * len(traces), 8), squeeze=False)
+    for col, trace in enumerate(traces):
+        ax = axes[0][col]
+        for label, pts in series([r for r in rows if r["mode"] != "ar"], trace, "x_ar").items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.axhline(1.0, color="black", lw=1, label="AR")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{trace} trace: throughput over AR")
+        ax.set_xlabel("batch (concurrent requests)")
+        ax.set_ylabel("x AR tok/s")
+        ax.legend(fontsize=8)
+        ax = axes[1][col]
+        for key, style in (("verify_ms", "-"), ("draft_ms", ":")):
+            for label, pts in series([r for r in rows if r["mode"] != "ar"], trace, key).items():
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=f"{label} {key[:-3]}")
+        ar = series([r for r in rows if r["mode"] == "ar"], trace, "ar_step_ms").get("AR", [])
+        ax.plot([p[0] for p in ar], [p[1] for p in ar], "k-", lw=2, label="AR decode step")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("GPU ms per step")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Qwen3-8B shapes, dummy weights, acceptance replayed from traces, {data['device']}")
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+    print(dst)
+
+
+if __name__ == "__main__":
+    main()
