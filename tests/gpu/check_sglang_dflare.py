@@ -103,7 +103,9 @@ def first_sampled_request(url: str) -> float:
 
 
 def sampling_verify_available() -> bool | str:
-    """SGLang silently verifies greedily when sgl_kernel's sampling ops are missing (design note)."""
+    """SGLang silently verifies greedily when sgl_kernel's sampling ops are missing.
+
+    (docs/sglang_plugin.md, "Known limits")"""
     try:
         from sglang.srt.speculative.dflash_utils import is_dflash_sampling_verify_available
 
