@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import tomllib
@@ -23,12 +25,24 @@ from pathlib import Path
 import pytest
 
 from service.settings import Settings
-from tests.service.conftest import Proc, free_port, start
+from tests.service.conftest import Proc, start
 
 ROOT = Path(__file__).parents[2]
 README = ROOT / "README.md"
 FENCED_BASH = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 CURL_URL = re.compile(r"http://127\.0\.0\.1:(\d+)(/\S*)")
+
+
+def loopback_port() -> int:
+    """A free loopback port below the ephemeral range (SGLang-style servers take ports from that range)."""
+    for port in random.sample(range(20000, 32000), 50):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 20000-32000")
 
 
 def quick_start_blocks() -> tuple[str, str]:
@@ -76,7 +90,7 @@ def readme_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pr
         args = [a for i, a in enumerate(args) if a != "--port" and (i == 0 or args[i - 1] != "--port")]
     else:
         readme_port = Settings.model_fields["port"].default
-    port = free_port()
+    port = loopback_port()
     # A user's shell has no DFLARE_* settings: run the command with the defaults the README promises.
     clean = {key: value for key, value in os.environ.items() if not key.startswith("DFLARE_")}
     log = tmp_path_factory.mktemp("logs") / "readme_serve.log"
