@@ -1,6 +1,6 @@
 """GPU check of the SGLang DFLARE plugin against SGLang's own decoding (issue 5, deliverable 4).
 
-Run on the GPU machine (``tests/gpu/run_on_gpu.sh check``) with the trained demo pair. Starts every
+Run on a GPU node (``tests/gpu/run_on_gpu.sh check``) with the trained demo pair. Starts every
 server it needs at once (each with a small memory fraction), then checks:
 
 * the draft class SGLang resolved is ours (worker log line);
