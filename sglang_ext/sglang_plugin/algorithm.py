@@ -1,7 +1,8 @@
 """``--speculative-algorithm DFLARE``: a ``CustomSpecAlgo`` that takes every DFlash branch of SGLang 0.5.17.
 
 SGLang dispatches on ``is_dflash_family()`` for target hidden-state capture, KV sizing, decode
-preparation and CUDA graphs, so answering like DFLASH reuses all of it (design note sglang.md section 2).
+preparation and CUDA graphs, so answering like DFLASH reuses all of it (docs/sglang_plugin.md,
+"SGLang 0.5.17 facts the plugin relies on").
 """
 
 from __future__ import annotations

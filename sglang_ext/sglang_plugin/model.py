@@ -1,8 +1,8 @@
 """``QwenDFlareDraftModel`` on SGLang's layers: the DFlash draft stack plus DFlare's context path.
 
 DFlare differs from DFlash only in how the context (the target's tapped hidden states) enters the
-draft KV cache (design note dflare.md section 3): no ``fc``; each draft layer mixes the T taps with its
-own softmax row of ``layer_fusion_weights`` (one shared ``hidden_norm`` after the mix) and projects
+draft KV cache (docs/core.md, "The drafter in formulas"): no ``fc``; each draft layer mixes the T taps
+with its own softmax row of ``layer_fusion_weights`` (one shared ``hidden_norm`` after the mix) and projects
 the result with its own ``k_proj_target`` / ``v_proj_target``. Block tokens keep the DFlash path
 (``qkv_proj`` + RadixAttention), so the forward, CUDA graphs and verify are SGLang's own.
 

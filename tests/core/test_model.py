@@ -27,7 +27,9 @@ def make(kind: str) -> DFlareDrafter:
 def naive_forward(
     m: DFlareDrafter, x: torch.Tensor, pos: torch.Tensor, taps: torch.Tensor, ctx_pos: torch.Tensor
 ) -> torch.Tensor:
-    """One sequence, loops and explicit softmax, written from docs (dflare.md §1.1, §3.2). x [Q, H]."""
+    """One sequence, loops and explicit softmax, written from docs/core.md ("The drafter in formulas").
+
+    x [Q, H]."""
     cfg = m.config
     eps, hd, nh, nkv = cfg.rms_norm_eps, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
 

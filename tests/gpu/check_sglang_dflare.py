@@ -1,6 +1,6 @@
 """GPU check of the SGLang DFLARE plugin against SGLang's own decoding (issue 5, deliverable 4).
 
-Run on the GPU machine (``tests/gpu/run_on_gpu.sh check``) with the trained demo pair. Starts every
+Run on a GPU node (``tests/gpu/run_on_gpu.sh check``) with the trained demo pair. Starts every
 server it needs at once (each with a small memory fraction), then checks:
 
 * the draft class SGLang resolved is ours (worker log line);
@@ -103,7 +103,9 @@ def first_sampled_request(url: str) -> float:
 
 
 def sampling_verify_available() -> bool | str:
-    """SGLang silently verifies greedily when sgl_kernel's sampling ops are missing (design note)."""
+    """SGLang silently verifies greedily when sgl_kernel's sampling ops are missing.
+
+    (docs/sglang_plugin.md, "Known limits")"""
     try:
         from sglang.srt.speculative.dflash_utils import is_dflash_sampling_verify_available
 

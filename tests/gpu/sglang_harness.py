@@ -1,7 +1,7 @@
 """Helpers shared by the GPU scripts: start/stop SGLang servers, HTTP calls, JSON results written as we go.
 
-Not collected by pytest (``--ignore=tests/gpu``); runs on the GPU machine with SGLang 0.5.17 and this
-package installed into ``/tmp/site`` (``tests/gpu/run_on_gpu.sh``).
+Not collected by pytest (``--ignore=tests/gpu``); runs on a GPU node with SGLang 0.5.17, started by
+``tests/gpu/run_on_gpu.sh`` (which makes the plugin's entry point visible).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 LOGS = Path("/tmp/gpu_logs")
 
-# Flags that avoid what the bundle leaves out (FlashInfer JIT, FA3): design note sglang.md section 7.
+# Flags that need neither FlashInfer's JIT nor FA3, so the checks run on any SGLang 0.5.17 install:
+# docs/sglang_plugin.md, "SGLang 0.5.17 facts the plugin relies on".
 COMMON = [
     "--attention-backend", "triton",
     "--sampling-backend", "pytorch",

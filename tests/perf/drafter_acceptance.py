@@ -1,7 +1,7 @@
 """Greedy tau and per-position acceptance of drafters at several block sizes on the demo target.
 
-A script, not a test. Used for docs/benchmarks.md (third vs fourth build on the first 64 held-out prompts)
-and docs/demo.md (DFlash vs DFlare at blocks shorter than the trained 16):
+A script, not a test: compares drafters (e.g. two trainings, with ``--drafter NAME=DIR`` each) and block
+sizes; docs/demo.md cites its DFlash vs DFlare run at blocks shorter than the trained 16:
 
     python tests/perf/drafter_acceptance.py --drafter dflare=sglang_ext/demo/dflare \\
         --drafter dflash=sglang_ext/demo/dflash --blocks 16,12,8,4 --num-prompts 32 --max-tokens 96

@@ -1,4 +1,6 @@
-"""CPU harness for the SGLang plugin: SGLang 0.5.17 imported without a GPU (design note sglang.md section 6).
+"""CPU harness for the SGLang plugin: SGLang 0.5.17 imported without a GPU.
+
+How SGLang is installed for it, and why this works: docs/sglang_plugin.md, "Testing without a GPU".
 
 ``sglang_runtime`` brings up what SGLang's layers need to be built on CPU: a one-rank gloo process group,
 model parallel state and published ``ServerArgs``. RadixAttention, the scheduler and the KV pools are
@@ -87,7 +89,7 @@ def sglang_runtime(model_dirs, plugins_loaded):
     from sglang.srt.runtime_context import get_context
     from sglang.srt.server_args import prepare_server_args
 
-    rope_base._is_cpu = True  # else RoPE init imports vllm's CUDA ops (design note section 6)
+    rope_base._is_cpu = True  # else RoPE init imports vllm's CUDA ops (docs/sglang_plugin.md)
     args = prepare_server_args(
         [
             "--model-path",
