@@ -4,7 +4,8 @@ Qwen3-8B shapes with dummy weights; DFLARE with DFlare's depth and taps (7 layer
 from acceptance traces (``DFLARE_TRACE_REPLAY``, chosen per request through ``custom_params``): the frozen
 synthetic trace (tau 7.3 at block 16) and the demo pair's recorded trace, so a block of b keeps what the
 trace accepts within b - 1 drafts. One AR server runs for the whole call; the DFLARE servers (one per block)
-run one after another beside it, and every round measures AR and DFLARE at every batch size, alternating.
+run beside it in waves (PARALLEL at a time: 2 on an H200, 1 on an H100), and every round measures AR and
+each DFLARE server at every batch size, in a rotating order.
 
 Per row: tok/s, x AR (AR of the same wave and round set), tau, verified tokens per request per step, verify /
 draft / context-KV ms (CUDA events), the AR step, the bound tau * t_AR / (t_verify + t_draft + t_kv), and
@@ -13,7 +14,7 @@ during the measurement, from the same phase records).
 
 Env: BLOCKS (16,8), BS (1,8,32,64,128,256), ROUNDS (3), TRACES (synthetic,demo), TRACE_DIR (the shipped
 traces), ATTN (triton), PROFILE (1: torch-profile one step at batch 1, 32, 128 per DFLARE server),
-TAG (file name suffix). Writes $OUT/bench_load<TAG>.json as it goes.
+PARALLEL, TAG (file name suffix). Writes $OUT/bench_load<TAG>.json as it goes, the step profiles included.
 """
 
 from __future__ import annotations
@@ -104,6 +105,65 @@ def profile_pass(server: Server) -> None:
         generate(server.url, [PROMPT] * bs, {**sampling, "custom_params": {"dflare_trace": "synthetic"}}, bs)
 
 
+def profile_dir(tag: str, block: int) -> Path:
+    return Path(f"/tmp/step_profile{tag}/b{block}")
+
+
+def start_dflare(base: list[str], attn: str, block: int, trace_dir: Path, tag: str) -> Server:
+    env = {"DFLARE_PHASE_TIMING": f"/tmp/phases/dflare_b{block}", "DFLARE_TRACE_REPLAY": str(trace_dir)}
+    if os.environ.get("PROFILE", "1") == "1":
+        env["DFLARE_STEP_PROFILE"] = str(profile_dir(tag, block))
+    return Server(f"dflare_b{block}", 31010 + block, base + dflare_args(attn, block), env)
+
+
+def run_wave(
+    ar: Server, specs: dict[int, Server], sizes: list[int], rounds: int, traces: list[str],
+    rows: list[dict], notes: dict, res: Results,
+) -> None:  # fmt: skip
+    """AR and this wave's DFLARE servers, every batch size, ``rounds`` times, in a rotating order."""
+    up = {}
+    for block, spec in specs.items():
+        ok = ar.wait(600) and spec.wait(600)
+        notes[spec.name] = [
+            ln[-240:]
+            for needle in ("DFLARE", "Capture cuda graph", "max_running")
+            for ln in spec.log_grep(needle)
+        ][:16]
+        if ok:
+            up[block] = spec
+        else:
+            res[f"error_{spec.name}"] = ar.log_tail(30) + "\n---\n" + spec.log_tail(40)
+    if not up:
+        return
+    generate(ar.url, [PROMPT] * 2, {"temperature": 0, "max_new_tokens": 32}, 2)
+    if os.environ.get("PROFILE", "1") == "1":
+        for spec in up.values():
+            profile_pass(spec)
+    runs = [("ar", None), *((block, t) for block in up for t in traces)]
+    raw: dict[tuple, list[dict]] = {}
+    for r in range(rounds):
+        for bs in sizes:
+            for who, trace in runs[r % len(runs) :] + runs[: r % len(runs)]:
+                row = measure(ar if who == "ar" else up[who], bs, trace)
+                raw.setdefault((who, trace, bs), []).append(row)
+                print(f"round {r} {who} {trace} bs={bs}", row, flush=True)
+    wave = ",".join(map(str, up))
+    for bs in sizes:
+        a = median(raw[("ar", None, bs)])
+        for trace in traces:
+            rows.append({"trace": trace, "batch": bs, "mode": "ar", "block": 1, "wave": wave, **a,
+                         "verified_per_req": 1, "ar_step_ms": a["decode_ms"]})  # fmt: skip
+            for block in up:
+                s = median(raw[(block, trace, bs)])
+                t_spec = sum(s[k] or 0 for k in ("verify_ms", "draft_ms", "context_kv_ms"))
+                bound = s["tau"] * a["decode_ms"] / t_spec if a["decode_ms"] and t_spec else None
+                rows.append({
+                    "trace": trace, "batch": bs, "mode": "static", "block": block, "wave": wave, **s,
+                    "x_ar": round(s["tok_s"] / a["tok_s"], 3), "verified_per_req": block,
+                    "ar_step_ms": a["decode_ms"], "bound": round(bound, 3) if bound else None,
+                })  # fmt: skip
+
+
 def main() -> int:
     import torch
 
@@ -131,58 +191,26 @@ def main() -> int:
         (ROOT / name / "config.json").write_text(json.dumps(cfg))
     base = server_args(attn, max(sizes))
     ar = Server("ar", 31000, base, {"DFLARE_PHASE_TIMING": "/tmp/phases/ar"})
+    per_wave = int(os.environ.get("PARALLEL", "2" if res["device"].find("H200") >= 0 else "1"))
     rows: list[dict] = []
     notes: dict[str, list[str]] = {}
+    profiles: dict[str, list[dict]] = {}
     try:
-        for block in blocks:
-            name = f"dflare_b{block}"
-            env = {
-                "DFLARE_PHASE_TIMING": f"/tmp/phases/{name}",
-                "DFLARE_TRACE_REPLAY": str(trace_dir),
-            }
-            if os.environ.get("PROFILE", "1") == "1":
-                env["DFLARE_STEP_PROFILE"] = str(OUT / f"profile{tag}_{name}")
-            time.sleep(3)  # staggered: each server profiles free memory before the next one loads
-            spec = Server(name, 31010 + block, base + dflare_args(attn, block), env)
-            ok = ar.wait(600) and spec.wait(600)
-            notes[name] = [
-                ln[-240:]
-                for needle in ("DFLARE", "Capture cuda graph", "max_running")
-                for ln in spec.log_grep(needle)
-            ][:16]
-            if not ok:
-                res[f"error_{name}"] = ar.log_tail(30) + "\n---\n" + spec.log_tail(40)
-                spec.stop()
-                continue
+        for w in range(0, len(blocks), per_wave):
+            wave = blocks[w : w + per_wave]
+            specs = {}
+            for block in wave:
+                time.sleep(3)  # staggered: each server profiles free memory before the next one loads
+                specs[block] = start_dflare(base, attn, block, trace_dir, tag)
             try:
-                generate(ar.url, [PROMPT] * 2, {"temperature": 0, "max_new_tokens": 32}, 2)
-                if "DFLARE_STEP_PROFILE" in env:
-                    profile_pass(spec)
-                raw: dict[tuple, list[dict]] = {}
-                for r in range(rounds):
-                    for bs in sizes:
-                        runs = [("ar", None), *((name, t) for t in traces)]
-                        for who, trace in runs[r % len(runs) :] + runs[: r % len(runs)]:
-                            row = measure(ar if who == "ar" else spec, bs, trace)
-                            raw.setdefault((who, trace, bs), []).append(row)
-                            print(f"b{block} round {r} {who} {trace} bs={bs}", row, flush=True)
-                for bs in sizes:
-                    a = median(raw[("ar", None, bs)])
-                    for trace in traces:
-                        rows.append({"trace": trace, "batch": bs, "mode": "ar", "block": 1, "wave": block,
-                                     **a, "verified_per_req": 1, "ar_step_ms": a["decode_ms"]})  # fmt: skip
-                        s = median(raw[(name, trace, bs)])
-                        t_spec = sum(s[k] or 0 for k in ("verify_ms", "draft_ms", "context_kv_ms"))
-                        bound = s["tau"] * a["decode_ms"] / t_spec if a["decode_ms"] and t_spec else None
-                        rows.append({
-                            "trace": trace, "batch": bs, "mode": "static", "block": block, "wave": block, **s,
-                            "x_ar": round(s["tok_s"] / a["tok_s"], 3), "verified_per_req": block,
-                            "ar_step_ms": a["decode_ms"], "bound": round(bound, 3) if bound else None,
-                        })  # fmt: skip
-                res["rows"] = rows
+                run_wave(ar, specs, sizes, rounds, traces, rows, notes, res)
             finally:
-                spec.stop()
-        res["server_notes"] = notes
+                for block, spec in specs.items():
+                    spec.stop()
+                    profiles[spec.name] = [
+                        json.loads(f.read_text()) for f in sorted(profile_dir(tag, block).glob("*.json"))
+                    ]
+            res["rows"], res["server_notes"], res["profiles"] = rows, notes, profiles
     finally:
         ar.stop()
     res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

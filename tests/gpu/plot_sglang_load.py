@@ -50,7 +50,8 @@ def main() -> None:
         ax = axes[1][col]
         for key, style in (("verify_ms", "-"), ("draft_ms", ":")):
             for label, pts in series([r for r in rows if r["mode"] != "ar"], trace, key).items():
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=f"{label} {key[:-3]}")
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                ax.plot(xs, ys, style, marker=".", label=f"{label} {key[:-3]}")
         ar = series([r for r in rows if r["mode"] == "ar"], trace, "ar_step_ms").get("AR", [])
         ax.plot([p[0] for p in ar], [p[1] for p in ar], "k-", lw=2, label="AR decode step")
         ax.set_xscale("log", base=2)
