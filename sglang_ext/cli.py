@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-target": ("sglang_ext.training.train_target:main", "train a small Qwen3 target"),
     "train-drafter": ("sglang_ext.training.train_drafter:main", "train a DFlare/DFlash drafter"),
     "eval": ("sglang_ext.training.evaluate:main", "acceptance and speedup of a target/drafter pair"),
+    "trace": ("sglang_ext.traces.cli:main", "acceptance traces: `dflare trace record|synthetic|report`"),
     "demo-path": ("sglang_ext.demo:main", "print the directory of a bundled demo model"),
 }
 

@@ -10,6 +10,10 @@ drafter believes in them, i.e. while the product of its top-token probabilities 
 at or above the threshold (at least one draft). Deep drafts are rarely right unless the drafter is sure, and
 on a CPU every verified row costs target compute, so this keeps most of tau at about half the verified
 rows. It is lossless for any threshold: whatever is committed was checked by the target.
+
+Observing verify steps (``step_observer``): a callback receives every verify step's drafter confidences
+and accept counts (acceptance traces are recorded this way, :mod:`sglang_ext.traces.record`). Without one
+the engine computes nothing extra.
 """
 
 from __future__ import annotations
@@ -53,6 +57,27 @@ def confident_drafts(logits: torch.Tensor, log_min_confidence: float) -> tuple[t
     believed = (top.values - logits.logsumexp(dim=-1)).cumsum(dim=-1)  # log P(1..i right), non-increasing
     lengths = (believed >= log_min_confidence).sum(dim=-1).clamp_(min=1).tolist()
     return top.indices[:, : max(lengths)], lengths
+
+
+def draft_confidences(logits: torch.Tensor) -> torch.Tensor:
+    """The drafter's top-1 probability at each draft position: max of the softmax, [rows, n, V] -> [rows, n]
+    (float32 at least, whatever the logits' dtype)."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return (logits.max(dim=-1).values - logits.logsumexp(dim=-1)).exp()
+
+
+@dataclass(frozen=True)
+class VerifyObservation:
+    """One verify step of the rows that were decoding, in row order (what ``step_observer`` receives).
+
+    ``confidences[r, j]``: the drafter's top-1 probability at draft position ``j`` (all ``B - 1`` of the
+    block, verified or not); ``accepted[r]`` of the first ``verified[r]`` drafts were accepted (bonus token
+    not counted; equal to what the row's :class:`SpecStats` records for the step)."""
+
+    request_ids: list[str]
+    confidences: torch.Tensor
+    accepted: list[int]
+    verified: list[int]
 
 
 @dataclass
@@ -114,6 +139,7 @@ class SpeculativeEngine:
         tokenizer: Any = None,
         max_batch: int = 8,
         min_draft_confidence: float = 0.0,
+        step_observer: Callable[[VerifyObservation], None] | None = None,
     ) -> None:
         if block_size is None:
             block_size = drafter.config.block_size if drafter is not None else 1
@@ -129,6 +155,8 @@ class SpeculativeEngine:
         self._log_min_confidence = math.log(min_draft_confidence) if min_draft_confidence > 0 else -math.inf
         self.verified_drafts = 0  # drafts the target checked, over the engine's life (benchmarks report it)
         self.block_size, self.tokenizer, self.max_batch = block_size, tokenizer, max_batch
+        self.step_observer = step_observer
+        self._observed_confidences: torch.Tensor | None = None  # this step's, only with an observer
         self.drafter = drafter if block_size > 1 else None
         taps = self.drafter.config.target_layer_ids if self.drafter is not None else []
         self.runner = target if isinstance(target, TargetRunner) else TargetRunner(target, taps)
@@ -243,7 +271,9 @@ class SpeculativeEngine:
         starts = [s.length if s.prefilled else 0 for s in slots]
         hidden, taps = self.runner.forward(self.cache, ids, starts)
         if decoding:
-            self._verify(slots[:decoding], hidden[:decoding, :blk], taps, drafts, lengths)
+            accepted = self._verify(slots[:decoding], hidden[:decoding, :blk], taps, drafts, lengths)
+            if self.step_observer is not None and drafts is not None:
+                self._observe(slots[:decoding], accepted, lengths)
         if decoding < len(slots):
             self._first_tokens(slots, decoding, hidden, taps)
         for r in range(len(slots) - 1, -1, -1):
@@ -282,7 +312,18 @@ class SpeculativeEngine:
         block = torch.tensor([[s.pending, *masks] for s in self._slots[:rows]], device=self.runner.device)
         hidden = drafter.draft_hidden(cache, block, cache.lengths[:rows])
         logits = self.runner.logits(hidden[:, 1:])  # the drafter's logits: the target's LM head
+        if self.step_observer is not None:
+            self._observed_confidences = draft_confidences(logits)
         return confident_drafts(logits, self._log_min_confidence)
+
+    def _observe(self, slots: Sequence[_Slot], accepted: list[int], lengths: list[int]) -> None:
+        """Hand this verify step to the observer (before finished rows leave the batch)."""
+        assert self.step_observer is not None
+        confidences, self._observed_confidences = self._observed_confidences, None
+        if confidences is None:
+            raise RuntimeError("a step observer needs _propose to record the drafter's confidences")
+        ids = [s.req.request_id for s in slots]
+        self.step_observer(VerifyObservation(ids, confidences.cpu(), accepted, list(lengths)))
 
     @staticmethod
     def _kept_length(start: int, accepted: int) -> int:
@@ -296,9 +337,9 @@ class SpeculativeEngine:
         taps: torch.Tensor | None,
         drafts: torch.Tensor | None,
         lengths: list[int],
-    ) -> None:
+    ) -> list[int]:
         """Sample the target at every verified block slot, accept the longest matching prefix of each row's
-        ``lengths[r]`` verified drafts, commit, crop."""
+        ``lengths[r]`` verified drafts, commit, crop. Returns each row's accepted drafts."""
         params = [s.req.params for s in slots]
         counts = [n + 1 for n in lengths]  # slots sampled per row: its own, so draws do not depend on others
         post = sample_rows(self.runner.logits(hidden), params, [s.generator for s in slots], counts)
@@ -309,7 +350,7 @@ class SpeculativeEngine:
         self.verified_drafts += sum(lengths)
         post_rows = post.tolist()
         for r, s in enumerate(slots):
-            a = min(accepted[r], lengths[r])
+            a = accepted[r] = min(accepted[r], lengths[r])
             if s.stats is not None:
                 s.stats.record_step(a, lengths[r])  # the drafts the target checked
             if taps is not None:
@@ -319,6 +360,7 @@ class SpeculativeEngine:
             new = post_rows[r][: a + 1]  # accepted drafts equal the target's own tokens, + the bonus
             s.pending = new[-1]
             self._emit(s, new)
+        return accepted
 
     def _first_tokens(
         self, slots: list[_Slot], first_new: int, hidden: torch.Tensor, taps: torch.Tensor | None
