@@ -173,7 +173,7 @@ def test_sglang_list_marks_what_engine_server_exports() -> None:
     assert all(r[0].startswith("sglang:") and r[1] in {"gauge", "counter", "histogram"} for r in rows)
     exported = {r[0] for r in rows if r[-1] == "engine-server"}
     # The subset the gateway issue asks engine-server to export.
-    assert len(exported) == 14
+    assert len(exported) == 17
     used = set()
     for query in promql.dashboard_queries(DASHBOARDS) + promql.rule_queries():
         used |= {promql.base_name(n) for n in promql.metric_names(query.expr) if n.startswith("sglang:")}
