@@ -149,6 +149,7 @@ def _dropped(original: object, round_trip: object, path: str) -> list[str]:
 def test_metric_names_exist_in_gateway_contract_and_sglang_list() -> None:
     sglang = promql.sglang_names()
     gateway = promql.gateway_names()
+    external = promql.external_names()
     recorded = promql.recorded_names()
     queries = (
         promql.dashboard_queries(DASHBOARDS) + promql.variable_queries(DASHBOARDS) + promql.rule_queries()
@@ -162,6 +163,8 @@ def test_metric_names_exist_in_gateway_contract_and_sglang_list() -> None:
                 assert base in sglang, f"{query.source}: {name} is not an SGLang 0.5.17 metric"
             elif name.startswith("dflare:"):
                 assert name in recorded, f"{query.source}: {name} is not a recording rule"
+            elif not name.startswith("dflare_"):
+                assert name in external, f"{query.source}: {name} is not in external_metrics.txt"
             else:
                 assert base in gateway, f"{query.source}: {name} is not a gateway metric"
     assert {"sglang:token_usage", "dflare_backend_up", "dflare:spec_acceptance_length:rate15m"} <= seen
