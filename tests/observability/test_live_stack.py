@@ -237,12 +237,27 @@ def test_locust_passes_its_thresholds_against_dflare_serve(stack: Stack) -> None
     assert (run.results / "report.html").stat().st_size > 10_000
     with (run.results / "run_stats.csv").open() as f:
         rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(f)}
-    for kind in ("TTFT", "ITL", "E2E", "TOK/S", "ACCEPT_LEN"):
-        assert int(rows[(kind, "chat stream")]["Request Count"]) > 0, kind
+    # locust's own table holds the HTTP requests only: its Aggregated row is their latency.
+    http = {key: row for key, row in rows.items() if key[1] != "Aggregated"}
+    assert {kind for kind, _ in http} <= {"GET", "POST"}, sorted(http)
+    total = sum(int(row["Request Count"]) for row in http.values())
+    assert int(rows[("", "Aggregated")]["Request Count"]) == total
     assert int(rows[("POST", "chat")]["Request Count"]) > 0
+    # The per-request measurements have their own table, with vLLM's definitions.
+    with (run.results / "run_measurements.csv").open() as f:
+        measured = {(r["Type"], r["Name"]): r for r in csv.DictReader(f)}
+    for kind in ("TTFT", "TPOT", "E2E", "OUTPUT_TOK/S", "ACCEPT_LEN"):
+        assert int(measured[(kind, "chat stream")]["Count"]) > 0, kind
+    assert ("TTFT", "chat") not in measured and int(measured[("OUTPUT_TOK/S", "chat")]["Count"]) > 0
+    assert {m["Type"] for m in verdict["measurements"]} >= {"TTFT", "TPOT", "OUTPUT_TOK/S"}
     records = [json.loads(line) for line in (run.results / "requests.jsonl").read_text().splitlines()]
     streamed = [r for r in records if r["stream"] and r["ok"]]
     assert streamed and all(r["ttft_s"] <= r["e2e_s"] for r in streamed)
+    for r in streamed:  # output tokens / e2e can never exceed tokens / ttft: bursts cannot inflate it
+        assert r["output_tokens_per_s"] == pytest.approx(r["completion_tokens"] / r["e2e_s"])
+        if r["completion_tokens"] > 1:
+            expected = (r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1)
+            assert r["tpot_s"] == pytest.approx(expected)
     # The demo engine speculates: every finished request reports its acceptance length (>= 1).
     assert all(r["acceptance_length"] is not None and r["acceptance_length"] >= 1 for r in records if r["ok"])
 
