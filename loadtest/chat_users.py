@@ -1,15 +1,11 @@
 """OpenAI chat users, streaming and not, that measure what a user of a speculative server feels.
 
-With `stream=True` locust times only the response headers, so the numbers that matter are fired as
-their own request events (request_type in the first column of locust's tables):
-
-- `TTFT`: request sent -> first content chunk (ms)
-- `ITL`: mean gap between output tokens of one request, (last - first token time) / (tokens - 1) (ms)
-- `E2E`: request sent -> `[DONE]` (ms)
-- `TOK/S`: output tokens per second of one request (the value, not ms)
-- `ACCEPT_LEN`: `usage.speculative.acceptance_length` x 1000 (locust stores integers), when present
-
-Every request also goes to the run's `RequestLog` with exact values, for the PNG summary.
+With `stream=True` locust times only the response headers, so the numbers that matter are measured
+here, as vLLM's `bench_serving` defines them (`request_metrics.py`): TTFT, TPOT, E2E, output tokens/s
+per request, and `usage.speculative.acceptance_length` when present. They go to the run's
+`Measurements` (printed and written as `<csv prefix>_measurements.csv` at the end), not into locust's
+stats, whose "Aggregated" row stays the HTTP requests alone. Every request also goes to the run's
+`RequestLog` with exact values, for the PNG summary.
 """
 
 from __future__ import annotations
@@ -20,10 +16,10 @@ import time
 from locust import FastHttpUser, between, task
 from openai_stream import StreamTimes
 from prompt_sets import PromptPicker, load_prompts
-from run_checks import RequestRecord, recorder
+from request_metrics import request_metrics
+from run_checks import RequestRecord, measurements, recorder
 
 CHAT_PATH = "/v1/chat/completions"
-ACCEPT_LEN_SCALE = 1000
 _user_ids = itertools.count()
 
 
@@ -88,14 +84,7 @@ class ChatUser(FastHttpUser):
                 return
             resp.success()
         tokens = int((times.usage or {}).get("completion_tokens") or times.content_chunks)
-        ttft = times.first_token - times.start
-        gaps = max(tokens - 1, 1)
-        itl = (times.last_token - times.first_token) / gaps if tokens > 1 else None
-        self._fire("TTFT", name, ttft * 1000, tokens)
-        if itl is not None:
-            self._fire("ITL", name, itl * 1000, tokens)
-        self._fire("E2E", name, (end - times.start) * 1000, tokens)
-        self._measured(name, times.usage, tokens, end - times.start, ttft=ttft, itl=itl, stream=True)
+        self._measured(name, times.usage, tokens, end - times.start, ttft=times.first_token - times.start)
 
     @task(1)
     def chat_blocking(self) -> None:
@@ -114,55 +103,31 @@ class ChatUser(FastHttpUser):
                 return
         usage = body.get("usage") or {}
         tokens = int(usage.get("completion_tokens") or 0)
-        self._measured(name, usage, tokens, end - start, ttft=None, itl=None, stream=False)
+        self._measured(name, usage, tokens, end - start, ttft=None)
 
     # ---- reporting -------------------------------------------------------------------------------
     def _measured(
-        self,
-        name: str,
-        usage: dict | None,
-        tokens: int,
-        e2e: float,
-        *,
-        ttft: float | None,
-        itl: float | None,
-        stream: bool,
+        self, name: str, usage: dict | None, tokens: int, e2e: float, *, ttft: float | None
     ) -> None:
-        # Output tokens per second of decoding: after the first token when streamed, whole call if not.
-        decode_time = e2e - (ttft or 0.0)
-        tokens_per_s = (
-            (tokens - 1) / decode_time
-            if stream and tokens > 1 and decode_time > 0
-            else (tokens / e2e if not stream and e2e > 0 else None)
-        )
-        if tokens_per_s is not None:
-            self._fire("TOK/S", name, tokens_per_s, tokens)
+        """``ttft`` is None for a blocking call: it cannot tell when the first token was ready."""
+        m = request_metrics(e2e, tokens, ttft)
         spec = (usage or {}).get("speculative") or {}
         accept_len = spec.get("acceptance_length")
-        if accept_len is not None:
-            self._fire("ACCEPT_LEN", name, float(accept_len) * ACCEPT_LEN_SCALE, tokens)
+        measurements(self.environment).add_request(
+            name, m, float(accept_len) if accept_len is not None else None
+        )
         self._record(
             name,
-            stream=stream,
+            stream=ttft is not None,
             ok=True,
             status=200,
             ttft_s=ttft,
-            itl_s=itl,
+            tpot_s=m.tpot_s,
             e2e_s=e2e,
             completion_tokens=tokens,
-            tokens_per_s=tokens_per_s,
+            output_tokens_per_s=m.output_tokens_per_s,
             acceptance_length=accept_len,
             acceptance_rate=spec.get("acceptance_rate"),
-        )
-
-    def _fire(self, kind: str, name: str, value: float, tokens: int) -> None:
-        self.environment.events.request.fire(
-            request_type=kind,
-            name=name,
-            response_time=value,
-            response_length=tokens,
-            exception=None,
-            context={},
         )
 
     def _record(self, name: str, **fields: object) -> None:

@@ -73,7 +73,7 @@ def render(results: Path, out: Path) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     ax = axes[0][0]
     ax.set_title("Load")
-    ax.plot(history["t"], history["rps"], label="requests/s (all events)")
+    ax.plot(history["t"], history["rps"], label="requests/s")
     ax.plot(history["t"], history["fails"], label="failures/s", color="red")
     ax.set_xlabel("s")
     twin = ax.twinx()
@@ -81,9 +81,14 @@ def render(results: Path, out: Path) -> Path:
     twin.set_ylabel("users")
     ax.legend(loc="upper left", fontsize=8)
     _histogram(axes[0][1], _values(records, "ttft_s", 1000), "Time to first token (streamed)", "ms")
-    _histogram(axes[0][2], _values(records, "itl_s", 1000), "Inter-token latency (mean per request)", "ms")
+    _histogram(axes[0][2], _values(records, "tpot_s", 1000), "Time per output token (TPOT)", "ms")
     _histogram(axes[1][0], _values(records, "e2e_s", 1000), "End-to-end latency", "ms")
-    _histogram(axes[1][1], _values(records, "tokens_per_s"), "Output tokens/s per request", "tokens/s")
+    _histogram(
+        axes[1][1],
+        _values(records, "output_tokens_per_s"),
+        "Output tokens/s per request (tokens / e2e)",
+        "tokens/s",
+    )
     _histogram(
         axes[1][2], _values(records, "acceptance_length"), "Acceptance length per request", "tokens/step"
     )

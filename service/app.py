@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             await chosen.start()
             if settings.uses_embedded_engine and backend is None:
                 metrics.backend_up.labels(chosen.name).set(1)
+                metrics.set_backend_counts(1, 1)
             logger.info("gateway ready: backend %s", chosen.name)
             yield
         finally:

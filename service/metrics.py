@@ -143,6 +143,20 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # Counts, not per-backend series: they exist from start-up and never disappear, so alerts on
+        # zero and dashboards keep working when discovery drops every pod (its per-backend series go).
+        self.backends_known = Gauge(
+            "dflare_backends_known",
+            "Backends the gateway knows (discovered Ready pods or configured URLs), admitted or not.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.backends_routable = Gauge(
+            "dflare_backends_routable",
+            "Backends that may take a request now: health checks pass and the circuit breaker is not open.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.spec_drafts = Counter(
             "dflare_spec_decode_num_drafts",
             "Verify steps (one target forward over a drafted block).",
@@ -224,6 +238,10 @@ class GatewayMetrics:
             s.ttft.observe(ttft)
         if itl is not None:
             s.itl.observe(itl)
+
+    def set_backend_counts(self, known: int, routable: int) -> None:
+        self.backends_known.set(known)
+        self.backends_routable.set(routable)
 
     # ---- exposition -----------------------------------------------------------------------
     def exposition(self) -> bytes:

@@ -28,11 +28,13 @@ class HealthProber:
         interval_s: float,
         timeout_s: float,
         on_change: StatusListener | None = None,
+        on_round: Callable[[], None] | None = None,
     ) -> None:
         self._pool = pool
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self._on_change = on_change
+        self._on_round = on_round  # after every probe round: breaker cool-downs end between probes
         self._task: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
 
@@ -87,6 +89,8 @@ class HealthProber:
         while True:
             await asyncio.sleep(self.interval_s)
             await self.probe_all()
+            if self._on_round is not None:
+                self._on_round()
 
     def probe_soon(self, endpoint: BackendEndpoint) -> None:
         """Probe a new member now instead of at the next round (it may be ready already)."""

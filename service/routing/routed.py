@@ -79,7 +79,9 @@ class RoutedBackend(Backend):
         self._breaker_cooldown_s = breaker_cooldown_s
         self.pool = BackendPool(self._new_endpoint)
         self.pool.subscribe(self._on_membership)
-        self.prober = HealthProber(self.pool, health_interval_s, health_timeout_s, self._on_health_change)
+        self.prober = HealthProber(
+            self.pool, health_interval_s, health_timeout_s, self._on_health_change, self._publish_counts
+        )
         self.discovery = discovery_factory(self.pool)
         self._closing: set[asyncio.Task[None]] = set()
         self._started = False
@@ -231,6 +233,7 @@ class RoutedBackend(Backend):
             endpoint.breaker.on_success()
         elif ok is False:
             endpoint.breaker.on_failure()
+            self._publish_counts()  # the breaker may have just opened
         else:
             endpoint.breaker.on_abandon()
         if endpoint.outstanding == 0 and endpoint not in self.pool:
@@ -290,6 +293,13 @@ class RoutedBackend(Backend):
     def _publish(self, endpoint: BackendEndpoint) -> None:
         if self._metrics is not None and endpoint in self.pool:
             self._metrics.backend_up.labels(endpoint.url).set(1 if endpoint.health.healthy else 0)
+        self._publish_counts()
+
+    def _publish_counts(self) -> None:
+        """``dflare_backends_known`` / ``_routable``: on every membership, health or breaker change."""
+        if self._metrics is not None:
+            members = self.pool.members()
+            self._metrics.set_backend_counts(len(members), sum(1 for e in members if e.routable))
 
     def _close_later(self, endpoint: BackendEndpoint) -> None:
         try:

@@ -47,6 +47,7 @@ ITL_BUCKETS = (
     8.0,
 )
 E2E_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400, 600, 1200)
+QUEUE_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60, 120, 300, 600)
 WINDOW_S = 10.0  # throughput and acceptance gauges look back this far
 
 
@@ -66,6 +67,9 @@ class EngineMetrics:
         self.queued = gauge("num_queue_reqs", "The number of requests in the waiting queue.")
         self.token_usage = gauge("token_usage", "The token usage (KV slots in use / capacity).")
         self.cache_hit_rate = gauge("cache_hit_rate", "The prefix cache hit rate (no prefix cache: 0).")
+        # The reference engine gives every batch row the whole context, so it never retracts a
+        # request to free KV cache; exported (always 0) so retraction panels and alerts read the same.
+        self.retracted = gauge("num_retracted_reqs", "The number of retracted requests.")
         self.gen_throughput = gauge("gen_throughput", "The generation throughput (token/s).")
         self.accept_length = gauge(
             "spec_accept_length", "The average acceptance length (1 + accepted/verify)."
@@ -100,6 +104,13 @@ class EngineMetrics:
             buckets=ITL_BUCKETS,
             registry=r,
         ).labels(**req)
+        self.queue_time = Histogram(
+            "sglang:queue_time_seconds",
+            "Histogram of queueing time: arrival until the engine step that prefills the request.",
+            s_names,
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        ).labels(**sched)
         self.e2e = Histogram(
             "sglang:e2e_request_latency_seconds",
             "Histogram of end-to-end latency.",
@@ -127,6 +138,8 @@ class EngineMetrics:
                     self.itl.observe(interval)
             last = at
         self.e2e.observe((out.finished_at or now) - out.started)
+        if out.scheduled_at is not None:
+            self.queue_time.observe(max(0.0, out.scheduled_at - out.started))
         if out.stats is not None:
             self.verify_calls.inc(out.stats.verify_steps)
         self._recent.append((now, out.completion_tokens, out.stats))

@@ -14,6 +14,7 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ class Generation:
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _done: bool = False
     generated: int = 0
+    # perf_counter when the engine step that prefilled it began: its wait in the queue ends there
+    scheduled_at: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -168,14 +171,16 @@ class EngineRunner:
 
     def _deliver(
         self,
-        tokens: list[tuple[str, list[int]]],
+        tokens: list[tuple[str, list[int], float]],
         results: list[Result],
         failed: list[tuple[str, BaseException]],
     ) -> None:
         gens = self._gens
-        for rid, ids in tokens:
+        for rid, ids, step_started in tokens:
             gen = gens.get(rid)
             if gen is not None:
+                if gen.scheduled_at is None:
+                    gen.scheduled_at = step_started
                 gen._push(ids)
         for result in results:
             gen = gens.pop(result.request_id, None)
@@ -191,11 +196,12 @@ class EngineRunner:
         engine, loop = self.engine, self._loop
         assert loop is not None
         live: set[str] = set()
-        pending: list[tuple[str, list[int]]] = []
+        pending: list[tuple[str, list[int], float]] = []
+        step_started = 0.0
 
         def collector(rid: str):
             def on_tokens(ids: list[int]) -> None:
-                pending.append((rid, list(ids)))
+                pending.append((rid, list(ids), step_started))
 
             return on_tokens
 
@@ -204,6 +210,7 @@ class EngineRunner:
             self._take_commands(engine, live, collector, failed, block=not live)
             results: list[Result] = []
             if live and engine.has_work():
+                step_started = time.perf_counter()
                 try:
                     results = engine.step()
                 except Exception as exc:  # one bad step fails the batch; the engine keeps serving

@@ -77,6 +77,7 @@ class Outcome:
     stats: SpecStats | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    scheduled_at: float | None = None  # the engine step that prefilled it began (queue time ends)
     finished_at: float | None = None
     chunk_times: list[tuple[float, int]] | None = None  # (arrival, tokens) per engine step, if tracked
 
@@ -311,6 +312,7 @@ class OpenAIServing:
             if not gen.finished:
                 self.runner.abort(gen.request_id)  # client gone, or a stop string the engine missed
             out.finished_at = time.perf_counter()
+            out.scheduled_at = gen.scheduled_at
             out.completion_tokens = len(out.output_ids)
             out.stats = gen.stats
             if stops.stopped:

@@ -19,6 +19,8 @@ DASHBOARD_DIR = REPO / "deploy" / "grafana" / "dashboards"
 RULES_FILE = REPO / "deploy" / "prometheus" / "rules" / "dflare.rules.yaml"
 RULE_TESTS_FILE = REPO / "deploy" / "prometheus" / "tests" / "dflare.rules.test.yaml"
 SGLANG_NAMES_FILE = REPO / "deploy" / "sglang_metrics_0.5.17.txt"
+EXTERNAL_NAMES_FILE = REPO / "deploy" / "prometheus" / "external_metrics.txt"
+OBSERVABILITY_DOC = REPO / "docs" / "observability.md"
 
 _KEYWORDS = {
     "and",
@@ -134,6 +136,16 @@ def sglang_names() -> set[str]:
         line = line.split("#", 1)[0].strip()
         if line:
             names.add(line.split()[0])
+    return names
+
+
+def external_names(source: str | None = None) -> set[str]:
+    """Names from outside the project (Prometheus' ``up``, kube-state-metrics), optionally of one source."""
+    names = set()
+    for line in EXTERNAL_NAMES_FILE.read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if fields and (source is None or fields[2] == source):
+            names.add(fields[0])
     return names
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
 
 import jsonschema
 import pytest
@@ -149,6 +151,7 @@ def _dropped(original: object, round_trip: object, path: str) -> list[str]:
 def test_metric_names_exist_in_gateway_contract_and_sglang_list() -> None:
     sglang = promql.sglang_names()
     gateway = promql.gateway_names()
+    external = promql.external_names()
     recorded = promql.recorded_names()
     queries = (
         promql.dashboard_queries(DASHBOARDS) + promql.variable_queries(DASHBOARDS) + promql.rule_queries()
@@ -162,6 +165,8 @@ def test_metric_names_exist_in_gateway_contract_and_sglang_list() -> None:
                 assert base in sglang, f"{query.source}: {name} is not an SGLang 0.5.17 metric"
             elif name.startswith("dflare:"):
                 assert name in recorded, f"{query.source}: {name} is not a recording rule"
+            elif not name.startswith("dflare_"):
+                assert name in external, f"{query.source}: {name} is not in external_metrics.txt"
             else:
                 assert base in gateway, f"{query.source}: {name} is not a gateway metric"
     assert {"sglang:token_usage", "dflare_backend_up", "dflare:spec_acceptance_length:rate15m"} <= seen
@@ -173,8 +178,122 @@ def test_sglang_list_marks_what_engine_server_exports() -> None:
     assert all(r[0].startswith("sglang:") and r[1] in {"gauge", "counter", "histogram"} for r in rows)
     exported = {r[0] for r in rows if r[-1] == "engine-server"}
     # The subset the gateway issue asks engine-server to export.
-    assert len(exported) == 14
+    assert len(exported) == 17
     used = set()
     for query in promql.dashboard_queries(DASHBOARDS) + promql.rule_queries():
         used |= {promql.base_name(n) for n in promql.metric_names(query.expr) if n.startswith("sglang:")}
     assert used <= exported, f"used but not exported by engine-server: {used - exported}"
+
+
+def _panel(file: str, title: str) -> dict:
+    matches = [p for p in promql.iter_panels(DASHBOARDS[file]) if p.get("title") == title]
+    assert len(matches) == 1, f"{file}: no single panel {title!r}"
+    return matches[0]
+
+
+def _exprs(file: str) -> list[str]:
+    return [t["expr"] for p in promql.iter_panels(DASHBOARDS[file]) for t in p.get("targets", [])]
+
+
+@pytest.mark.parametrize(
+    "histogram",
+    [
+        "sglang:time_to_first_token_seconds",
+        "sglang:inter_token_latency_seconds",
+        "sglang:e2e_request_latency_seconds",
+        "sglang:queue_time_seconds",
+    ],
+)
+def test_engine_latencies_show_p50_p90_p99(histogram: str) -> None:
+    """As vLLM's and SGLang's own dashboards do: the median and the tail, not one p95."""
+    quantiles = {
+        float(m.group(1))
+        for e in _exprs("dflare-engine.json")
+        if f"{histogram}_bucket" in e
+        for m in [re.match(r"histogram_quantile\(([0-9.]+),", e)]
+        if m
+    }
+    assert quantiles == {0.5, 0.9, 0.99}, (histogram, quantiles)
+
+
+def test_engine_dashboard_has_queue_abort_retraction_and_available_engines_panels() -> None:
+    exprs = "\n".join(_exprs("dflare-engine.json"))
+    for name in (
+        "sglang:num_aborted_requests_total",
+        "sglang:num_retracted_reqs",
+        "sglang:queue_time_seconds",
+    ):
+        assert name in exprs, name
+    available = "\n".join(t["expr"] for t in _panel("dflare-engine.json", "Available engines")["targets"])
+    assert "dflare_backends_routable" in available
+    assert "kube_statefulset_status_replicas_ready" in available and "kube_statefulset_replicas" in available
+
+
+@pytest.mark.parametrize("file", ["dflare-engine.json", "dflare-speculation.json"])
+def test_engine_acceptance_length_from_counters_beside_the_gauges(file: str) -> None:
+    """Generated tokens / verify steps: counters, so the ratio of sums is right across pods."""
+    tokens, steps = "sglang:generation_tokens_total", "sglang:spec_verify_calls_total"
+    ratios = [e for e in _exprs(file) if tokens in e and steps in e]
+    assert ratios, f"{file}: no engine-side acceptance length from counters"
+    for expr in ratios:
+        assert expr.startswith("sum by") and expr.index(tokens) < expr.index(") / ") < expr.index(steps)
+    assert any("sglang:spec_accept_" in e for e in _exprs(file)), "the per-pod gauge panel stays beside it"
+
+
+def test_legends_name_pods_not_scrape_addresses() -> None:
+    """Engine series carry the pod name (PodMonitor / ServiceMonitor targets); `instance` is an IP."""
+    for file, dash in DASHBOARDS.items():
+        for panel in promql.iter_panels(dash):
+            for target in panel.get("targets", []):
+                assert "{{instance}}" not in target.get("legendFormat", ""), (file, panel["title"])
+                if "sglang:" in target["expr"]:
+                    assert "instance" not in target["expr"], (file, panel["title"], target["expr"])
+    engine = {v["name"]: v for v in DASHBOARDS["dflare-engine.json"]["templating"]["list"]}
+    assert engine["backend"]["query"]["query"].endswith(", pod)")
+
+
+# Backends vanish in two ways: discovery drops every engine pod (the gateway still reports 0 routable,
+# but no per-backend series is left), or the gateway itself is gone (no gateway series at all).
+_VANISHED = {
+    "all engines gone": [
+        'dflare_backends_routable{namespace="llm"}',
+        'dflare_backends_known{namespace="llm"}',
+    ],
+    "gateway gone": ['sglang:num_running_reqs{namespace="llm"}'],
+}
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing: apt-get install prometheus")
+@pytest.mark.parametrize(
+    ("file", "title"),
+    [
+        ("dflare-gateway.json", "Backend health"),
+        ("dflare-gateway.json", "Routable backends"),
+        ("dflare-engine.json", "Available engines"),
+    ],
+)
+def test_backend_panels_turn_red_instead_of_blank(file: str, title: str, tmp_path) -> None:
+    """The panel's first query, evaluated by promtool, gives 0 on both paths, and 0 is drawn red."""
+    panel = _panel(file, title)
+    expr = promql.substitute(panel["targets"][0]["expr"])
+    tests = [
+        {
+            "name": name,
+            "interval": "1m",
+            "input_series": [{"series": series, "values": "0x10"} for series in present],
+            "promql_expr_test": [
+                {"expr": expr, "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": 0}]}
+            ],
+        }
+        for name, present in _VANISHED.items()
+    ]
+    case = tmp_path / "panel.test.yaml"
+    case.write_text(json.dumps({"rule_files": [], "evaluation_interval": "1m", "tests": tests}))
+    result = subprocess.run(
+        ["promtool", "test", "rules", str(case)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"{title}: {expr}\n{result.stdout}{result.stderr}"
+    defaults = panel["fieldConfig"]["defaults"]
+    steps = defaults["thresholds"]["steps"]
+    assert defaults["color"]["mode"] == "thresholds"
+    assert steps[0] == {"color": "red", "value": None} and steps[1]["value"] == 1

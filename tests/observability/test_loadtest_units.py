@@ -15,6 +15,7 @@ import gateway_bench
 from load_shapes import STAGES, users_at
 from openai_stream import StreamTimes
 from prompt_sets import PROMPT_SETS, PromptPicker, load_prompts
+from request_metrics import Measurements, request_metrics
 
 
 @pytest.mark.parametrize(
@@ -93,3 +94,42 @@ def test_wrk_output_is_parsed_with_units() -> None:
     assert result.non_2xx == 7 and result.socket_errors == 0
     with pytest.raises(ValueError):
         gateway_bench.parse_wrk("wrk: connection refused")
+
+
+def test_a_bursty_speculative_stream_reports_vllm_tpot_and_output_throughput() -> None:
+    """64 tokens: first chunk at 100 ms, the other 63 in one burst 0.4 ms later (one verify step)."""
+    m = request_metrics(e2e_s=0.1004, output_tokens=64, ttft_s=0.100)
+    assert 63 / (0.1004 - 0.100) > 150_000  # the old per-request tok/s: (tokens - 1) / (e2e - ttft)
+    assert m.output_tokens_per_s == pytest.approx(64 / 0.1004)  # ~637 tokens/s
+    assert m.tpot_s == pytest.approx(0.0004 / 63)
+
+
+def test_request_metrics_follow_bench_serving_definitions() -> None:
+    m = request_metrics(e2e_s=2.0, output_tokens=101, ttft_s=0.5)
+    assert (m.tpot_s, m.output_tokens_per_s, m.ttft_s, m.e2e_s) == (pytest.approx(0.015), 50.5, 0.5, 2.0)
+    one = request_metrics(e2e_s=0.3, output_tokens=1, ttft_s=0.3)
+    assert one.tpot_s is None and one.output_tokens_per_s == pytest.approx(1 / 0.3)
+    blocking = request_metrics(e2e_s=4.0, output_tokens=200)
+    assert blocking.ttft_s is None and blocking.tpot_s is None and blocking.output_tokens_per_s == 50.0
+    assert request_metrics(e2e_s=1.0, output_tokens=0).output_tokens_per_s is None
+
+
+def test_measurements_keep_exact_values_and_numpy_percentiles(tmp_path) -> None:
+    numpy = pytest.importorskip("numpy")
+    measured = Measurements()
+    ttfts = [0.0123, 0.0456, 0.1, 0.25, 0.9, 1.7, 0.033]
+    for i, ttft in enumerate(ttfts):
+        measured.add_request("chat stream", request_metrics(2.0, 50, ttft), acceptance_length=3.0 + i / 7)
+    measured.add_request("chat", request_metrics(1.0, 20))
+    in_ms = [t * 1000 for t in ttfts]
+    for q in (50, 90, 95, 99):
+        assert measured.percentile("TTFT", "chat stream", q) == pytest.approx(numpy.percentile(in_ms, q))
+    assert measured.count("TTFT", "chat") == 0 and measured.count("OUTPUT_TOK/S", "chat") == 1
+    rows = {(r["Type"], r["Name"]): r for r in measured.rows()}
+    assert rows[("ACCEPT_LEN", "chat stream")]["Min"] == 3.0  # not rounded to an integer
+    assert rows[("ACCEPT_LEN", "chat stream")]["Max"] == pytest.approx(3 + 6 / 7)
+    assert rows[("TPOT", "chat stream")]["Unit"] == "ms"
+    measured.write_csv(tmp_path / "run_measurements.csv")
+    lines = (tmp_path / "run_measurements.csv").read_text().splitlines()
+    assert lines[0].startswith("Type,Name,Unit,Count,Mean,P50") and len(lines) == 1 + len(rows)
+    assert "OUTPUT_TOK/S" in measured.table()

@@ -19,6 +19,8 @@ from tests.service.conftest import MODEL, gateway
 CHAT = "/v1/chat/completions"
 SCHED_METRICS = [
     "num_running_reqs",
+    "num_retracted_reqs",
+    "queue_time_seconds_count",
     "num_queue_reqs",
     "token_usage",
     "cache_hit_rate",
@@ -194,5 +196,10 @@ def test_engine_server_exports_sglang_metrics(engine_server):
     assert delta(before, after, "sglang:generation_tokens_total", **req) == usage["completion_tokens"]
     assert delta(before, after, "sglang:spec_verify_calls_total", **sched) == stats.verify_steps
     assert delta(before, after, "sglang:time_to_first_token_seconds_count", **req) == 1
+    # Queue time ends when the step that prefills the request begins: before its first token.
+    assert delta(before, after, "sglang:queue_time_seconds_count", **sched) == 1
+    queued = delta(before, after, "sglang:queue_time_seconds_sum", **sched)
+    assert 0 <= queued < delta(before, after, "sglang:time_to_first_token_seconds_sum", **req)
+    assert after[("sglang:num_retracted_reqs", frozenset(sched.items()))] == 0
     assert after[("sglang:num_running_reqs", frozenset(sched.items()))] == 0
     assert after[("sglang:spec_accept_length", frozenset(sched.items()))] >= 1.0
