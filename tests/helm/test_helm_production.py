@@ -248,7 +248,7 @@ def test_pods_sharing_a_cache_download_once(tmp_path: Path) -> None:
     assert time.monotonic() - start >= 2  # the waiters really waited for the downloads
 
 
-def test_cache_lock_script_fails_without_the_lock_released(tmp_path: Path) -> None:
+def test_a_lock_file_left_by_a_dead_pod_does_not_block_the_download(tmp_path: Path) -> None:
     """The lock is an flock: a downloader that dies releases it (no stale lock file blocks the next)."""
     cache = tmp_path / "models"
     cache.mkdir()
