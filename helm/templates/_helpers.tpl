@@ -169,12 +169,15 @@ Usage: include "dflare.modelDirName" (list "Qwen/Qwen3-8B" "")
 Path the engine loads a model from: the value itself when the weights are in the image, else the
 download directory (repo and revision) in the model cache.
 Usage: include "dflare.modelPath" (list . .Values.engine.model.target .Values.engine.model.targetRevision)
+(the revision may be left out: "main").
 */}}
 {{- define "dflare.modelPath" -}}
 {{- $root := index . 0 }}
 {{- $ref := index . 1 }}
 {{- if eq $root.Values.engine.model.source "huggingface" }}
-{{- printf "%s/%s" $root.Values.engine.modelCache.mountPath (include "dflare.modelDirName" (list $ref (index . 2))) }}
+{{- $revision := "" }}
+{{- if gt (len .) 2 }}{{ $revision = index . 2 }}{{ end }}
+{{- printf "%s/%s" $root.Values.engine.modelCache.mountPath (include "dflare.modelDirName" (list $ref $revision)) }}
 {{- else }}
 {{- $ref }}
 {{- end }}
