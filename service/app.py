@@ -22,7 +22,7 @@ from service.backends.base import Endpoint
 from service.errors import register_exception_handlers
 from service.fastpath import GatewayApp, GatewayMiddleware
 from service.metrics import GatewayMetrics
-from service.security import KeyChecker, load_api_keys
+from service.security import KeyChecker
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -95,9 +95,14 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     # in-flight limit > direct route) and serves the two completion endpoints in one pass.
     from service.api import completions
 
-    checker = KeyChecker(load_api_keys(settings.api_keys, settings.api_keys_file))
+    checker = KeyChecker.from_sources(settings.api_keys, settings.api_keys_file, settings.api_keys_reload_s)
     if checker:
         logger.info("API keys required (%d configured)", len(checker))
+    metrics_checker = None
+    if settings.metrics_tokens_file is not None:
+        metrics_checker = KeyChecker.from_sources(
+            [], settings.metrics_tokens_file, settings.api_keys_reload_s
+        )
     app.add_middleware(
         GatewayMiddleware,
         routes={
@@ -108,6 +113,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         access_log=settings.access_log,
         checker=checker,
         metrics_require_auth=settings.metrics_require_auth,
+        metrics_checker=metrics_checker,
         max_body_bytes=settings.max_body_bytes,
         max_in_flight=settings.max_in_flight,
         cors_origins=settings.cors_origins,

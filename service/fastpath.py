@@ -89,6 +89,7 @@ class GatewayMiddleware:
         access_log: bool,
         checker: KeyChecker,
         metrics_require_auth: bool,
+        metrics_checker: KeyChecker | None = None,
         max_body_bytes: int,
         max_in_flight: int,
         cors_origins: list[str],
@@ -100,8 +101,14 @@ class GatewayMiddleware:
             on_reject=lambda reason: metrics.rejected.labels(reason).inc(),
         )
         chain: ASGIApp = BodyLimitMiddleware(self.limiter, max_bytes=max_body_bytes)
-        if checker:
-            chain = ApiKeyMiddleware(chain, checker=checker, metrics_require_auth=metrics_require_auth)
+        scrape_tokens = metrics_checker if metrics_require_auth and metrics_checker else None
+        if checker or scrape_tokens:
+            chain = ApiKeyMiddleware(
+                chain,
+                checker=checker,
+                metrics_require_auth=metrics_require_auth,
+                metrics_checker=scrape_tokens,
+            )
         if cors_origins:
             from starlette.middleware.cors import CORSMiddleware
 

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     discovery_kubeconfig: Path | None = Field(
         None, description="kubeconfig file; unset = in-cluster service account, else $KUBECONFIG"
     )
+    backend_api_key: SecretStr | None = Field(
+        None,
+        description="sent upstream as 'Authorization: Bearer <key>' (SGLang --api-key); unset = none",
+    )
 
     # --- routing and health ---
     routing_policy: Literal["least_outstanding", "prefix_affinity", "round_robin"] = "least_outstanding"
@@ -94,8 +98,16 @@ class Settings(BaseSettings):
 
     # --- security ---
     api_keys: CommaList = Field(default_factory=list)
-    api_keys_file: Path | None = None
+    api_keys_file: Path | None = Field(
+        None, description="one key per line; re-read when it changes (a rotated Kubernetes Secret)"
+    )
+    api_keys_reload_s: float = Field(
+        5.0, ge=0, description="how often the keys files are checked for changes; 0 = read once"
+    )
     metrics_require_auth: bool = False
+    metrics_tokens_file: Path | None = Field(
+        None, description="tokens accepted on /metrics only (a scraper's credential, not an API key)"
+    )
     cors_origins: CommaList = Field(default_factory=list)
 
     # --- logging ---

@@ -64,6 +64,20 @@ app.kubernetes.io/part-of: dflare-serve
 {{- end }}
 
 {{/*
+Labels of one component's pod template: only labels that stay the same across chart versions
+(selector, component, part-of, commonLabels). helm.sh/chart and app.kubernetes.io/version change
+with every chart release, and a changed pod template restarts every GPU engine.
+Usage: include "dflare.podLabels" (list . "engine")
+*/}}
+{{- define "dflare.podLabels" -}}
+{{ include "dflare.componentSelectorLabels" . }}
+app.kubernetes.io/part-of: dflare-serve
+{{- with (index . 0).Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
 Selector labels of one component (adds app.kubernetes.io/component: gateway|engine). The engine's
 component label is what the gateway's Kubernetes discovery selects on.
 Usage: include "dflare.componentSelectorLabels" (list . "engine")
@@ -98,10 +112,10 @@ Usage: include "dflare.image" (list . .Values.gateway.image)
 {{- $root := index . 0 }}
 {{- $image := index . 1 }}
 {{- $registry := default $root.Values.global.imageRegistry $image.registry }}
-{{- $repository := $image.repository }}
-{{- if $registry }}
-{{- $repository = printf "%s/%s" $registry $image.repository }}
+{{- if not $registry }}
+{{- fail "global.imageRegistry is not set. No public registry publishes the DFlare Serve images: build and push them with `deploy/build-push.sh REGISTRY` (deploy/README.md), then install with --set global.imageRegistry=REGISTRY" }}
 {{- end }}
+{{- $repository := printf "%s/%s" $registry $image.repository }}
 {{- if $image.digest }}
 {{- printf "%s@%s" $repository $image.digest }}
 {{- else }}
@@ -142,22 +156,28 @@ Base URL of the gateway Service inside the cluster.
 {{- end }}
 
 {{/*
-Directory name under the model cache for a Hugging Face repo id ("Qwen/Qwen3-8B" -> "Qwen--Qwen3-8B").
+Directory name under the model cache for a Hugging Face repo id at a revision, so that a new revision
+is a new directory (downloaded again) rather than a stale cache hit:
+("Qwen/Qwen3-8B", "") -> "Qwen--Qwen3-8B@main", ("a/b", "refs/pr/1") -> "a--b@refs--pr--1".
+Usage: include "dflare.modelDirName" (list "Qwen/Qwen3-8B" "")
 */}}
 {{- define "dflare.modelDirName" -}}
-{{- . | replace "/" "--" }}
+{{- printf "%s@%s" (index . 0) (default "main" (index . 1)) | replace "/" "--" }}
 {{- end }}
 
 {{/*
 Path the engine loads a model from: the value itself when the weights are in the image, else the
-download directory in the model cache.
-Usage: include "dflare.modelPath" (list . .Values.engine.model.target)
+download directory (repo and revision) in the model cache.
+Usage: include "dflare.modelPath" (list . .Values.engine.model.target .Values.engine.model.targetRevision)
+(the revision may be left out: "main").
 */}}
 {{- define "dflare.modelPath" -}}
 {{- $root := index . 0 }}
 {{- $ref := index . 1 }}
 {{- if eq $root.Values.engine.model.source "huggingface" }}
-{{- printf "%s/%s" $root.Values.engine.modelCache.mountPath (include "dflare.modelDirName" $ref) }}
+{{- $revision := "" }}
+{{- if gt (len .) 2 }}{{ $revision = index . 2 }}{{ end }}
+{{- printf "%s/%s" $root.Values.engine.modelCache.mountPath (include "dflare.modelDirName" (list $ref $revision)) }}
 {{- else }}
 {{- $ref }}
 {{- end }}
@@ -176,4 +196,67 @@ deployed, discovery on, no static backends), else empty.
 */}}
 {{- define "dflare.discoveryEnabled" -}}
 {{- if and .Values.engine.enabled .Values.gateway.discovery.enabled (empty .Values.gateway.backends) }}true{{ end }}
+{{- end }}
+
+{{/*
+Seconds the gateway drains in-flight requests after SIGTERM (DFLARE_SHUTDOWN_GRACE_S): the value of
+gateway.settings.shutdown_grace_s, else the request timeout, so no request the gateway allows is cut.
+*/}}
+{{- define "dflare.gatewayDrainSeconds" -}}
+{{- $s := .Values.gateway.settings }}
+{{- if hasKey $s "shutdown_grace_s" }}{{ $s.shutdown_grace_s | int }}{{ else }}{{ default 600 $s.request_timeout_s | int }}{{ end }}
+{{- end }}
+
+{{/*
+Termination grace period of one component: the value when set (failing when it is shorter than the
+drain it must cover), else the derived minimum. Usage: include "dflare.gracePeriod" (list . "engine")
+Gateway: preStop + drain + 15. Engine: preStop + the gateway's request timeout + 30, so a request the
+gateway still waits for is never killed under it.
+*/}}
+{{- define "dflare.gracePeriod" -}}
+{{- $root := index . 0 }}
+{{- $component := index . 1 }}
+{{- $v := index $root.Values $component }}
+{{- $need := 0 }}
+{{- if eq $component "gateway" }}
+{{- $need = add (int $v.preStopSleepSeconds) (include "dflare.gatewayDrainSeconds" $root | int) 15 }}
+{{- else }}
+{{- $need = add (int $v.preStopSleepSeconds) (default 600 $root.Values.gateway.settings.request_timeout_s | int) 30 }}
+{{- end }}
+{{- $set := int $v.terminationGracePeriodSeconds }}
+{{- if and $set (lt $set (int $need)) }}
+{{- fail (printf "%s.terminationGracePeriodSeconds=%d is shorter than the %d s its pods need to drain (preStop sleep + %s): raise it, set it to 0 (derived) or lower gateway.settings.request_timeout_s" $component $set (int $need) (ternary "gateway.settings.shutdown_grace_s + 15" "gateway.settings.request_timeout_s + 30" (eq $component "gateway"))) }}
+{{- end }}
+{{- default $need $set }}
+{{- end }}
+
+{{/*
+"true" when the gateway sends an engine API key upstream and the engines require it.
+*/}}
+{{- define "dflare.engineAuth" -}}
+{{- if and .Values.engine.auth.enabled (or .Values.engine.enabled .Values.gateway.backends) }}true{{ end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the engine API key.
+*/}}
+{{- define "dflare.engineKeySecretName" -}}
+{{- default (printf "%s-engine-api-key" (include "dflare.fullname" .)) .Values.engine.auth.existingSecret }}
+{{- end }}
+
+{{/*
+Requests per engine the autoscaler counts as full: floor(maxRunningRequests * targetUtilization), >= 1.
+*/}}
+{{- define "dflare.engineScaleThreshold" -}}
+{{- $e := .Values.engine }}
+{{- max 1 (floor (mulf $e.maxRunningRequests $e.autoscaling.targetUtilization)) | int }}
+{{- end }}
+
+{{/*
+Checksum of the chart-made engine key (its value only, not the Secret's labels, which carry the chart
+version): pods that read it as an env var roll when it changes, and only then.
+*/}}
+{{- define "dflare.engineKeyChecksum" -}}
+{{- $a := .Values.engine.auth }}
+{{- printf "%s/%s/%s" $a.existingSecret $a.secretKey $a.apiKey | sha256sum }}
 {{- end }}

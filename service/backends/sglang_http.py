@@ -235,8 +235,15 @@ class SGLangHTTPBackend(Backend):
         idle_stream_timeout_s: float = 60.0,
         request_timeout_s: float = 600.0,
         health_timeout_s: float = 5.0,
+        api_key: str | None = None,
     ) -> None:
         self.name = base_url.rstrip("/")
+        api_key = (api_key or "").strip()  # a key file's or Secret's trailing newline is not part of it
+        if not api_key.isprintable():
+            raise ValueError("the backend API key must be printable (it travels in an HTTP header)")
+        # SGLang's --api-key guards everything but /health* and /metrics; sent on every call anyway.
+        self._auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._h1_auth = f"Authorization: Bearer {api_key}\r\n".encode("latin-1") if api_key else b""
         self._session = session
         self._owns_session = session is None
         self._connect_timeout = connect_timeout_s
@@ -267,6 +274,7 @@ class SGLangHTTPBackend(Backend):
             first_token_timeout_s=settings.first_token_timeout_s,
             idle_stream_timeout_s=settings.idle_stream_timeout_s,
             request_timeout_s=settings.request_timeout_s,
+            api_key=settings.backend_api_key.get_secret_value() if settings.backend_api_key else None,
         )
 
     @property
@@ -293,7 +301,7 @@ class SGLangHTTPBackend(Backend):
 
     async def _fetch_models(self) -> None:
         async with asyncio.timeout(self._health_timeout):
-            async with self.session.get(self.name + "/v1/models") as resp:
+            async with self.session.get(self.name + "/v1/models", headers=self._auth) as resp:
                 resp.raise_for_status()
                 data = orjson.loads(await resp.read())
         self._models = [m["id"] for m in data.get("data", ())]
@@ -302,7 +310,7 @@ class SGLangHTTPBackend(Backend):
     async def health(self) -> bool:
         try:
             async with asyncio.timeout(self._health_timeout):
-                async with self.session.get(self.name + "/health") as resp:
+                async with self.session.get(self.name + "/health", headers=self._auth) as resp:
                     await resp.read()
                     if resp.status != 200:
                         return False
@@ -313,13 +321,13 @@ class SGLangHTTPBackend(Backend):
 
     # ---- requests -------------------------------------------------------------------------
     def _headers(self, req: BackendRequest) -> dict[str, str]:
-        return {"content-type": "application/json", "x-request-id": req.request_id}
+        return {"content-type": "application/json", "x-request-id": req.request_id, **self._auth}
 
     async def _send(self, req: BackendRequest, data: bytes) -> aiohttp.ClientResponse | H1Response:
         rid = req.request_id
         if self._h1 is not None and rid.isprintable() and rid.isascii():
             headers = b"Content-Type: application/json\r\nx-request-id: %s\r\n" % rid.encode("ascii")
-            return await self._h1.post(self._targets[req.endpoint], headers, data)
+            return await self._h1.post(self._targets[req.endpoint], headers + self._h1_auth, data)
         return await self.session.post(self._urls[req.endpoint], data=data, headers=self._headers(req))
 
     async def _post(

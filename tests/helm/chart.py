@@ -1,8 +1,9 @@
 """Render the chart through Helm's own Go SDK (PyPI helm-python-sdk) and index the documents.
 
-``render(scenario)`` is ``helm template`` with the chart's values.yaml plus one scenario file
-(values-cpu.yaml or helm/ci/*-values.yaml); results are cached because Helm is deterministic apart
-from the generated API key.
+``render(scenario)`` is ``helm template`` with the chart's values.yaml, the values every install
+must give (``INSTALL_VALUES``: an image registry and the credentials, which the chart refuses to
+invent) and one scenario file (values-cpu.yaml or helm/ci/*-values.yaml) over them; results are
+cached because Helm is deterministic.
 """
 
 from __future__ import annotations
@@ -29,6 +30,25 @@ SCENARIOS: dict[str, Path | None] = {
 }
 
 
+# What `helm install` needs besides a scenario file: `--set global.imageRegistry=...` and keys.
+INSTALL_VALUES: dict[str, Any] = {
+    "global": {"imageRegistry": "registry.example.com/dflare-serve"},
+    "gateway": {"auth": {"apiKeys": ["sk-test-user-key-0001"], "metricsToken": "scrape-token-0000001"}},
+    "engine": {"auth": {"apiKey": "engine-key-000000001"}},
+}
+
+
+def merged(base: dict[str, Any], over: dict[str, Any] | None) -> dict[str, Any]:
+    """``over`` deep-merged onto ``base`` (maps merge, anything else replaces), as Helm merges values."""
+    out = dict(base)
+    for key, value in (over or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 @dataclass(frozen=True)
 class Rendered:
     """One scenario's rendered chart: manifests by template path, and the parsed objects."""
@@ -51,9 +71,10 @@ class Rendered:
         return {d["kind"] for d in self.docs}
 
 
-def scenario_values(scenario: str) -> dict[str, Any] | None:
+def scenario_values(scenario: str) -> dict[str, Any]:
+    """The scenario file over ``INSTALL_VALUES``: what a user passes to `helm install`."""
     path = SCENARIOS[scenario]
-    return None if path is None else yaml.safe_load(path.read_text())
+    return merged(INSTALL_VALUES, None if path is None else yaml.safe_load(path.read_text()))
 
 
 @cache
@@ -61,8 +82,11 @@ def load_chart() -> helm_python.Chart:
     return helm_python.Chart.load(CHART)
 
 
-def render_values(values: dict[str, Any] | None) -> Rendered:
-    """Render with user values (merged over values.yaml by Helm, as `helm template -f` does)."""
+def render_values(values: dict[str, Any] | None, *, install_values: bool = True) -> Rendered:
+    """Render with user values (merged over values.yaml by Helm, as `helm template -f` does), on top
+    of ``INSTALL_VALUES`` unless ``install_values`` is False (values.yaml alone)."""
+    if install_values:
+        values = merged(INSTALL_VALUES, values)
     manifests = load_chart().render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
     docs: list[dict[str, Any]] = []
     notes = ""

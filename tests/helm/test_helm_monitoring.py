@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from deploy import sync_chart_files
-from tests.helm.chart import REPO, render, render_values
+from tests.helm.chart import REPO, container, env_map, render, render_values
 
 
 def test_chart_copies_do_not_drift_from_deploy() -> None:
@@ -93,12 +93,15 @@ def test_monitors_select_the_right_pods_and_ports() -> None:
     gateway_service = rendered.one("Service", "-gateway")
     assert sm["spec"]["selector"]["matchLabels"].items() <= gateway_service["metadata"]["labels"].items()
     assert sm["spec"]["endpoints"][0]["port"] == gateway_service["spec"]["ports"][0]["name"]
-    # /metrics behind the API key: the monitor authenticates with the key Secret.
+    # /metrics behind a token: the monitor sends the scrape token, which is no user API key.
     credentials = sm["spec"]["endpoints"][0]["authorization"]["credentials"]
     assert credentials == {"name": "dflare-api-keys", "key": "metrics-token"}
     secret = rendered.one("Secret", "-api-keys")["data"]
     token = base64.b64decode(secret["metrics-token"]).decode()
-    assert token == base64.b64decode(secret["api-keys"]).decode().splitlines()[0]  # one bare key, no newline
+    assert token == "scrape-token-0000001"  # one bare token, no newline
+    assert token not in base64.b64decode(secret["api-keys"]).decode().splitlines()
+    env = env_map(container(rendered.one("Deployment"), "gateway"))
+    assert env["DFLARE_METRICS_TOKENS_FILE"] == "/etc/dflare/api-keys/metrics-token"
     pm = rendered.one("PodMonitor")
     engine_labels = rendered.one("StatefulSet")["spec"]["template"]["metadata"]["labels"]
     assert pm["spec"]["selector"]["matchLabels"].items() <= engine_labels.items()

@@ -31,6 +31,7 @@ class FakeSGLang:
         loading_s: float,
         fail_status: int | None,
         drop_before_first_token: bool = False,
+        api_key: str | None = None,
     ) -> None:
         self.name = name
         self.model = model
@@ -38,10 +39,27 @@ class FakeSGLang:
         self.ready_at = time.monotonic() + loading_s
         self.fail_status = fail_status
         self.drop_before_first_token = drop_before_first_token
-        self.stats: dict[str, Any] = {"requests": 0, "finished": 0, "aborts": [], "prompts": []}
+        self.api_key = api_key
+        self.stats: dict[str, Any] = {
+            "requests": 0,
+            "finished": 0,
+            "aborts": [],
+            "prompts": [],
+            "unauthorized": 0,
+        }
+
+    @web.middleware
+    async def require_key(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """As SGLang with ``--api-key``: everything but /health* and /metrics needs the bearer key."""
+        open_path = request.path.startswith(("/health", "/metrics", "/debug/"))
+        authorized = request.headers.get("Authorization") == f"Bearer {self.api_key}"
+        if self.api_key and not open_path and not authorized:
+            self.stats["unauthorized"] += 1
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.require_key])
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.generate)
@@ -155,6 +173,7 @@ async def serve(args: argparse.Namespace) -> None:
         args.loading_s,
         args.fail_status,
         args.drop_before_first_token,
+        args.api_key,
     )
     runner = web.AppRunner(fake.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -174,6 +193,7 @@ def main() -> None:
     parser.add_argument("--loading-s", type=float, default=0.0)
     parser.add_argument("--fail-status", type=int, default=None)
     parser.add_argument("--drop-before-first-token", action="store_true")
+    parser.add_argument("--api-key", default=None, help="demand 'Authorization: Bearer KEY' as SGLang does")
     asyncio.run(serve(parser.parse_args()))
 
 
