@@ -116,7 +116,11 @@ def summarize(trace: AcceptanceTrace, bins: int = 10) -> dict[str, Any]:
             "bins": bins,
             "ece": round(ece, 4),
             "ece_by_position": [None if e is None else round(e, 4) for e in ece_by_position],
-            "reliability": {k: [round(float(v), 4) for v in vs] for k, vs in table.items()},
+            "reliability": {
+                "confidence": [round(v, 4) for v in table["confidence"]],
+                "accepted": [round(v, 4) for v in table["accepted"]],
+                "pairs": table["pairs"],
+            },
         },
         "meta": {k: v for k, v in trace.meta.items() if k != "request_rates"},
     }
