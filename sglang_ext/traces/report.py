@@ -28,6 +28,7 @@ import numpy as np
 from sglang_ext.traces.format import AcceptanceTrace
 
 PERCENTILES = (5, 25, 50, 75, 95)
+PLOT_MIN_SUPPORT = 20  # the plot leaves out positions and confidence bins with fewer steps (noise)
 
 
 def _arrays(trace: AcceptanceTrace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,6 +102,7 @@ def summarize(trace: AcceptanceTrace, bins: int = 10) -> dict[str, Any]:
         "per_position_acceptance": [
             round(float(p / r), 4) if r else None for p, r in zip(passed, reached, strict=True)
         ],
+        "per_position_reached": reached.tolist(),
         "accepted_histogram": np.bincount(accepted, minlength=trace.block_size).tolist(),
         "mean_confidence_by_position": conf.mean(axis=0).round(4).tolist(),
         "request_tau": {
@@ -114,7 +116,11 @@ def summarize(trace: AcceptanceTrace, bins: int = 10) -> dict[str, Any]:
             "bins": bins,
             "ece": round(ece, 4),
             "ece_by_position": [None if e is None else round(e, 4) for e in ece_by_position],
-            "reliability": {k: [round(float(v), 4) for v in vs] for k, vs in table.items()},
+            "reliability": {
+                "confidence": [round(v, 4) for v in table["confidence"]],
+                "accepted": [round(v, 4) for v in table["accepted"]],
+                "pairs": table["pairs"],
+            },
         },
         "meta": {k: v for k, v in trace.meta.items() if k != "request_rates"},
     }
@@ -138,15 +144,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
         blocks = [int(b) for b in s["tau_by_block"]]
         tau16 = s["tau_by_block"][str(s["block_size"])]
         ax_tau.plot(blocks, list(s["tau_by_block"].values()), marker="o", label=f"{name} (tau {tau16:.2f})")
-        pos = s["per_position_acceptance"]
-        ax_pos.plot(range(1, len(pos) + 1), pos, marker="o", label=name)
+        reached = enumerate(zip(s["per_position_acceptance"], s["per_position_reached"], strict=True))
+        pos = [(j + 1, p) for j, (p, n) in reached if n >= PLOT_MIN_SUPPORT]
+        ax_pos.plot(*zip(*pos, strict=True), marker="o", label=name)
         hist = s["request_tau"]["histogram"]
         total = max(1, sum(hist["counts"]))
         ax_req.stairs([c / total for c in hist["counts"]], hist["edges"], label=name, linewidth=2)
         rel = s["calibration"]["reliability"]
+        bins = zip(rel["confidence"], rel["accepted"], rel["pairs"], strict=True)
+        points = [(c, a) for c, a, n in bins if n >= PLOT_MIN_SUPPORT]
         ax_cal.plot(
-            rel["confidence"],
-            rel["accepted"],
+            *zip(*points, strict=True),
             marker="o",
             label=f"{name} (ECE {s['calibration']['ece']:.3f})",
         )
@@ -154,7 +162,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax_pos.set(
         xlabel="draft position j",
         ylabel="P(accept j | 1..j-1 accepted)",
-        title="per-position acceptance",
+        title=f"per-position acceptance (positions reached >= {PLOT_MIN_SUPPORT} times)",
         ylim=(0, 1.02),
     )
     ax_req.set(
@@ -166,7 +174,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax_cal.set(
         xlabel="drafter confidence (top-1 probability)",
         ylabel="accepted fraction (given all before accepted)",
-        title="calibration",
+        title=f"calibration (bins of >= {PLOT_MIN_SUPPORT} pairs)",
         xlim=(0, 1),
         ylim=(0, 1),
     )

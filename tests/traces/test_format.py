@@ -103,3 +103,16 @@ def test_constructor_checks_confidence_count() -> None:
         AcceptanceTrace("synthetic", 8, 0.0, [[TraceStep(0, (0.5, 0.5))]])
     with pytest.raises(TraceFormatError, match="must be probabilities"):
         TraceStep(0, (float("nan"),))
+
+
+def test_shipped_traces_load() -> None:
+    from sglang_ext.traces import SHIPPED_TRACES, load_shipped_trace, shipped_trace_path
+
+    for name in SHIPPED_TRACES:
+        trace = load_shipped_trace(name)
+        assert trace.block_size == 16 and trace.num_steps > 1000
+        assert trace.source == ("synthetic" if name == "synthetic" else "demo")
+        assert shipped_trace_path(name).stat().st_size < 2_000_000
+    assert load_shipped_trace("demo_t1").temperature == 1.0
+    with pytest.raises(ValueError, match="unknown shipped trace 'demo'"):
+        shipped_trace_path("demo")

@@ -4,7 +4,11 @@ output."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +17,10 @@ from sglang_ext.reference.engine import SpeculativeEngine
 from sglang_ext.reference.sampling import SamplingParams
 from sglang_ext.reference.target import TargetRunner
 from sglang_ext.reference.tiny import tiny_drafter, tiny_target
+from sglang_ext.traces.format import AcceptanceTrace
 from sglang_ext.traces.record import record_trace
 
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB, BLOCK = 6, 4  # a tiny vocabulary: a random drafter is right often enough to accept 0..3 drafts
 
 
@@ -97,3 +103,16 @@ def test_one_temperature_per_trace(pair) -> None:
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]
     with pytest.raises(ValueError, match="one temperature per trace"):
         record_trace(target, drafter, _prompts(2), params, progress=False)
+
+
+def test_cli_records_the_random_pair(tmp_path: Path) -> None:
+    out = tmp_path / "random.json.gz"
+    cmd = [sys.executable, "-m", "sglang_ext.cli", "trace", "record", "--random", "--threads", "1"]
+    cmd += ["--num-prompts", "2", "--first-prompt", "3", "--max-tokens", "16", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert done.returncode == 0, done.stderr
+    trace = AcceptanceTrace.load(out)
+    assert (trace.source, trace.block_size, trace.temperature) == ("random", 8, 0.0)
+    assert len(trace.requests) == 2 and all(trace.requests)
+    assert trace.meta["prompt_indices"] == [3, 4] and trace.meta["generated_tokens"] == 32
