@@ -104,6 +104,19 @@ class BackendUnavailable(GatewayError):
         self.upstream_status = upstream_status
 
 
+class ShuttingDown(BackendUnavailable):
+    """The server reached its shutdown deadline before it could answer: another replica can."""
+
+    def __init__(self) -> None:
+        super().__init__("The server is shutting down; retry the request.")
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": "1"}
+
+
+SHUTDOWN = ShuttingDown()
+
+
 class BackendTimeout(GatewayError):
     status = 504
     type = SERVER_ERROR

@@ -30,6 +30,8 @@ access_logger = logging.getLogger(ACCESS_LOGGER)
 API_PATHS = frozenset({e.value for e in Endpoint} | {"/v1/models"})
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 NO_MODEL = "none"  # model / backend label before a request reached a backend (bounded cardinality)
+CLIENT_CLOSED = "client_closed"  # the access line's error when the client left before its answer ended
+CLIENT_CLOSED_STATUS = 499  # nginx's status for it: a request whose client left before any answer
 
 
 class RequestRecord:
@@ -134,7 +136,7 @@ class ObservabilityMiddleware:
             return
         record = begin_request(scope)
         start, rid = record.start, record.request_id
-        status = 500
+        status = 0
         rid_header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message: Message) -> None:
@@ -150,6 +152,8 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             in_flight.dec()
+            if status == 0:  # nothing was sent: the client left, or an error escaped every handler
+                status = CLIENT_CLOSED_STATUS if record.error_code == CLIENT_CLOSED else 500
             self._finish(scope, record, status, time.perf_counter() - start)
 
     def _finish(self, scope: Scope, record: RequestRecord, status: int, duration: float) -> None:

@@ -365,11 +365,16 @@ class SGLangHTTPBackend(Backend):
                     raw = await resp.read()
         except TimeoutError as exc:
             resp.close()
+            logger.warning("backend %s did not finish within %g s", self.name, self._request_timeout)
             raise BackendTimeout(
-                f"Backend {self.name} did not finish within {self._request_timeout:g} s."
+                f"The model server did not finish within {self._request_timeout:g} s."
             ) from exc
         except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"Backend {self.name} broke the response: {exc}") from exc
+            logger.warning("backend %s broke the response: %r", self.name, exc)
+            raise BackendUnavailable("The model server broke off its response.") from exc
+        except asyncio.CancelledError:  # the client left: closing the connection aborts upstream
+            resp.close()
+            raise
         try:
             body = orjson.loads(raw)
             stats = stats_from_body(body)
