@@ -183,6 +183,15 @@ def error_response(err: GatewayError, request_id: str | None = None) -> Response
     )
 
 
+def status_of_code(code: str) -> int:
+    """The HTTP status the gateway answers an error ``code`` with before a response began (500 for a
+    code it does not know): how a stream that failed after its 200 is counted."""
+    for kind in (BackendUnavailable, BackendTimeout, RateLimited, InternalError, ContextLengthExceeded):
+        if kind.code == code:
+            return kind.status
+    return InternalError.status
+
+
 def error_event(err: GatewayError) -> bytes:
     """One SSE event carrying an OpenAI error: how a stream that already began reports a failure."""
     return b"data: " + orjson.dumps(err.body()) + b"\n\n"

@@ -42,6 +42,7 @@ class RequestRecord:
         "choices",
         "completion_text",
         "error_code",
+        "failed_status",
         "first_chunk_at",
         "last_chunk_at",
         "model",
@@ -65,6 +66,7 @@ class RequestRecord:
         self.last_chunk_at: float | None = None
         self.route_reason: str | None = None
         self.error_code: str | None = None
+        self.failed_status: int | None = None  # a stream that broke after its 200: the failure's status
         self.prompt_text: str | None = None
         self.completion_text: str | None = None
 
@@ -163,7 +165,8 @@ class ObservabilityMiddleware:
         usage = record.usage
         backend = record.backend or NO_MODEL
         m = self.metrics
-        m.observe_request(model, backend, endpoint, status, duration)
+        # a stream that broke after its 200 counts as the failure it was (the access line keeps 200)
+        m.observe_request(model, backend, endpoint, record.failed_status or status, duration)
         itl = None
         if usage is not None:
             m.observe_usage(model, backend, usage.prompt_tokens, usage.completion_tokens, usage.speculative)
