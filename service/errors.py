@@ -174,12 +174,10 @@ class UpstreamError(GatewayError):
         return cls(status, message, type_=type_, param=param if isinstance(param, str) else None, code=code)
 
 
-def error_response(err: GatewayError, request_id: str | None = None) -> Response:
-    headers = err.headers() or {}
-    if request_id:
-        headers["x-request-id"] = request_id
+def error_response(err: GatewayError) -> Response:
+    """The JSON answer of ``err``. No ``x-request-id``: the bookkeeping layer adds it to every answer."""
     return Response(
-        orjson.dumps(err.body()), status_code=err.status, headers=headers, media_type="application/json"
+        orjson.dumps(err.body()), status_code=err.status, headers=err.headers(), media_type="application/json"
     )
 
 
@@ -246,7 +244,7 @@ def exception_response(request: Request, exc: BaseException) -> Response:
     record = state.get("dflare")
     if record is not None:
         record.error_code = err.code or err.type
-    return error_response(err, rid)
+    return error_response(err)
 
 
 def register_exception_handlers(app: FastAPI) -> None:
