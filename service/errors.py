@@ -162,7 +162,11 @@ class UpstreamError(GatewayError):
         err = data.get("error") if isinstance(data, dict) else None
         if not isinstance(err, dict):
             err = data if isinstance(data, dict) else {}
-        message = str(err.get("message") or err.get("detail") or raw[:500].decode("utf-8", "replace"))
+        message = err.get("message") or err.get("detail")
+        if not message:  # no readable message: say what happened; the raw body goes to the log only
+            logger.warning("upstream answered %d: %s", status, raw[:500].decode("utf-8", "replace"))
+            message = f"The model server rejected the request (status {status})."
+        message = str(message)
         code = err.get("code")
         code = code if isinstance(code, str) else None
         if status == 400 and code is None and _CONTEXT_RE.search(message):
