@@ -224,18 +224,28 @@ _STATUS_ERRORS: dict[int, tuple[str, str | None]] = {
 }
 
 
+class RoutingError(GatewayError):
+    """Starlette's HTTP errors (unknown path 404, wrong method 405), with their headers (``Allow``)."""
+
+    def __init__(self, exc: StarletteHTTPException) -> None:
+        super().__init__(str(exc.detail))
+        self.status = exc.status_code
+        self.type, self.code = _STATUS_ERRORS.get(
+            exc.status_code, (INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR, None)
+        )
+        self._headers = dict(exc.headers) if exc.headers else None
+
+    def headers(self) -> dict[str, str] | None:
+        return self._headers
+
+
 def _as_gateway_error(exc: BaseException, request_id: str | None) -> GatewayError:
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, RequestValidationError):
         return _validation_error(exc)
     if isinstance(exc, StarletteHTTPException):
-        type_, code = _STATUS_ERRORS.get(
-            exc.status_code, (INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR, None)
-        )
-        err = GatewayError(str(exc.detail))
-        err.status, err.type, err.code = exc.status_code, type_, code
-        return err
+        return RoutingError(exc)
     logger.error("unhandled error in request %s", request_id, exc_info=exc)
     return InternalError(f"The server had an error while processing your request (request id {request_id}).")
 
