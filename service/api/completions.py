@@ -19,7 +19,14 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response, StreamingResponse
 
-from service.api.protocol import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest
+from service.api.protocol import (
+    ERROR_RESPONSES,
+    ChatCompletion,
+    ChatCompletionRequest,
+    CompletionRequest,
+    TextCompletion,
+    completion_responses,
+)
 from service.backends.base import BackendRequest, Endpoint
 from service.errors import (
     GatewayError,
@@ -97,6 +104,7 @@ router = APIRouter(tags=["completions"], responses=ERROR_RESPONSES)
     "/v1/chat/completions",
     response_model=None,
     summary="Chat completion (OpenAI)",
+    responses=completion_responses(ChatCompletion),
     openapi_extra=_body_doc(ChatCompletionRequest),
 )
 async def chat_completions(request: Request) -> Response:
@@ -108,6 +116,7 @@ async def chat_completions(request: Request) -> Response:
     "/v1/completions",
     response_model=None,
     summary="Text completion (OpenAI)",
+    responses=completion_responses(TextCompletion),
     openapi_extra=_body_doc(CompletionRequest),
 )
 async def completions(request: Request) -> Response:
