@@ -71,6 +71,11 @@ def _int(low: int, high: int) -> Any:
 
 
 TokenCount = _int(1, INT32_MAX)
+# The bound that depends on the model and the prompt, which no static schema can state.
+CONTEXT_NOTE = (
+    "At most the model's context length minus the prompt's tokens; beyond that the answer is "
+    "400 context_length_exceeded."
+)
 OnlyFalse = Annotated[Literal[False], BeforeValidator(_only_false)]
 
 
@@ -106,7 +111,7 @@ class _SamplingFields(_Open):
     """Fields shared by both endpoints. Ranges are OpenAI's (top_k: SGLang's, -1 or 0 = off)."""
 
     model: str = Field(min_length=1)
-    max_tokens: TokenCount | None = None
+    max_tokens: TokenCount | None = Field(None, description=CONTEXT_NOTE)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: _int(-1, INT32_MAX) | None = None
@@ -124,7 +129,7 @@ class _SamplingFields(_Open):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = Field(None, description=CONTEXT_NOTE)
     logprobs: OnlyFalse | None = Field(
         None, description="not supported: speculative decoding does not return log-probabilities"
     )
@@ -142,7 +147,7 @@ class CompletionRequest(_SamplingFields):
         | Annotated[list[PromptIds], Field(min_length=1, max_length=1)],
         BeforeValidator(_prompt_given),
     ] = Field(description="one prompt: text or token ids (a batch of one is accepted)")
-    max_tokens: TokenCount | None = 16
+    max_tokens: TokenCount | None = Field(16, description=CONTEXT_NOTE)
     echo: OnlyFalse = False
     logprobs: None = Field(None, description="not supported with speculative decoding")
 
