@@ -78,7 +78,7 @@ class FastPathMiddleware:
         request = Request(scope, receive)
         try:
             await request.body()  # the watch reads receive from here on
-            with ClientWatch(receive):
+            with ClientWatch(receive, scope):
                 try:
                     response = await handler(request)
                 except HANDLED as exc:  # the one error mapping, as FastAPI's handlers would apply it
@@ -226,7 +226,7 @@ async def serve_watched(scope: Scope, receive: Receive, send: Send, handler: Han
     started = False
     try:
         await request.body()  # the watch reads receive from here on; the handler gets the cached body
-        with ClientWatch(receive):
+        with ClientWatch(receive, scope):
             try:
                 response = await handler(request)
             except HANDLED as exc:

@@ -59,13 +59,19 @@ async def _in_flight(gw: Gateway) -> float:
     return sum((await metric_samples(gw.url, "dflare_requests_in_flight")).values())
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "non_streamed"])
+@pytest.mark.parametrize(
+    ("stream", "cors"),
+    [(True, False), (False, False), (False, True)],
+    ids=["streamed", "non_streamed", "non_streamed_cors_chain"],
+)
 async def test_client_leaving_before_any_byte_aborts_upstream_and_frees_its_slot_at_once(
-    spawn, gateway, stream
+    spawn, gateway, stream, cors
 ):
-    """Issue 19, defects 1 and 2: the engine queues the request for 6 s; the client gives up after 1 s."""
+    """Issue 19, defects 1 and 2: the engine queues the request for 6 s; the client gives up after 1 s.
+    With CORS on, the completion endpoints go through the middleware chain instead of the hot path."""
     queued = spawn("queued", "--queue-delay", "6", "--token-delay", "0.01")
-    gw = gateway([queued.url], max_in_flight=1)
+    settings = {"cors_origins": "https://ui.example"} if cors else {}
+    gw = gateway([queued.url], max_in_flight=1, **settings)
     await _ready(gw)
     async with aiohttp.ClientSession() as session:
         left_at = await leave_after(session, gw.url, chat_body("wait", 50, stream=stream), 1.0)
