@@ -1,7 +1,8 @@
 """A fast fake SGLang server for gateway benchmarks: canned answers, SGLang's wire format, no model.
 
 It answers `POST /v1/chat/completions` (blocking, with SGLang's `choices[].meta_info` speculative
-fields, or streamed as SSE with a usage chunk), `/health`, `/v1/models` and SGLang's info endpoints,
+fields, or streamed as SSE with a usage chunk), `POST /v1/completions` (the same words as a text
+completion), `/health`, `/v1/models` and SGLang's info endpoints,
 on a bare asyncio protocol with httptools (keep-alive, no framework) so that one core of it outruns
 any proxy put in front of it. `--fail` answers every chat request with HTTP 500 instead.
 
@@ -57,20 +58,32 @@ def _chat_json() -> bytes:
     return json.dumps(body).encode()
 
 
-def _chat_sse() -> bytes:
+def _text_json() -> bytes:
+    """``/v1/completions``: the same words as a text completion (stock SGLang sends no meta_info here)."""
+    choice = {"index": 0, "text": "".join(WORDS), "logprobs": None, "finish_reason": "length"}
+    body = {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": MODEL, "choices": [choice]}
+    return json.dumps({**body, "usage": USAGE}).encode()
+
+
+def _sse(chat: bool) -> bytes:
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
+        choice = (
+            {"index": 0, "delta": delta, "finish_reason": finish}
+            if chat
+            else {"index": 0, "text": delta.get("content", ""), "finish_reason": finish}
+        )
         body = {
-            "id": "chatcmpl-fake",
-            "object": "chat.completion.chunk",
+            "id": "chatcmpl-fake" if chat else "cmpl-fake",
+            "object": "chat.completion.chunk" if chat else "text_completion",
             "created": 0,
             "model": MODEL,
-            "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": [] if usage else [choice],
         }
         if usage:
             body["usage"] = usage
         return b"data: " + json.dumps(body).encode() + b"\n\n"
 
-    parts = [chunk({"role": "assistant", "content": ""})]
+    parts = [chunk({"role": "assistant", "content": ""})] if chat else []
     parts += [chunk({"content": w}) for w in WORDS[:-1]]
     parts.append(chunk({"content": WORDS[-1]}, finish="length"))
     parts.append(chunk({}, usage=USAGE))
@@ -92,7 +105,9 @@ def _response(status: str, body: bytes, content_type: bytes = b"application/json
 
 
 CHAT = _response("200 OK", _chat_json())
-CHAT_STREAM = _response("200 OK", _chat_sse(), b"text/event-stream")
+CHAT_STREAM = _response("200 OK", _sse(chat=True), b"text/event-stream")
+TEXT = _response("200 OK", _text_json())
+TEXT_STREAM = _response("200 OK", _sse(chat=False), b"text/event-stream")
 FAIL = _response(
     "500 Internal Server Error",
     json.dumps(
@@ -171,7 +186,11 @@ class FakeSGLang(asyncio.Protocol):
         elif path in (b"/v1/chat/completions", b"/v1/completions"):
             body = b"".join(self.body)
             stream = b'"stream":true' in body.replace(b" ", b"")
-            answer = FAIL if self.fail else (CHAT_STREAM if stream else CHAT)
+            if path == b"/v1/chat/completions":
+                answer = CHAT_STREAM if stream else CHAT
+            else:
+                answer = TEXT_STREAM if stream else TEXT
+            answer = FAIL if self.fail else answer
         else:
             answer = NOT_FOUND
         self.transport.write(answer)

@@ -17,6 +17,7 @@ import logging
 import logging.config
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,19 @@ def _export_flags(args: argparse.Namespace) -> None:
         os.environ["DFLARE_BACKENDS"] = json.dumps(args.backend)
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now (``None``: it can). Bound as uvicorn binds it
+    (``SO_REUSEADDR``, so connections of an earlier server in TIME_WAIT do not count) and let go."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _export_flags(args)
@@ -93,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from service.shutdown import exit_zero_after_drain
 
+    busy = port_in_use(settings.host, settings.port)
+    if busy is not None:  # before loading anything: an engine takes seconds to load for nothing
+        print(f"dflare serve: cannot listen on {settings.host}:{settings.port}: {busy}", file=sys.stderr)
+        return 1
     log_config = logging_config(settings.log_level)
     logging.config.dictConfig(log_config)
     exit_zero_after_drain()  # SIGTERM: drain in-flight streams, then exit 0 (not 143); children stopped

@@ -104,6 +104,19 @@ class BackendUnavailable(GatewayError):
         self.upstream_status = upstream_status
 
 
+class ShuttingDown(BackendUnavailable):
+    """The server reached its shutdown deadline before it could answer: another replica can."""
+
+    def __init__(self) -> None:
+        super().__init__("The server is shutting down; retry the request.")
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": "1"}
+
+
+SHUTDOWN = ShuttingDown()
+
+
 class BackendTimeout(GatewayError):
     status = 504
     type = SERVER_ERROR
@@ -149,7 +162,11 @@ class UpstreamError(GatewayError):
         err = data.get("error") if isinstance(data, dict) else None
         if not isinstance(err, dict):
             err = data if isinstance(data, dict) else {}
-        message = str(err.get("message") or err.get("detail") or raw[:500].decode("utf-8", "replace"))
+        message = err.get("message") or err.get("detail")
+        if not message:  # no readable message: say what happened; the raw body goes to the log only
+            logger.warning("upstream answered %d: %s", status, raw[:500].decode("utf-8", "replace"))
+            message = f"The model server rejected the request (status {status})."
+        message = str(message)
         code = err.get("code")
         code = code if isinstance(code, str) else None
         if status == 400 and code is None and _CONTEXT_RE.search(message):
@@ -161,13 +178,20 @@ class UpstreamError(GatewayError):
         return cls(status, message, type_=type_, param=param if isinstance(param, str) else None, code=code)
 
 
-def error_response(err: GatewayError, request_id: str | None = None) -> Response:
-    headers = err.headers() or {}
-    if request_id:
-        headers["x-request-id"] = request_id
+def error_response(err: GatewayError) -> Response:
+    """The JSON answer of ``err``. No ``x-request-id``: the bookkeeping layer adds it to every answer."""
     return Response(
-        orjson.dumps(err.body()), status_code=err.status, headers=headers, media_type="application/json"
+        orjson.dumps(err.body()), status_code=err.status, headers=err.headers(), media_type="application/json"
     )
+
+
+def status_of_code(code: str) -> int:
+    """The HTTP status the gateway answers an error ``code`` with before a response began (500 for a
+    code it does not know): how a stream that failed after its 200 is counted."""
+    for kind in (BackendUnavailable, BackendTimeout, RateLimited, InternalError, ContextLengthExceeded):
+        if kind.code == code:
+            return kind.status
+    return InternalError.status
 
 
 def error_event(err: GatewayError) -> bytes:
@@ -200,18 +224,28 @@ _STATUS_ERRORS: dict[int, tuple[str, str | None]] = {
 }
 
 
+class RoutingError(GatewayError):
+    """Starlette's HTTP errors (unknown path 404, wrong method 405), with their headers (``Allow``)."""
+
+    def __init__(self, exc: StarletteHTTPException) -> None:
+        super().__init__(str(exc.detail))
+        self.status = exc.status_code
+        self.type, self.code = _STATUS_ERRORS.get(
+            exc.status_code, (INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR, None)
+        )
+        self._headers = dict(exc.headers) if exc.headers else None
+
+    def headers(self) -> dict[str, str] | None:
+        return self._headers
+
+
 def _as_gateway_error(exc: BaseException, request_id: str | None) -> GatewayError:
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, RequestValidationError):
         return _validation_error(exc)
     if isinstance(exc, StarletteHTTPException):
-        type_, code = _STATUS_ERRORS.get(
-            exc.status_code, (INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR, None)
-        )
-        err = GatewayError(str(exc.detail))
-        err.status, err.type, err.code = exc.status_code, type_, code
-        return err
+        return RoutingError(exc)
     logger.error("unhandled error in request %s", request_id, exc_info=exc)
     return InternalError(f"The server had an error while processing your request (request id {request_id}).")
 
@@ -224,7 +258,7 @@ def exception_response(request: Request, exc: BaseException) -> Response:
     record = state.get("dflare")
     if record is not None:
         record.error_code = err.code or err.type
-    return error_response(err, rid)
+    return error_response(err)
 
 
 def register_exception_handlers(app: FastAPI) -> None:

@@ -16,6 +16,7 @@ method. Measured with ``loadtest/gateway_bench.py``; see docs/benchmarks.md.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -23,17 +24,23 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from service.errors import (
+    SHUTDOWN,
     AuthenticationError,
     GatewayError,
     RateLimited,
     RequestTooLarge,
     exception_response,
 )
-from service.observability import ObservabilityMiddleware, begin_request
+from service.observability import (
+    CLIENT_CLOSED,
+    CLIENT_CLOSED_STATUS,
+    ObservabilityMiddleware,
+    begin_request,
+)
 from service.routing.admission import InFlightLimiter
 from service.security import (
     ApiKeyMiddleware,
@@ -44,12 +51,14 @@ from service.security import (
     limited_receive,
     send_error,
 )
+from sglang_ext.engine_server.client_watch import ClientGone, ClientWatch
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
     from service.metrics import GatewayMetrics
 
+logger = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
 HANDLED = (GatewayError, RequestValidationError, HTTPException)
 
@@ -68,9 +77,21 @@ class FastPathMiddleware:
             return
         request = Request(scope, receive)
         try:
-            response = await handler(request)
-        except HANDLED as exc:  # the one error mapping, as FastAPI's handlers would apply it
-            response = exception_response(request, exc)
+            await request.body()  # the watch reads receive from here on
+            with ClientWatch(receive, scope):
+                try:
+                    response = await handler(request)
+                except HANDLED as exc:  # the one error mapping, as FastAPI's handlers would apply it
+                    response = exception_response(request, exc)
+        except (ClientGone, ClientDisconnect):  # nothing to answer; the backend call was cancelled
+            scope["state"]["dflare"].error_code = CLIENT_CLOSED
+            return
+        except asyncio.CancelledError:  # the shutdown deadline, as in serve_watched
+            current = asyncio.current_task()
+            assert current is not None
+            current.uncancel()
+            logger.warning("request %s cancelled at the shutdown deadline", scope["state"]["request_id"])
+            response = exception_response(request, SHUTDOWN)
         # anything else propagates as it would from a route: outer middleware may own it (the body
         # limit's 413), and Starlette's server-error handler answers the rest through the same mapping
         await response(scope, receive, send)
@@ -186,18 +207,7 @@ class GatewayMiddleware:
             return err.status
         limiter.in_flight += 1
         try:  # as FastPathMiddleware
-            request = Request(scope, receive)
-            try:
-                response = await handler(request)
-            except HANDLED as exc:
-                response = exception_response(request, exc)
-            except Exception as exc:  # as Starlette's ServerErrorMiddleware: the 500 answer, then re-raised
-                await send_response(exception_response(request, exc), receive, send)
-                raise
-            response.raw_headers.append((b"x-request-id", rid.encode()))
-            status = response.status_code
-            await send_response(response, receive, send)
-            return status
+            return await serve_watched(scope, receive, send, handler, rid)
         except _BodyTooLarge:  # raised from receive outside the handler, before anything was sent
             return await self._too_large(send, rid_headers)
         finally:
@@ -209,10 +219,59 @@ class GatewayMiddleware:
         return err.status
 
 
-async def send_response(response: Response, receive: Receive, send: Send) -> None:
+async def serve_watched(scope: Scope, receive: Receive, send: Send, handler: Handler, rid: str) -> int:
+    """Read the body, then run the handler and send its answer while watching the client.
+
+    A client that leaves, before the first byte or during a stream, cancels the work at once
+    (:class:`ClientWatch`): the backend call's cancellation closes the upstream connection or aborts
+    the engine request, and the caller frees the in-flight slot. A cancellation that is not the
+    client's is the server's shutdown deadline: a request that got no answer yet gets a retryable 503.
+    Returns the status for the books (499 when the client left before its answer).
+    """
+    request = Request(scope, receive)
+    record = scope["state"]["dflare"]
+    started = False
+    try:
+        await request.body()  # the watch reads receive from here on; the handler gets the cached body
+        with ClientWatch(receive, scope):
+            try:
+                response = await handler(request)
+            except HANDLED as exc:
+                response = exception_response(request, exc)
+            except Exception as exc:  # as Starlette's ServerErrorMiddleware: the 500 answer, then re-raised
+                started = True
+                await send_response(exception_response(request, exc), send)
+                raise
+            response.raw_headers.append((b"x-request-id", rid.encode()))
+            started = True
+            await send_response(response, send)
+            return response.status_code
+    except (ClientGone, ClientDisconnect):
+        record.error_code = CLIENT_CLOSED
+        return 200 if started else CLIENT_CLOSED_STATUS
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        assert current is not None
+        current.uncancel()  # answered here: uvicorn would log the cancellation as a traceback
+        logger.warning("request %s cancelled at the shutdown deadline", rid)
+        if started:
+            record.error_code = SHUTDOWN.code
+            return 200
+        return await shutdown_answer(request, send, rid)
+
+
+async def shutdown_answer(request: Request, send: Send, rid: str) -> int:
+    """The retryable 503 of a request the shutdown deadline cut before it was answered."""
+    response = exception_response(request, SHUTDOWN)
+    response.raw_headers.append((b"x-request-id", rid.encode()))
+    await send_response(response, send)
+    return SHUTDOWN.status
+
+
+async def send_response(response: Response, send: Send) -> None:
     """Send a response of the hot path: what ``response(scope, receive, send)`` sends, leaner."""
     if isinstance(response, StreamingResponse):
-        await stream_response(response, receive, send)
+        await stream_response(response, send)
     elif type(response) in (Response, JSONResponse) and response.background is None:
         await send(
             {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
@@ -222,28 +281,11 @@ async def send_response(response: Response, receive: Receive, send: Send) -> Non
         raise TypeError(f"unexpected response type {type(response).__name__}")
 
 
-async def stream_response(response: StreamingResponse, receive: Receive, send: Send) -> None:
-    """Stream ``response`` until its iterator ends or the client goes away.
-
-    What Starlette's ``StreamingResponse`` does for servers of ASGI spec < 2.4 (uvicorn's httptools
-    protocol reports 2.3: its ``send`` drops data silently after a disconnect), with one listener
-    task instead of an anyio task group and two tasks. The listener waits for ``http.disconnect``
-    and cancels the streaming task, which interrupts the wait on the upstream; the relay's
-    ``finally`` then closes the upstream connection (SGLang aborts the request), as before.
-    """
-    task = asyncio.current_task()
-    assert task is not None
-    finished = disconnected = False
-
-    async def listen() -> None:
-        nonlocal disconnected
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if not finished:
-            disconnected = True
-            task.cancel()
-
-    listener = asyncio.get_running_loop().create_task(listen())
+async def stream_response(response: StreamingResponse, send: Send) -> None:
+    """Stream ``response`` until its iterator ends; the caller's :class:`ClientWatch` interrupts it
+    when the client goes away (uvicorn's httptools protocol reports ASGI spec 2.3: its ``send`` drops
+    data silently after a disconnect). However it ends, the iterator is closed, and the relay's
+    ``finally`` closes the upstream connection (SGLang aborts the request)."""
     body = response.body_iterator
     try:
         await send(
@@ -251,18 +293,11 @@ async def stream_response(response: StreamingResponse, receive: Receive, send: S
         )
         async for chunk in body:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-    except asyncio.CancelledError:
-        if not disconnected:
-            raise
-        task.uncancel()  # our own cancellation: the client left, the response is over
+    finally:
         aclose = getattr(body, "aclose", None)
         if aclose is not None:
             await aclose()
-    finally:
-        finished = True
-        listener.cancel()
 
 
 class GatewayApp(FastAPI):

@@ -11,14 +11,22 @@ connection during one turn of the event loop and hands it to the real transport 
 the start of the next turn (``loop.call_soon``): bytes, order and framing are unchanged, nothing
 waits for more data, and a stream's chunks still leave as they are sent. ``close`` and
 ``write_eof`` send what is pending first; ``abort`` drops it, as the real transport would.
+
+It also tells the app at once when a connection is lost: each request's scope carries the
+connection's set of disconnect callbacks (``scope["extensions"][DISCONNECT_CALLBACKS]``), which a
+:class:`~sglang_ext.engine_server.client_watch.ClientWatch` joins for as long as it waits; the
+alternative, a task per request listening on ``receive``, cost about 9% of a request's instructions.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from sglang_ext.engine_server.client_watch import DISCONNECT_CALLBACKS
 
 
 class TurnBatchedTransport:
@@ -78,7 +86,18 @@ class TurnBatchedTransport:
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's ``httptools`` protocol, writing through a :class:`TurnBatchedTransport`."""
+    """uvicorn's ``httptools`` protocol, writing through a :class:`TurnBatchedTransport` and calling
+    the connection's disconnect callbacks when it is lost."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.disconnect_callbacks: set[Callable[[], None]] = set()
         super().connection_made(TurnBatchedTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["extensions"] = {DISCONNECT_CALLBACKS: self.disconnect_callbacks}  # type: ignore[typeddict-unknown-key]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        for callback in list(self.disconnect_callbacks):
+            callback()

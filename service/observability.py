@@ -30,6 +30,8 @@ access_logger = logging.getLogger(ACCESS_LOGGER)
 API_PATHS = frozenset({e.value for e in Endpoint} | {"/v1/models"})
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 NO_MODEL = "none"  # model / backend label before a request reached a backend (bounded cardinality)
+CLIENT_CLOSED = "client_closed"  # the access line's error when the client left before its answer ended
+CLIENT_CLOSED_STATUS = 499  # nginx's status for it: a request whose client left before any answer
 
 
 class RequestRecord:
@@ -40,6 +42,7 @@ class RequestRecord:
         "choices",
         "completion_text",
         "error_code",
+        "failed_status",
         "first_chunk_at",
         "last_chunk_at",
         "model",
@@ -63,6 +66,7 @@ class RequestRecord:
         self.last_chunk_at: float | None = None
         self.route_reason: str | None = None
         self.error_code: str | None = None
+        self.failed_status: int | None = None  # a stream that broke after its 200: the failure's status
         self.prompt_text: str | None = None
         self.completion_text: str | None = None
 
@@ -134,7 +138,7 @@ class ObservabilityMiddleware:
             return
         record = begin_request(scope)
         start, rid = record.start, record.request_id
-        status = 500
+        status = 0
         rid_header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message: Message) -> None:
@@ -150,6 +154,8 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             in_flight.dec()
+            if status == 0:  # nothing was sent: the client left, or an error escaped every handler
+                status = CLIENT_CLOSED_STATUS if record.error_code == CLIENT_CLOSED else 500
             self._finish(scope, record, status, time.perf_counter() - start)
 
     def _finish(self, scope: Scope, record: RequestRecord, status: int, duration: float) -> None:
@@ -159,7 +165,8 @@ class ObservabilityMiddleware:
         usage = record.usage
         backend = record.backend or NO_MODEL
         m = self.metrics
-        m.observe_request(model, backend, endpoint, status, duration)
+        # a stream that broke after its 200 counts as the failure it was (the access line keeps 200)
+        m.observe_request(model, backend, endpoint, record.failed_status or status, duration)
         itl = None
         if usage is not None:
             m.observe_usage(model, backend, usage.prompt_tokens, usage.completion_tokens, usage.speculative)

@@ -169,14 +169,11 @@ class ApiKeyMiddleware:
         self.open_paths = OPEN_PATHS if metrics_require_auth else OPEN_PATHS | {"/metrics"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # CORS preflights carry no credentials, but never reach this layer: the CORS middleware in
+        # front of it answers them itself. Any other OPTIONS needs a key like every other method.
         path = scope.get("path")
         metrics_path = path == "/metrics" and self.metrics_checker is not None
-        if (
-            scope["type"] != "http"
-            or not (self.checker or metrics_path)
-            or path in self.open_paths
-            or scope["method"] == "OPTIONS"  # CORS preflight carries no credentials
-        ):
+        if scope["type"] != "http" or not (self.checker or metrics_path) or path in self.open_paths:
             await self.app(scope, receive, send)
             return
         presented = _presented_key(scope)

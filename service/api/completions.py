@@ -19,7 +19,14 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response, StreamingResponse
 
-from service.api.protocol import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest
+from service.api.protocol import (
+    ERROR_RESPONSES,
+    ChatCompletion,
+    ChatCompletionRequest,
+    CompletionRequest,
+    TextCompletion,
+    completion_responses,
+)
 from service.backends.base import BackendRequest, Endpoint
 from service.errors import (
     GatewayError,
@@ -28,6 +35,7 @@ from service.errors import (
     ModelNotFound,
     RateLimited,
     error_event,
+    status_of_code,
 )
 
 if TYPE_CHECKING:
@@ -40,6 +48,7 @@ RequestT = TypeVar("RequestT", bound=BaseModel)
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 AFFINITY_CHARS = 512
+ERROR_EVENT_PREFIX = b'data: {"error"'
 
 
 def _check_content_type(request: Request) -> None:
@@ -95,6 +104,7 @@ router = APIRouter(tags=["completions"], responses=ERROR_RESPONSES)
     "/v1/chat/completions",
     response_model=None,
     summary="Chat completion (OpenAI)",
+    responses=completion_responses(ChatCompletion),
     openapi_extra=_body_doc(ChatCompletionRequest),
 )
 async def chat_completions(request: Request) -> Response:
@@ -106,6 +116,7 @@ async def chat_completions(request: Request) -> Response:
     "/v1/completions",
     response_model=None,
     summary="Text completion (OpenAI)",
+    responses=completion_responses(TextCompletion),
     openapi_extra=_body_doc(CompletionRequest),
 )
 async def completions(request: Request) -> Response:
@@ -192,19 +203,36 @@ async def _relay(stream: Stream, record: RequestRecord, capture_text: bool) -> A
             record.last_chunk_at = now
             if capture_text:
                 text.append(_chunk_text(chunk))
+            if chunk.startswith(ERROR_EVENT_PREFIX):  # the backend ended the stream with an error
+                _note_stream_error(record, chunk)
             yield chunk
     except GatewayError as exc:  # after the 200: one error event, then the end
         record.error_code = exc.code or exc.type
+        record.failed_status = exc.status
         yield error_event(exc) + b"data: [DONE]\n\n"
     except Exception:
         logger.exception("stream %s failed", record.request_id)
         record.error_code = InternalError.code
+        record.failed_status = InternalError.status
         yield error_event(InternalError("The stream failed inside the gateway.")) + b"data: [DONE]\n\n"
     finally:
         await stream.aclose()
         record.usage = stream.usage
         if capture_text:
             record.completion_text = "".join(text)
+
+
+def _note_stream_error(record: RequestRecord, chunk: bytes) -> None:
+    """Book a stream that broke after its 200 as the failure it was: the error's code for the access
+    line, and the status the same failure gets before the first byte for ``dflare_requests_total``."""
+    event = chunk[6:].split(b"\n\n", 1)[0]
+    try:
+        error = orjson.loads(event)["error"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        error = {}
+    code = error.get("code") if isinstance(error, dict) else None
+    record.error_code = str(code or InternalError.code)
+    record.failed_status = status_of_code(record.error_code)
 
 
 def _completion_text(body: dict[str, Any]) -> str:

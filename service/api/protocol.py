@@ -1,14 +1,30 @@
-"""OpenAI request bodies (shared with ``dflare engine-server``) and the documented error responses."""
+"""OpenAI request bodies (shared with ``dflare engine-server``), and the documented responses.
+
+The response models only document the answers in the OpenAPI schema (the gateway relays what the
+backend sent and never validates it on the hot path); fields beyond them are allowed, as OpenAI's
+own clients allow them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from sglang_ext.engine_server.protocol import ChatCompletionRequest, CompletionRequest
 
-__all__ = ["ERROR_RESPONSES", "ChatCompletionRequest", "CompletionRequest", "ErrorBody", "ErrorResponse"]
+__all__ = [
+    "ERROR_RESPONSES",
+    "ChatCompletion",
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "ErrorBody",
+    "ErrorResponse",
+    "ModelCard",
+    "ModelList",
+    "TextCompletion",
+    "completion_responses",
+]
 
 
 class ErrorBody(BaseModel):
@@ -33,3 +49,99 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {**_ERROR, "description": "No backend available"},
     504: {**_ERROR, "description": "Backend timed out"},
 }
+
+
+class _Documented(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class SpeculativeUsage(_Documented):
+    """``usage.speculative``: the request's speculative-decoding stats (``SpecStats.to_usage``)."""
+
+    block_size: int
+    verify_steps: int
+    draft_tokens: int
+    accepted_tokens: int
+    acceptance_length: float
+    acceptance_rate: float
+    accepted_per_position: list[int]
+    histogram: list[int]
+
+
+class CompletionUsage(_Documented):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int | None = None
+    speculative: SpeculativeUsage | None = None
+
+
+class AssistantMessage(_Documented):
+    role: Literal["assistant"]
+    content: str | None = None
+
+
+class ChatChoice(_Documented):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletion(_Documented):
+    """A non-streamed chat answer (``stream: false``)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+
+
+class TextChoice(_Documented):
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+class TextCompletion(_Documented):
+    """A non-streamed text completion (``stream: false``)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: CompletionUsage
+
+
+class ModelCard(_Documented):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Documented):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+SSE_SCHEMA = {
+    "type": "object",
+    "description": "One server-sent event: `data` holds a chunk as JSON, `[DONE]` last; a failure after "
+    'the 200 arrives as one `{"error": ...}` event before `[DONE]`.',
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+    "required": ["data"],
+}
+
+
+def completion_responses(answer: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The documented answers of a completion endpoint: JSON, or an event stream with ``stream: true``."""
+    return {
+        200: {
+            "model": answer,
+            "description": "The completion: JSON, or with `stream: true` an event stream",
+            "content": {"text/event-stream": {"schema": SSE_SCHEMA}},
+        },
+        **ERROR_RESPONSES,
+    }

@@ -113,6 +113,11 @@ def _merged_meta(metas: list[dict[str, Any] | None]) -> ReadStats | None:
     return ReadStats(merged.block_size, merged.histogram, merged.verified_drafts)
 
 
+def _printable(raw: bytes, limit: int = 500) -> str:
+    """An upstream body for the log: text, cut to ``limit`` characters."""
+    return raw[:limit].decode("utf-8", "replace")
+
+
 class _RelayStream(Stream):
     """Relays upstream SSE bytes; lifts out the usage chunk; ends with an error event on failure."""
 
@@ -165,7 +170,7 @@ class _RelayStream(Stream):
                         chunk = await content.readany()
                 except TimeoutError:
                     what = "next" if sent else "first"
-                    failure = BackendTimeout(f"Timed out waiting for the {what} token from {self._backend}.")
+                    failure = BackendTimeout(f"Timed out waiting for the {what} token from the model server.")
                     break
                 if not chunk:
                     break
@@ -198,7 +203,8 @@ class _RelayStream(Stream):
                     sent = True
                     yield b"\n\n".join(out) + b"\n\n"
         except aiohttp.ClientError as exc:
-            failure = BackendUnavailable(f"The stream from {self._backend} broke: {exc}", retryable=not sent)
+            logger.warning("stream from %s broke: %r", self._backend, exc)
+            failure = BackendUnavailable("The stream from the model server broke.", retryable=not sent)
         finally:
             self._closed = True
             if done:
@@ -208,7 +214,7 @@ class _RelayStream(Stream):
         if done:
             return
         failure = failure or BackendUnavailable(
-            f"The backend closed the stream early ({self._backend}).", retryable=not sent
+            "The model server closed the stream early.", retryable=not sent
         )
         if not sent:
             raise failure  # nothing reached the client: a pool may retry, else the client gets the status
@@ -296,7 +302,8 @@ class SGLangHTTPBackend(Backend):
                 await self._fetch_models()
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 if not self._models:
-                    raise BackendUnavailable(f"Backend {self.name} is unreachable: {exc}") from exc
+                    logger.warning("backend %s: model list unavailable: %r", self.name, exc)
+                    raise BackendUnavailable("The model server is unreachable.") from exc
         return self._models
 
     async def _fetch_models(self) -> None:
@@ -342,17 +349,22 @@ class SGLangHTTPBackend(Backend):
             async with asyncio.timeout(timeout):
                 resp = await self._send(req, data)
         except aiohttp.ConnectionTimeoutError as exc:  # never connected (a dead pod's IP): retryable
-            raise BackendUnavailable(f"Backend {self.name} did not accept a connection: {exc}") from exc
+            logger.warning("backend %s did not accept a connection: %r", self.name, exc)
+            raise BackendUnavailable("The model server did not accept a connection.") from exc
         except TimeoutError as exc:
-            raise BackendTimeout(f"Backend {self.name} did not answer within {timeout:g} s.") from exc
+            logger.warning("backend %s did not answer within %g s", self.name, timeout)
+            raise BackendTimeout(f"The model server did not answer within {timeout:g} s.") from exc
         except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"Backend {self.name} is unreachable: {exc}") from exc
+            logger.warning("backend %s is unreachable: %r", self.name, exc)
+            raise BackendUnavailable("The model server is unreachable.") from exc
         if resp.status != 200:
             raw = await resp.read()
             resp.release()
             if resp.status in RETRYABLE_STATUS:
+                # the client gets the status in plain words; the backend's URL and body go to the log
+                logger.warning("backend %s answered %d: %s", self.name, resp.status, _printable(raw))
                 raise BackendUnavailable(
-                    f"Backend {self.name} answered {resp.status}: {raw[:300]!r}", upstream_status=resp.status
+                    f"The model server failed with status {resp.status}.", upstream_status=resp.status
                 )
             raise UpstreamError.from_response(resp.status, raw)
         return resp
@@ -373,16 +385,22 @@ class SGLangHTTPBackend(Backend):
                     raw = await resp.read()
         except TimeoutError as exc:
             resp.close()
+            logger.warning("backend %s did not finish within %g s", self.name, self._request_timeout)
             raise BackendTimeout(
-                f"Backend {self.name} did not finish within {self._request_timeout:g} s."
+                f"The model server did not finish within {self._request_timeout:g} s."
             ) from exc
         except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"Backend {self.name} broke the response: {exc}") from exc
+            logger.warning("backend %s broke the response: %r", self.name, exc)
+            raise BackendUnavailable("The model server broke off its response.") from exc
+        except asyncio.CancelledError:  # the client left: closing the connection aborts upstream
+            resp.close()
+            raise
         try:
             body = orjson.loads(raw)
             stats = stats_from_body(body)
         except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
-            raise InternalError(f"Backend {self.name} sent an unreadable response: {exc}") from exc
+            logger.warning("backend %s sent an unreadable response (%r): %s", self.name, exc, _printable(raw))
+            raise InternalError("The model server sent an unreadable response.") from exc
         usage = body.get("usage") or {}
         return Completion(
             body, Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), stats)

@@ -186,7 +186,8 @@ class RoutedBackend(Backend):
                 events = aiter(inner)
                 first = await anext(events, None)  # a member failing before its first event raises
                 if first is None:
-                    raise BackendUnavailable(f"Backend {endpoint.url} ended the stream before any event.")
+                    logger.warning("backend %s ended a stream before any event", endpoint.url)
+                    raise BackendUnavailable("The model server ended the stream before any event.")
             except BaseException as exc:
                 if inner is not None and not isinstance(exc, BackendUnavailable):
                     await inner.aclose()

@@ -7,7 +7,7 @@ plugin's ``usage.speculative``; non-streamed chat honours ``return_meta_info``),
 shape ``{"object": "error", "message", "type", "param", "code"}``. With ``plugin_stats=False`` it
 behaves like stock SGLang: no ``usage.speculative``, stats only in ``meta_info``.
 ``n`` > 1 runs as ``n`` engine requests (``serving.py``). A client that disconnects aborts its
-request, all its choices, as in SGLang.
+request, all its choices, as in SGLang: streamed or not, at once (:mod:`.client_watch`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 from starlette.responses import Response, StreamingResponse
 
+from sglang_ext.engine_server.client_watch import ClientGone, ClientWatch
 from sglang_ext.engine_server.protocol import ChatCompletionRequest, CompletionRequest
 from sglang_ext.engine_server.runner import EngineFailed, QueueFull
 from sglang_ext.engine_server.serving import (
@@ -183,9 +184,12 @@ def create_engine_app(load: Callable[[], OpenAIServing], *, plugin_stats: bool =
                 headers=SSE_HEADERS,
             )
         try:
-            result = await s.complete(sub, meta_info=meta_info)
+            with ClientWatch(request.receive):
+                result = await s.complete(sub, meta_info=meta_info)  # aborts the engine request if cut
         except EngineFailed as exc:
             return sglang_error(500, f"engine failed: {exc}")
+        except ClientGone:
+            return _client_gone(rid)
         if not plugin_stats:
             result["usage"].pop("speculative", None)
         return Response(orjson.dumps(result), media_type="application/json")
@@ -199,7 +203,7 @@ def create_engine_app(load: Callable[[], OpenAIServing], *, plugin_stats: bool =
         return await openai(request, COMPLETIONS, CompletionRequest)
 
     @app.post("/generate")
-    async def generate(req: GenerateRequest) -> Response:
+    async def generate(req: GenerateRequest, request: Request) -> Response:
         s = serving()
         if (req.text is None) == (req.input_ids is None):
             return sglang_error(400, "Either text or input_ids should be provided.")
@@ -224,7 +228,11 @@ def create_engine_app(load: Callable[[], OpenAIServing], *, plugin_stats: bool =
             return StreamingResponse(
                 _native_stream(s, sub), media_type="text/event-stream", headers=SSE_HEADERS
             )
-        await s.complete(sub)
+        try:
+            with ClientWatch(request.receive):
+                await s.complete(sub)
+        except ClientGone:
+            return _client_gone(rid)
         out = sub.outs[0]
         native = {
             "text": out.text,
@@ -234,6 +242,13 @@ def create_engine_app(load: Callable[[], OpenAIServing], *, plugin_stats: bool =
         return Response(orjson.dumps(native), media_type="application/json")
 
     return app
+
+
+def _client_gone(rid: str) -> Response:
+    """What a handler returns once its client left (the engine request is already aborted): nothing
+    reaches anyone, the status is for the server's own log (nginx's 499)."""
+    logger.info("request %s aborted: the client disconnected", rid)
+    return Response(status_code=499)
 
 
 def _native_ids(out: Outcome) -> list[int]:

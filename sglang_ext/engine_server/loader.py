@@ -11,6 +11,7 @@ from sglang_ext.engine_server.runner import EngineRunner
 from sglang_ext.engine_server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
+NO_TOKENIZER_LIMIT = 2**62  # longer than any prompt: the tokenizer's own length check never fires
 
 
 def _generation_config(target_dir: Path) -> dict[str, Any]:
@@ -65,6 +66,10 @@ def load_serving(
     if engine.tokenizer is None:  # the engine matches stop strings, so it needs the tokenizer too
         engine.tokenizer = AutoTokenizer.from_pretrained(target_dir)
     tokenizer = engine.tokenizer
+    # The serving layer refuses a prompt beyond the context itself, with an OpenAI error. The
+    # tokenizer's own length check would only add a transformers warning to the log for every such
+    # prompt ("sequence length is longer than the specified maximum"), so it is lifted.
+    tokenizer.model_max_length = NO_TOKENIZER_LIMIT
     gen_config = _generation_config(target_dir)
     logger.info(
         "engine ready: %s, drafter %s, block size %s, context %d",

@@ -3,6 +3,11 @@
 Both engines share one target model object and run in the same process, alternating prompt by prompt at
 batch 1 (else round by round), so the tokens/s ratio compares like with like on the same machine at the
 same moment. Prints a table, writes JSON (and optionally a PNG bar chart).
+
+On a shared machine one round's ratio can swing several-fold between runs, so the ratio of each round is
+printed and stored with their spread, the median is reported, and a single round says that its noise is
+unmeasured. The JSON goes where ``--out`` says, else into ``runs/`` (ignored by git), never the current
+directory itself.
 """
 
 from __future__ import annotations
@@ -44,6 +49,15 @@ DEFAULT_PROMPTS = [
 ]
 
 
+DEFAULT_ROUNDS = 3
+RESULTS_DIR = Path("runs")
+
+
+def default_out() -> Path:
+    """Where a report goes without ``--out``: the results folder, one file per run."""
+    return RESULTS_DIR / time.strftime("bench_engine-%Y%m%d-%H%M%S.json", time.gmtime())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dflare bench engine", description=__doc__.splitlines()[0])
     add_pair_arguments(p)
@@ -59,10 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1, help="concurrent requests (continuous batching rows)")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--rounds", type=int, default=1, help="alternating rounds per mode (median reported)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=DEFAULT_ROUNDS,
+        help="alternating rounds per mode: the median is reported with each round's ratio and their spread "
+        "(1 round: the noise is not measured)",
+    )
     p.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
     p.add_argument("--ignore-eos", action="store_true", help="always decode max_tokens tokens")
-    p.add_argument("--out", type=Path, default=Path("bench_engine.json"))
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON report (default: runs/bench_engine-<UTC time>.json)"
+    )
     p.add_argument("--plot", type=Path, default=None, help="also write a PNG bar chart")
     return p
 
@@ -131,6 +153,9 @@ def main(argv: list[str]) -> int:
         print("usage: dflare bench engine [options]   (see `dflare bench engine --help`)", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv[1:])
+    if args.rounds < 1:
+        print("dflare bench: --rounds must be at least 1", file=sys.stderr)
+        return 2
     try:
         pair = load_pair(args)
     except (PairUnavailableError, OSError, ValueError) as exc:
@@ -190,9 +215,10 @@ def main(argv: list[str]) -> int:
         report["verified_drafts_per_step"] = round(verified / spec_stats["verify_steps"], 3)
     report["drafter_kind"] = pair.drafter.config.kind
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = args.out if args.out is not None else default_out()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
     if args.plot:
         plot(report, args.plot)
         print(f"wrote {args.plot}")
@@ -222,6 +248,11 @@ def summarise(
             "tokens_per_cpu_s": round(tokens / cpu, 2),
             "speculative": stats.to_usage() if stats else None,
         }
+    # each round's ratio, from the same outputs (greedy and seeded: every round decodes the same tokens)
+    per_round = [
+        round((modes["speculative"]["output_tokens"] / s) / (modes["ar"]["output_tokens"] / a), 3)
+        for (a, _), (s, _) in zip(times["ar"], times["speculative"], strict=True)
+    ]
     pairs = zip(outputs["ar"], outputs["speculative"], strict=True)
     same = sum(a.output_ids == b.output_ids for a, b in pairs)
     return {
@@ -234,6 +265,8 @@ def summarise(
         "machine": machine(),
         "modes": modes,
         "speedup": round(modes["speculative"]["tokens_per_s"] / modes["ar"]["tokens_per_s"], 3),
+        "speedup_per_round": per_round,
+        "speedup_spread": round(max(per_round) - min(per_round), 3) if len(per_round) > 1 else None,
         "speedup_cpu": round(modes["speculative"]["tokens_per_cpu_s"] / modes["ar"]["tokens_per_cpu_s"], 3),
         "tau": modes["speculative"]["speculative"]["acceptance_length"]
         if modes["speculative"]["speculative"]
@@ -263,6 +296,15 @@ def print_table(report: dict[str, Any]) -> None:
         f"verified drafts/step {report.get('verified_drafts_per_step', 0):.2f}; "
         f"identical outputs {report['identical_outputs']}/{report['prompts']}"
     )
+    per_round = report["speedup_per_round"]
+    if len(per_round) > 1:
+        spread = ", ".join(f"{r:.2f}x" for r in per_round)
+        print(f"noise: ratio per round {spread} (spread {report['speedup_spread']:.2f}x); median reported")
+    else:
+        print(
+            "noise: not measured with one round (on a shared machine one round's ratio can differ "
+            f"several-fold between runs); use --rounds {DEFAULT_ROUNDS} or more"
+        )
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -77,7 +77,24 @@ def test_bench_engine_writes_side_by_side_json_and_png(tmp_path: Path, capsys, b
     assert len(report["modes"]["ar"]["seconds_per_round"]) == 2
     assert 1 <= report["verified_drafts_per_step"] <= 7
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "speedup (tok/s speculative / AR)" in capsys.readouterr().out
+    assert len(report["speedup_per_round"]) == 2 and report["speedup_spread"] >= 0
+    out_text = capsys.readouterr().out
+    assert "speedup (tok/s speculative / AR)" in out_text and "noise: ratio per round" in out_text
+
+
+def test_bench_engine_writes_under_runs_and_says_one_round_is_unmeasured_noise(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Issue 19, defect 9: no ``bench_engine.json`` in the current directory without ``--out``, and a
+    single round's ratio comes with a word about its noise."""
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "engine", "--random", "--threads", "1", "--num-prompts", "1", "--max-tokens", "4"]
+    assert dflare([*args, "--rounds", "1"]) == 0
+    assert not (tmp_path / "bench_engine.json").exists()
+    (written,) = (tmp_path / "runs").glob("bench_engine-*.json")
+    assert json.loads(written.read_text())["speedup_spread"] is None
+    assert "noise: not measured with one round" in capsys.readouterr().out
+    assert dflare([*args, "--rounds", "0"]) == 2
 
 
 def test_console_script_runs_in_a_fresh_process() -> None:

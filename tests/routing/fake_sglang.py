@@ -3,8 +3,9 @@
 For routing tests that need many backends, misbehaving ones and precise observation, which a real
 engine cannot give cheaply on 2 CPU cores: ``/health`` (503 while "loading"), ``/v1/models``,
 ``/v1/chat/completions`` and ``/v1/completions`` (streamed SSE with a final usage chunk, or JSON),
-tokens paced by ``--token-delay``. ``/debug/stats`` reports what the gateway cannot fake: requests
-seen, finished, and the wall-clock time each aborted stream noticed its client had gone.
+tokens paced by ``--token-delay`` after ``--queue-delay`` seconds in a simulated queue.
+``/debug/stats`` reports what the gateway cannot fake: requests seen, finished, and for each request
+whose client went away (streamed or not) the wall-clock time it noticed and the tokens it had sent.
 
     python -m tests.routing.fake_sglang --name b0 --model tiny [--port 0] [--loading-s 2]
 
@@ -32,6 +33,7 @@ class FakeSGLang:
         fail_status: int | None,
         drop_before_first_token: bool = False,
         api_key: str | None = None,
+        queue_delay_s: float = 0.0,
     ) -> None:
         self.name = name
         self.model = model
@@ -40,6 +42,7 @@ class FakeSGLang:
         self.fail_status = fail_status
         self.drop_before_first_token = drop_before_first_token
         self.api_key = api_key
+        self.queue_delay_s = queue_delay_s
         self.stats: dict[str, Any] = {
             "requests": 0,
             "finished": 0,
@@ -106,7 +109,11 @@ class FakeSGLang:
         rid = request.headers.get("x-request-id", "req")
         usage = {"prompt_tokens": len(str(prompt).split()), "completion_tokens": n, "total_tokens": 0}
         if not body.get("stream"):
-            await asyncio.sleep(self.token_delay_s * n)
+            try:  # aiohttp cancels the handler when the client's connection closes: SGLang's abort
+                await asyncio.sleep(self.queue_delay_s + self.token_delay_s * n)
+            except asyncio.CancelledError:
+                self.stats["aborts"].append({"request_id": rid, "at": time.time(), "tokens": 0})
+                raise
             self.stats["finished"] += 1
             text = " ".join(words)
             message = {"role": "assistant", "content": text}
@@ -127,12 +134,18 @@ class FakeSGLang:
             )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        try:  # waiting in the engine's queue: the 200 went out, no event yet
+            await asyncio.sleep(self.queue_delay_s)
+        except asyncio.CancelledError:
+            self.stats["aborts"].append({"request_id": rid, "at": time.time(), "tokens": 0})
+            raise
         if self.drop_before_first_token:  # accepted (200 sent), then the engine "crashes"
             await response.write(b"")
             assert request.transport is not None
             request.transport.close()
             return response
         kind = "chat.completion.chunk" if chat else "text_completion"
+        i = 0
         try:
             for i, word in enumerate(words):
                 await asyncio.sleep(self.token_delay_s)
@@ -160,7 +173,7 @@ class FakeSGLang:
             await response.write(b"data: [DONE]\n\n")
             self.stats["finished"] += 1
         except (ConnectionResetError, asyncio.CancelledError):
-            self.stats["aborts"].append({"request_id": rid, "at": time.time()})
+            self.stats["aborts"].append({"request_id": rid, "at": time.time(), "tokens": i})
             raise
         return response
 
@@ -174,6 +187,7 @@ async def serve(args: argparse.Namespace) -> None:
         args.fail_status,
         args.drop_before_first_token,
         args.api_key,
+        args.queue_delay,
     )
     runner = web.AppRunner(fake.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -194,6 +208,7 @@ def main() -> None:
     parser.add_argument("--fail-status", type=int, default=None)
     parser.add_argument("--drop-before-first-token", action="store_true")
     parser.add_argument("--api-key", default=None, help="demand 'Authorization: Bearer KEY' as SGLang does")
+    parser.add_argument("--queue-delay", type=float, default=0.0, help="seconds before the first token")
     asyncio.run(serve(parser.parse_args()))
 
 

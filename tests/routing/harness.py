@@ -8,6 +8,7 @@ same code the tests run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -285,6 +286,21 @@ async def stream_chat(
     except aiohttp.ClientError as exc:
         out.transport_error = repr(exc)
     return out
+
+
+async def leave_after(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], seconds: float
+) -> float:
+    """Send ``body`` and drop the connection after ``seconds`` without having read a byte; returns
+    the wall-clock time it left (comparable with the stand-in backends' abort times)."""
+    task = asyncio.create_task(session.post(url + "/v1/chat/completions", json=body))
+    await asyncio.sleep(seconds)
+    assert not task.done(), "the request was answered before the client left"
+    task.cancel()  # aiohttp closes the connection of a cancelled request
+    left_at = time.time()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return left_at
 
 
 def _read_event(out: Outcome, event: bytes) -> None:

@@ -3,15 +3,21 @@ one torch thread each), behind ``dflare serve``. Order matters: the last test ki
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.routing.harness import (
     EngineServer,
     Gateway,
     build_long_context_pair,
+    chat_body,
+    leave_after,
+    metric_samples,
     start_engine_servers,
     start_gateway,
     wait_admitted,
@@ -61,6 +67,46 @@ async def test_tenfold_overload_on_engines(gateway):
     figures = await overload(gw.url, requests=40, max_tokens=60, model=MODEL)
     assert figures["admitted_failed"] == 0, figures
     assert figures["rejected_429"] >= 20 and figures["rejected_with_retry_after"] == figures["rejected_429"]
+
+
+@pytest.mark.parametrize("via", ["direct", "gateway"])
+async def test_non_streamed_request_whose_client_left_is_aborted_in_the_engine(gateway, engines, via):
+    """Issue 19, defect 2: ``dflare engine-server`` aborts a non-streamed request whose client left,
+    asked directly or through the gateway, instead of generating all its tokens."""
+    engine = engines[0]
+    url = engine.url
+    if via == "gateway":
+        gw = gateway()
+        await wait_for(gw.url)
+        await wait_admitted(gw.url, 3)
+        url = gw.url
+    async with aiohttp.ClientSession() as session:
+        before = await _engine_counts(session, engines)
+        # greedy, the tiny pair answers this with " the the ..." and no end of sequence: all 900 tokens
+        # (the context is 1024) take it about 1.3 s on an idle core
+        body = {**chat_body("Say the the the", 900, stream=False, model=MODEL), "temperature": 0}
+        await leave_after(session, url, body, 0.3)
+        deadline = time.monotonic() + 1.5
+        while (now := await _engine_counts(session, engines))[0] == before[0]:
+            assert time.monotonic() < deadline, "the engine kept generating for the departed client"
+            await asyncio.sleep(0.02)
+    assert now[1] == before[1] + 1, (before, now)  # ended as aborted
+    assert now[2] - before[2] < 900, (before, now)  # ... before generating all its tokens
+
+
+async def _engine_counts(
+    session: aiohttp.ClientSession, engines: list[EngineServer]
+) -> tuple[int, int, float]:
+    """(requests ended, of which aborted, tokens generated) summed over the engines."""
+    ended = aborted = 0
+    for engine in engines:
+        e, a = await engine.request_counts(session)
+        ended, aborted = ended + e, aborted + a
+    tokens = 0.0
+    for engine in engines:
+        samples = await metric_samples(engine.url, "sglang:generation_tokens_total")
+        tokens += sum(samples.values())
+    return ended, aborted, tokens
 
 
 async def test_kill_one_engine_during_load(gateway, engines):

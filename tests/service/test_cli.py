@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +102,24 @@ def test_several_workers_without_backends_share_one_local_engine_server(tiny_pai
     assert gw.popen.returncode == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(engine + "/health")
+
+
+def test_busy_port_fails_before_the_engine_loads(tmp_path):
+    """Issue 19, defect 9: ``dflare serve`` on a port already taken says so at once, without first
+    loading the embedded engine for seconds."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DFLARE_")}
+        run = subprocess.run(
+            [sys.executable, "-m", "sglang_ext.cli", "serve", "--port", str(port), "--log-level", "info"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=Path(__file__).parents[2],
+            timeout=120,
+        )
+    assert run.returncode == 1
+    assert f"127.0.0.1:{port}" in run.stderr and "in use" in run.stderr, run.stderr
+    assert "loading the embedded engine" not in run.stderr + run.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import AsyncIterator
 
 import httpx
@@ -13,7 +14,8 @@ import pytest
 from service.app import create_app
 from service.backends.base import Backend, BackendRequest, Completion, Stream
 from service.settings import Settings
-from tests.service.conftest import MODEL, serve_in_thread
+from tests.service.conftest import MODEL, free_port, serve_in_thread, start
+from tests.service.tiny_models import MAX_CONTEXT
 
 CHAT = "/v1/chat/completions"
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -292,3 +294,36 @@ def test_oversized_chunked_body_without_length_is_413(gateway_http):
     r = httpx.post(gateway_http.url + CHAT, content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413, r.text
     assert r.json()["error"]["code"] == "request_too_large"
+
+
+def test_too_many_stop_sequences_names_the_limit(gateway_http):
+    """Issue 19, defect 9: the message names the limit, not a branch of the field's type."""
+    r = httpx.post(gateway_http.url + CHAT, json={**GOOD, "stop": [f"s{i}" for i in range(17)]})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "stop" and "16" in error["message"] and "17" in error["message"], error
+    assert httpx.post(gateway_http.url + CHAT, json={**GOOD, "stop": ["s"] * 16}).status_code == 200
+
+
+def test_long_prompt_is_refused_without_a_tokenizer_warning_in_the_log(tiny_pair, tmp_path):
+    """Issue 19, defect 9: a tokenizer that knows its model's length (as real ones do) warns on every
+    longer prompt; the engine refuses such a prompt itself, and the warning stays out of the log."""
+    target, drafter = tiny_pair
+    limited = tmp_path / "target"
+    shutil.copytree(target, limited)
+    config_path = limited / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "model_max_length": MAX_CONTEXT}))
+    port = free_port()
+    log = tmp_path / "engine.log"
+    args = ["engine-server", "--model-path", str(limited), "--draft-model-path", str(drafter)]
+    args += ["--served-model-name", MODEL, "--threads", "1", "--port", str(port)]
+    proc = start(args, log, port)
+    try:
+        long_prompt = {**GOOD, "messages": [{"role": "user", "content": "the " * (2 * MAX_CONTEXT)}]}
+        r = httpx.post(proc.url + CHAT, json=long_prompt, timeout=30)
+        assert r.status_code == 400 and r.json()["code"] == 400, r.text
+        assert "maximum context length" in r.json()["message"]
+    finally:
+        proc.stop()
+    assert "longer than the specified maximum" not in log.read_text(), log.read_text()[-3000:]

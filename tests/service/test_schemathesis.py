@@ -1,16 +1,35 @@
-"""Property-based fuzzing of the gateway's OpenAPI schema: no input may produce a 5xx.
+"""Property-based fuzzing of the gateway's OpenAPI schema.
 
-Schemathesis generates valid and invalid bodies, headers and paths for every operation and sends
-them to a live gateway in front of a live engine-server. Generation lengths are capped at a few
-tokens (``max_tokens`` is the only field whose valid values cost seconds each); all else is as drawn.
+Two runs. In the first, schemathesis generates valid and invalid bodies, headers and paths for
+every operation and sends them to a live gateway in front of a live engine-server: no input may
+produce a 5xx. Generation lengths are capped at a few tokens (``max_tokens`` is the only field whose
+valid values cost seconds each); all else is as drawn. In the second, the ``st`` command line runs
+every check it has (``--checks all``: status codes, content types, headers and bodies as the schema
+documents them, invalid data rejected, valid data accepted, ``Allow`` on 405, ...) with a fixed seed
+and a bounded number of examples, against a gateway in front of the fast fake SGLang backend
+(``loadtest/fake_backend.py``), so that every valid request is answered.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
+
+from tests.service.conftest import Proc, free_port, gateway
+
+REPO = Path(__file__).resolve().parents[2]
+SEED = 1
+CLI_EXAMPLES = 25
 
 MAX_TOKENS_CAP = 3
 EXAMPLES = 25
@@ -54,3 +73,68 @@ def test_no_server_errors(api_schema, mode):
             case.call_and_validate(checks=[not_a_server_error], timeout=60)
 
         check()
+
+
+@pytest.fixture(scope="module")
+def fake_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("logs") / "fake_backend.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            [sys.executable, str(REPO / "loadtest/fake_backend.py"), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    proc = Proc(url, popen, log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert popen.poll() is None and time.monotonic() < deadline, proc.output()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.stop()
+
+
+def test_all_schemathesis_checks_pass(fake_backend, tmp_path):
+    """``st run --checks all``: the gateway behaves as its OpenAPI document says (issue 19, defect 7)."""
+    gw = gateway([fake_backend], tmp_path / "gateway.log")
+    try:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "SCHEMATHESIS_HOOKS": "tests.service.schemathesis_hooks",
+        }
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "schemathesis.cli",
+                "run",
+                gw.url + "/openapi.json",
+                "--checks",
+                "all",
+                "--seed",
+                str(SEED),
+                "--max-examples",
+                str(CLI_EXAMPLES),
+                "--generation-database",
+                "none",
+                "--request-timeout",
+                "30",
+                "--no-color",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        gw.stop()
+    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
