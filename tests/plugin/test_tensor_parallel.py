@@ -10,14 +10,17 @@ process group and model-parallel state on gloo (``tests/plugin/tp_rank.py``).
 from __future__ import annotations
 
 import os
+import random
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.plugin.conftest import TARGET, free_port
+from tests.plugin.conftest import TARGET
 from tests.plugin.test_context_path import _reference
 
 pytestmark = pytest.mark.sglang
@@ -66,37 +69,58 @@ def test_kv_head_range_follows_sglang_qkv_parallel_linear(sglang_runtime, total_
     assert {len(r) for r in owners.values()} == {max(1, tp_size // total_kv_heads)}
 
 
+def _free_port() -> int:
+    """A free loopback port below the ephemeral range (so it cannot collide with outgoing connections)."""
+    while True:
+        port = random.randint(20000, 32767)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
 TP_SIZES = (4, 2)  # TP 2 reuses the first two of the four processes
 
 
 def _run_ranks(target: Path, draft: Path, inputs: Path, out: Path) -> dict[int, list[dict]]:
     """max(TP_SIZES) processes, each TP size in turn: {tp size: per-rank results in rank order}."""
-    ports = ",".join(str(free_port()) for _ in TP_SIZES)
+    ports = ",".join(str(_free_port()) for _ in TP_SIZES)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env["OMP_NUM_THREADS"] = "1"
     sizes = ",".join(map(str, TP_SIZES))
     paths = (target, draft, inputs, out)
+    logs = [out / f"process{rank}.log" for rank in range(max(TP_SIZES))]
+    sinks = [log.open("w") for log in logs]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.plugin.tp_rank", str(rank), sizes, ports, *map(str, paths)],
             cwd=REPO,
             env=env,
-            stdout=subprocess.PIPE,
+            stdout=sink,
             stderr=subprocess.STDOUT,
-            text=True,
         )
-        for rank in range(max(TP_SIZES))
+        for rank, sink in enumerate(sinks)
     ]
-    logs = []
+    # One failed process leaves its peers waiting in a collective: stop them all at the first failure.
+    deadline = time.monotonic() + 280
     try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=280)[0])
+        while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+            if any(proc.poll() not in (None, 0) for proc in procs):
+                break
+            time.sleep(0.2)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+                proc.wait()
+        for sink in sinks:
+            sink.close()
     for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"process {rank} failed:\n{logs[rank][-4000:]}"
+        assert proc.returncode == 0, (
+            f"process {rank} exited {proc.returncode}:\n{logs[rank].read_text()[-4000:]}"
+        )
     return {tp: [torch.load(out / f"tp{tp}-rank{r}.pt") for r in range(tp)] for tp in TP_SIZES}
 
 
