@@ -242,3 +242,37 @@ def test_keda_scales_the_leaderworkerset_groups() -> None:
     query = rendered.one("ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
     pattern = re.search(r'pod=~"([^"]+)"', query).group(1)
     assert re.fullmatch(pattern, "dflare-engine-0") and not re.fullmatch(pattern, "dflare-engine-0-1")
+
+
+@pytest.mark.slow
+def test_live_gateway_routes_to_the_leader_and_never_to_a_worker(tmp_path: Path) -> None:
+    """The rendered gateway discovers a group's pods through a loopback Kubernetes API (as in
+    test_helm_live.py): the leader is a backend, the worker is not, even when it advertises a port."""
+    from tests.helm.test_helm_live import _gateway_env, _get, _kubernetes_api, _pod_from_template, _running
+    from tests.routing.harness import start_fake
+
+    rendered = render("multinode")
+    leader_template, worker_template = _templates(rendered.one("LeaderWorkerSet"))
+    command, env, keys_file = _gateway_env(rendered, tmp_path)
+    leader = start_fake("leader", "--model", "qwen3-8b")
+    worker = start_fake("worker", "--model", "worker-must-not-serve")
+    try:
+        with _kubernetes_api(NAMESPACE) as (api, call):
+            port = int(leader.url.rsplit(":", 1)[1])
+            call(
+                api.put(_pod_from_template({"spec": {"template": leader_template}}, "dflare-engine-0", port))
+            )
+            worker_pod = _pod_from_template({"spec": {"template": worker_template}}, "dflare-engine-0-1", 1)
+            worker_pod["metadata"]["annotations"]["dflare.ai/port"] = worker.url.rsplit(":", 1)[1]
+            call(api.put(worker_pod))
+            kubeconfig = tmp_path / "kubeconfig"
+            kubeconfig.write_text(api.kubeconfig())
+            env["DFLARE_DISCOVERY_KUBECONFIG"] = str(kubeconfig)
+            with _running(command, env, tmp_path / "gateway.log") as base:
+                key = keys_file.read_text().split()[0]
+                status, body = _get(base + "/v1/models", {"Authorization": f"Bearer {key}"})
+                assert status == 200 and b"qwen3-8b" in body
+                assert b"worker-must-not-serve" not in body
+    finally:
+        leader.kill()
+        worker.kill()
