@@ -276,3 +276,10 @@ def test_live_gateway_routes_to_the_leader_and_never_to_a_worker(tmp_path: Path)
     finally:
         leader.kill()
         worker.kill()
+
+
+def test_notes_describe_the_groups_only_for_a_multinode_engine() -> None:
+    notes = render("multinode").notes
+    assert "LeaderWorkerSet group of 2 pods" in notes and "--tp-size 8" in notes
+    assert "kubectl get leaderworkersets -n llm dflare-engine" in notes
+    assert "LeaderWorkerSet" not in render("default").notes
