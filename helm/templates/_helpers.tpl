@@ -260,3 +260,58 @@ version): pods that read it as an env var roll when it changes, and only then.
 {{- $a := .Values.engine.auth }}
 {{- printf "%s/%s/%s" $a.existingSecret $a.secretKey $a.apiKey | sha256sum }}
 {{- end }}
+
+{{/*
+Nodes one engine spans: engine.multiNode.nodes with a multi-node engine (a LeaderWorkerSet), else 1.
+*/}}
+{{- define "dflare.engineNodes" -}}
+{{- if .Values.engine.multiNode.enabled }}{{ int .Values.engine.multiNode.nodes }}{{ else }}1{{ end }}
+{{- end }}
+
+{{/*
+SGLang's parallelism flags for one engine (--tp-size, and --dp-size above 1), after checking that they
+use exactly the engine's GPUs: GPUs per pod x nodes = TP x DP. SGLang takes TP x DP GPUs per engine
+and splits TP evenly over the nodes; a mismatch would leave GPUs idle or fail at run time, so it fails
+rendering here instead. tensorParallelSize 0 means "all the engine's GPUs over dataParallelSize".
+*/}}
+{{- define "dflare.engineParallelArgs" -}}
+{{- $e := .Values.engine }}
+{{- $gpus := int $e.gpu.count }}
+{{- $nodes := int (include "dflare.engineNodes" .) }}
+{{- $dp := int $e.dataParallelSize }}
+{{- $total := mul $gpus $nodes }}
+{{- if and (gt $nodes 1) (gt $dp 1) }}
+{{- fail (printf "engine.dataParallelSize is %d with engine.multiNode.enabled: SGLang runs data parallelism across nodes only with DP attention. For more copies of a multi-node engine raise engine.replicas instead" $dp) }}
+{{- end }}
+{{- $tp := int $e.tensorParallelSize }}
+{{- if eq $tp 0 }}
+{{- if ne (mod $total $dp) 0 }}
+{{- fail (printf "engine.dataParallelSize %d does not divide the engine's %d GPU(s) (engine.gpu.count %d x %d node(s)): set engine.tensorParallelSize, or a GPU count that DP divides" $dp $total $gpus $nodes) }}
+{{- end }}
+{{- $tp = div $total $dp }}
+{{- end }}
+{{- if ne (mul $tp $dp) $total }}
+{{- fail (printf "engine parallelism does not match its GPUs: engine.gpu.count %d x %d node(s) = %d GPU(s), but tensorParallelSize %d x dataParallelSize %d = %d. SGLang uses TP x DP GPUs per engine: make the two products equal (e.g. tensorParallelSize %d, or gpu.count %d)" $gpus $nodes $total $tp $dp (mul $tp $dp) (div $total $dp) (div (mul $tp $dp) $nodes)) }}
+{{- end -}}
+- --tp-size
+- {{ $tp | quote }}
+{{- if gt $dp 1 }}
+- --dp-size
+- {{ $dp | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+The workload that runs the engines: a StatefulSet, or a LeaderWorkerSet for a multi-node engine (KEDA
+scales either through its scale subresource). Usage: include "dflare.engineWorkloadRef" . | nindent 4
+*/}}
+{{- define "dflare.engineWorkloadRef" -}}
+{{- if .Values.engine.multiNode.enabled -}}
+apiVersion: leaderworkerset.x-k8s.io/v1
+kind: LeaderWorkerSet
+{{- else -}}
+apiVersion: apps/v1
+kind: StatefulSet
+{{- end }}
+name: {{ include "dflare.componentName" (list . "engine") }}
+{{- end }}

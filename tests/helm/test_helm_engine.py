@@ -18,7 +18,13 @@ ENGINE_SCENARIOS = [s for s in SCENARIOS if s != "cpu"]
 
 
 def _engine(scenario: str) -> dict:
-    return render(scenario).one("StatefulSet", "-engine")
+    """The engine workload; for a multi-node engine (LeaderWorkerSet) its leader pod template, in the
+    StatefulSet's shape, so every pod check below covers both modes."""
+    rendered = render(scenario)
+    if rendered.of_kind("LeaderWorkerSet"):
+        template = rendered.one("LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+        return {"spec": {"template": template}}
+    return rendered.one("StatefulSet", "-engine")
 
 
 def _arg(args: list[str], flag: str) -> str:
@@ -39,10 +45,10 @@ def test_gpu_count_and_tensor_parallel_follow_values() -> None:
     c = container(engine, "engine")
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert _arg(c["args"], "--tp-size") == "2"
-    c = container(
-        render_values({"engine": {"gpu": {"count": 4}, "tensorParallelSize": 2}}).one("StatefulSet"), "engine"
-    )
+    values = {"engine": {"gpu": {"count": 4}, "tensorParallelSize": 2, "dataParallelSize": 2}}
+    c = container(render_values(values).one("StatefulSet"), "engine")
     assert c["resources"]["requests"]["nvidia.com/gpu"] == 4 and _arg(c["args"], "--tp-size") == "2"
+    assert _arg(c["args"], "--dp-size") == "2"
 
 
 @pytest.mark.parametrize("scenario", ENGINE_SCENARIOS)
