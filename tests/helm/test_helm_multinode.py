@@ -283,3 +283,15 @@ def test_notes_describe_the_groups_only_for_a_multinode_engine() -> None:
     assert "LeaderWorkerSet group of 2 pods" in notes and "--tp-size 8" in notes
     assert "kubectl get leaderworkersets -n llm dflare-engine" in notes
     assert "LeaderWorkerSet" not in render("default").notes
+
+
+def test_network_policy_lets_workers_reach_their_leader() -> None:
+    """The leader serves the rendezvous port and NCCL traffic to its workers: an engine-only peer rule
+    would cut a group's own pods off from their leader (workers carry the engine-worker component)."""
+    policy = render("multinode").one("NetworkPolicy")
+    leader, worker = _templates(_lws())
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= leader["metadata"]["labels"].items()
+    peers = [p["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for p in rule["from"]
+             if "podSelector" in p and "ports" not in rule]  # fmt: skip
+    assert any(peer.items() <= worker["metadata"]["labels"].items() for peer in peers)
+    assert any(peer.items() <= leader["metadata"]["labels"].items() for peer in peers)
