@@ -23,7 +23,9 @@ def series(rows: list[dict], trace: str, key: str) -> dict[str, list[tuple[int, 
     for row in rows:
         if row["trace"] != trace or row.get(key) is None:
             continue
-        label = "AR" if row["mode"] == "ar" else f"{row['mode']} block {row['block']}"
+        label = "AR"
+        if row["mode"] != "ar":
+            label = f"{row['mode']} block {row['block']} {row.get('attention', '')}".strip()
         points[label][row["batch"]].append(row[key])
     return {
         label: sorted((bs, sum(v) / len(v)) for bs, v in by_bs.items()) for label, by_bs in points.items()

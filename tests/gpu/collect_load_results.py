@@ -1,0 +1,94 @@
+"""Gather load-benchmark runs (``bench_load*.json`` and, for a wave cut short by the time limit, the rounds it
+printed) into one ``docs/results/sglang_bench_load.json`` with a top-level ``device`` and ``rows``.
+
+``python tests/gpu/collect_load_results.py OUT.json RUN_DIR [RUN_DIR ...]``: each RUN_DIR holds one call's
+``bench_load*.json`` and ``load_stdout.txt``. Rows of a cut-short wave are the medians of the rounds it
+finished (``rounds`` says how many), marked ``"partial": true``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+LINE = re.compile(r"^round (\d+) (\S+) (\S+) bs=(\d+) (\{.*\})$")
+
+
+def printed_rounds(stdout: Path) -> dict[str, list[tuple[str, str, int, dict]]]:
+    """(who, trace, batch, row) of every printed measurement, by wave (named by its DFLARE blocks): a
+    wave's rounds count up from 0, so a round number going back down starts the next wave."""
+    waves: list[list[tuple[str, str, int, dict]]] = []
+    last_round = None
+    for line in stdout.read_text().splitlines():
+        m = LINE.match(line.strip())
+        if not m:
+            continue
+        rnd, who, trace, bs, row = m.groups()
+        if last_round is None or int(rnd) < last_round:
+            waves.append([])
+        last_round = int(rnd)
+        waves[-1].append((who, trace, int(bs), ast.literal_eval(row)))
+    return {",".join(sorted({w for w, *_ in wave if w != "ar"})): wave for wave in waves}
+
+
+def partial_rows(wave: list[tuple[str, str, int, dict]], wave_name: str) -> list[dict]:
+    def med(rows: list[dict], key: str) -> float | None:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return round(statistics.median(values), 4) if values else None
+
+    out = []
+    for bs in sorted({b for _, _, b, _ in wave}):
+        ar = [r for who, _, b, r in wave if who == "ar" and b == bs]
+        for who, trace in sorted({(w, t) for w, t, b, _ in wave if w != "ar" and b == bs}):
+            spec = [r for w, t, b, r in wave if (w, t, b) == (who, trace, bs)]
+            if not ar or not spec:
+                continue
+            row = {key: med(spec, key) for key in spec[0]}
+            row.update(trace=trace, batch=bs, mode="static", block=int(who), wave=wave_name, partial=True)
+            row["rounds"] = len(spec)
+            row["tok_s_rounds"] = [r["tok_s"] for r in spec]
+            row["ar_step_ms"] = med(ar, "decode_ms")
+            row["x_ar"] = round(row["tok_s"] / med(ar, "tok_s"), 3)
+            out.append(row)
+            ar_row = {"trace": trace, "batch": bs, "mode": "ar", "block": 1, "wave": wave_name}
+            ar_row.update(partial=True, rounds=len(ar), tok_s=med(ar, "tok_s"), ar_step_ms=row["ar_step_ms"])
+            ar_row["running_batch"] = med(ar, "running_batch")
+            out.append(ar_row)
+    return out
+
+
+def main() -> int:
+    out, runs = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
+    combined: dict = {"device": None, "runs": [], "rows": []}
+    for run in runs:
+        (result,) = run.glob("bench_load*.json")
+        data = json.loads(result.read_text())
+        combined["device"] = combined["device"] or data["device"]
+        if data["device"] != combined["device"]:
+            raise SystemExit(f"{result}: {data['device']}, not {combined['device']}: one card per file")
+        attention = data["setup"]["attention"]
+        rows = data.get("rows", [])
+        done = {str(r["block"]) for r in rows if r["mode"] == "static"}
+        stdout = run / "load_stdout.txt"
+        if stdout.is_file():
+            for name, wave in printed_rounds(stdout).items():
+                if name and not set(name.split(",")) & done:
+                    rows += partial_rows(wave, name)
+        for row in rows:
+            row["attention"] = attention
+            row.setdefault("rounds", data["setup"]["rounds"])
+        combined["rows"] += rows
+        combined["runs"].append(
+            {k: data.get(k) for k in ("started", "finished", "setup", "server_notes", "profiles")}
+        )
+    out.write_text(json.dumps(combined, indent=1))
+    print(out, len(combined["rows"]), "rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
