@@ -1,12 +1,13 @@
-"""Fixtures: stand-in SGLang backends as real processes on loopback ports."""
+"""Fixtures: stand-in SGLang backends and gateways as real processes on loopback ports."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.routing.harness import FakeBackend, start_fake, start_fakes
+from tests.routing.harness import FakeBackend, Gateway, start_fake, start_fakes, start_gateway
 
 
 @pytest.fixture
@@ -28,3 +29,18 @@ def spawn() -> Iterator[Callable[..., FakeBackend]]:
     yield _spawn
     for backend in started:
         backend.kill()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    """``gateway(backends, **settings)`` starts a gateway process; all are stopped at teardown."""
+    started: list[Gateway] = []
+
+    def _start(backends: list[str], **settings) -> Gateway:
+        gw = start_gateway(backends, tmp_path / f"gateway{len(started)}.log", **settings)
+        started.append(gw)
+        return gw
+
+    yield _start
+    for gw in started:
+        gw.stop()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -22,27 +20,12 @@ from tests.routing.harness import (
     chat_body,
     leave_after,
     metric_samples,
-    start_gateway,
     stream_chat,
     wait_admitted,
     wait_for,
 )
 
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
-    started: list[Gateway] = []
-
-    def _start(backends: list[str], **settings) -> Gateway:
-        gw = start_gateway(backends, tmp_path / f"gateway{len(started)}.log", **settings)
-        started.append(gw)
-        return gw
-
-    yield _start
-    for gw in started:
-        gw.stop()
 
 
 async def _ready(gw: Gateway, members: int = 1) -> None:

@@ -7,29 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.routing.harness import Gateway, chat_body, start_gateway, wait_admitted, wait_for
+from tests.routing.harness import chat_body, wait_admitted, wait_for
 
 ENGINE_KEY = "engine-key-7f3a"
-
-
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
-    started: list[Gateway] = []
-
-    def _start(backends: list[str], **settings) -> Gateway:
-        gw = start_gateway(backends, tmp_path / f"gateway{len(started)}.log", **settings)
-        started.append(gw)
-        return gw
-
-    yield _start
-    for gw in started:
-        gw.stop()
 
 
 async def _chat(url: str, key: str | None, stream: bool) -> tuple[int, bytes]:

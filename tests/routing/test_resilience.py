@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -15,29 +14,13 @@ import pytest
 
 from tests.routing.harness import (
     FakeBackend,
-    Gateway,
     chat_body,
     metric_samples,
-    start_gateway,
     stream_chat,
     wait_admitted,
     wait_for,
 )
 from tests.routing.scenarios import abort_latency, kill_during_load, overload
-
-
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
-    started: list[Gateway] = []
-
-    def _start(backends: list[str], **settings) -> Gateway:
-        gw = start_gateway(backends, tmp_path / f"gateway{len(started)}.log", **settings)
-        started.append(gw)
-        return gw
-
-    yield _start
-    for gw in started:
-        gw.stop()
 
 
 @pytest.fixture
