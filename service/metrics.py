@@ -143,6 +143,16 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # Info series for joins: the other per-backend series keep their labels (the contract), and a
+        # dashboard adds the pod name with `* on(backend) group_left(backend_pod) dflare_backend_info`.
+        # Not `pod` / `namespace`: Prometheus' target labels of the same names (the gateway pod's) win.
+        self.backend_info = Gauge(
+            "dflare_backend_info",
+            "Always 1 while the backend is a member: the pod and namespace behind each backend URL.",
+            ("backend", "backend_pod", "backend_namespace"),
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         # Counts, not per-backend series: they exist from start-up and never disappear, so alerts on
         # zero and dashboards keep working when discovery drops every pod (its per-backend series go).
         self.backends_known = Gauge(

@@ -7,6 +7,9 @@ or the API fails, the loop re-lists, so no add or delete is ever missed for long
 with an IP that are not terminating belong to the pool: NotReady or deleted pods leave it on the
 event that says so. The official client is synchronous, so the loop runs on a daemon thread and
 hands every pool change to the event loop in order.
+
+Both kinds also say which pod a member is (``identity``), for ``dflare_backend_info``: dashboards
+join it on ``backend`` so legends name pods, not pod IPs.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from service.routing.pool import BackendPool
 
@@ -37,6 +41,22 @@ class StaticDiscovery:
 
     async def stop(self) -> None:
         return None
+
+    def identity(self, key: str, url: str) -> tuple[str, str]:
+        return static_backend_identity(url)
+
+
+def static_backend_identity(url: str) -> tuple[str, str]:
+    """``(pod, namespace)`` behind a configured URL, ``namespace`` empty where the URL does not say.
+
+    A Kubernetes per-pod DNS name ``<pod>.<service>.<namespace>.svc[.<cluster domain>]`` (what the
+    chart lists when discovery is off) names both; any other host is named by its ``host:port``.
+    """
+    parts = urlsplit(url)
+    labels = (parts.hostname or "").split(".")
+    if len(labels) >= 4 and labels[3] == "svc":
+        return labels[0], labels[2]
+    return parts.netloc, ""
 
 
 def pod_backend_url(pod: Any, port_annotation: str, default_port: int) -> str | None:
@@ -114,6 +134,10 @@ class KubernetesDiscovery:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="k8s-discovery", daemon=True)
         self._thread.start()
+
+    def identity(self, key: str, url: str) -> tuple[str, str]:
+        """``(pod, namespace)``: members are keyed by pod name."""
+        return key, self.namespace
 
     async def stop(self) -> None:
         # The thread notices at its next event or watch timeout; it is a daemon, so exit never waits.

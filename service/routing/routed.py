@@ -277,15 +277,19 @@ class RoutedBackend(Backend):
         )
 
     def _on_membership(self, event: str, endpoint: BackendEndpoint) -> None:
+        info = (endpoint.url, *self.discovery.identity(endpoint.key, endpoint.url))
         if event == "added":
             if self._started:
                 self.prober.probe_soon(endpoint)
+            if self._metrics is not None:
+                self._metrics.backend_info.labels(*info).set(1)
         else:
             if endpoint.outstanding == 0:
                 self._close_later(endpoint)
             if self._metrics is not None:
                 with contextlib.suppress(KeyError):  # never published
                     self._metrics.backend_up.remove(endpoint.url)
+                self._metrics.backend_info.remove(*info)
         self._publish(endpoint)
 
     def _on_health_change(self, endpoint: BackendEndpoint) -> None:

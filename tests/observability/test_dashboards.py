@@ -241,15 +241,101 @@ def test_engine_acceptance_length_from_counters_beside_the_gauges(file: str) -> 
 
 
 def test_legends_name_pods_not_scrape_addresses() -> None:
-    """Engine series carry the pod name (PodMonitor / ServiceMonitor targets); `instance` is an IP."""
+    """Engine series carry the pod name (PodMonitor / ServiceMonitor targets); `instance` is an IP.
+
+    The gateway's `backend` label is a URL (a pod IP under discovery): per-backend legends take the
+    pod name from `dflare_backend_info` instead.
+    """
+    per_backend = set()
     for file, dash in DASHBOARDS.items():
         for panel in promql.iter_panels(dash):
             for target in panel.get("targets", []):
-                assert "{{instance}}" not in target.get("legendFormat", ""), (file, panel["title"])
-                if "sglang:" in target["expr"]:
-                    assert "instance" not in target["expr"], (file, panel["title"], target["expr"])
+                legend, expr = target.get("legendFormat", ""), target["expr"]
+                assert "{{instance}}" not in legend, (file, panel["title"])
+                assert "{{backend}}" not in legend, (file, panel["title"])
+                if "sglang:" in expr:
+                    assert "instance" not in expr, (file, panel["title"], expr)
+                if "{{backend_pod}}" in legend:
+                    assert INFO_JOIN in expr, (file, panel["title"], expr)
+                    per_backend.add((file, panel["title"]))
+    assert set(PER_BACKEND_PANELS) <= per_backend
     engine = {v["name"]: v for v in DASHBOARDS["dflare-engine.json"]["templating"]["list"]}
     assert engine["backend"]["query"]["query"].endswith(", pod)")
+
+
+INFO_JOIN = "* on(backend) group_left(backend_pod) max by (backend, backend_pod) (dflare_backend_info{"
+ENGINE_URL, GONE_URL = "http://10.0.0.7:30000", "http://10.0.0.9:30000"
+# Two gateway replicas each report every series. ENGINE_URL is a member of both (its info says which
+# pod it is); GONE_URL left the pool, so only its counters remain, and `none` is the label of requests
+# refused before routing: both keep a line, named by the URL.
+_GATEWAY_SERIES = [
+    'dflare_requests_total{{{common}, model="m", endpoint="/v1/chat/completions", status="200"}}',
+    "dflare_retries_total{{{common}}}",
+    'dflare_completion_tokens_total{{{common}, model="m"}}',
+    'dflare_spec_decode_num_drafts_total{{{common}, model="m"}}',
+    'dflare_spec_decode_num_draft_tokens_total{{{common}, model="m"}}',
+    'dflare_spec_decode_num_accepted_tokens_total{{{common}, model="m"}}',
+]
+PER_BACKEND_PANELS = {
+    # (file, title): backends expected on the panel
+    ("dflare-gateway.json", "Requests / s by backend and endpoint"): [ENGINE_URL, GONE_URL, "none"],
+    ("dflare-gateway.json", "Backend health"): [ENGINE_URL],
+    ("dflare-gateway.json", "Retries / s by backend"): [ENGINE_URL, GONE_URL],
+    ("dflare-speculation.json", "Mean acceptance length by model and backend"): [ENGINE_URL, GONE_URL],
+    ("dflare-speculation.json", "Acceptance rate by model and backend"): [ENGINE_URL, GONE_URL],
+    ("dflare-speculation.json", "Completion tokens per verify step by backend"): [ENGINE_URL, GONE_URL],
+}
+
+
+def _per_backend_input() -> list[dict]:
+    series = []
+    for gateway in ("gw-a", "gw-b"):
+        target = f'namespace="llm", pod="{gateway}"'  # Prometheus' target labels: the gateway pod
+        for backend in (ENGINE_URL, GONE_URL):
+            common = f'{target}, backend="{backend}"'
+            series += [{"series": s.format(common=common), "values": "0+60x10"} for s in _GATEWAY_SERIES]
+        refused = f'{target}, backend="none", model="none", endpoint="/v1/chat/completions", status="401"'
+        series.append({"series": f"dflare_requests_total{{{refused}}}", "values": "0+60x10"})
+        member = f'{target}, backend="{ENGINE_URL}"'
+        series += [
+            {"series": f"dflare_backend_up{{{member}}}", "values": "1x10"},
+            {
+                "series": f'dflare_backend_info{{{member}, backend_pod="dflare-engine-0", '
+                'backend_namespace="llm"}',
+                "values": "1x10",
+            },
+        ]
+    return series
+
+
+def _promtool_test(tests: list[dict], tmp_path) -> subprocess.CompletedProcess:
+    """``promtool test rules`` on ``tests`` (no rule files: each case evaluates expressions)."""
+    case = tmp_path / "panel.test.yaml"
+    case.write_text(json.dumps({"rule_files": [], "evaluation_interval": "1m", "tests": tests}))
+    return subprocess.run(
+        ["promtool", "test", "rules", str(case)], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing: apt-get install prometheus")
+@pytest.mark.parametrize(("file", "title"), sorted(PER_BACKEND_PANELS))
+def test_per_backend_panels_name_each_backend_by_its_pod(file: str, title: str, tmp_path) -> None:
+    """promtool evaluates the panel's per-backend query over two gateway replicas' series: one line per
+    backend, with the pod's name where the gateway reports one and the URL otherwise (never dropped)."""
+    (target,) = [t for t in _panel(file, title)["targets"] if "{{backend_pod}}" in t["legendFormat"]]
+    expr = f"count by (backend, backend_pod) ({promql.substitute(target['expr'])})"
+    names = {ENGINE_URL: "dflare-engine-0"}
+    expected = [
+        {"labels": f'{{backend="{b}", backend_pod="{names.get(b, b)}"}}', "value": 1}
+        for b in PER_BACKEND_PANELS[(file, title)]
+    ]
+    test = {
+        "interval": "1m",
+        "input_series": _per_backend_input(),
+        "promql_expr_test": [{"expr": expr, "eval_time": "5m", "exp_samples": expected}],
+    }
+    result = _promtool_test([test], tmp_path)
+    assert result.returncode == 0, f"{title}: {expr}\n{result.stdout}{result.stderr}"
 
 
 # Backends vanish in two ways: discovery drops every engine pod (the gateway still reports 0 routable,
@@ -287,11 +373,7 @@ def test_backend_panels_turn_red_instead_of_blank(file: str, title: str, tmp_pat
         }
         for name, present in _VANISHED.items()
     ]
-    case = tmp_path / "panel.test.yaml"
-    case.write_text(json.dumps({"rule_files": [], "evaluation_interval": "1m", "tests": tests}))
-    result = subprocess.run(
-        ["promtool", "test", "rules", str(case)], capture_output=True, text=True, timeout=60
-    )
+    result = _promtool_test(tests, tmp_path)
     assert result.returncode == 0, f"{title}: {expr}\n{result.stdout}{result.stderr}"
     defaults = panel["fieldConfig"]["defaults"]
     steps = defaults["thresholds"]["steps"]

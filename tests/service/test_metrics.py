@@ -151,6 +151,8 @@ def test_gateway_metrics_change_by_exact_amounts(gateway_http, engine_server):
     assert delta(before, after, "dflare_requests_total", status="404", **none) == 1
     assert delta(before, after, "dflare_requests_total", status="400", **none) == 1
     assert after[("dflare_backend_up", frozenset({("backend", engine_server.url)}))] == 1
+    info = {"backend": engine_server.url, "backend_pod": engine_server.url.removeprefix("http://")}
+    assert after[("dflare_backend_info", frozenset({**info, "backend_namespace": ""}.items()))] == 1
 
 
 def test_embedded_gateway_metrics(gateway_embedded):
