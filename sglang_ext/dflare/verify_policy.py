@@ -1,0 +1,452 @@
+"""How much of each drafted block the target verifies: per request a width, or a plain decode step.
+
+A speculative step costs a drafter forward plus a target forward over every verified token, and that cost
+grows with the batch and with the tokens checked, while what it buys (accepted drafts) depends on how sure
+the drafter is about each request. One block size fixed at start cannot serve a lone user and a full server,
+so each step :class:`VerifyWidthPolicy` picks the widths that maximise expected committed tokens per ms:
+
+- :class:`StepCostModel` measured cost (ms) of the draft, the verify and a plain decode step by batch and
+  tokens, from a table (a profile at engine start or a stored JSON per card, model and block);
+- :class:`AcceptanceCalibration` maps the drafter's top-1 probability at a block position to the chance the
+  target accepts that draft when all before it were accepted, learnt from what the target really accepts
+  (binned, with a prior and exponential forgetting, so a drifting drafter or a shifted workload is followed);
+- :class:`VerifyWidthPolicy` turns both into a :class:`VerifyPlan`.
+
+Verifying fewer drafts never changes what is committed (the target checks every committed draft), so any
+plan is lossless; the policy only trades speed. This module imports torch only: the reference engine and the
+SGLang plugin share it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# ---- cost model ----------------------------------------------------------------------------------------
+
+
+def _interp(x: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Piecewise-linear ``ys(xs)`` at ``x``; beyond the ends the end segments continue, never downwards
+    (a cost does not fall as work grows), and one point is a constant. NumPy: thousands of points in
+    microseconds, which a plan at batch 256 needs."""
+    if xs.size == 1:
+        return np.full_like(x, ys[0])
+    y = np.interp(x, xs, ys)
+    low = max(0.0, (ys[1] - ys[0]) / (xs[1] - xs[0]))
+    high = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+    y += np.where(x < xs[0], low * (x - xs[0]), 0.0) + np.where(x > xs[-1], high * (x - xs[-1]), 0.0)
+    return np.maximum(y, 0.0)
+
+
+def _table(rows: Iterable[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (x, y) arrays; repeated x are averaged (a profile may measure a point twice)."""
+    acc: dict[float, list[float]] = {}
+    for x, y in rows:
+        acc.setdefault(float(x), []).append(float(y))
+    xs = sorted(acc)
+    if not xs:
+        raise ValueError("a cost table needs at least one measured point")
+    return np.array(xs), np.array([sum(acc[x]) / len(acc[x]) for x in xs])
+
+
+class StepCostModel:
+    """Measured ms of a speculative step's parts as functions of batch size and tokens.
+
+    ``verify_ms(batch, verified_tokens)``: the target forward that verifies, where ``verified_tokens`` is
+    what the target processes in total (sum over requests of width + 1); ``draft_ms(batch, block)``: one
+    drafter forward drafting ``block`` slots per request (its context update included where profiled);
+    ``decode_ms(batch)``: a plain decode step (measured, else ``verify_ms(batch, batch)``).
+
+    Between measured points the cost is linear: in tokens at a measured batch, and across batches at the
+    same tokens per request (so a table measured at width k applies at width k for any batch). Outside the
+    table the end segments continue upwards (never down); a single measured batch is used for every batch
+    as a function of total tokens (the cost of a forward is set by the tokens it processes).
+    """
+
+    def __init__(
+        self,
+        verify: Iterable[tuple[int, int, float]],
+        draft: Iterable[tuple[int, int, float]],
+        decode: Iterable[tuple[int, float]] = (),
+        *,
+        device: str = "unknown",
+        model: str = "unknown",
+        block_size: int = 0,
+    ) -> None:
+        """From measured points: ``verify`` (batch, verified tokens, ms), ``draft`` (batch, block, ms),
+        ``decode`` (batch, ms); ``device``/``model``/``block_size`` name what was measured."""
+        self.device, self.model, self.block_size = device, model, int(block_size)
+        self._verify_points = sorted((int(b), int(t), float(ms)) for b, t, ms in verify)
+        self._draft_points = sorted((int(b), int(k), float(ms)) for b, k, ms in draft)
+        self._decode_points = sorted((int(b), float(ms)) for b, ms in decode)
+        if not self._verify_points or not self._draft_points:
+            raise ValueError("a step cost model needs measured verify and draft points")
+        if any(ms < 0 for *_, ms in self._verify_points + self._draft_points + self._decode_points):
+            raise ValueError("measured costs must be >= 0 ms")
+        self._verify = self._by_batch(self._verify_points)
+        self._draft = self._by_batch(self._draft_points)
+        self._decode = _table(self._decode_points) if self._decode_points else None
+
+    @staticmethod
+    def _by_batch(points: list[tuple[int, int, float]]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        batches = sorted({b for b, _, _ in points})
+        return [(b, *_table((x, ms) for bb, x, ms in points if bb == b)) for b in batches]
+
+    @staticmethod
+    def _across_batches(
+        tables: list[tuple[int, np.ndarray, np.ndarray]], batch: int, x: np.ndarray, per_request: bool
+    ) -> np.ndarray:
+        """Evaluate the two measured batches nearest ``batch`` (at the same x per request when
+        ``per_request``) and interpolate linearly in batch (extrapolating upwards only)."""
+        if len(tables) == 1:
+            _, xs, ys = tables[0]
+            return _interp(x, xs, ys)
+        hi = min(max(bisect.bisect_left([b for b, _, _ in tables], batch), 1), len(tables) - 1)
+        (b0, xs0, ys0), (b1, xs1, ys1) = tables[hi - 1], tables[hi]
+        scale0 = b0 / batch if per_request else 1.0
+        scale1 = b1 / batch if per_request else 1.0
+        y0, y1 = _interp(x * scale0, xs0, ys0), _interp(x * scale1, xs1, ys1)
+        slope = (y1 - y0) / (b1 - b0)
+        if not b0 <= batch <= b1:
+            slope = np.maximum(slope, 0.0)
+        return np.maximum(y0 + slope * (batch - b0), 0.0)
+
+    def verify_ms_many(self, batch: int, verified_tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """``verify_ms`` for many token totals at one batch size (a float64 CPU tensor)."""
+        x = np.asarray(
+            verified_tokens.detach().cpu() if isinstance(verified_tokens, torch.Tensor) else verified_tokens,
+            dtype=np.float64,
+        )
+        return torch.from_numpy(self._across_batches(self._verify, batch, x, per_request=True))
+
+    def verify_ms(self, batch: int, verified_tokens: int) -> float:
+        return float(self._across_batches(self._verify, batch, np.array([float(verified_tokens)]), True)[0])
+
+    def draft_ms(self, batch: int, block: int) -> float:
+        return float(self._across_batches(self._draft, batch, np.array([float(block)]), False)[0])
+
+    def decode_ms(self, batch: int) -> float:
+        if self._decode is None:
+            return self.verify_ms(batch, batch)
+        xs, ys = self._decode
+        return float(_interp(np.array([float(batch)]), xs, ys)[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "model": self.model,
+            "block_size": self.block_size,
+            "verify": [{"batch": b, "tokens": t, "ms": ms} for b, t, ms in self._verify_points],
+            "draft": [{"batch": b, "block": k, "ms": ms} for b, k, ms in self._draft_points],
+            "decode": [{"batch": b, "ms": ms} for b, ms in self._decode_points],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepCostModel:
+        return cls(
+            [(p["batch"], p["tokens"], p["ms"]) for p in data["verify"]],
+            [(p["batch"], p["block"], p["ms"]) for p in data["draft"]],
+            [(p["batch"], p["ms"]) for p in data.get("decode", [])],
+            device=data.get("device", "unknown"),
+            model=data.get("model", "unknown"),
+            block_size=data.get("block_size", 0),
+        )
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> StepCostModel:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# ---- acceptance calibration ----------------------------------------------------------------------------
+
+
+class AcceptanceCalibration:
+    """P(the target accepts a draft | every earlier draft of its block was accepted), from the drafter's
+    top-1 probability at that position.
+
+    ``bins`` equal bins over [0, 1]; each bin's estimate is its (forgetting-weighted) accept rate, pulled
+    towards ``prior`` by ``prior_strength`` pseudo-observations. ``prior`` defaults to the bin's centre (the
+    drafter taken at its word until the target says otherwise). Forgetting is by observations, not calls:
+    every observed position multiplies older evidence by ``0.5 ** (1 / half_life)``, so a batch of 256 and
+    a batch of 1 follow a shift after the same amount of evidence.
+
+    ``position_rates(n)`` is what plans use before confidences exist: the recent accept rate at each block
+    position (given all before accepted), pulled towards ``prior_rate``.
+    """
+
+    def __init__(
+        self,
+        bins: int = 20,
+        half_life: float = 2000.0,
+        prior_strength: float = 4.0,
+        prior: Sequence[float] | None = None,
+        prior_rate: float = 0.5,
+    ) -> None:
+        if bins < 1 or half_life <= 0 or prior_strength <= 0:
+            raise ValueError("bins >= 1, half_life > 0 and prior_strength > 0 are required")
+        self.bins, self.half_life = bins, half_life
+        self.prior_strength, self.prior_rate = prior_strength, prior_rate
+        centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+        self.prior = centres if prior is None else torch.tensor(list(prior), dtype=torch.float64)
+        if self.prior.shape != (bins,):
+            raise ValueError(f"prior needs {bins} values")
+        self._decay_per_obs = 0.5 ** (1.0 / half_life)
+        # forgetting-weighted sums per bin: observations, accepts, raw confidences, predictions made before
+        # the observation (out of sample, for calibration_error)
+        self._count = torch.zeros(bins, dtype=torch.float64)
+        self._accepted = torch.zeros(bins, dtype=torch.float64)
+        self._confidence = torch.zeros(bins, dtype=torch.float64)
+        self._predicted = torch.zeros(bins, dtype=torch.float64)
+        self._pos_count = torch.zeros(0, dtype=torch.float64)  # per block position (grown on demand)
+        self._pos_accepted = torch.zeros(0, dtype=torch.float64)
+        self.observations = 0  # positions observed over the calibration's life
+
+    def _bin(self, confidences: torch.Tensor) -> torch.Tensor:
+        return (confidences.to(torch.float64) * self.bins).long().clamp_(0, self.bins - 1)
+
+    def _table(self) -> torch.Tensor:
+        return (self._accepted + self.prior_strength * self.prior) / (self._count + self.prior_strength)
+
+    def predict(self, confidences: torch.Tensor) -> torch.Tensor:
+        """Accept probabilities, same shape as ``confidences`` (float64, on the CPU)."""
+        return self._table()[self._bin(confidences.detach().cpu())]
+
+    def position_rates(self, n: int) -> torch.Tensor:
+        """[n] recent accept rate at block positions 1..n given all before accepted (float64)."""
+        count, acc = self._pos_count[:n], self._pos_accepted[:n]
+        pad = n - count.numel()
+        if pad > 0:
+            z = torch.zeros(pad, dtype=torch.float64)
+            count, acc = torch.cat([count, z]), torch.cat([acc, z])
+        return (acc + self.prior_strength * self.prior_rate) / (count + self.prior_strength)
+
+    def observe(
+        self,
+        confidences: torch.Tensor,
+        widths: torch.Tensor | Sequence[int],
+        accepted: torch.Tensor | Sequence[int],
+    ) -> None:
+        """Learn from one verify: ``confidences`` [n, k] of the drafts, ``widths`` [n] drafts verified per
+        request, ``accepted`` [n] drafts accepted. Positions 1..min(accepted + 1, width) are observed: the
+        accepted ones as successes, the first rejected one (if verified) as a failure; later positions say
+        nothing (their prefix was wrong)."""
+        conf = confidences.detach().to("cpu", torch.float64)
+        n, k = conf.shape
+        width = torch.as_tensor(widths, dtype=torch.long).cpu().clamp(0, k).view(n, 1)
+        acc = torch.as_tensor(accepted, dtype=torch.long).cpu().view(n, 1)
+        pos = torch.arange(1, k + 1).view(1, k)
+        seen = pos <= torch.minimum(acc + 1, width)
+        success = (pos <= acc) & seen
+        m = int(seen.sum())
+        if m == 0:
+            return
+        bins = self._bin(conf)[seen]
+        hits = success[seen].to(torch.float64)
+        predicted = self._table()[bins]
+        keep = self._decay_per_obs**m
+        for total, add in (
+            (self._count, torch.ones_like(hits)),
+            (self._accepted, hits),
+            (self._confidence, conf[seen]),
+            (self._predicted, predicted),
+        ):
+            total.mul_(keep).index_add_(0, bins, add)
+        grow = torch.zeros(max(0, k - self._pos_count.numel()), dtype=torch.float64)
+        self._pos_count = torch.cat([self._pos_count, grow])
+        self._pos_accepted = torch.cat([self._pos_accepted, grow])
+        self._pos_count.mul_(keep)[:k] += seen.sum(0).to(torch.float64)
+        self._pos_accepted.mul_(keep)[:k] += success.sum(0).to(torch.float64)
+        self.observations += m
+
+    def calibration_error(self) -> float:
+        """Expected calibration error of recent predictions: per bin |predicted - accepted| summed, over
+        the observations (forgetting-weighted). Each prediction is the one made BEFORE its outcome was
+        learnt, so this is how wrong the policy's beliefs were, not a fit to the data itself."""
+        total = float(self._count.sum())
+        return float((self._predicted - self._accepted).abs().sum()) / total if total > 0 else 0.0
+
+    def confidence_error(self) -> float:
+        """Expected calibration error of the raw confidences (how far the drafter's own probabilities are
+        from the target's accept rate), over recent observations."""
+        total = float(self._count.sum())
+        return float((self._confidence - self._accepted).abs().sum()) / total if total > 0 else 0.0
+
+
+# ---- the policy ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyPlan:
+    """One step's decision. ``widths[i]``: drafts request i's target verifies (0..block-1; 0 = only the
+    bonus token, a decode of that row); ``plain_decode``: the whole batch takes a plain decode step (no
+    draft forward at all; widths are then all 0); ``draft_block``: the block the drafter drafts next (may be
+    shorter than the configured block when that pays); ``expected_tokens`` committed and ``expected_ms``
+    the step's modelled cost."""
+
+    widths: list[int]
+    plain_decode: bool
+    draft_block: int
+    expected_tokens: float
+    expected_ms: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_ms(self) -> float:
+        return self.expected_tokens / self.expected_ms if self.expected_ms > 0 else math.inf
+
+
+class VerifyWidthPolicy:
+    """Chooses per step and per request how many drafts to verify, or a plain decode step, to maximise
+    expected committed tokens per ms (see the module docstring).
+
+    With calibrated accept probabilities ``p`` per position, a request verifying k drafts commits in
+    expectation ``1 + sum_{j<=k} q_j`` tokens, ``q_j = prod_{l<=j} p_l`` (1 = the bonus token). A step costs
+    ``draft_ms(batch, block) + verify_ms(batch, sum_i (k_i + 1))``, a plain decode step ``decode_ms(batch)``
+    for ``batch`` tokens. Since every ``q`` row is non-increasing, taking (request, position) increments in
+    order of gain is optimal for each total of verified drafts, so one sort and one cumulative sum give the
+    best allocation at every total; the policy picks the total with the best rate and compares it with a
+    plain decode step.
+
+    ``ragged=False`` is for engines that pad every request to the longest verified row (the reference
+    engine): the verify then costs ``batch * (max width + 1)`` tokens and all rows take the same width.
+    ``draft_blocks``: the blocks the drafter may be asked to draft (default: only ``block_size``); a shorter
+    one is chosen when its cheaper draft pays for the widths it rules out (assuming the drafter's first
+    positions are as good in a shorter block: measure that before listing shorter blocks).
+
+    Inputs and lag (overlap scheduling): ``plan(confidences)`` needs the CURRENT step's confidences (the
+    draft the target is about to verify); the calibration may lag: ``observe`` one or two steps late only
+    delays learning. ``plan_for_batch`` needs nothing current (it decides before drafting, from the last
+    plans' confidences, else the calibration's per-position rates). After ``probe_interval`` plain decode
+    plans in a row, ``plan_for_batch`` asks for one speculative step (and the ``plan()`` after it verifies
+    at least one draft per request), so acceptance keeps being measured.
+
+    Cost: ``plan()`` at batch 256, block 16 takes 0.5-0.6 ms (batch 1: 0.25 ms), one torch thread on a
+    loaded 2-core x86 CPU (sort + cumulative sum + NumPy interpolation, no per-request Python loop);
+    ``tests/core/test_verify_policy.py`` prints it.
+    """
+
+    def __init__(
+        self,
+        cost: StepCostModel,
+        calibration: AcceptanceCalibration,
+        block_size: int,
+        *,
+        ragged: bool = True,
+        draft_blocks: Sequence[int] | None = None,
+        probe_interval: int = 32,
+        recent_weight: float = 0.5,
+    ) -> None:
+        if block_size < 2:
+            raise ValueError(f"a verify-width policy needs block_size >= 2, got {block_size}")
+        blocks = sorted(set(draft_blocks or [block_size]))
+        if any(not 2 <= b <= block_size for b in blocks):
+            raise ValueError(f"draft_blocks must be in 2..{block_size}, got {blocks}")
+        self.cost, self.calibration, self.block_size = cost, calibration, block_size
+        self.ragged, self.draft_blocks, self.probe_interval = ragged, blocks, probe_interval
+        self.recent_weight = recent_weight
+        # mean over requests of q (P(first j drafts accepted)) from recent plans: plan_for_batch's estimate
+        self._recent_prefix: torch.Tensor | None = None
+        self._plain_in_row = 0
+        self._probing = False  # plan_for_batch asked for a probe: the next plan() verifies >= 1 draft
+
+    # -- public ------------------------------------------------------------------------------------------
+    def plan(self, confidences: torch.Tensor) -> VerifyPlan:
+        """Plan the verify of a drafted batch: ``confidences`` [batch, block-1], the drafter's top-1
+        probability at each draft position of each request (current step)."""
+        n = confidences.shape[1]
+        if n < 1 or n > self.block_size - 1:
+            raise ValueError(f"confidences need 1..{self.block_size - 1} positions, got {n}")
+        prefix = self.calibration.predict(confidences).cumprod(dim=1)  # [bs, n], non-increasing rows
+        mean = prefix.mean(0)
+        recent = self._recent_prefix
+        if recent is None or recent.numel() < n:
+            self._recent_prefix = mean
+        else:
+            self._recent_prefix = recent.clone()  # positions past this draft keep their older estimate
+            self._recent_prefix[:n] = self.recent_weight * mean + (1 - self.recent_weight) * recent[:n]
+        if self._probing:  # this draft was asked for to measure acceptance: verify some of it
+            self._probing = False
+            plan = self._best(prefix, drafted=n + 1, uniform=True, probe=True)
+            plan.extra["probe"] = True
+        else:
+            plan = self._best(prefix, drafted=n + 1)
+        self._plain_in_row = self._plain_in_row + 1 if plan.plain_decode else 0
+        return plan
+
+    def plan_for_batch(self, batch: int) -> VerifyPlan:
+        """Plan before any confidences of this step exist (whether to draft at all, and which block): from
+        the recent plans' mean acceptance, else the calibration's per-position rates. Widths are uniform."""
+        n = self.block_size - 1
+        prefix = self.calibration.position_rates(n).cumprod(0)
+        recent = self._recent_prefix
+        if recent is not None:  # recent plans' positions, continued by the calibration's rates beyond
+            m = recent.numel()
+            prefix = torch.cat([recent, recent[-1] * self.calibration.position_rates(n)[m:].cumprod(0)])
+        plan = self._best(prefix.expand(batch, n), drafted=self.block_size, uniform=True)
+        if plan.plain_decode and self._plain_in_row >= self.probe_interval:
+            self._plain_in_row, self._probing = 0, True
+            probe = self._best(prefix.expand(batch, n), drafted=self.block_size, uniform=True, probe=True)
+            probe.extra["probe"] = True
+            return probe
+        if plan.plain_decode:
+            self._plain_in_row += 1
+        return plan
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def _best(
+        self, prefix: torch.Tensor, drafted: int, uniform: bool = False, probe: bool = False
+    ) -> VerifyPlan:
+        """Best plan for q = ``prefix`` [bs, n] over the draft blocks that fit ``drafted`` (the block whose
+        confidences are known) and against a plain decode step; a ``probe`` speculates (width >= 1)."""
+        bs = prefix.shape[0]
+        best: VerifyPlan | None = None
+        for block in self.draft_blocks:
+            if block > drafted:
+                continue
+            draft_ms = self.cost.draft_ms(bs, block)
+            q = prefix[:, : block - 1]
+            cand = (
+                self._widths_uniform(q, draft_ms, 1 if probe else 0)
+                if uniform or not self.ragged
+                else self._widths_ragged(q, draft_ms)
+            )
+            cand.draft_block = block
+            if best is None or cand.tokens_per_ms > best.tokens_per_ms:
+                best = cand
+        assert best is not None
+        decode_ms = self.cost.decode_ms(bs)
+        if not probe and (decode_ms <= 0 or bs / decode_ms >= best.tokens_per_ms):
+            return VerifyPlan([0] * bs, True, best.draft_block, float(bs), decode_ms)
+        return best
+
+    def _widths_ragged(self, q: torch.Tensor, draft_ms: float) -> VerifyPlan:
+        bs, n = q.shape
+        # stable over the row-major flattening: equal gains keep j ascending within a row (prefixes)
+        gains, order = torch.sort(q.reshape(-1), descending=True, stable=True)
+        totals = torch.arange(bs * n + 1, dtype=torch.float64)
+        tokens = bs + torch.cat([torch.zeros(1, dtype=torch.float64), gains.cumsum(0)])
+        ms = draft_ms + self.cost.verify_ms_many(bs, bs + totals)
+        t = int(torch.argmax(tokens / ms))
+        widths = torch.bincount(order[:t] // n, minlength=bs)
+        return VerifyPlan(widths.tolist(), False, 0, float(tokens[t]), float(ms[t]))
+
+    def _widths_uniform(self, q: torch.Tensor, draft_ms: float, min_width: int = 0) -> VerifyPlan:
+        """Every request the same width m (padded verify; or a plan made without per-request confidences)."""
+        bs, n = q.shape
+        per_width = torch.cat([torch.zeros(1, dtype=torch.float64), q.sum(0).cumsum(0)])  # [n + 1]
+        widths = torch.arange(n + 1, dtype=torch.float64)
+        tokens = bs + per_width
+        ms = draft_ms + self.cost.verify_ms_many(bs, bs * (widths + 1))
+        m = min_width + int(torch.argmax((tokens / ms)[min_width:]))
+        return VerifyPlan([m] * bs, False, 0, float(tokens[m]), float(ms[m]))
