@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sglang_ext.dflare.checkpoint import dtype_from_name, load_drafter
-from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE, SpeculativeEngine
+from sglang_ext.reference.engine import SpeculativeEngine
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,27 @@ def load_tokenizer(target_dir: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(target_dir))
 
 
+def build_engine(
+    target: torch.nn.Module,
+    drafter: Any,
+    block_size: int | None = None,
+    tokenizer: Any = None,
+    max_batch: int = 8,
+    min_draft_confidence: float | None = None,
+) -> SpeculativeEngine:
+    """The engine with the CLIs' default adaptivity: ``min_draft_confidence`` None means the verify-width
+    policy on CPU (its cost model profiled here, about a second) and the whole block elsewhere; a number is
+    the fixed threshold (0 = the whole block)."""
+    engine = SpeculativeEngine(target, drafter, block_size, tokenizer, max_batch, min_draft_confidence or 0.0)
+    on_cpu = engine.runner.device.type == "cpu"
+    if min_draft_confidence is None and on_cpu and engine.drafter is not None:
+        from sglang_ext.reference.step_profile import measured_policy
+
+        engine.verify_policy = measured_policy(engine)
+        log.info("verify-width policy on; step costs: %s", engine.verify_policy.cost.to_dict())
+    return engine
+
+
 def load_engine(
     target_dir: str | Path,
     drafter_dir: str | Path | None,
@@ -52,12 +73,10 @@ def load_engine(
     min_draft_confidence: float | None = None,
 ) -> SpeculativeEngine:
     """Target (HF causal LM directory) + optional drafter; ``block_size`` defaults to the drafter's,
-    ``min_draft_confidence`` (adaptive draft length) to the CPU default on CPU and 0 (off) elsewhere."""
+    ``min_draft_confidence`` as :func:`build_engine` (None: the verify-width policy on CPU)."""
     torch_dtype = resolve_dtype(dtype, device)
     target = load_target(target_dir, torch_dtype, device)
     drafter = load_drafter(drafter_dir, dtype=torch_dtype, device=device) if drafter_dir else None
-    if min_draft_confidence is None:
-        min_draft_confidence = CPU_MIN_DRAFT_CONFIDENCE if torch.device(device).type == "cpu" else 0.0
-    return SpeculativeEngine(
+    return build_engine(
         target, drafter, block_size, load_tokenizer(target_dir), max_batch, min_draft_confidence
     )
