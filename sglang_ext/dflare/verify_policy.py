@@ -47,14 +47,23 @@ def _interp(x: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 
 
 def _table(rows: Iterable[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (x, y) arrays; repeated x are averaged (a profile may measure a point twice)."""
+    """Sorted (x, y) arrays, y made non-decreasing in x: more work never costs less, so a noisy profile
+    (a shared machine) must not teach the policy that verifying more is cheaper. Repeated x are averaged,
+    then violators pooled (pool-adjacent-violators: the least-squares non-decreasing fit)."""
     acc: dict[float, list[float]] = {}
     for x, y in rows:
         acc.setdefault(float(x), []).append(float(y))
     xs = sorted(acc)
     if not xs:
         raise ValueError("a cost table needs at least one measured point")
-    return np.array(xs), np.array([sum(acc[x]) / len(acc[x]) for x in xs])
+    blocks: list[list[float]] = []  # [mean, weight, count of xs]
+    for x in xs:
+        blocks.append([sum(acc[x]) / len(acc[x]), float(len(acc[x])), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, w1, n1), (m2, w2, n2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2]
+    ys = [m for m, _, n in blocks for _ in range(int(n))]
+    return np.array(xs), np.array(ys)
 
 
 class StepCostModel:
@@ -65,10 +74,11 @@ class StepCostModel:
     drafter forward drafting ``block`` slots per request (its context update included where profiled);
     ``decode_ms(batch)``: a plain decode step (measured, else ``verify_ms(batch, batch)``).
 
-    Between measured points the cost is linear: in tokens at a measured batch, and across batches at the
-    same tokens per request (so a table measured at width k applies at width k for any batch). Outside the
-    table the end segments continue upwards (never down); a single measured batch is used for every batch
-    as a function of total tokens (the cost of a forward is set by the tokens it processes).
+    Each measured curve is made non-decreasing (see ``_table``). Between measured points the cost is
+    linear: in tokens at a measured batch, and across batches at the same tokens per request (so a table
+    measured at width k applies at width k for any batch). Outside the table the end segments continue
+    upwards (never down); a single measured batch is used for every batch as a function of total tokens
+    (the cost of a forward is set by the tokens it processes).
     """
 
     def __init__(

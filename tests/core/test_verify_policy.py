@@ -63,6 +63,21 @@ def test_cost_model_interpolates_and_extrapolates() -> None:
         StepCostModel(verify=[], draft=[(1, 8, 0.3)])
 
 
+def test_a_noisy_profile_becomes_a_non_decreasing_cost() -> None:
+    # a shared machine made the 2- and 3-token forwards look dearer than the 8-token one
+    cost = StepCostModel(
+        verify=[(1, 1, 5.0), (1, 2, 9.0), (1, 3, 8.0), (1, 4, 6.0), (1, 8, 7.0)], draft=[(1, 8, 1)]
+    )
+    values = [cost.verify_ms(1, t) for t in range(1, 9)]
+    assert values == sorted(values)  # never cheaper to verify more
+    assert cost.verify_ms(1, 1) == pytest.approx(5.0)
+    assert cost.verify_ms(1, 2) == pytest.approx(7.5)  # 9, 8, 6, 7 pooled: their mean
+    assert cost.verify_ms(1, 8) == pytest.approx(7.5)
+    # so a policy reading it verifies no more than the costs justify (here: the whole block is not free)
+    policy = VerifyWidthPolicy(cost, calibrated(), BLOCK)
+    assert policy.plan(torch.full((1, BLOCK - 1), 0.2)).widths[0] < BLOCK - 1
+
+
 def test_cost_model_json_round_trip(tmp_path: Path) -> None:
     cost = linear_cost(10.0, 0.25, draft=2.0)
     path = tmp_path / "cost.json"
