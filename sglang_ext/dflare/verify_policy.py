@@ -325,8 +325,15 @@ class VerifyWidthPolicy:
     ``draft_ms(batch, block) + verify_ms(batch, sum_i (k_i + 1))``, a plain decode step ``decode_ms(batch)``
     for ``batch`` tokens. Since every ``q`` row is non-increasing, taking (request, position) increments in
     order of gain is optimal for each total of verified drafts, so one sort and one cumulative sum give the
-    best allocation at every total; the policy picks the total with the best rate and compares it with a
-    plain decode step.
+    best allocation at every total; the policy picks the total with the best rate.
+
+    Two decisions, two moments. ``plan_for_batch(batch)``, before drafting: draft at all (and which block)?
+    It compares a plain decode step's rate with the rate recent drafted steps achieved (expected tokens and
+    ms of their plans, per request, so it carries over to another batch size; with no history, the
+    calibration's per-position rates). ``plan(confidences)``, after drafting: which widths? The draft is
+    paid by then, so when plain decoding is the better long-run rate R, a width still pays if its expected
+    tokens beat R times its extra verify ms; ``plain_decode`` is set when no width does (then widths are 0
+    and the step is a decode of every row).
 
     ``ragged=False`` is for engines that pad every request to the longest verified row (the reference
     engine): the verify then costs ``batch * (max width + 1)`` tokens and all rows take the same width.
@@ -336,10 +343,9 @@ class VerifyWidthPolicy:
 
     Inputs and lag (overlap scheduling): ``plan(confidences)`` needs the CURRENT step's confidences (the
     draft the target is about to verify); the calibration may lag: ``observe`` one or two steps late only
-    delays learning. ``plan_for_batch`` needs nothing current (it decides before drafting, from the last
-    plans' confidences, else the calibration's per-position rates). After ``probe_interval`` plain decode
-    plans in a row, ``plan_for_batch`` asks for one speculative step (and the ``plan()`` after it verifies
-    at least one draft per request), so acceptance keeps being measured.
+    delays learning. ``plan_for_batch`` needs nothing current. After ``probe_interval`` plain decode plans
+    in a row, ``plan_for_batch`` asks for one speculative step (and the ``plan()`` after it verifies at
+    least one draft per request), so acceptance keeps being measured.
 
     Cost: ``plan()`` at batch 256, block 16 takes 0.5-0.6 ms (batch 1: 0.25 ms), one torch thread on a
     loaded 2-core x86 CPU (sort + cumulative sum + NumPy interpolation, no per-request Python loop);
@@ -355,7 +361,7 @@ class VerifyWidthPolicy:
         ragged: bool = True,
         draft_blocks: Sequence[int] | None = None,
         probe_interval: int = 32,
-        recent_weight: float = 0.5,
+        recent_weight: float = 0.1,
     ) -> None:
         if block_size < 2:
             raise ValueError(f"a verify-width policy needs block_size >= 2, got {block_size}")
@@ -365,8 +371,9 @@ class VerifyWidthPolicy:
         self.cost, self.calibration, self.block_size = cost, calibration, block_size
         self.ragged, self.draft_blocks, self.probe_interval = ragged, blocks, probe_interval
         self.recent_weight = recent_weight
-        # mean over requests of q (P(first j drafts accepted)) from recent plans: plan_for_batch's estimate
-        self._recent_prefix: torch.Tensor | None = None
+        # drafted steps' plans, per request, moving averages: expected tokens, verified tokens; the block
+        self._recent: tuple[float, float] | None = None
+        self._recent_block = block_size
         self._plain_in_row = 0
         self._probing = False  # plan_for_batch asked for a probe: the next plan() verifies >= 1 draft
 
@@ -374,89 +381,115 @@ class VerifyWidthPolicy:
     def plan(self, confidences: torch.Tensor) -> VerifyPlan:
         """Plan the verify of a drafted batch: ``confidences`` [batch, block-1], the drafter's top-1
         probability at each draft position of each request (current step)."""
-        n = confidences.shape[1]
+        bs, n = confidences.shape
         if n < 1 or n > self.block_size - 1:
             raise ValueError(f"confidences need 1..{self.block_size - 1} positions, got {n}")
         prefix = self.calibration.predict(confidences).cumprod(dim=1)  # [bs, n], non-increasing rows
-        mean = prefix.mean(0)
-        recent = self._recent_prefix
-        if recent is None or recent.numel() < n:
-            self._recent_prefix = mean
-        else:
-            self._recent_prefix = recent.clone()  # positions past this draft keep their older estimate
-            self._recent_prefix[:n] = self.recent_weight * mean + (1 - self.recent_weight) * recent[:n]
         if self._probing:  # this draft was asked for to measure acceptance: verify some of it
             self._probing = False
-            plan = self._best(prefix, drafted=n + 1, uniform=True, probe=True)
+            plan = self._best(prefix, drafted=n + 1, uniform=True, min_width=1)
             plan.extra["probe"] = True
         else:
             plan = self._best(prefix, drafted=n + 1)
+            plain_rate = bs / self.cost.decode_ms(bs)
+            if plan.tokens_per_ms < plain_rate:  # the draft is paid: verify only what beats plain decoding
+                plan = self._best(prefix, drafted=n + 1, against=plain_rate)
+                plan.plain_decode = max(plan.widths) == 0
+        self._remember(plan, bs)
         self._plain_in_row = self._plain_in_row + 1 if plan.plain_decode else 0
         return plan
 
     def plan_for_batch(self, batch: int) -> VerifyPlan:
-        """Plan before any confidences of this step exist (whether to draft at all, and which block): from
-        the recent plans' mean acceptance, else the calibration's per-position rates. Widths are uniform."""
-        n = self.block_size - 1
-        prefix = self.calibration.position_rates(n).cumprod(0)
-        recent = self._recent_prefix
-        if recent is not None:  # recent plans' positions, continued by the calibration's rates beyond
-            m = recent.numel()
-            prefix = torch.cat([recent, recent[-1] * self.calibration.position_rates(n)[m:].cumprod(0)])
-        plan = self._best(prefix.expand(batch, n), drafted=self.block_size, uniform=True)
-        if plan.plain_decode and self._plain_in_row >= self.probe_interval:
+        """Plan before any confidences of this step exist: whether to draft at all, and which block (see
+        the class docstring). Widths are uniform (what the recent plans verified per request)."""
+        plain = VerifyPlan([0] * batch, True, self._recent_block, float(batch), self.cost.decode_ms(batch))
+        if self._recent is None:  # nothing drafted yet: the calibration's per-position rates
+            n = self.block_size - 1
+            prefix = self.calibration.position_rates(n).cumprod(0).expand(batch, n)
+            plan = self._best(prefix, drafted=self.block_size, uniform=True)
+            plan.plain_decode = plan.tokens_per_ms <= plain.tokens_per_ms
+        else:
+            tokens, verified = self._recent
+            width = max(0, round(verified) - 1)
+            ms = self.cost.draft_ms(batch, self._recent_block) + self.cost.verify_ms(
+                batch, round(batch * verified)
+            )
+            plan = VerifyPlan([width] * batch, False, self._recent_block, batch * tokens, ms)
+            plan.plain_decode = plan.tokens_per_ms <= plain.tokens_per_ms
+        if not plan.plain_decode:
+            return plan
+        if self._plain_in_row >= self.probe_interval:
             self._plain_in_row, self._probing = 0, True
-            probe = self._best(prefix.expand(batch, n), drafted=self.block_size, uniform=True, probe=True)
-            probe.extra["probe"] = True
-            return probe
-        if plan.plain_decode:
-            self._plain_in_row += 1
-        return plan
+            plan.plain_decode, plan.extra["probe"] = False, True
+            plan.widths = [max(1, w) for w in plan.widths]
+            return plan
+        self._plain_in_row += 1
+        return plain
 
     # -- internals ---------------------------------------------------------------------------------------
+    def _remember(self, plan: VerifyPlan, bs: int) -> None:
+        """Fold a drafted step's plan into the per-request averages plan_for_batch reads."""
+        widths = torch.tensor(plan.widths, dtype=torch.float64)
+        verified = float((widths.max() if not self.ragged else widths.mean()) + 1)
+        now = (plan.expected_tokens / bs, verified)
+        w = self.recent_weight
+        self._recent = (
+            now
+            if self._recent is None
+            else tuple(w * a + (1 - w) * b for a, b in zip(now, self._recent, strict=True))
+        )
+        self._recent_block = plan.draft_block
+
     def _best(
-        self, prefix: torch.Tensor, drafted: int, uniform: bool = False, probe: bool = False
+        self,
+        prefix: torch.Tensor,
+        drafted: int,
+        uniform: bool = False,
+        min_width: int = 0,
+        against: float | None = None,
     ) -> VerifyPlan:
-        """Best plan for q = ``prefix`` [bs, n] over the draft blocks that fit ``drafted`` (the block whose
-        confidences are known) and against a plain decode step; a ``probe`` speculates (width >= 1)."""
+        """Best speculative plan for q = ``prefix`` [bs, n] over the draft blocks that fit ``drafted`` (the
+        block whose confidences are known): the best rate, or with ``against`` (a rate R, the draft paid)
+        the most tokens - R * verify ms; widths >= ``min_width``."""
         bs = prefix.shape[0]
         best: VerifyPlan | None = None
         for block in self.draft_blocks:
             if block > drafted:
                 continue
-            draft_ms = self.cost.draft_ms(bs, block)
+            draft_ms = self.cost.draft_ms(bs, block) if against is None else 0.0
             q = prefix[:, : block - 1]
-            cand = (
-                self._widths_uniform(q, draft_ms, 1 if probe else 0)
-                if uniform or not self.ragged
-                else self._widths_ragged(q, draft_ms)
-            )
-            cand.draft_block = block
-            if best is None or cand.tokens_per_ms > best.tokens_per_ms:
+            if uniform or not self.ragged:
+                tokens, ms, widths = self._totals_uniform(q)
+            else:
+                tokens, ms, widths = self._totals_ragged(q)
+            ms = ms + draft_ms
+            score = tokens / ms if against is None else tokens - against * ms
+            t = min_width + int(torch.argmax(score[min_width:]))
+            cand = VerifyPlan(widths(t), False, block, float(tokens[t]), float(ms[t]))
+            if against is not None:  # report the step's real cost: the draft was paid too
+                cand.expected_ms += self.cost.draft_ms(bs, block)
+            if best is None or float(score[t]) > best.extra["score"]:
+                cand.extra["score"] = float(score[t])
                 best = cand
         assert best is not None
-        decode_ms = self.cost.decode_ms(bs)
-        if not probe and (decode_ms <= 0 or bs / decode_ms >= best.tokens_per_ms):
-            return VerifyPlan([0] * bs, True, best.draft_block, float(bs), decode_ms)
+        best.extra.pop("score")
         return best
 
-    def _widths_ragged(self, q: torch.Tensor, draft_ms: float) -> VerifyPlan:
+    def _totals_ragged(self, q: torch.Tensor):
+        """Expected tokens and verify ms at every total T of verified drafts (best allocation for each T),
+        and a function T -> widths."""
         bs, n = q.shape
         # stable over the row-major flattening: equal gains keep j ascending within a row (prefixes)
         gains, order = torch.sort(q.reshape(-1), descending=True, stable=True)
         totals = torch.arange(bs * n + 1, dtype=torch.float64)
         tokens = bs + torch.cat([torch.zeros(1, dtype=torch.float64), gains.cumsum(0)])
-        ms = draft_ms + self.cost.verify_ms_many(bs, bs + totals)
-        t = int(torch.argmax(tokens / ms))
-        widths = torch.bincount(order[:t] // n, minlength=bs)
-        return VerifyPlan(widths.tolist(), False, 0, float(tokens[t]), float(ms[t]))
+        ms = self.cost.verify_ms_many(bs, bs + totals)
+        return tokens, ms, lambda t: torch.bincount(order[:t] // n, minlength=bs).tolist()
 
-    def _widths_uniform(self, q: torch.Tensor, draft_ms: float, min_width: int = 0) -> VerifyPlan:
-        """Every request the same width m (padded verify; or a plan made without per-request confidences)."""
+    def _totals_uniform(self, q: torch.Tensor):
+        """The same for one width m for every request (padded verify, or no per-request confidences):
+        index m."""
         bs, n = q.shape
-        per_width = torch.cat([torch.zeros(1, dtype=torch.float64), q.sum(0).cumsum(0)])  # [n + 1]
-        widths = torch.arange(n + 1, dtype=torch.float64)
-        tokens = bs + per_width
-        ms = draft_ms + self.cost.verify_ms_many(bs, bs * (widths + 1))
-        m = min_width + int(torch.argmax((tokens / ms)[min_width:]))
-        return VerifyPlan([m] * bs, False, 0, float(tokens[m]), float(ms[m]))
+        tokens = bs + torch.cat([torch.zeros(1, dtype=torch.float64), q.sum(0).cumsum(0)])  # [n + 1]
+        ms = self.cost.verify_ms_many(bs, bs * (torch.arange(n + 1, dtype=torch.float64) + 1))
+        return tokens, ms, lambda m: [m] * bs

@@ -177,10 +177,23 @@ def test_plain_decode_when_verifying_costs_more_than_it_can_win(ragged: bool) ->
     policy = _policy(linear_cost(10.0, 10.0, draft=2.0), ragged)
     plan = policy.plan(torch.full((4, BLOCK - 1), 0.97))
     assert plan.plain_decode and plan.widths == [0] * 4
-    assert plan.expected_tokens == 4 and plan.expected_ms == pytest.approx(10.0)
+    assert plan.expected_tokens == 4 and plan.expected_ms == pytest.approx(2.0 + 10.0)  # the draft was paid
+    before = policy.plan_for_batch(4)  # so the next step does not draft at all
+    assert before.plain_decode and before.expected_ms == pytest.approx(10.0)
     # the same prices with a drafter that is usually right, and verifying cheap: speculate
     cheap = _policy(linear_cost(10.0, 0.5, draft=2.0), ragged)
     assert not cheap.plan(torch.full((4, BLOCK - 1), 0.97)).plain_decode
+
+
+@pytest.mark.parametrize("ragged", [True, False])
+def test_a_paid_draft_is_verified_where_it_beats_plain_decoding(ragged: bool) -> None:
+    # the draft costs 6 decode steps: drafting does not pay, but once drafted, sure drafts are worth checking
+    policy = _policy(linear_cost(10.0, 1.0, draft=60.0), ragged)
+    plan = policy.plan(torch.full((4, BLOCK - 1), 0.97))
+    assert not plan.plain_decode and plan.widths == [BLOCK - 1] * 4
+    assert plan.tokens_per_ms < 4 / 10.0  # a worse rate than plain decoding, counting the draft
+    assert policy.plan_for_batch(4).plain_decode  # so the next steps decode plainly
+    assert policy.plan(torch.full((4, BLOCK - 1), 0.1)).plain_decode  # hopeless drafts: none verified
 
 
 def test_more_width_to_confident_requests() -> None:
