@@ -1,102 +1,125 @@
-"""A short profile of the reference engine's own forwards: the cost model of its verify-width policy.
+"""A short profile of the reference engine's own steps: the cost model of its verify-width policy.
 
 What a verified token costs depends on the machine, the model and how many rows a forward carries (on a
 CPU, small products scale with rows long before they are compute-bound), so the engine measures rather
-than assumes: at start, for a batch of 1 and its largest batch, the target forward + LM head over 1..B
-tokens per row (1 token = a plain decode step) and the drafter's forward + LM head over a block, each the
-fastest of a few runs taking turns, on scratch caches. Under a second on the demo pair; the table is kept
-in memory (``StepCostModel.to_json`` stores it for inspection).
+than assumes. It times whole engine steps, not bare forwards, because a step also samples, accepts,
+commits and feeds the drafter its context, and those costs are part of what a width or a draft buys: on
+a scratch engine sharing the models, for a batch of 1 and the largest batch (at most 16), steps that
+decode plainly, that draft and verify nothing, and that draft and verify 1..B-1 drafts per row. Then
+decode = the plain step, draft = the drafted step without verified drafts minus the plain step, and the
+verify of width w = the step at width w minus the draft. Each is the fastest of a few runs taking turns
+(on a shared machine other processes only add time). Under a second on the demo pair at batch 1; kept in
+memory (``StepCostModel.to_json`` stores it for inspection).
 """
 
 from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
-from sglang_ext.dflare.verify_policy import AcceptanceCalibration, StepCostModel, VerifyWidthPolicy
+from sglang_ext.dflare.verify_policy import (
+    AcceptanceCalibration,
+    StepCostModel,
+    VerifyPlan,
+    VerifyWidthPolicy,
+)
+from sglang_ext.reference.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from sglang_ext.dflare.cache import RowKVCache
-    from sglang_ext.dflare.model import DFlareDrafter
     from sglang_ext.reference.engine import SpeculativeEngine
-    from sglang_ext.reference.target import TargetRunner
 
-CONTEXT = 128  # cached tokens per row during the profile: a typical chat prompt's length
+CONTEXT = 128  # prompt tokens per profiled request: a typical chat prompt's length
+PLAIN = -1  # a step key: plain decode (no draft)
 
 
-def _fastest_ms(calls: dict[tuple[str, int, int], Callable[[], None]], repeats: int) -> dict:
-    """Each call's fastest of ``repeats`` runs, in ms, the calls taking turns (round-robin) so a change
-    in the machine's load hits all of them alike. The fastest, not the median: on a shared machine other
-    processes only ever add time, and the policy needs the costs' ratios, not one moment's slowdown."""
-    for fn in calls.values():
-        fn()  # first call: allocations and lazy weight copies out of the timing
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(repeats):
-        for key, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            best[key] = min(best[key], (time.perf_counter() - start) * 1e3)
-    return best
+class _FixedWidth(VerifyWidthPolicy):
+    """Makes every step of the scratch engine the kind being timed: ``width`` drafts per row, or PLAIN."""
+
+    def __init__(self, block_size: int) -> None:
+        cost = StepCostModel([(1, 1, 1.0)], [(1, block_size, 1.0)])
+        super().__init__(cost, AcceptanceCalibration(), block_size)
+        self.width = PLAIN
+
+    def plan_for_batch(self, batch: int) -> VerifyPlan:
+        return VerifyPlan([0] * batch, self.width == PLAIN, self.block_size, 0.0, 1.0)
+
+    def plan(self, confidences: torch.Tensor) -> VerifyPlan:
+        return VerifyPlan([self.width] * confidences.shape[0], False, self.block_size, 0.0, 1.0)
 
 
 def _widths(block_size: int) -> list[int]:
-    """Tokens per row to time: 1 (decode), a few small widths (where CPU cost bends), and the block."""
-    return sorted({1, 2, 3, 4, (block_size + 1) // 2 + 1, block_size} & set(range(1, block_size + 1)))
+    """Drafts per row to time: none, a few small widths (where CPU cost bends), and the whole block."""
+    return sorted({0, 1, 2, 3, block_size // 2, block_size - 1} & set(range(block_size)))
+
+
+def _step_ms(engine: SpeculativeEngine, policy: _FixedWidth, width: int, rows: int) -> float:
+    """One timed step of ``rows`` decoding requests at ``width`` (refilled untimed when some finished)."""
+    from sglang_ext.reference.engine import Request
+
+    vocab, prompt = engine.runner.config.vocab_size, min(CONTEXT, engine.max_context // 4)
+    if sum(s.prefilled for s in engine._slots) < rows or len(engine._slots) > rows:
+        while engine.has_work():  # finish what is left, then start fresh rows
+            for s in engine._slots:
+                engine.abort(s.req.request_id)
+            engine.step()
+        for r in range(rows):
+            ids = torch.randint(0, vocab - 1, (prompt,)).tolist()
+            engine.add_request(Request(f"profile-{time.perf_counter_ns()}-{r}", ids, _PARAMS))
+        policy.width = PLAIN
+        engine.step()  # prefill
+    policy.width = width
+    start = time.perf_counter()
+    engine.step()
+    return (time.perf_counter() - start) * 1e3
+
+
+_PARAMS = SamplingParams(max_tokens=10**6)
 
 
 @torch.inference_mode()
-def measure_step_costs(engine: SpeculativeEngine, repeats: int = 7, max_batch: int = 16) -> StepCostModel:
-    """Time the engine's target and drafter forwards (see the module docstring) into a cost model."""
-    runner, drafter = engine.runner, engine.drafter
-    if drafter is None:
+def measure_step_costs(engine: SpeculativeEngine, repeats: int = 5, max_batch: int = 16) -> StepCostModel:
+    """Time the engine's steps by kind (see the module docstring) into a cost model."""
+    from sglang_ext.reference.engine import SpeculativeEngine
+
+    if engine.drafter is None:
         raise ValueError("a step profile needs a drafter (block size > 1)")
     block = engine.block_size
-    calls: dict[tuple[str, int, int], Callable[[], None]] = {}
+    verify, drafts, decode = [], [], []
     for batch in sorted({1, min(engine.max_batch, max_batch)}):
-        starts = [CONTEXT + r for r in range(batch)]  # rows at different lengths, as in a real batch
-        cache = runner.new_cache(batch)
-        for q in _widths(block):
-            ids = torch.randint(0, runner.config.vocab_size, (batch, q), device=runner.device)
-            calls["verify", batch, q] = partial(_target_step, runner, cache, ids, starts)
-        dcache = drafter.new_cache(batch, runner.dtype, runner.device)
-        mask = drafter.config.mask_token_id
-        ids = torch.tensor([[0] + [mask] * (block - 1)] * batch, device=runner.device)
-        calls["draft", batch, block] = partial(_draft_step, drafter, runner, dcache, ids, starts)
-    ms = _fastest_ms(calls, repeats)
-    verify = [(b, b * q, t) for (kind, b, q), t in ms.items() if kind == "verify"]
+        policy = _FixedWidth(block)
+        scratch = SpeculativeEngine(
+            engine.runner, engine.drafter, block, max_batch=batch, verify_policy=policy
+        )
+        kinds = [PLAIN, *_widths(block)]
+        best = dict.fromkeys(kinds, float("inf"))
+        for width in kinds:  # first calls: allocations out of the timing
+            _step_ms(scratch, policy, width, batch)
+        for _ in range(repeats):  # round-robin: a change in the machine's load hits every kind alike
+            for width in kinds:
+                best[width] = min(best[width], _step_ms(scratch, policy, width, batch))
+        draft = max(best[0] - best[PLAIN], 0.0)
+        decode.append((batch, best[PLAIN]))
+        drafts.append((batch, block, draft))
+        verify += [(batch, batch * (w + 1), max(best[w] - draft, 0.0)) for w in _widths(block)]
+    runner, kind = engine.runner, engine.drafter.config.kind
     return StepCostModel(
         verify,
-        [(b, k, t) for (kind, b, k), t in ms.items() if kind == "draft"],
-        [(b, t) for (kind, b, q), t in ms.items() if kind == "verify" and q == 1],
+        drafts,
+        decode,
         device=f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         if runner.device.type == "cpu"
         else str(runner.device),
-        model=f"{type(runner.model).__name__} {runner.num_layers} layers + {drafter.config.kind} drafter",
+        model=f"{type(runner.model).__name__} {runner.num_layers} layers + {kind} drafter",
         block_size=block,
     )
 
 
-def _target_step(runner: TargetRunner, cache: RowKVCache, ids: torch.Tensor, starts: list[int]) -> None:
-    hidden, _ = runner.forward(cache, ids, starts)
-    runner.logits(hidden)
-
-
-def _draft_step(
-    drafter: DFlareDrafter, runner: TargetRunner, cache: RowKVCache, ids: torch.Tensor, starts: list[int]
-) -> None:
-    hidden = drafter.draft_hidden(cache, ids, starts)
-    logits = runner.logits(hidden[:, 1:])
-    (logits.max(-1).values - logits.logsumexp(-1)).exp()  # the confidences the policy reads
-
-
 def measured_policy(engine: SpeculativeEngine, **policy_args) -> VerifyWidthPolicy:
-    """The engine's verify-width policy: its own forwards profiled now, a fresh calibration, and the
-    padded cost of the reference engine (every row verifies as many tokens as the longest)."""
+    """The engine's verify-width policy: its own steps profiled now, a fresh calibration, and the padded
+    cost of the reference engine (every row verifies as many tokens as the longest)."""
     return VerifyWidthPolicy(
         measure_step_costs(engine), AcceptanceCalibration(), engine.block_size, ragged=False, **policy_args
     )

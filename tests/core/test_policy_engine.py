@@ -117,7 +117,7 @@ def test_cheap_verify_gives_whole_blocks_and_the_calibration_counts_real_accepts
     assert 2 * (accepted + 0) <= observed <= 2 * (accepted + steps)  # two generate runs fed it
 
 
-def test_step_profile_measures_the_engines_forwards(tmp_path: Path) -> None:
+def test_step_profile_measures_the_engines_steps(tmp_path: Path) -> None:
     model = target(0)
     engine = SpeculativeEngine(model, tiny_drafter(model, block_size=8), 8, max_batch=4)
     cost = measure_step_costs(engine, repeats=3)
@@ -125,7 +125,10 @@ def test_step_profile_measures_the_engines_forwards(tmp_path: Path) -> None:
     assert {p["batch"] for p in data["verify"]} == {1, 4}
     assert {p["tokens"] for p in data["verify"] if p["batch"] == 1} == {1, 2, 3, 4, 5, 8}
     assert [p["batch"] for p in data["decode"]] == [1, 4] and [p["block"] for p in data["draft"]] == [8, 8]
-    assert all(p["ms"] > 0 for p in data["verify"] + data["draft"])
+    assert all(p["ms"] > 0 for p in data["decode"]) and all(
+        p["ms"] >= 0 for p in data["verify"] + data["draft"]
+    )
+    assert engine.verify_policy is None and not engine.has_work()  # profiled on a scratch engine
     assert data["block_size"] == 8 and data["device"].startswith("cpu") and "drafter" in data["model"]
     cost.to_json(tmp_path / "cpu.json")
     assert StepCostModel.from_json(tmp_path / "cpu.json").decode_ms(2) > 0
