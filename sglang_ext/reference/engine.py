@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from sglang_ext.dflare import ops
-from sglang_ext.dflare.verify_policy import VerifyWidthPolicy
+from sglang_ext.dflare.verify_policy import VerifyPlan, VerifyWidthPolicy
 from sglang_ext.reference.sampling import SamplingParams, greedy_tokens, sample_rows
 from sglang_ext.reference.target import TargetRunner
 from sglang_ext.stats import SpecStats
@@ -147,6 +147,7 @@ class SpeculativeEngine:
         self._log_min_confidence = math.log(min_draft_confidence) if min_draft_confidence > 0 else -math.inf
         self.verify_policy = verify_policy  # may be set after construction (it profiles this engine)
         self._confidences: torch.Tensor | None = None  # of the drafts being verified, for the calibration
+        self._pre_plan: VerifyPlan | None = None  # the policy's plan before drafting (which block to draft)
         self.verified_drafts = 0  # drafts the target checked, over the engine's life (benchmarks report it)
         self.plain_decode_steps = 0  # steps the policy ran without a draft (or verified no draft)
         self.block_size, self.tokenizer, self.max_batch = block_size, tokenizer, max_batch
@@ -309,7 +310,7 @@ class SpeculativeEngine:
                 torch.tensor(positions),
                 taps[0] if len(taps) == 1 else torch.cat(taps),
             )
-        size = self.block_size if self.verify_policy is None else self._pre_plan.draft_block
+        size = self._pre_plan.draft_block if self.verify_policy and self._pre_plan else self.block_size
         masks = [drafter.config.mask_token_id] * (size - 1)
         block = torch.tensor([[s.pending, *masks] for s in self._slots[:rows]], device=self.runner.device)
         hidden = drafter.draft_hidden(cache, block, cache.lengths[:rows])
