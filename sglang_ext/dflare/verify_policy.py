@@ -187,7 +187,10 @@ class AcceptanceCalibration:
 
     ``bins`` equal bins over [0, 1]; each bin's estimate is its (forgetting-weighted) accept rate, pulled
     towards ``prior`` by ``prior_strength`` pseudo-observations. ``prior`` defaults to the bin's centre (the
-    drafter taken at its word until the target says otherwise). Forgetting is by observations, not calls:
+    drafter taken at its word until the target says otherwise), shifted by the mean of (accepted -
+    confidence) over all observations: a policy that stops verifying low-confidence drafts never observes
+    their bins again, and an underconfident drafter (the demo pair's is, by about 0.18) would otherwise stay
+    judged by its own word there. Forgetting is by observations, not calls:
     every observed position multiplies older evidence by ``0.5 ** (1 / half_life)``, so a batch of 256 and
     a batch of 1 follow a shift after the same amount of evidence.
 
@@ -226,7 +229,12 @@ class AcceptanceCalibration:
         return (confidences.to(torch.float64) * self.bins).long().clamp_(0, self.bins - 1)
 
     def _table(self) -> torch.Tensor:
-        return (self._accepted + self.prior_strength * self.prior) / (self._count + self.prior_strength)
+        total = float(self._count.sum())
+        prior = self.prior
+        if total > 0:  # shifted by the drafter's mean miscalibration seen in every bin (see the docstring)
+            bias = float(self._accepted.sum() - self._confidence.sum()) / total
+            prior = (prior + bias * total / (total + self.prior_strength)).clamp(0.0, 1.0)
+        return (self._accepted + self.prior_strength * prior) / (self._count + self.prior_strength)
 
     def predict(self, confidences: torch.Tensor) -> torch.Tensor:
         """Accept probabilities, same shape as ``confidences`` (float64, on the CPU)."""
@@ -324,16 +332,18 @@ class VerifyWidthPolicy:
     expectation ``1 + sum_{j<=k} q_j`` tokens, ``q_j = prod_{l<=j} p_l`` (1 = the bonus token). A step costs
     ``draft_ms(batch, block) + verify_ms(batch, sum_i (k_i + 1))``, a plain decode step ``decode_ms(batch)``
     for ``batch`` tokens. Since every ``q`` row is non-increasing, taking (request, position) increments in
-    order of gain is optimal for each total of verified drafts, so one sort and one cumulative sum give the
-    best allocation at every total; the policy picks the total with the best rate.
+    order of gain is optimal for each total of verified drafts, so one sort and one cumulative sum value
+    every total at once.
 
-    Two decisions, two moments. ``plan_for_batch(batch)``, before drafting: draft at all (and which block)?
-    It compares a plain decode step's rate with the rate recent drafted steps achieved (expected tokens and
-    ms of their plans, per request, so it carries over to another batch size; with no history, the
-    calibration's per-position rates). ``plan(confidences)``, after drafting: which widths? The draft is
-    paid by then, so when plain decoding is the better long-run rate R, a width still pays if its expected
-    tokens beat R times its extra verify ms; ``plain_decode`` is set when no width does (then widths are 0
-    and the step is a decode of every row).
+    Which total: the one maximising ``tokens - R x ms``, where R is the rate the policy has been achieving
+    (``long_run_rate``: a moving average of its plans' speedup over plain decoding, never below plain
+    decoding). Over many steps that maximises tokens per ms; choosing each step's own best ratio would not
+    (it verifies too much of poor drafts and too little of good ones). Two decisions, two moments:
+    ``plan_for_batch(batch)``, before drafting, drafts only if recent drafted steps (their expected tokens
+    and verified tokens per request, so a batch change carries over; with no history, the calibration's
+    per-position rates) beat a plain decode step by that measure. ``plan(confidences)``, after drafting,
+    treats the draft as paid and sets ``plain_decode`` when no width beats verifying none (widths are then
+    0 and the step decodes every row).
 
     ``ragged=False`` is for engines that pad every request to the longest verified row (the reference
     engine): the verify then costs ``batch * (max width + 1)`` tokens and all rows take the same width.
@@ -374,28 +384,36 @@ class VerifyWidthPolicy:
         # drafted steps' plans, per request, moving averages: expected tokens, verified tokens; the block
         self._recent: tuple[float, float] | None = None
         self._recent_block = block_size
+        # moving averages of tokens and of ms in plain-decode tokens' time: their ratio is the speedup
+        self._speedup = (0.0, 0.0)
         self._plain_in_row = 0
         self._probing = False  # plan_for_batch asked for a probe: the next plan() verifies >= 1 draft
 
     # -- public ------------------------------------------------------------------------------------------
+    def long_run_rate(self, batch: int) -> float:
+        """R: the tokens per ms this policy has been achieving, as a multiple of plain decoding's rate at
+        ``batch`` (never below plain decoding). Each decision maximises tokens - R x ms, which over many
+        steps maximises tokens per ms (a per-step best ratio would not: it over-verifies poor steps)."""
+        speedup = self._speedup[0] / self._speedup[1] if self._speedup[1] > 0 else 1.0
+        return max(speedup, 1.0) * batch / self.cost.decode_ms(batch)
+
     def plan(self, confidences: torch.Tensor) -> VerifyPlan:
         """Plan the verify of a drafted batch: ``confidences`` [batch, block-1], the drafter's top-1
-        probability at each draft position of each request (current step)."""
+        probability at each draft position of each request (current step). The draft is paid by now, so
+        widths maximise tokens - R x verify ms; ``plain_decode`` when no width beats verifying none."""
         bs, n = confidences.shape
         if n < 1 or n > self.block_size - 1:
             raise ValueError(f"confidences need 1..{self.block_size - 1} positions, got {n}")
         prefix = self.calibration.predict(confidences).cumprod(dim=1)  # [bs, n], non-increasing rows
+        rate = self.long_run_rate(bs)
         if self._probing:  # this draft was asked for to measure acceptance: verify some of it
             self._probing = False
-            plan = self._best(prefix, drafted=n + 1, uniform=True, min_width=1)
+            plan = self._best(prefix, drafted=n + 1, rate=rate, uniform=True, min_width=1)
             plan.extra["probe"] = True
         else:
-            plan = self._best(prefix, drafted=n + 1)
-            plain_rate = bs / self.cost.decode_ms(bs)
-            if plan.tokens_per_ms < plain_rate:  # the draft is paid: verify only what beats plain decoding
-                plan = self._best(prefix, drafted=n + 1, against=plain_rate)
-                plan.plain_decode = max(plan.widths) == 0
-        self._remember(plan, bs)
+            plan = self._best(prefix, drafted=n + 1, rate=rate)
+            plan.plain_decode = max(plan.widths) == 0
+        self._remember(plan, bs, drafted=True)
         self._plain_in_row = self._plain_in_row + 1 if plan.plain_decode else 0
         return plan
 
@@ -403,11 +421,11 @@ class VerifyWidthPolicy:
         """Plan before any confidences of this step exist: whether to draft at all, and which block (see
         the class docstring). Widths are uniform (what the recent plans verified per request)."""
         plain = VerifyPlan([0] * batch, True, self._recent_block, float(batch), self.cost.decode_ms(batch))
+        rate = self.long_run_rate(batch)
         if self._recent is None:  # nothing drafted yet: the calibration's per-position rates
             n = self.block_size - 1
             prefix = self.calibration.position_rates(n).cumprod(0).expand(batch, n)
-            plan = self._best(prefix, drafted=self.block_size, uniform=True)
-            plan.plain_decode = plan.tokens_per_ms <= plain.tokens_per_ms
+            plan = self._best(prefix, drafted=self.block_size, rate=rate, uniform=True, with_draft=True)
         else:
             tokens, verified = self._recent
             width = max(0, round(verified) - 1)
@@ -415,24 +433,36 @@ class VerifyWidthPolicy:
                 batch, round(batch * verified)
             )
             plan = VerifyPlan([width] * batch, False, self._recent_block, batch * tokens, ms)
-            plan.plain_decode = plan.tokens_per_ms <= plain.tokens_per_ms
-        if not plan.plain_decode:
+        gain = (plan.expected_tokens - rate * plan.expected_ms) - (
+            plain.expected_tokens - rate * plain.expected_ms
+        )
+        if gain > 0:
             return plan
         if self._plain_in_row >= self.probe_interval:
             self._plain_in_row, self._probing = 0, True
-            plan.plain_decode, plan.extra["probe"] = False, True
+            plan.extra["probe"] = True
             plan.widths = [max(1, w) for w in plan.widths]
             return plan
         self._plain_in_row += 1
+        self._remember(plain, batch, drafted=False)
         return plain
 
     # -- internals ---------------------------------------------------------------------------------------
-    def _remember(self, plan: VerifyPlan, bs: int) -> None:
-        """Fold a drafted step's plan into the per-request averages plan_for_batch reads."""
+    def _remember(self, plan: VerifyPlan, bs: int, drafted: bool) -> None:
+        """Fold a step's plan into the averages: the speedup over plain decoding behind R, and for drafted
+        steps the per-request tokens and verified tokens plan_for_batch reads."""
+        w = self.recent_weight
+        plain_ms = self.cost.decode_ms(bs) / bs  # ms per token of plain decoding at this batch
+        tokens, cost = self._speedup
+        self._speedup = (
+            w * plan.expected_tokens + (1 - w) * tokens,
+            w * plan.expected_ms / plain_ms + (1 - w) * cost,
+        )
+        if not drafted:
+            return
         widths = torch.tensor(plan.widths, dtype=torch.float64)
         verified = float((widths.max() if not self.ragged else widths.mean()) + 1)
         now = (plan.expected_tokens / bs, verified)
-        w = self.recent_weight
         self._recent = (
             now
             if self._recent is None
@@ -444,36 +474,32 @@ class VerifyWidthPolicy:
         self,
         prefix: torch.Tensor,
         drafted: int,
+        rate: float,
         uniform: bool = False,
         min_width: int = 0,
-        against: float | None = None,
+        with_draft: bool = False,
     ) -> VerifyPlan:
-        """Best speculative plan for q = ``prefix`` [bs, n] over the draft blocks that fit ``drafted`` (the
-        block whose confidences are known): the best rate, or with ``against`` (a rate R, the draft paid)
-        the most tokens - R * verify ms; widths >= ``min_width``."""
+        """The plan maximising tokens - ``rate`` x ms for q = ``prefix`` [bs, n], over the draft blocks that
+        fit ``drafted`` (the block whose confidences are known; a block's draft cost decides between blocks
+        and, ``with_draft``, counts in the score: before drafting); widths >= ``min_width``."""
         bs = prefix.shape[0]
-        best: VerifyPlan | None = None
+        best: tuple[float, VerifyPlan] | None = None
         for block in self.draft_blocks:
             if block > drafted:
                 continue
-            draft_ms = self.cost.draft_ms(bs, block) if against is None else 0.0
+            draft_ms = self.cost.draft_ms(bs, block)
             q = prefix[:, : block - 1]
             if uniform or not self.ragged:
                 tokens, ms, widths = self._totals_uniform(q)
             else:
                 tokens, ms, widths = self._totals_ragged(q)
-            ms = ms + draft_ms
-            score = tokens / ms if against is None else tokens - against * ms
+            score = tokens - rate * ms
             t = min_width + int(torch.argmax(score[min_width:]))
-            cand = VerifyPlan(widths(t), False, block, float(tokens[t]), float(ms[t]))
-            if against is not None:  # report the step's real cost: the draft was paid too
-                cand.expected_ms += self.cost.draft_ms(bs, block)
-            if best is None or float(score[t]) > best.extra["score"]:
-                cand.extra["score"] = float(score[t])
-                best = cand
+            value = float(score[t]) - (rate * draft_ms if with_draft or len(self.draft_blocks) > 1 else 0.0)
+            if best is None or value > best[0]:
+                best = (value, VerifyPlan(widths(t), False, block, float(tokens[t]), float(ms[t]) + draft_ms))
         assert best is not None
-        best.extra.pop("score")
-        return best
+        return best[1]
 
     def _totals_ragged(self, q: torch.Tensor):
         """Expected tokens and verify ms at every total T of verified drafts (best allocation for each T),

@@ -105,11 +105,24 @@ def test_observe_counts_accepted_positions_and_the_first_rejection_only() -> Non
     cal.observe(conf, [3, 2], torch.tensor([1, 2]))
     p = cal.predict(torch.tensor([0.05, 0.3, 0.6, 0.95]))
     assert p.tolist()[:2] == pytest.approx([1.0, 0.0], abs=1e-6) and float(p[3]) == pytest.approx(1.0)
-    assert p[2] == pytest.approx(0.625)  # bin 2 never observed: its prior (the bin centre)
+    # bin 2 never observed: its prior, the bin centre shifted by the drafter's mean miscalibration so far
+    assert p[2] == pytest.approx(0.625 + (3 - (0.1 + 0.4 + 0.9 + 0.9)) / 4)
     assert cal.observations == 4
     rates = cal.position_rates(4)
     assert rates[0] == pytest.approx(1.0) and rates[1] == pytest.approx(0.5)
     assert rates[3] == pytest.approx(cal.prior_rate)  # position 4 never observed
+
+
+def test_unobserved_bins_follow_the_drafters_miscalibration() -> None:
+    """A drafter that says 0.6 and is right 95 % of the time is underconfident; a bin the policy never
+    verifies (0.15) is not left at its word."""
+    cal = AcceptanceCalibration()
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(20):
+        hits = torch.rand(8, 3, generator=gen) < 0.95
+        cal.observe(torch.full((8, 3), 0.6), [3] * 8, torch.cumprod(hits.long(), dim=1).sum(1))
+    assert float(cal.predict(torch.tensor([0.15]))[0]) > 0.4
+    assert float(cal.predict(torch.tensor([0.6]))[0]) == pytest.approx(0.95, abs=0.05)
 
 
 def _simulate(cal: AcceptanceCalibration, rate: float, steps: int, gen: torch.Generator) -> list[float]:
@@ -214,7 +227,16 @@ def _rate(widths: tuple[int, ...], q: torch.Tensor, cost: StepCostModel) -> floa
     return tokens / (cost.draft_ms(bs, BLOCK) + cost.verify_ms(bs, bs + sum(widths)))
 
 
+def _value(widths: tuple[int, ...], q: torch.Tensor, cost: StepCostModel, rate: float) -> float:
+    bs = q.shape[0]
+    tokens = bs + sum(float(q[i, :k].sum()) for i, k in enumerate(widths))
+    return tokens - rate * cost.verify_ms(bs, bs + sum(widths))
+
+
 def test_plan_is_the_best_allocation_found_by_brute_force() -> None:
+    """Widths maximise tokens - R x ms (R: the policy's long-run rate) over every allocation; and with R
+    raised to a step's own best ratio (what the long-run average converges to on steps like it), the plan
+    is that best-ratio allocation (Dinkelbach)."""
     gen = torch.Generator().manual_seed(3)
     # a concave verify cost (cheap first tokens, dearer later), so neither extreme is optimal
     cost = StepCostModel(
@@ -222,15 +244,20 @@ def test_plan_is_the_best_allocation_found_by_brute_force() -> None:
         draft=[(3, BLOCK, 1.5)],
         decode=[(3, 9.5)],
     )
+    allocations = list(itertools.product(range(BLOCK), repeat=3))
     for _ in range(5):
         conf = torch.rand(3, BLOCK - 1, generator=gen) ** 0.3
         policy = _policy(cost)
+        rate = policy.long_run_rate(3)
         plan = policy.plan(conf)
         q = policy.calibration.predict(conf).cumprod(1)
-        best = max(itertools.product(range(BLOCK), repeat=3), key=lambda w: _rate(w, q, cost))
-        assert _rate(tuple(plan.widths), q, cost) == pytest.approx(_rate(best, q, cost), rel=1e-9)
-        assert plan.tokens_per_ms == pytest.approx(_rate(best, q, cost), rel=1e-9)
-        assert not plan.plain_decode
+        best = max(allocations, key=lambda w: _value(w, q, cost, rate))
+        assert _value(tuple(plan.widths), q, cost, rate) == pytest.approx(
+            _value(best, q, cost, rate), rel=1e-9
+        )
+        best_ratio = max(_rate(w, q, cost) for w in allocations)
+        policy._speedup = (best_ratio * cost.decode_ms(3) / 3, 1.0)  # R = that ratio
+        assert _rate(tuple(policy.plan(conf).widths), q, cost) == pytest.approx(best_ratio, rel=1e-9)
 
 
 def test_shorter_draft_block_when_its_cheaper_draft_pays() -> None:
