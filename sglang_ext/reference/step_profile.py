@@ -6,15 +6,17 @@ than assumes. It times whole engine steps, not bare forwards, because a step als
 commits and feeds the drafter its context, and those costs are part of what a width or a draft buys: on
 a scratch engine sharing the models, for a batch of 1 and the largest batch (at most 16), steps that
 decode plainly, that draft and verify nothing, and that draft and verify 1..B-1 drafts per row. Then
-decode = the plain step, draft = the drafted step without verified drafts minus the plain step, and the
-verify of width w = the step at width w minus the draft. Each is the fastest of a few runs taking turns
-(on a shared machine other processes only add time). Under a second on the demo pair at batch 1; kept in
-memory (``StepCostModel.to_json`` stores it for inspection).
+decode = the fastest plain step; draft = the drafted step without verified drafts minus the plain step;
+the verify of width w = decode + the step at width w minus the step that verified none. Every kind runs
+once per round and the differences are taken within a round, median over rounds, so the load of a shared
+machine, which drifts within seconds, cancels out of the ratios the policy acts on. About 0.8 s on the
+demo pair at batch 1; kept in memory (``StepCostModel.to_json`` stores it for inspection).
 """
 
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from typing import TYPE_CHECKING
 
@@ -80,35 +82,37 @@ _PARAMS = SamplingParams(max_tokens=10**6)
 
 
 @torch.inference_mode()
-def measure_step_costs(engine: SpeculativeEngine, repeats: int = 5, max_batch: int = 16) -> StepCostModel:
+def measure_step_costs(engine: SpeculativeEngine, repeats: int = 9, max_batch: int = 16) -> StepCostModel:
     """Time the engine's steps by kind (see the module docstring) into a cost model."""
     from sglang_ext.reference.engine import SpeculativeEngine
 
     if engine.drafter is None:
         raise ValueError("a step profile needs a drafter (block size > 1)")
     block = engine.block_size
-    verify, drafts, decode = [], [], []
+    verify, drafts, decodes = [], [], []
     for batch in sorted({1, min(engine.max_batch, max_batch)}):
         policy = _FixedWidth(block)
         scratch = SpeculativeEngine(
             engine.runner, engine.drafter, block, max_batch=batch, verify_policy=policy
         )
         kinds = [PLAIN, *_widths(block)]
-        best = dict.fromkeys(kinds, float("inf"))
         for width in kinds:  # first calls: allocations out of the timing
             _step_ms(scratch, policy, width, batch)
-        for _ in range(repeats):  # round-robin: a change in the machine's load hits every kind alike
-            for width in kinds:
-                best[width] = min(best[width], _step_ms(scratch, policy, width, batch))
-        draft = max(best[0] - best[PLAIN], 0.0)
-        decode.append((batch, best[PLAIN]))
+        rounds = []
+        for _ in range(repeats):  # every kind once per round, close in time: a load change hits all alike
+            rounds.append({width: _step_ms(scratch, policy, width, batch) for width in kinds})
+        decode = min(r[PLAIN] for r in rounds)
+        draft = max(statistics.median(r[0] - r[PLAIN] for r in rounds), 0.0)
+        decodes.append((batch, decode))
         drafts.append((batch, block, draft))
-        verify += [(batch, batch * (w + 1), max(best[w] - draft, 0.0)) for w in _widths(block)]
+        for w in _widths(block):  # the step at width w over the step that verified none, paired per round
+            extra = max(statistics.median(r[w] - r[0] for r in rounds), 0.0)
+            verify.append((batch, batch * (w + 1), decode + extra))
     runner, kind = engine.runner, engine.drafter.config.kind
     return StepCostModel(
         verify,
         drafts,
-        decode,
+        decodes,
         device=f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         if runner.device.type == "cpu"
         else str(runner.device),
