@@ -223,6 +223,8 @@ class AcceptanceCalibration:
         self._predicted = torch.zeros(bins, dtype=torch.float64)
         self._pos_count = torch.zeros(0, dtype=torch.float64)  # per block position (grown on demand)
         self._pos_accepted = torch.zeros(0, dtype=torch.float64)
+        self._cell_count = torch.zeros(0, bins, dtype=torch.float64)  # per (position, bin)
+        self._cell_accepted = torch.zeros(0, bins, dtype=torch.float64)
         self.observations = 0  # positions observed over the calibration's life
 
     def _bin(self, confidences: torch.Tensor) -> torch.Tensor:
@@ -237,8 +239,26 @@ class AcceptanceCalibration:
         return (self._accepted + self.prior_strength * prior) / (self._count + self.prior_strength)
 
     def predict(self, confidences: torch.Tensor) -> torch.Tensor:
-        """Accept probabilities, same shape as ``confidences`` (float64, on the CPU)."""
-        return self._table()[self._bin(confidences.detach().cpu())]
+        """Accept probabilities, same shape as ``confidences`` (float64, on the CPU). For [n, k] input,
+        column j is block position j + 1 and each (position, bin) estimate is pulled towards the bin's
+        estimate over all positions by ``prior_strength`` pseudo-observations (the same confidence
+        means more at the first draft than at the eighth); 1-D input gets the all-positions estimate."""
+        pooled = self._table()
+        bins = self._bin(confidences.detach().cpu())
+        if bins.dim() != 2:
+            return pooled[bins]
+        k = bins.shape[1]
+        count, acc = self._cells(k)
+        cells = (acc + self.prior_strength * pooled) / (count + self.prior_strength)  # [k, bins]
+        return cells.gather(1, bins.T).T
+
+    def _cells(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position, bin) counts and accepts for positions 1..k, zero rows where never observed."""
+        if k > self._cell_count.shape[0]:
+            grow = torch.zeros(k - self._cell_count.shape[0], self.bins, dtype=torch.float64)
+            self._cell_count = torch.cat([self._cell_count, grow])
+            self._cell_accepted = torch.cat([self._cell_accepted, grow])
+        return self._cell_count[:k], self._cell_accepted[:k]
 
     def position_rates(self, n: int) -> torch.Tensor:
         """[n] recent accept rate at block positions 1..n given all before accepted (float64)."""
@@ -271,7 +291,7 @@ class AcceptanceCalibration:
             return
         bins = self._bin(conf)[seen]
         hits = success[seen].to(torch.float64)
-        predicted = self._table()[bins]
+        predicted = self.predict(conf)[seen]  # before this outcome is learnt
         keep = self._decay_per_obs**m
         for total, add in (
             (self._count, torch.ones_like(hits)),
@@ -285,6 +305,10 @@ class AcceptanceCalibration:
         self._pos_accepted = torch.cat([self._pos_accepted, grow])
         self._pos_count.mul_(keep)[:k] += seen.sum(0).to(torch.float64)
         self._pos_accepted.mul_(keep)[:k] += success.sum(0).to(torch.float64)
+        self._cells(k)
+        cell = (torch.arange(k).view(1, k).expand(n, k)[seen] * self.bins + bins).view(-1)
+        self._cell_count.mul_(keep).view(-1).index_add_(0, cell, torch.ones_like(hits))
+        self._cell_accepted.mul_(keep).view(-1).index_add_(0, cell, hits)
         self.observations += m
 
     def calibration_error(self) -> float:

@@ -125,6 +125,20 @@ def test_unobserved_bins_follow_the_drafters_miscalibration() -> None:
     assert float(cal.predict(torch.tensor([0.6]))[0]) == pytest.approx(0.95, abs=0.05)
 
 
+def test_the_same_confidence_means_more_at_the_first_position() -> None:
+    cal = AcceptanceCalibration()
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(
+        40
+    ):  # drafter says 0.5 at both positions; the target takes 90 % of first drafts, 20 % of second
+        first = torch.rand(16, generator=gen) < 0.9
+        second = first & (torch.rand(16, generator=gen) < 0.2)
+        cal.observe(torch.full((16, 2), 0.5), [2] * 16, first.long() + second.long())
+    p = cal.predict(torch.full((3, 2), 0.5))
+    assert p[:, 0].tolist() == pytest.approx([0.9] * 3, abs=0.06)
+    assert p[:, 1].tolist() == pytest.approx([0.2] * 3, abs=0.08)
+
+
 def _simulate(cal: AcceptanceCalibration, rate: float, steps: int, gen: torch.Generator) -> list[float]:
     """Requests whose drafter says ~0.9 while the target accepts each draft with ``rate``; returns the
     prediction at confidence 0.9 after every step."""
