@@ -364,8 +364,9 @@ class VerifyWidthPolicy:
     decoding). Over many steps that maximises tokens per ms; choosing each step's own best ratio would not
     (it verifies too much of poor drafts and too little of good ones). Two decisions, two moments:
     ``plan_for_batch(batch)``, before drafting, drafts only if recent drafted steps (their expected tokens
-    and verified tokens per request, so a batch change carries over; with no history, the calibration's
-    per-position rates) beat a plain decode step by that measure. ``plan(confidences)``, after drafting,
+    and verified tokens per request, so a batch change carries over) beat a plain decode step by that
+    measure; with no history it drafts (a cold start explores, and the plan() after it verifies at least
+    one draft per request). ``plan(confidences)``, after drafting,
     treats the draft as paid and sets ``plain_decode`` when no width beats verifying none (widths are then
     0 and the step decodes every row).
 
@@ -446,10 +447,12 @@ class VerifyWidthPolicy:
         the class docstring). Widths are uniform (what the recent plans verified per request)."""
         plain = VerifyPlan([0] * batch, True, self._recent_block, float(batch), self.cost.decode_ms(batch))
         rate = self.long_run_rate(batch)
-        if self._recent is None:  # nothing drafted yet: the calibration's per-position rates
+        if self._recent is None:  # nothing drafted yet: draft, the calibration's rates say how wide
             n = self.block_size - 1
             prefix = self.calibration.position_rates(n).cumprod(0).expand(batch, n)
-            plan = self._best(prefix, drafted=self.block_size, rate=rate, uniform=True, with_draft=True)
+            plan = self._best(prefix, drafted=self.block_size, rate=rate, uniform=True, min_width=1)
+            self._probing = True  # a cold start explores: a prior alone must not rule drafting out
+            return plan
         else:
             tokens, verified = self._recent
             width = max(0, round(verified) - 1)

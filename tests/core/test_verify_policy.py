@@ -296,12 +296,14 @@ def test_plan_for_batch_uses_the_prior_then_recent_plans_and_probes() -> None:
     cost = linear_cost(10.0, 0.3, draft=1.0)
     cal = AcceptanceCalibration(prior_rate=0.8)
     policy = VerifyWidthPolicy(cost, cal, BLOCK, probe_interval=3)
-    first = policy.plan_for_batch(4)  # nothing known: the prior rate 0.8 per position makes drafting pay
+    first = policy.plan_for_batch(4)  # nothing known: a cold start drafts, as wide as the prior rates say
     assert isinstance(first, VerifyPlan) and not first.plain_decode and len(set(first.widths)) == 1
-    assert first.widths[0] > 0
-    policy.plan(torch.full((4, BLOCK - 1), 0.03))  # the drafts turn out hopeless
+    assert first.widths[0] > 1
+    cold = policy.plan(torch.full((4, BLOCK - 1), 0.03))  # hopeless drafts, but the first are verified
+    assert not cold.plain_decode and min(cold.widths) >= 1
+    assert policy.plan(torch.full((4, BLOCK - 1), 0.03)).plain_decode  # hopeless again: none verified
     plans = [policy.plan_for_batch(4) for _ in range(5)]
-    # the hopeless plan and two plain plans make 3 in a row: the next one probes, then plain again
+    # that plain plan and two more make 3 in a row: the next one probes, then plain again
     assert [p.plain_decode for p in plans] == [True, True, False, True, True]
     assert plans[2].extra.get("probe") and plans[2].widths[0] > 0
     probed = policy.plan(torch.full((4, BLOCK - 1), 0.03))  # the probe's draft: verified, not skipped
