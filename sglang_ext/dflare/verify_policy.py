@@ -382,7 +382,7 @@ class VerifyWidthPolicy:
     in a row, ``plan_for_batch`` asks for one speculative step (and the ``plan()`` after it verifies at
     least one draft per request), so acceptance keeps being measured.
 
-    Cost: ``plan()`` at batch 256, block 16 takes 0.5-0.6 ms (batch 1: 0.25 ms), one torch thread on a
+    Cost: ``plan()`` at batch 256, block 16 takes about 0.7 ms (batch 1: 0.4 ms), one torch thread on a
     loaded 2-core x86 CPU (sort + cumulative sum + NumPy interpolation, no per-request Python loop);
     ``tests/core/test_verify_policy.py`` prints it.
     """
