@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-draft-confidence",
         type=float,
         default=None,
-        help="adaptive draft length: verify drafts while the drafter's belief that all so far are right "
-        "stays at or above this (0 = the whole block; default: 0.02 on CPU, 0 elsewhere)",
+        help="fixed adaptive draft length: verify drafts while the drafter's belief that all so far are "
+        "right stays at or above this (0 = the whole block); default: the verify-width policy on CPU "
+        "(cost profile at start), the whole block elsewhere",
     )
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-queued-requests", type=int, default=64, help="waiting requests before 503")

@@ -1,6 +1,6 @@
 """``dflare bench engine``: the same prompts decoded speculatively and with block size 1, side by side.
 
-Both engines share one target model object and run in the same process, alternating prompt by prompt at
+All engines share one target model object and run in the same process, alternating prompt by prompt at
 batch 1 (else round by round), so the tokens/s ratio compares like with like on the same machine at the
 same moment. Prints a table, writes JSON (and optionally a PNG bar chart).
 
@@ -8,6 +8,10 @@ On a shared machine one round's ratio can swing several-fold between runs, so th
 printed and stored with their spread, the median is reported, and a single round says that its noise is
 unmeasured. The JSON goes where ``--out`` says, else into ``runs/`` (ignored by git), never the current
 directory itself.
+
+``--vs-threshold`` runs three engines instead of two: AR, the verify-width policy (the CPU default) and the
+fixed ``--min-draft-confidence`` threshold (default 0.02), and reports the policy's tokens/s over the
+threshold's.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sglang_ext.reference.engine import Request, Result, SpeculativeEngine
+from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE, Request, Result, SpeculativeEngine
+from sglang_ext.reference.loader import build_engine
 from sglang_ext.reference.pair import (
     PairUnavailableError,
     add_min_draft_confidence_argument,
@@ -79,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ROUNDS,
         help="alternating rounds per mode: the median is reported with each round's ratio and their spread "
         "(1 round: the noise is not measured)",
+    )
+    p.add_argument(
+        "--vs-threshold",
+        action="store_true",
+        help="compare the verify-width policy with the fixed --min-draft-confidence "
+        f"(default {CPU_MIN_DRAFT_CONFIDENCE}) in the same run, beside AR",
     )
     p.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
     p.add_argument("--ignore-eos", action="store_true", help="always decode max_tokens tokens")
@@ -172,47 +183,76 @@ def main(argv: list[str]) -> int:
         seed=0,
         stop_token_ids=() if args.ignore_eos else eos_ids(pair.tokenizer),
     )
-    spec = SpeculativeEngine(
-        pair.target,
-        pair.drafter,
-        args.block_size,
-        max_batch=args.batch,
-        min_draft_confidence=args.min_draft_confidence,
-    )
-    plain = SpeculativeEngine(pair.target, None, 1, max_batch=args.batch)
-    run_mode(spec, prompts[:1], params, "warmup")  # first-call allocations out of the timing
-    run_mode(plain, prompts[:1], params, "warmup")
-    times: dict[str, list[tuple[float, float]]] = {"speculative": [], "ar": []}
+    engines = [("ar", SpeculativeEngine(pair.target, None, 1, max_batch=args.batch))]
+    profile_s, threshold = 0.0, args.min_draft_confidence
+    if args.vs_threshold:
+        start = time.perf_counter()
+        policy = build_engine(pair.target, pair.drafter, args.block_size, max_batch=args.batch)
+        profile_s = time.perf_counter() - start  # engine start-up including the cost profile
+        threshold = CPU_MIN_DRAFT_CONFIDENCE if threshold is None else threshold
+        fixed = build_engine(
+            pair.target, pair.drafter, args.block_size, max_batch=args.batch, min_draft_confidence=threshold
+        )
+        engines += [("policy", policy), ("threshold", fixed)]
+    else:
+        spec = build_engine(
+            pair.target,
+            pair.drafter,
+            args.block_size,
+            max_batch=args.batch,
+            min_draft_confidence=args.min_draft_confidence,
+        )
+        engines.append(("speculative", spec))
+    for label, engine in engines:  # first-call allocations out of the timing
+        run_mode(engine, prompts[:1], params, f"warmup {label}")
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in engines}
     outputs: dict[str, list[Result]] = {}
-    # batch 1: the modes alternate prompt by prompt (in ABBA order), since a shared machine's speed drifts
-    # within seconds; with batching each mode decodes all prompts at once (rows join as others finish)
+    verified: dict[str, int] = {}
+    plain_steps: dict[str, int] = {}
+    # batch 1: the modes alternate prompt by prompt (ABBA, or ABCCBA), since a shared machine's speed
+    # drifts within seconds; with batching each mode decodes all prompts at once (rows join as others finish)
     chunks = [prompts[i : i + 1] for i in range(len(prompts))] if args.batch == 1 else [prompts]
     per_prompt = len(chunks) > 1
-    modes = (("ar", plain), ("speculative", spec))
     for r in range(args.rounds):
-        before = spec.verified_drafts
-        spent = {label: [0.0, 0.0] for label, _ in modes}
-        results: dict[str, list[Result]] = {label: [] for label, _ in modes}
+        before = {label: (e.verified_drafts, e.plain_decode_steps) for label, e in engines}
+        spent = {label: [0.0, 0.0] for label, _ in engines}
+        results: dict[str, list[Result]] = {label: [] for label, _ in engines}
         bar = tqdm(
             chunks, desc=f"round {r + 1}/{args.rounds}", leave=False, file=sys.stderr, disable=not per_prompt
         )
         for c, chunk in enumerate(bar):
-            for label, engine in modes if c % 2 == 0 else modes[::-1]:
+            order = engines if (c + r) % 2 == 0 else engines[::-1]
+            for label, engine in order:
                 desc = f"{label} round {r + 1}/{args.rounds}"
                 (wall, cpu), done = run_mode(engine, chunk, params, desc, progress=not per_prompt)
                 spent[label][0] += wall
                 spent[label][1] += cpu
                 results[label] += done
-        verified = spec.verified_drafts - before  # of the last round, as the outputs
-        for label, _ in modes:
+        for label, engine in engines:  # of the last round, as the outputs
+            verified[label] = engine.verified_drafts - before[label][0]
+            plain_steps[label] = engine.plain_decode_steps - before[label][1]
             times[label].append((spent[label][0], spent[label][1]))
             outputs[label] = results[label]
-    report = summarise(args, pair.description, spec.block_size, times, outputs)
+    block_size = engines[1][1].block_size
+    report = summarise(args, pair.description, block_size, times, outputs)
     report["alternation"] = "per prompt (ABBA)" if per_prompt else "per round"
     report["min_draft_confidence"] = args.min_draft_confidence
-    spec_stats = report["modes"]["speculative"]["speculative"]
-    if spec_stats and spec_stats["verify_steps"]:  # drafts the target checked per verify step
-        report["verified_drafts_per_step"] = round(verified / spec_stats["verify_steps"], 3)
+    for label, engine in engines[1:]:
+        row = report["modes"][label]
+        row["plain_decode_steps"] = plain_steps[label]
+        if row["speculative"] and row["speculative"]["verify_steps"]:  # drafts checked per verify step
+            row["verified_drafts_per_step"] = round(verified[label] / row["speculative"]["verify_steps"], 3)
+        if engine.verify_policy is not None:
+            row["verify_policy"] = {
+                "cost_model": engine.verify_policy.cost.to_dict(),
+                "calibration_error": round(engine.verify_policy.calibration.calibration_error(), 4),
+                "confidence_error": round(engine.verify_policy.calibration.confidence_error(), 4),
+            }
+    if "speculative" in report["modes"]:
+        report["verified_drafts_per_step"] = report["modes"]["speculative"].get("verified_drafts_per_step", 0)
+    if args.vs_threshold:
+        report["min_draft_confidence"] = threshold
+        report["policy_start_s"] = round(profile_s, 3)
     report["drafter_kind"] = pair.drafter.config.kind
     print_table(report)
     out = args.out if args.out is not None else default_out()
@@ -232,6 +272,8 @@ def summarise(
     times: dict[str, list[tuple[float, float]]],
     outputs: dict[str, list[Result]],
 ) -> dict[str, Any]:
+    """Per mode: tokens, median seconds (wall and CPU), rates, stats; speedups over AR; for
+    ``--vs-threshold`` the policy's rate over the threshold's."""
     modes: dict[str, Any] = {}
     for label, results in outputs.items():
         tokens = sum(len(r.output_ids) for r in results)
@@ -239,7 +281,7 @@ def summarise(
         cpu = statistics.median(t[1] for t in times[label])
         stats = total(r.stats for r in results if r.stats is not None)
         modes[label] = {
-            "block_size": block_size if label == "speculative" else 1,
+            "block_size": block_size if label != "ar" else 1,
             "output_tokens": tokens,
             "seconds": round(seconds, 4),
             "seconds_per_round": [round(t[0], 4) for t in times[label]],
@@ -248,14 +290,15 @@ def summarise(
             "tokens_per_cpu_s": round(tokens / cpu, 2),
             "speculative": stats.to_usage() if stats else None,
         }
-    # each round's ratio, from the same outputs (greedy and seeded: every round decodes the same tokens)
-    per_round = [
-        round((modes["speculative"]["output_tokens"] / s) / (modes["ar"]["output_tokens"] / a), 3)
-        for (a, _), (s, _) in zip(times["ar"], times["speculative"], strict=True)
-    ]
-    pairs = zip(outputs["ar"], outputs["speculative"], strict=True)
-    same = sum(a.output_ids == b.output_ids for a, b in pairs)
-    return {
+    for label, row in modes.items():
+        if label != "ar":
+            row["speedup"] = round(row["tokens_per_s"] / modes["ar"]["tokens_per_s"], 3)
+            row["speedup_cpu"] = round(row["tokens_per_cpu_s"] / modes["ar"]["tokens_per_cpu_s"], 3)
+            row["tau"] = row["speculative"]["acceptance_length"] if row["speculative"] else 1.0
+            row["identical_outputs"] = sum(
+                a.output_ids == b.output_ids for a, b in zip(outputs["ar"], outputs[label], strict=True)
+            )
+    report: dict[str, Any] = {
         "pair": description,
         "prompts": len(outputs["ar"]),
         "max_tokens": args.max_tokens,
@@ -264,15 +307,34 @@ def summarise(
         "rounds": args.rounds,
         "machine": machine(),
         "modes": modes,
-        "speedup": round(modes["speculative"]["tokens_per_s"] / modes["ar"]["tokens_per_s"], 3),
-        "speedup_per_round": per_round,
-        "speedup_spread": round(max(per_round) - min(per_round), 3) if len(per_round) > 1 else None,
-        "speedup_cpu": round(modes["speculative"]["tokens_per_cpu_s"] / modes["ar"]["tokens_per_cpu_s"], 3),
-        "tau": modes["speculative"]["speculative"]["acceptance_length"]
-        if modes["speculative"]["speculative"]
-        else 1.0,
-        "identical_outputs": same,
     }
+    if "speculative" in modes:
+        spec = modes["speculative"]
+        # each round's ratio, from the same outputs (greedy and seeded: every round decodes the same tokens)
+        per_round = [
+            round((spec["output_tokens"] / s) / (modes["ar"]["output_tokens"] / a), 3)
+            for (a, _), (s, _) in zip(times["ar"], times["speculative"], strict=True)
+        ]
+        report.update(
+            speedup=spec["speedup"],
+            speedup_per_round=per_round,
+            speedup_spread=round(max(per_round) - min(per_round), 3) if len(per_round) > 1 else None,
+            speedup_cpu=spec["speedup_cpu"],
+            tau=spec["tau"],
+            identical_outputs=spec["identical_outputs"],
+        )
+    if "policy" in modes:
+        policy, fixed = modes["policy"], modes["threshold"]
+        per_round = [
+            round((fixed_s[0] / policy_s[0]), 3)
+            for policy_s, fixed_s in zip(times["policy"], times["threshold"], strict=True)
+        ]
+        report["policy_vs_threshold"] = {
+            "tokens_per_s": round(policy["tokens_per_s"] / fixed["tokens_per_s"], 3),
+            "tokens_per_cpu_s": round(policy["tokens_per_cpu_s"] / fixed["tokens_per_cpu_s"], 3),
+            "per_round": per_round,  # threshold seconds / policy seconds, same tokens when greedy
+        }
+    return report
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -282,29 +344,44 @@ def print_table(report: dict[str, Any]) -> None:
         f"batch {report['batch']}, temperature {report['temperature']}, "
         f"{report['machine']['torch_threads']} torch threads"
     )
-    print(f"{'mode':<12} {'block':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'tok/cpu-s':>9} {'tau':>6}")
-    for label in ("ar", "speculative"):
-        row = m[label]
+    print(
+        f"{'mode':<12} {'block':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'tok/cpu-s':>9} {'tau':>6} "
+        f"{'x AR':>6} {'drafts/step':>11} {'plain steps':>11}"
+    )
+    for label, row in m.items():
         tau = row["speculative"]["acceptance_length"] if row["speculative"] else 1.0
         print(
             f"{label:<12} {row['block_size']:>5} {row['output_tokens']:>7} {row['seconds']:>8.2f} "
-            f"{row['tokens_per_s']:>8.1f} {row['tokens_per_cpu_s']:>9.1f} {tau:>6.2f}"
+            f"{row['tokens_per_s']:>8.1f} {row['tokens_per_cpu_s']:>9.1f} {tau:>6.2f} "
+            f"{row.get('speedup', 1.0):>6.2f} {row.get('verified_drafts_per_step', 0):>11.2f} "
+            f"{row.get('plain_decode_steps', 0):>11}"
         )
-    print(
-        f"speedup (tok/s speculative / AR): {report['speedup']:.2f}x wall, "
-        f"{report['speedup_cpu']:.2f}x CPU; tau {report['tau']:.2f}; "
-        f"verified drafts/step {report.get('verified_drafts_per_step', 0):.2f}; "
-        f"identical outputs {report['identical_outputs']}/{report['prompts']}"
-    )
-    per_round = report["speedup_per_round"]
-    if len(per_round) > 1:
-        spread = ", ".join(f"{r:.2f}x" for r in per_round)
-        print(f"noise: ratio per round {spread} (spread {report['speedup_spread']:.2f}x); median reported")
-    else:
+    if "speedup" in report:
         print(
-            "noise: not measured with one round (on a shared machine one round's ratio can differ "
-            f"several-fold between runs); use --rounds {DEFAULT_ROUNDS} or more"
+            f"speedup (tok/s speculative / AR): {report['speedup']:.2f}x wall, "
+            f"{report['speedup_cpu']:.2f}x CPU; tau {report['tau']:.2f}; "
+            f"verified drafts/step {report.get('verified_drafts_per_step', 0):.2f}; "
+            f"identical outputs {report['identical_outputs']}/{report['prompts']}"
         )
+    if "policy_vs_threshold" in report:
+        cmp = report["policy_vs_threshold"]
+        print(
+            f"policy / threshold {report['min_draft_confidence']}: {cmp['tokens_per_s']:.3f}x wall, "
+            f"{cmp['tokens_per_cpu_s']:.3f}x CPU (per round {cmp['per_round']}); "
+            f"identical outputs {m['policy']['identical_outputs']}/{report['prompts']} policy, "
+            f"{m['threshold']['identical_outputs']}/{report['prompts']} threshold"
+        )
+    if "speedup_per_round" in report:
+        per_round = report["speedup_per_round"]
+        if len(per_round) > 1:
+            spread = ", ".join(f"{r:.2f}x" for r in per_round)
+            spread_x = report["speedup_spread"]
+            print(f"noise: ratio per round {spread} (spread {spread_x:.2f}x); median reported")
+        else:
+            print(
+                "noise: not measured with one round (on a shared machine one round's ratio can differ "
+                f"several-fold between runs); use --rounds {DEFAULT_ROUNDS} or more"
+            )
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -315,14 +392,28 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     m = report["modes"]
     kind = {"dflare": "DFlare", "dflash": "DFlash"}.get(report.get("drafter_kind", ""), "speculative")
-    labels = ["AR (block 1)", f"{kind} (block {m['speculative']['block_size']})"]
-    values = [m["ar"]["tokens_per_s"], m["speculative"]["tokens_per_s"]]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar(labels, values, color=["#888888", "#e4572e"])
+    names = {
+        "ar": "AR (block 1)",
+        "speculative": f"{kind} (block {report['modes'].get('speculative', {}).get('block_size')})",
+        "policy": f"{kind}, verify-width policy",
+        "threshold": f"{kind}, threshold {report.get('min_draft_confidence')}",
+    }
+    labels = [names[label] for label in m]
+    values = [row["tokens_per_s"] for row in m.values()]
+    colors = {"ar": "#888888", "speculative": "#e4572e", "policy": "#e4572e", "threshold": "#4c72b0"}
+    fig, ax = plt.subplots(figsize=(5 + 1.2 * (len(m) - 2), 3.5))
+    ax.bar(labels, values, color=[colors[label] for label in m])
     ax.set_ylabel("output tokens / s")
-    ax.set_title(f"{report['speedup']:.2f}x, tau {report['tau']:.2f} (batch {report['batch']})")
+    if "policy_vs_threshold" in report:
+        cmp = report["policy_vs_threshold"]["tokens_per_s"]
+        vs = f"{m['policy']['speedup']:.2f} vs {m['threshold']['speedup']:.2f}"
+        title = f"policy / threshold {cmp:.3f}x; x AR {vs}"
+    else:
+        title = f"{report['speedup']:.2f}x, tau {report['tau']:.2f}"
+    ax.set_title(f"{title} (batch {report['batch']})", fontsize=9)
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

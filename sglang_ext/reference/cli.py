@@ -6,7 +6,8 @@ import argparse
 import sys
 import time
 
-from sglang_ext.reference.engine import Request, SpeculativeEngine
+from sglang_ext.reference.engine import Request
+from sglang_ext.reference.loader import build_engine
 from sglang_ext.reference.pair import (
     PairUnavailableError,
     add_min_draft_confidence_argument,
@@ -70,7 +71,7 @@ def generate_main(argv: list[str]) -> int:
             stop_token_ids=eos_ids(tok),
             stop=tuple(args.stop),
         )
-        engine = SpeculativeEngine(
+        engine = build_engine(
             pair.target,
             pair.drafter,
             args.block_size,

@@ -14,6 +14,14 @@ rows. It is lossless for any threshold: whatever is committed was checked by the
 Observing verify steps (``step_observer``): a callback receives every verify step's drafter confidences
 and accept counts (acceptance traces are recorded this way, :mod:`sglang_ext.traces.record`). Without one
 the engine computes nothing extra.
+
+Verify-width policy (``verify_policy``, the CPU default of the CLIs; see
+:mod:`sglang_ext.dflare.verify_policy`): instead of a fixed threshold, each step picks the verified width
+that maximises expected committed tokens per ms from the drafter's confidences, a calibration learnt
+from what the target accepts, and a cost model of this machine's forwards
+(:mod:`sglang_ext.reference.step_profile`); when no width pays for the draft, the step is a plain decode
+(no drafter forward; the drafter's context catches up on the next drafted step). Equally lossless: it only
+chooses how much the target checks.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch
 from torch import nn
 
 from sglang_ext.dflare import ops
+from sglang_ext.dflare.verify_policy import VerifyPlan, VerifyWidthPolicy
 from sglang_ext.reference.sampling import SamplingParams, greedy_tokens, sample_rows
 from sglang_ext.reference.target import TargetRunner
 from sglang_ext.stats import SpecStats
@@ -39,11 +48,19 @@ if TYPE_CHECKING:
 
 FinishReason = Literal["stop", "length", "abort"]
 
-# What the CLIs (`dflare generate`, `dflare bench engine`, the engine server) pass as ``min_draft_confidence``
-# on CPU: on the demo pair it keeps tau within ~3 % of verifying the whole block at about half the verified
-# rows (docs/benchmarks.md). The engine's own default, 0, verifies every draft: the drafter's acceptance as
-# trained, which is what `dflare eval` measures.
+# The fixed threshold the CLIs offer (``--min-draft-confidence``) instead of their default, the verify-width
+# policy: on the demo pair it keeps tau within ~3 % of verifying the whole block at about half the verified
+# rows (docs/benchmarks.md). The engine's own default, 0 and no policy, verifies every draft: the drafter's
+# acceptance as trained, which is what `dflare eval` measures.
 CPU_MIN_DRAFT_CONFIDENCE = 0.02
+
+
+def draft_confidences(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy drafts of draft logits [rows, n, V] and the drafter's top-1 probability of each ([rows, n],
+    the max of the softmax; float32 at least, whatever the logits' dtype)."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    top = logits.max(dim=-1)
+    return top.indices, (top.values - logits.logsumexp(dim=-1)).exp()
 
 
 def confident_drafts(logits: torch.Tensor, log_min_confidence: float) -> tuple[torch.Tensor, list[int]]:
@@ -57,13 +74,6 @@ def confident_drafts(logits: torch.Tensor, log_min_confidence: float) -> tuple[t
     believed = (top.values - logits.logsumexp(dim=-1)).cumsum(dim=-1)  # log P(1..i right), non-increasing
     lengths = (believed >= log_min_confidence).sum(dim=-1).clamp_(min=1).tolist()
     return top.indices[:, : max(lengths)], lengths
-
-
-def draft_confidences(logits: torch.Tensor) -> torch.Tensor:
-    """The drafter's top-1 probability at each draft position: max of the softmax, [rows, n, V] -> [rows, n]
-    (float32 at least, whatever the logits' dtype)."""
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    return (logits.max(dim=-1).values - logits.logsumexp(dim=-1)).exp()
 
 
 @dataclass(frozen=True)
@@ -116,7 +126,7 @@ class _Slot:
     """Decoding state of one active request (one row of both KV caches)."""
 
     req: Request
-    generator: torch.Generator | None
+    seed: int | None  # of a sampling request (its own or a random one); None when greedy
     stats: SpecStats | None
     output: list[int] = field(default_factory=list)
     length: int = 0  # tokens in the target cache = position of the next block's first slot
@@ -140,6 +150,7 @@ class SpeculativeEngine:
         max_batch: int = 8,
         min_draft_confidence: float = 0.0,
         step_observer: Callable[[VerifyObservation], None] | None = None,
+        verify_policy: VerifyWidthPolicy | None = None,
     ) -> None:
         if block_size is None:
             block_size = drafter.config.block_size if drafter is not None else 1
@@ -151,9 +162,15 @@ class SpeculativeEngine:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if not 0.0 <= min_draft_confidence <= 1.0:
             raise ValueError(f"min_draft_confidence must be in [0, 1], got {min_draft_confidence}")
+        if verify_policy is not None and min_draft_confidence > 0:
+            raise ValueError("min_draft_confidence and verify_policy are alternatives: pass one")
         # log of the threshold; -inf (threshold 0) verifies every draft
         self._log_min_confidence = math.log(min_draft_confidence) if min_draft_confidence > 0 else -math.inf
+        self.verify_policy = verify_policy  # may be set after construction (it profiles this engine)
+        self._confidences: torch.Tensor | None = None  # of the drafts being verified, for the calibration
+        self._pre_plan: VerifyPlan | None = None  # the policy's plan before drafting (which block to draft)
         self.verified_drafts = 0  # drafts the target checked, over the engine's life (benchmarks report it)
+        self.plain_decode_steps = 0  # steps the policy ran without a draft (or verified no draft)
         self.block_size, self.tokenizer, self.max_batch = block_size, tokenizer, max_batch
         self.step_observer = step_observer
         self._observed_confidences: torch.Tensor | None = None  # this step's, only with an observer
@@ -239,16 +256,15 @@ class SpeculativeEngine:
         return aborted
 
     def _new_slot(self, req: Request) -> _Slot:
-        gen = None
+        seed = None
         if not req.params.greedy:
             seed = req.params.seed if req.params.seed is not None else random.SystemRandom().randrange(2**63)
-            gen = torch.Generator(device="cpu").manual_seed(seed)
         stats = SpecStats(self.block_size) if self.block_size > 1 else None
         row = len(self._slots)
         self.cache.lengths[row] = 0
         if self.drafter is not None:
             self.draft_cache.lengths[row] = 0
-        return _Slot(req=req, generator=gen, stats=stats)
+        return _Slot(req=req, seed=seed, stats=stats)
 
     # ---- one engine step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -260,8 +276,12 @@ class SpeculativeEngine:
             return results
         decoding = sum(s.prefilled for s in slots)  # prefilled rows come first (new rows are appended)
         drafts, lengths = None, [0] * decoding
-        if self.block_size > 1 and decoding:
+        if self.block_size > 1 and decoding and self._drafts_pay(decoding):
             drafts, lengths = self._propose(decoding)  # [k, n] drafts, n = the longest verified length
+            if max(lengths) == 0:  # the policy chose a plain decode after seeing the drafts
+                drafts = None
+        if decoding and drafts is None and self.block_size > 1:
+            self.plain_decode_steps += 1
         blk = 1 + (drafts.shape[1] if drafts is not None else 0)  # verified block: pending token + drafts
         qlen = max(blk if s.prefilled else len(s.req.prompt_ids) for s in slots)
         rows = [[s.pending] if s.prefilled else s.req.prompt_ids for s in slots]
@@ -280,6 +300,13 @@ class SpeculativeEngine:
             if slots[r].finish is not None:
                 results.append(self._finish_row(r))
         return results
+
+    def _drafts_pay(self, rows: int) -> bool:
+        """False when the verify-width policy expects a plain decode step to beat any draft this step."""
+        if self.verify_policy is None:
+            return True
+        self._pre_plan = self.verify_policy.plan_for_batch(rows)
+        return not self._pre_plan.plain_decode
 
     def _propose(self, rows: int) -> tuple[torch.Tensor, list[int]]:
         """Greedy drafts for rows ``0..rows-1`` from ONE drafter forward of the whole block, and how many of
@@ -308,13 +335,19 @@ class SpeculativeEngine:
                 torch.tensor(positions),
                 taps[0] if len(taps) == 1 else torch.cat(taps),
             )
-        masks = [drafter.config.mask_token_id] * (self.block_size - 1)
+        size = self._pre_plan.draft_block if self.verify_policy and self._pre_plan else self.block_size
+        masks = [drafter.config.mask_token_id] * (size - 1)
         block = torch.tensor([[s.pending, *masks] for s in self._slots[:rows]], device=self.runner.device)
         hidden = drafter.draft_hidden(cache, block, cache.lengths[:rows])
         logits = self.runner.logits(hidden[:, 1:])  # the drafter's logits: the target's LM head
-        if self.step_observer is not None:
-            self._observed_confidences = draft_confidences(logits)
-        return confident_drafts(logits, self._log_min_confidence)
+        if self.verify_policy is None:
+            if self.step_observer is not None:
+                self._observed_confidences = draft_confidences(logits)[1]
+            return confident_drafts(logits, self._log_min_confidence)
+        drafts, self._confidences = draft_confidences(logits)
+        self._observed_confidences = self._confidences
+        lengths = self.verify_policy.plan(self._confidences).widths
+        return drafts[:, : max(lengths)], lengths
 
     def _observe(self, slots: Sequence[_Slot], accepted: list[int], lengths: list[int]) -> None:
         """Hand this verify step to the observer (before finished rows leave the batch)."""
@@ -342,17 +375,23 @@ class SpeculativeEngine:
         ``lengths[r]`` verified drafts, commit, crop. Returns each row's accepted drafts."""
         params = [s.req.params for s in slots]
         counts = [n + 1 for n in lengths]  # slots sampled per row: its own, so draws do not depend on others
-        post = sample_rows(self.runner.logits(hidden), params, [s.generator for s in slots], counts)
+        seeds = [s.seed for s in slots]
+        # slot j of a row predicts the token after its pending one: sequence position length + 1 + j
+        post = sample_rows(self.runner.logits(hidden), params, seeds, [s.length + 1 for s in slots], counts)
         if drafts is not None:
             accepted = ops.accept_lengths(drafts, post[:, :-1]).tolist()
         else:
             accepted = [0] * len(slots)
         self.verified_drafts += sum(lengths)
+        if self.verify_policy is not None and drafts is not None:  # learn what the target really accepts
+            assert self._confidences is not None
+            taken = [min(a, n) for a, n in zip(accepted, lengths, strict=True)]
+            self.verify_policy.calibration.observe(self._confidences, lengths, taken)
         post_rows = post.tolist()
         for r, s in enumerate(slots):
             a = accepted[r] = min(accepted[r], lengths[r])
-            if s.stats is not None:
-                s.stats.record_step(a, lengths[r])  # the drafts the target checked
+            if s.stats is not None and (lengths[r] or self.verify_policy is None):
+                s.stats.record_step(a, lengths[r])  # the drafts the target checked (none: not a verify)
             if taps is not None:
                 s.ctx.append(taps[r, : a + 1])  # taps of block slots 0..a: the drafter's next context
             s.length = self._kept_length(s.length, a)
@@ -370,7 +409,12 @@ class SpeculativeEngine:
         last = torch.tensor([len(slots[r].req.prompt_ids) - 1 for r in rows], device=hidden.device)
         picked = hidden[first_new:][torch.arange(len(last), device=hidden.device), last]
         logits = self.runner.logits(picked)[:, None]  # [m, 1, V]
-        tokens = sample_rows(logits, [slots[r].req.params for r in rows], [slots[r].generator for r in rows])
+        tokens = sample_rows(
+            logits,
+            [slots[r].req.params for r in rows],
+            [slots[r].seed for r in rows],
+            [len(slots[r].req.prompt_ids) for r in rows],  # the first token's position
+        )
         for r, tok in zip(rows, tokens[:, 0].tolist(), strict=True):
             s = slots[r]
             n = len(s.req.prompt_ids)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sglang_ext.dflare.checkpoint import dtype_from_name, load_drafter
-from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE, SpeculativeEngine
+from sglang_ext.reference.engine import SpeculativeEngine
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,37 @@ def load_tokenizer(target_dir: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(target_dir))
 
 
+def build_engine(
+    target: torch.nn.Module,
+    drafter: Any,
+    block_size: int | None = None,
+    tokenizer: Any = None,
+    max_batch: int = 8,
+    min_draft_confidence: float | None = None,
+) -> SpeculativeEngine:
+    """The engine with the CLIs' default adaptivity: ``min_draft_confidence`` None means the verify-width
+    policy on CPU (its cost model profiled here, about a second) and the whole block elsewhere; a number is
+    the fixed threshold (0 = the whole block)."""
+    engine = SpeculativeEngine(target, drafter, block_size, tokenizer, max_batch, min_draft_confidence or 0.0)
+    on_cpu = engine.runner.device.type == "cpu"
+    if min_draft_confidence is None and on_cpu and engine.drafter is not None:
+        from sglang_ext.reference.step_profile import measured_policy
+
+        start = time.perf_counter()
+        engine.verify_policy = policy = measured_policy(engine)
+        cost, block = policy.cost, engine.block_size
+        log.info(
+            "verify-width policy on, block %d; step costs measured in %.2f s (batch 1: decode %.2f ms, "
+            "whole-block verify %.2f ms, draft %.2f ms)",
+            block,
+            time.perf_counter() - start,
+            cost.decode_ms(1),
+            cost.verify_ms(1, block),
+            cost.draft_ms(1, block),
+        )
+    return engine
+
+
 def load_engine(
     target_dir: str | Path,
     drafter_dir: str | Path | None,
@@ -52,12 +84,10 @@ def load_engine(
     min_draft_confidence: float | None = None,
 ) -> SpeculativeEngine:
     """Target (HF causal LM directory) + optional drafter; ``block_size`` defaults to the drafter's,
-    ``min_draft_confidence`` (adaptive draft length) to the CPU default on CPU and 0 (off) elsewhere."""
+    ``min_draft_confidence`` as :func:`build_engine` (None: the verify-width policy on CPU)."""
     torch_dtype = resolve_dtype(dtype, device)
     target = load_target(target_dir, torch_dtype, device)
     drafter = load_drafter(drafter_dir, dtype=torch_dtype, device=device) if drafter_dir else None
-    if min_draft_confidence is None:
-        min_draft_confidence = CPU_MIN_DRAFT_CONFIDENCE if torch.device(device).type == "cpu" else 0.0
-    return SpeculativeEngine(
+    return build_engine(
         target, drafter, block_size, load_tokenizer(target_dir), max_batch, min_draft_confidence
     )

@@ -12,7 +12,6 @@ import torch
 
 from sglang_ext.dflare.checkpoint import load_drafter
 from sglang_ext.dflare.model import DFlareDrafter
-from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE
 from sglang_ext.reference.loader import load_target, load_tokenizer, resolve_dtype
 
 
@@ -50,13 +49,14 @@ def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_min_draft_confidence_argument(parser: argparse.ArgumentParser) -> None:
-    """``--min-draft-confidence`` of the reference CLIs (generate, bench): the CPU default."""
+    """``--min-draft-confidence`` of the reference CLIs (generate, bench); unset = the verify-width policy."""
     parser.add_argument(
         "--min-draft-confidence",
         type=float,
-        default=CPU_MIN_DRAFT_CONFIDENCE,
-        help="adaptive draft length: verify drafts while the drafter's belief that all so far are right "
-        "stays at or above this (0 = the whole block; default %(default)s)",
+        default=None,
+        help="fixed adaptive draft length: verify drafts while the drafter's belief that all so far are "
+        "right stays at or above this (0 = the whole block; e.g. 0.02); default: the verify-width policy "
+        "(widths that maximise expected tokens per ms, from a cost profile at start) on CPU",
     )
 
 

@@ -2,9 +2,16 @@
 
 Speculative sampling here uses a *point-mass* draft: the drafter proposes one token per slot, the target
 draws its own token from its (temperature / top-k / top-p filtered) distribution with the request's
-generator, and a draft is accepted iff it equals that draw. The accept probability is p(draft) and after a
+seed, and a draft is accepted iff it equals that draw. The accept probability is p(draft) and after a
 mismatch the target's draw is distributed as p restricted to tokens != draft, so the output distribution is
 exactly the target's (no residual distribution needs to be formed).
+
+Each sampled token's uniform is a hash of (request seed, the position it is drawn for), not the next draw of
+a stream: which positions a step verifies (widths chosen per step by the engine's policy) then never moves
+a later token's randomness, so a seeded request gives the same output at any width, block or batch. Still
+exact: the token at a position is decided by the one draw whose prefix was committed; draws for the same
+position under a prefix that was rejected were discarded unseen (a rejection is decided by earlier
+positions only).
 """
 
 from __future__ import annotations
@@ -74,16 +81,35 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=-1).indices
 
 
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment
+
+
+def position_uniforms(seed: int, first: int, n: int) -> torch.Tensor:
+    """Uniforms in [0, 1) (float64, [n]) for positions ``first..first+n-1`` of a request seeded ``seed``:
+    outputs ``first+1..`` of the SplitMix64 stream seeded ``seed``, computed directly (counter-based), so a
+    position's uniform does not depend on how many were drawn before it."""
+    out = []
+    for pos in range(first, first + n):
+        z = (seed + (pos + 1) * _GAMMA) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        out.append(((z ^ (z >> 31)) >> 11) * 2.0**-53)
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def sample_rows(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    generators: list[torch.Generator | None],
+    seeds: list[int | None],
+    firsts: list[int],
     counts: list[int] | None = None,
 ) -> torch.Tensor:
-    """One token per position: logits [b, n, V] -> tokens [b, n] (row r uses ``params[r]``, its generator).
+    """One token per position: logits [b, n, V] -> tokens [b, n] (row r uses ``params[r]``).
 
-    Greedy rows take the argmax; sampling rows draw by inverse CDF from uniforms of their own generator, so
-    a request's draws do not depend on what else is in the batch. ``counts[r]`` (default n) limits row r's
+    Greedy rows take the argmax; sampling rows draw by inverse CDF from :func:`position_uniforms` of their
+    seed, slot j of row r being sequence position ``firsts[r] + j``, so a request's draws depend neither on
+    the batch nor on how its positions were grouped into steps. ``counts[r]`` (default n) limits row r's
     draws to its first positions (the rest stay argmax, unused): rows verify blocks of their own length.
     """
     tokens = greedy_tokens(logits)
@@ -93,9 +119,10 @@ def sample_rows(
         n = logits.shape[1] if counts is None else counts[r]
         probs = filtered_probs(logits[r, :n], p.temperature, p.top_k, p.top_p)  # [n, V]
         cdf = torch.cumsum(probs, dim=-1)
-        # uniforms from the request's CPU generator: the same seed gives the same draws on any device
-        u = torch.rand(probs.shape[0], 1, generator=generators[r], dtype=cdf.dtype).to(cdf.device)
-        u = u * cdf[:, -1:]
+        seed = seeds[r]
+        assert seed is not None, "a sampling row needs a seed"
+        # computed on the CPU in float64: the same seed gives the same draws on any device
+        u = position_uniforms(seed, firsts[r], n).to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
         drawn = torch.searchsorted(cdf, u, right=True).squeeze(-1)
         tokens[r, :n] = drawn.clamp_(max=probs.shape[-1] - 1)
     return tokens

@@ -10,6 +10,7 @@ import torch
 
 from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE, SpeculativeEngine, confident_drafts
 from sglang_ext.reference.sampling import SamplingParams
+from sglang_ext.reference.step_profile import measured_policy
 from sglang_ext.reference.tiny import tiny_target
 
 demo = pytest.importorskip("sglang_ext.demo")
@@ -86,3 +87,17 @@ def test_demo_pair_adaptive_length_is_lossless_and_verifies_fewer_drafts() -> No
     assert [r.output_ids for r in full_results] == want
     assert full.verified_drafts == 7 * sum(r.stats.verify_steps for r in full_results)
     assert all(r.stats.verified_drafts is None for r in full_results)  # whole blocks: the SGLang form
+
+
+def test_demo_pair_under_the_measured_policy_is_lossless_and_learns() -> None:
+    """The CPU default on the shipped pair: 4 held-out prompts through 2 rows, greedy, float32, equal to
+    block size 1; the calibration saw the target's accepts."""
+    target, drafter, tok, prompts = _pair()
+    params = SamplingParams(max_tokens=40, stop_token_ids=(tok.eos_token_id,))
+    want = [r.output_ids for r in SpeculativeEngine(target, None, 1, max_batch=2).generate(prompts, params)]
+    engine = SpeculativeEngine(target, drafter, 8, max_batch=2)
+    engine.verify_policy = measured_policy(engine)
+    results = engine.generate(prompts, params)
+    assert [r.output_ids for r in results] == want
+    assert engine.verify_policy.calibration.observations > 0
+    assert sum(r.stats.draft_tokens for r in results) == engine.verified_drafts

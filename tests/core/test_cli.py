@@ -59,6 +59,8 @@ def test_bench_engine_writes_side_by_side_json_and_png(tmp_path: Path, capsys, b
             str(batch),
             "--rounds",
             "2",
+            "--min-draft-confidence",
+            "0.02",
             "--out",
             str(out),
             "--plot",
@@ -95,6 +97,31 @@ def test_bench_engine_writes_under_runs_and_says_one_round_is_unmeasured_noise(
     assert json.loads(written.read_text())["speedup_spread"] is None
     assert "noise: not measured with one round" in capsys.readouterr().out
     assert dflare([*args, "--rounds", "0"]) == 2
+
+
+def test_bench_engine_compares_the_policy_with_the_threshold(tmp_path: Path, capsys) -> None:
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["bench", "engine", "--random", "--threads", "1", "--num-prompts", "3", "--max-tokens", "8"]
+    rc = dflare([*args, "--rounds", "2", "--vs-threshold", "--out", str(out), "--plot", str(png)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    modes = report["modes"]
+    assert set(modes) == {"ar", "policy", "threshold"} and report["min_draft_confidence"] == 0.02
+    assert (
+        modes["ar"]["output_tokens"]
+        == modes["policy"]["output_tokens"]
+        == modes["threshold"]["output_tokens"]
+    )
+    assert modes["policy"]["identical_outputs"] == modes["threshold"]["identical_outputs"] == 3
+    cmp = report["policy_vs_threshold"]
+    assert cmp["tokens_per_s"] == pytest.approx(
+        modes["policy"]["tokens_per_s"] / modes["threshold"]["tokens_per_s"], abs=0.01
+    )
+    assert len(cmp["per_round"]) == 2
+    assert modes["policy"]["verify_policy"]["cost_model"]["block_size"] == 8
+    assert "verify_policy" not in modes["threshold"] and 0 < report["policy_start_s"] < 60
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "policy / threshold 0.02" in capsys.readouterr().out
 
 
 def test_console_script_runs_in_a_fresh_process() -> None:

@@ -22,6 +22,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from sglang_ext.dflare.verify_policy import (
+    AcceptanceCalibration,
+    StepCostModel,
+    VerifyPlan,
+    VerifyWidthPolicy,
+)
 from sglang_ext.reference.engine import SpeculativeEngine
 from sglang_ext.reference.sampling import SamplingParams, filtered_probs
 from sglang_ext.reference.tiny import tiny_drafter, tiny_target
@@ -186,3 +192,68 @@ def test_seeded_requests_are_reproducible_and_batch_independent() -> None:
         [[1, 2], PROMPT, [5], [6, 6, 6]], [others[0], params, others[1], others[2]]
     )
     assert batched[1].output_ids == alone[0].output_ids
+
+
+class RecordingPolicy(VerifyWidthPolicy):
+    """The real policy, recording the widths it gives (to show the test exercised several)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.widths: Counter = Counter()
+
+    def plan(self, confidences: torch.Tensor) -> VerifyPlan:
+        plan = super().plan(confidences)
+        self.widths.update(["plain"] if plan.plain_decode else plan.widths)
+        return plan
+
+
+def test_sampling_under_the_verify_policy_matches_block_size_one() -> None:
+    """Widths chosen per row and step from a calibration that learns from earlier accepts (so from
+    earlier draws) must not bias the samples: same distribution as the target alone."""
+    model = small_target()
+    # a verified token costs 0.2 % of a decode step per row: widths 0..3 all pay for some confidences
+    cost = StepCostModel(
+        [(b, b * q, 10.0 + 0.02 * b * (q - 1)) for b in (1, 64) for q in (1, 4)],
+        [(b, 4, 2.0) for b in (1, 64)],
+    )
+    policy = RecordingPolicy(cost, AcceptanceCalibration(), 4, probe_interval=3)
+    engine = SpeculativeEngine(model, tiny_drafter(model, block_size=4, seed=3), 4, max_batch=64)
+    engine.verify_policy = policy
+    params = SamplingParams(temperature=0.8, top_k=5)
+    counts, results = sample_counts(engine, params)
+    assert chi_square_pvalue(counts, expected_joint(params)) > 1e-3
+    assert sum(r.stats.accepted_tokens for r in results) > 50
+    assert all(policy.widths[w] > 100 for w in range(4)), policy.widths
+    assert chi_square_pvalue(counts, expected_joint(SamplingParams(temperature=1.6))) < 1e-6
+
+
+def test_seeded_output_is_the_same_at_any_width_block_or_batch() -> None:
+    """A position's draw is keyed by (seed, position): block size 1, whole blocks, a fixed threshold and
+    the policy's changing widths give one seeded request the same tokens."""
+    model = small_target()
+    prompts = [PROMPT, [1, 2], [5, 5, 5, 5]]
+    params = [SamplingParams(temperature=1.0, max_tokens=16, seed=s) for s in (7, 8, 9)]
+    want = [r.output_ids for r in SpeculativeEngine(model, None, 1, max_batch=1).generate(prompts, params)]
+    cost = StepCostModel(
+        [(b, b * q, 10.0 + 0.02 * b * (q - 1)) for b in (1, 64) for q in (1, 4)],
+        [(b, 4, 2.0) for b in (1, 64)],
+    )
+    engines = [
+        SpeculativeEngine(model, tiny_drafter(model, block_size=4, seed=3), 4, max_batch=3),
+        SpeculativeEngine(model, tiny_drafter(model, block_size=3, seed=3), 3, max_batch=2),
+        SpeculativeEngine(
+            model, tiny_drafter(model, block_size=4, seed=3), 4, max_batch=3, min_draft_confidence=0.3
+        ),
+        SpeculativeEngine(
+            model,
+            tiny_drafter(model, block_size=4, seed=3),
+            4,
+            max_batch=3,
+            verify_policy=VerifyWidthPolicy(cost, AcceptanceCalibration(), 4),
+        ),
+    ]
+    for engine in engines:
+        results = engine.generate(prompts, params)
+        assert [r.output_ids for r in results] == want
+        assert sum(r.stats.accepted_tokens for r in results) > 0  # drafts were really accepted
+    assert len({tuple(w) for w in want}) == 3  # the seeds matter

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sglang_ext.demo import drafter_path, target_path
 from sglang_ext.reference import SamplingParams, load_engine
+from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE
 
 
 def main() -> None:
@@ -26,7 +27,15 @@ def main() -> None:
     saved = json.loads(args.outputs.read_text())
     prompts, ar = saved["prompts"], saved["ar"]
     max_new = len(ar[0])
-    engine = load_engine(target_path(), drafter_path("dflare"), dtype=args.dtype, device="cpu", max_batch=8)
+    # the fixed threshold, not the timing-dependent policy: tau comparable from run to run
+    engine = load_engine(
+        target_path(),
+        drafter_path("dflare"),
+        dtype=args.dtype,
+        device="cpu",
+        max_batch=8,
+        min_draft_confidence=CPU_MIN_DRAFT_CONFIDENCE,
+    )
     t0 = time.time()
     results = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new))
     steps = sum(r.stats.verify_steps for r in results)

@@ -32,7 +32,7 @@ import torch
 from sglang_ext import demo
 from sglang_ext.dflare.linear import StackedLinear
 from sglang_ext.reference.bench import load_prompts
-from sglang_ext.reference.engine import SpeculativeEngine
+from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE, SpeculativeEngine
 from sglang_ext.reference.loader import load_engine
 from sglang_ext.reference.pair import encode_prompt, eos_ids
 from sglang_ext.reference.sampling import SamplingParams
@@ -72,7 +72,14 @@ def _forward_by_rows(engine: SpeculativeEngine, times: dict[str, list[float]], l
 def _engines(args: argparse.Namespace) -> tuple[SpeculativeEngine, SpeculativeEngine, list[list[int]], Any]:
     target = demo.target_path()
     drafter = args.drafter or demo.drafter_path("dflare")
-    spec = load_engine(target, drafter, block_size=args.block_size, max_batch=1)
+    # the fixed threshold its documented profiles used (the policy would mix in plain decode steps)
+    spec = load_engine(
+        target,
+        drafter,
+        block_size=args.block_size,
+        max_batch=1,
+        min_draft_confidence=CPU_MIN_DRAFT_CONFIDENCE,
+    )
     plain = load_engine(target, None, block_size=1, max_batch=1)
     texts = load_prompts(None, demo=True)[: args.num_prompts]
     prompts = [encode_prompt(spec.tokenizer, t, chat=True) for t in texts]

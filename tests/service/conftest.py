@@ -23,6 +23,11 @@ import pytest
 from tests.service.tiny_models import build_pair
 
 MODEL = "tiny"
+# The engines here run the fixed adaptive threshold, not the CPU default (the verify-width policy, whose
+# widths follow measured timings and what earlier requests accepted): these tests compare per-request
+# stats between engines and between repeated requests, which only a deterministic width rule keeps equal.
+# tests/service/test_adaptive_draft_setting.py serves the policy default.
+FIXED_THRESHOLD = "0.02"
 START_TIMEOUT_S = 180.0
 
 
@@ -104,6 +109,8 @@ def _engine_server(tiny_pair: tuple[Path, Path], log: Path, *extra: str) -> Iter
             "1",
             "--max-batch",
             "4",
+            "--min-draft-confidence",
+            FIXED_THRESHOLD,
             "--port",
             str(port),
             *extra,
@@ -154,12 +161,15 @@ def gateway_plain(engine_server_plain, tmp_path_factory) -> Iterator[Proc]:
     proc.stop()
 
 
-def embedded_env(tiny_pair: tuple[Path, Path], **settings: str) -> dict[str, str]:
-    """Environment of a ``dflare serve`` whose embedded engine runs the tiny pair on one thread;
-    ``settings`` adds ``DFLARE_EMBEDDED_<NAME>`` variables."""
+def embedded_env(tiny_pair: tuple[Path, Path], policy: bool = False, **settings: str) -> dict[str, str]:
+    """Environment of a ``dflare serve`` whose embedded engine runs the tiny pair on one thread, at the
+    fixed threshold unless ``policy`` (the CPU default); ``settings`` adds ``DFLARE_EMBEDDED_<NAME>``
+    variables."""
     target, drafter = tiny_pair
-    env = {"TARGET_DIR": str(target), "DRAFTER_DIR": str(drafter), "MODEL": MODEL, "THREADS": "1", **settings}
-    return {f"DFLARE_EMBEDDED_{name.upper()}": value for name, value in env.items()}
+    env = {"TARGET_DIR": str(target), "DRAFTER_DIR": str(drafter), "MODEL": MODEL, "THREADS": "1"}
+    if not policy:
+        env["MIN_DRAFT_CONFIDENCE"] = FIXED_THRESHOLD
+    return {f"DFLARE_EMBEDDED_{name.upper()}": value for name, value in {**env, **settings}.items()}
 
 
 @pytest.fixture(scope="session")

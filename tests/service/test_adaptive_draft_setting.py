@@ -1,6 +1,7 @@
-"""``embedded_min_draft_confidence`` reaches the engine, on the embedded backend and the local engine-server.
+"""``embedded_min_draft_confidence`` reaches the engine, on the embedded backend and the local engine-server,
+and unset it serves the CPU default, the verify-width policy.
 
-The tiny pair's random drafter is never confident, so at the CPU default (0.02) the target verifies one
+The tiny pair's random drafter is rarely confident, so at the fixed threshold 0.02 the target verifies one
 draft per step and no draft past position 1 is accepted; with the threshold at 0 (the whole block) the
 same request has deeper drafts accepted. That difference, visible in
 ``usage.speculative.accepted_per_position``, proves the setting took effect.
@@ -28,18 +29,42 @@ def whole_block(tiny_pair, tmp_path_factory) -> Iterator[Proc]:
     proc.stop()
 
 
-def _deep_acceptances(url: str) -> int:
+@pytest.fixture(scope="module")
+def policy_default(tiny_pair, tmp_path_factory) -> Iterator[Proc]:
+    proc = gateway(
+        [], tmp_path_factory.mktemp("logs") / "policy.log", env=embedded_env(tiny_pair, policy=True)
+    )
+    yield proc
+    proc.stop()
+
+
+def _complete(url: str) -> dict:
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 40, "temperature": 0}
     r = httpx.post(url + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
-    per_position = r.json()["usage"]["speculative"]["accepted_per_position"]
+    return r.json()
+
+
+def _deep_acceptances(url: str) -> int:
+    per_position = _complete(url)["usage"]["speculative"]["accepted_per_position"]
     assert per_position[0] > 0
     return sum(per_position[1:])
 
 
 def test_threshold_zero_verifies_the_whole_block(whole_block, gateway_embedded) -> None:
-    assert _deep_acceptances(gateway_embedded.url) == 0  # the CPU default cuts at one draft here
+    assert _deep_acceptances(gateway_embedded.url) == 0  # the 0.02 threshold cuts at one draft here
     assert _deep_acceptances(whole_block.url) > 0
+
+
+def test_unset_serves_the_verify_width_policy_losslessly(policy_default, whole_block) -> None:
+    want = _complete(whole_block.url)["choices"][0]["text"]
+    for _ in range(3):  # the calibration learns between requests; greedy text never changes
+        body = _complete(policy_default.url)
+        assert body["choices"][0]["text"] == want
+        spec = body["usage"]["speculative"]
+        if spec is not None:  # a request served by plain decode steps only has no verify step
+            assert spec["accepted_tokens"] <= spec["draft_tokens"] <= spec["verify_steps"] * 3
+    assert "verify-width policy on, block 4" in policy_default.output()
 
 
 def test_the_local_engine_server_gets_the_flag() -> None:

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from sglang_ext.stats import SpecStats
-from tests.service.conftest import MODEL
+from tests.service.conftest import FIXED_THRESHOLD, MODEL
 from tests.service.test_metrics import delta, scrape
 
 PROMPT_IDS = [17, 42, 99, 7, 150, 33]
@@ -26,7 +26,7 @@ def engine_result(tiny_pair):
     from sglang_ext.reference import SamplingParams, load_engine
 
     target, drafter = tiny_pair
-    engine = load_engine(target, drafter)
+    engine = load_engine(target, drafter, min_draft_confidence=float(FIXED_THRESHOLD))
     eos = engine.tokenizer.eos_token_id
     result = engine.generate([PROMPT_IDS], SamplingParams(max_tokens=MAX_TOKENS, stop_token_ids=(eos,)))[0]
     return result, engine.tokenizer

@@ -28,7 +28,7 @@ from service.app import create_app
 from service.settings import Settings
 from sglang_ext.engine_server.serving import choice_seed
 from sglang_ext.stats import SpecStats, total
-from tests.service.conftest import MODEL, serve_in_thread
+from tests.service.conftest import FIXED_THRESHOLD, MODEL, serve_in_thread
 from tests.service.test_metrics import delta, scrape
 
 CHAT = "/v1/chat/completions"
@@ -100,7 +100,12 @@ def n_times(stats: SpecStats, n: int) -> SpecStats:
 @pytest.fixture(scope="module")
 def demo() -> Iterator[tuple[str, Any]]:
     """``dflare serve``'s default backend (the embedded demo pair) on loopback, and its app."""
-    settings = Settings(embedded_threads=1, embedded_max_batch=4, access_log=False)
+    settings = Settings(
+        embedded_threads=1,
+        embedded_max_batch=4,
+        embedded_min_draft_confidence=float(FIXED_THRESHOLD),  # stats compared across requests
+        access_log=False,
+    )
     app = create_app(settings)
     with serve_in_thread(app) as url:
         yield url, app

@@ -1,0 +1,147 @@
+"""The reference engine under the verify-width policy: lossless (float64 greedy equals transformers'
+``generate``) while rows switch between widths and plain decode steps, the calibration learns from what
+the target accepted, and the CPU step profile gives a usable cost model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_ext.dflare.verify_policy import (
+    AcceptanceCalibration,
+    StepCostModel,
+    VerifyPlan,
+    VerifyWidthPolicy,
+)
+from sglang_ext.reference.engine import SpeculativeEngine
+from sglang_ext.reference.loader import build_engine
+from sglang_ext.reference.sampling import SamplingParams
+from sglang_ext.reference.step_profile import measure_step_costs
+from sglang_ext.reference.tiny import tiny_drafter
+
+from .helpers import greedy_mismatches, prompts_for, target
+
+N_TOKENS = 30
+
+
+def flat_cost(block: int, verify_per_token: float, draft: float = 1.0) -> StepCostModel:
+    return StepCostModel(
+        [(b, b * q, 10.0 + verify_per_token * b * (q - 1)) for b in (1, 4) for q in (1, block)],
+        [(b, block, draft) for b in (1, 4)],
+        device="test",
+        model="tiny",
+        block_size=block,
+    )
+
+
+class ScriptedPolicy(VerifyWidthPolicy):
+    """Cycles through every kind of step, per engine step: a plain decode step (no draft), a drafted step
+    whose plan verifies nothing, and drafted steps with per-row widths 1..B-1 that differ between rows.
+    Each drafted step checks that the drafter's context holds every token the target has."""
+
+    def __init__(self, block: int, engine: SpeculativeEngine) -> None:
+        super().__init__(flat_cost(block, 0.0), AcceptanceCalibration(), block)
+        self.engine = engine
+        self.step = 0
+        self.kinds: list[str] = []
+        self.context_gaps: list[tuple[int, int]] = []
+
+    def plan_for_batch(self, batch: int) -> VerifyPlan:
+        self.step += 1
+        plain = self.step % 4 == 0
+        if plain:
+            self.kinds.append("plain")
+        return VerifyPlan([0] * batch, plain, self.block_size, 0.0, 1.0)
+
+    def plan(self, confidences: torch.Tensor) -> VerifyPlan:
+        bs = confidences.shape[0]
+        for r, slot in enumerate(self.engine._slots[:bs]):
+            if self.engine.draft_cache.lengths[r] != slot.length:
+                self.context_gaps.append((self.engine.draft_cache.lengths[r], slot.length))
+        if self.step % 4 == 1:
+            self.kinds.append("width 0")
+            return VerifyPlan([0] * bs, True, self.block_size, 0.0, 1.0)
+        widths = [1 + (self.step + r) % (self.block_size - 1) for r in range(bs)]
+        self.kinds.append("widths")
+        return VerifyPlan(widths, False, self.block_size, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("block_size", [2, 4, 8])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_switching_between_widths_and_plain_decoding_is_lossless(block_size: int, batch: int) -> None:
+    seed = 1
+    model = target(seed)
+    engine = SpeculativeEngine(
+        model, tiny_drafter(model, block_size=block_size, seed=5), block_size, max_batch=batch
+    )
+    policy = ScriptedPolicy(block_size, engine)
+    engine.verify_policy = policy
+    prompts = prompts_for(seed, 6 if batch > 1 else 2)
+    assert greedy_mismatches(engine, seed, prompts, N_TOKENS) == []
+    assert {"plain", "width 0", "widths"} <= set(policy.kinds)
+    assert policy.context_gaps == []  # plain steps' tokens reached the drafter's context before it drafted
+    assert engine.plain_decode_steps == policy.kinds.count("plain") + policy.kinds.count("width 0")
+    assert policy.calibration.observations > 0  # learnt from the drafted steps' accepts
+
+
+def test_a_real_policy_switches_one_request_and_stays_lossless() -> None:
+    """A cost model where verifying is too dear to pay: the policy decodes plainly and probes every
+    third step; one request sees both kinds of step, and its output equals generate's."""
+    seed, block = 0, 4
+    model = target(seed)
+    policy = VerifyWidthPolicy(flat_cost(block, 10.0), AcceptanceCalibration(), block, probe_interval=2)
+    engine = SpeculativeEngine(model, tiny_drafter(model, block_size=block, seed=2), block, max_batch=1)
+    engine.verify_policy = policy
+    assert greedy_mismatches(engine, seed, prompts_for(seed, 1), N_TOKENS) == []
+    assert engine.plain_decode_steps >= 10 and engine.verified_drafts >= 5
+
+
+def test_cheap_verify_gives_whole_blocks_and_the_calibration_counts_real_accepts() -> None:
+    seed, block = 3, 4
+    model = target(seed)
+    policy = VerifyWidthPolicy(flat_cost(block, 0.0, draft=0.0), AcceptanceCalibration(), block, ragged=False)
+    engine = SpeculativeEngine(model, tiny_drafter(model, block_size=block, seed=4), block, max_batch=4)
+    engine.verify_policy = policy
+    prompts = prompts_for(seed, 6)
+    assert greedy_mismatches(engine, seed, prompts, N_TOKENS) == []
+    results = engine.generate(prompts, SamplingParams(max_tokens=N_TOKENS))
+    steps = sum(r.stats.verify_steps for r in results)
+    accepted = sum(r.stats.accepted_tokens for r in results)
+    assert engine.plain_decode_steps == 0
+    assert all(r.stats.verified_drafts is None for r in results)  # every step verified the whole block
+    # each verify observes the accepted drafts and, when one was rejected, that one: between a and a + 1
+    observed = policy.calibration.observations
+    assert accepted > 0
+    assert 2 * (accepted + 0) <= observed <= 2 * (accepted + steps)  # two generate runs fed it
+
+
+def test_step_profile_measures_the_engines_steps(tmp_path: Path) -> None:
+    model = target(0)
+    engine = SpeculativeEngine(model, tiny_drafter(model, block_size=8), 8, max_batch=4)
+    cost = measure_step_costs(engine, repeats=3)
+    data = cost.to_dict()
+    assert {p["batch"] for p in data["verify"]} == {1, 4}
+    assert {p["tokens"] for p in data["verify"] if p["batch"] == 1} == {1, 2, 3, 4, 5, 8}
+    assert [p["batch"] for p in data["decode"]] == [1, 4] and [p["block"] for p in data["draft"]] == [8, 8]
+    assert all(p["ms"] > 0 for p in data["decode"]) and all(
+        p["ms"] >= 0 for p in data["verify"] + data["draft"]
+    )
+    assert engine.verify_policy is None and not engine.has_work()  # profiled on a scratch engine
+    assert data["block_size"] == 8 and data["device"].startswith("cpu") and "drafter" in data["model"]
+    cost.to_json(tmp_path / "cpu.json")
+    assert StepCostModel.from_json(tmp_path / "cpu.json").decode_ms(2) > 0
+
+
+def test_cli_default_on_cpu_is_the_measured_policy() -> None:
+    model = target(0)
+    drafter = tiny_drafter(model, block_size=4)
+    default = build_engine(model, drafter, 4, max_batch=2)
+    assert isinstance(default.verify_policy, VerifyWidthPolicy) and not default.verify_policy.ragged
+    fixed = build_engine(model, drafter, 4, max_batch=2, min_draft_confidence=0.02)
+    assert fixed.verify_policy is None
+    whole = build_engine(model, drafter, 4, max_batch=2, min_draft_confidence=0.0)
+    assert whole.verify_policy is None
+    with pytest.raises(ValueError, match="alternatives"):
+        SpeculativeEngine(model, drafter, 4, min_draft_confidence=0.1, verify_policy=default.verify_policy)

@@ -1,0 +1,332 @@
+"""The verify-width policy (sglang_ext.dflare.verify_policy): cost model, calibration, and the plans it
+makes at the extremes (verify free, verify too dear) and in between (optimal against brute force)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_ext.dflare.verify_policy import (
+    AcceptanceCalibration,
+    StepCostModel,
+    VerifyPlan,
+    VerifyWidthPolicy,
+)
+
+BLOCK = 8
+
+
+def linear_cost(
+    base: float, per_token: float, draft: float = 1.0, decode: float | None = None, batches=(1, 64)
+) -> StepCostModel:
+    """verify = base + per_token * (tokens - batch) at every measured batch: exactly linear, so the
+    interpolated model is known in closed form."""
+    verify = [(b, b * (k + 1), base + per_token * b * k) for b in batches for k in (0, 3, BLOCK - 1)]
+    drafts = [(b, blk, draft * blk / BLOCK) for b in batches for blk in (2, BLOCK)]
+    decodes = [(b, base if decode is None else decode) for b in batches]
+    return StepCostModel(verify, drafts, decodes, device="test", model="linear", block_size=BLOCK)
+
+
+def calibrated(prior_strength: float = 1e-6) -> AcceptanceCalibration:
+    """A calibration that predicts the drafter's confidence (the bin's centre) until it observes."""
+    return AcceptanceCalibration(bins=20, prior_strength=prior_strength)
+
+
+# ---- cost model -----------------------------------------------------------------------------------------
+
+
+def test_cost_model_interpolates_and_extrapolates() -> None:
+    cost = StepCostModel(
+        verify=[(1, 1, 1.0), (1, 8, 2.0), (4, 4, 2.0), (4, 32, 6.0)],
+        draft=[(1, 4, 0.5), (1, 16, 1.1), (4, 16, 2.0)],
+        decode=[(1, 0.9), (4, 1.8)],
+    )
+    assert cost.verify_ms(1, 4) == pytest.approx(1.0 + 3 / 7)  # linear in tokens between points
+    assert cost.verify_ms(1, 15) == pytest.approx(2.0 + 7 / 7)  # past the last point: the last segment
+    # batch 2, 8 tokens = 4 per request: batch 1 at 4 tokens (1 + 3/7) and batch 4 at 16 (2 + 12 * 4/28)
+    at1, at4 = 1.0 + 3 / 7, 2.0 + 12 * 4 / 28
+    assert cost.verify_ms(2, 8) == pytest.approx(at1 + (at4 - at1) / 3)
+    # beyond the largest batch: continues upwards at the same tokens per request
+    assert cost.verify_ms(8, 8) > cost.verify_ms(4, 4)
+    assert cost.draft_ms(1, 8) == pytest.approx(0.5 + 0.6 * 4 / 12)  # linear in the block
+    assert cost.draft_ms(4, 8) == pytest.approx(2.0)  # one measured block at batch 4: flat in the block
+    assert cost.decode_ms(2) == pytest.approx(0.9 + 0.9 / 3)
+    no_decode = StepCostModel(verify=[(1, 1, 1.5), (1, 8, 2.0)], draft=[(1, 8, 0.3)])
+    assert no_decode.decode_ms(1) == pytest.approx(1.5)  # a decode is a verify of the bonus token only
+    assert no_decode.verify_ms(3, 3) == pytest.approx(1.5 + 0.5 * 2 / 7)  # one batch: by total tokens
+    with pytest.raises(ValueError, match="verify and draft"):
+        StepCostModel(verify=[], draft=[(1, 8, 0.3)])
+
+
+def test_a_noisy_profile_becomes_a_non_decreasing_cost() -> None:
+    # a shared machine made the 2- and 3-token forwards look dearer than the 8-token one
+    cost = StepCostModel(
+        verify=[(1, 1, 5.0), (1, 2, 9.0), (1, 3, 8.0), (1, 4, 6.0), (1, 8, 7.0)], draft=[(1, 8, 1)]
+    )
+    values = [cost.verify_ms(1, t) for t in range(1, 9)]
+    assert values == sorted(values)  # never cheaper to verify more
+    assert cost.verify_ms(1, 1) == pytest.approx(5.0)
+    assert cost.verify_ms(1, 2) == pytest.approx(7.5)  # 9, 8, 6, 7 pooled: their mean
+    assert cost.verify_ms(1, 8) == pytest.approx(7.5)
+    # so a policy reading it verifies no more than the costs justify (here: the whole block is not free)
+    policy = VerifyWidthPolicy(cost, calibrated(), BLOCK)
+    assert policy.plan(torch.full((1, BLOCK - 1), 0.2)).widths[0] < BLOCK - 1
+
+
+def test_cost_model_json_round_trip(tmp_path: Path) -> None:
+    cost = linear_cost(10.0, 0.25, draft=2.0)
+    path = tmp_path / "cost.json"
+    cost.to_json(path)
+    data = path.read_text()
+    assert '"device": "test"' in data and '"model": "linear"' in data and '"block_size": 8' in data
+    back = StepCostModel.from_json(path)
+    assert (back.device, back.model, back.block_size) == ("test", "linear", BLOCK)
+    for batch in (1, 7, 64, 200):
+        for tokens in (batch, 3 * batch, BLOCK * batch):
+            assert back.verify_ms(batch, tokens) == pytest.approx(cost.verify_ms(batch, tokens))
+        assert back.draft_ms(batch, 5) == pytest.approx(cost.draft_ms(batch, 5))
+        assert back.decode_ms(batch) == pytest.approx(cost.decode_ms(batch))
+    assert back.verify_ms(64, 64 * 4) == pytest.approx(10.0 + 0.25 * 64 * 3)
+
+
+# ---- calibration ----------------------------------------------------------------------------------------
+
+
+def test_observe_counts_accepted_positions_and_the_first_rejection_only() -> None:
+    cal = AcceptanceCalibration(bins=4, prior_strength=1e-9)
+    conf = torch.tensor([[0.1, 0.4, 0.6, 0.9], [0.9, 0.9, 0.9, 0.9]])
+    # row 0: width 3, accepted 1 -> position 1 (bin 0) hit, position 2 (bin 1) miss, 3 and 4 unseen
+    # row 1: width 2, accepted 2 -> positions 1, 2 (bin 3) hits; nothing rejected was verified
+    cal.observe(conf, [3, 2], torch.tensor([1, 2]))
+    p = cal.predict(torch.tensor([0.05, 0.3, 0.6, 0.95]))
+    assert p.tolist()[:2] == pytest.approx([1.0, 0.0], abs=1e-6) and float(p[3]) == pytest.approx(1.0)
+    # bin 2 never observed: its prior, the bin centre shifted by the drafter's mean miscalibration so far
+    assert p[2] == pytest.approx(0.625 + (3 - (0.1 + 0.4 + 0.9 + 0.9)) / 4)
+    assert cal.observations == 4
+    rates = cal.position_rates(4)
+    assert rates[0] == pytest.approx(1.0) and rates[1] == pytest.approx(0.5)
+    assert rates[3] == pytest.approx(cal.prior_rate)  # position 4 never observed
+
+
+def test_unobserved_bins_follow_the_drafters_miscalibration() -> None:
+    """A drafter that says 0.6 and is right 95 % of the time is underconfident; a bin the policy never
+    verifies (0.15) is not left at its word."""
+    cal = AcceptanceCalibration()
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(20):
+        hits = torch.rand(8, 3, generator=gen) < 0.95
+        cal.observe(torch.full((8, 3), 0.6), [3] * 8, torch.cumprod(hits.long(), dim=1).sum(1))
+    assert float(cal.predict(torch.tensor([0.15]))[0]) > 0.4
+    assert float(cal.predict(torch.tensor([0.6]))[0]) == pytest.approx(0.95, abs=0.05)
+
+
+def test_the_same_confidence_means_more_at_the_first_position() -> None:
+    cal = AcceptanceCalibration()
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(
+        40
+    ):  # drafter says 0.5 at both positions; the target takes 90 % of first drafts, 20 % of second
+        first = torch.rand(16, generator=gen) < 0.9
+        second = first & (torch.rand(16, generator=gen) < 0.2)
+        cal.observe(torch.full((16, 2), 0.5), [2] * 16, first.long() + second.long())
+    p = cal.predict(torch.full((3, 2), 0.5))
+    assert p[:, 0].tolist() == pytest.approx([0.9] * 3, abs=0.06)
+    assert p[:, 1].tolist() == pytest.approx([0.2] * 3, abs=0.08)
+
+
+def _simulate(cal: AcceptanceCalibration, rate: float, steps: int, gen: torch.Generator) -> list[float]:
+    """Requests whose drafter says ~0.9 while the target accepts each draft with ``rate``; returns the
+    prediction at confidence 0.9 after every step."""
+    out = []
+    for _ in range(steps):
+        conf = 0.86 + 0.08 * torch.rand(16, BLOCK - 1, generator=gen)
+        hits = torch.rand(16, BLOCK - 1, generator=gen) < rate
+        accepted = torch.cumprod(hits.long(), dim=1).sum(1)
+        cal.observe(conf, [BLOCK - 1] * 16, accepted)
+        out.append(float(cal.predict(torch.tensor([0.9]))[0]))
+    return out
+
+
+def test_calibration_follows_a_shift() -> None:
+    gen = torch.Generator().manual_seed(0)
+    cal = AcceptanceCalibration(half_life=300)
+    before = _simulate(cal, 0.9, 60, gen)
+    assert before[-1] == pytest.approx(0.9, abs=0.05)  # learnt the drafter is right 9 times in 10
+    settled = cal.calibration_error()
+    assert settled < 0.05
+    after = _simulate(cal, 0.4, 60, gen)  # the workload shifts: the same confidence now means 0.4
+    assert after[0] > 0.75  # one step is not enough evidence to forget the past
+    assert after[-1] == pytest.approx(0.4, abs=0.06)  # followed within 60 steps (~half-lives of evidence)
+    shifted = [s for s in range(60) if after[s] < 0.5]
+    assert shifted and shifted[0] < 40
+    assert cal.confidence_error() > 0.3  # the raw confidences are now far off; the calibration is not
+    # a calibration that never forgets would still be far away
+    slow = AcceptanceCalibration(half_life=1e9)
+    gen = torch.Generator().manual_seed(0)
+    _simulate(slow, 0.9, 60, gen)
+    assert _simulate(slow, 0.4, 60, gen)[-1] > 0.6
+
+
+def test_calibration_error_rises_when_beliefs_are_wrong() -> None:
+    gen = torch.Generator().manual_seed(1)
+    honest = calibrated(prior_strength=4.0)
+    _simulate(honest, 0.9, 30, gen)  # the drafter says ~0.9 and is right 90 % of the time
+    liar = calibrated(prior_strength=4.0)
+    conf = torch.full((16, BLOCK - 1), 0.9)
+    liar.observe(conf, [BLOCK - 1] * 16, torch.zeros(16, dtype=torch.long))  # all first drafts rejected
+    assert liar.calibration_error() > 0.7 > 0.1 > honest.calibration_error()
+
+
+# ---- the policy -----------------------------------------------------------------------------------------
+
+
+def _policy(cost: StepCostModel, ragged: bool = True, **kw) -> VerifyWidthPolicy:
+    return VerifyWidthPolicy(cost, calibrated(), BLOCK, ragged=ragged, **kw)
+
+
+@pytest.mark.parametrize("ragged", [True, False])
+def test_whole_block_when_verifying_is_nearly_free(ragged: bool) -> None:
+    policy = _policy(linear_cost(10.0, 1e-7, draft=0.5), ragged)  # even a 0.2 ** 7 chance pays
+    conf = torch.tensor([[0.95, 0.9, 0.6, 0.5, 0.3, 0.2, 0.1]] * 3 + [[0.2] * 7])
+    plan = policy.plan(conf)
+    assert not plan.plain_decode and plan.draft_block == BLOCK
+    assert plan.widths == [BLOCK - 1] * 4
+
+
+@pytest.mark.parametrize("ragged", [True, False])
+def test_plain_decode_when_verifying_costs_more_than_it_can_win(ragged: bool) -> None:
+    # a verified token costs as much as a decode step: even sure drafts cannot pay for the draft forward
+    policy = _policy(linear_cost(10.0, 10.0, draft=2.0), ragged)
+    plan = policy.plan(torch.full((4, BLOCK - 1), 0.97))
+    assert plan.plain_decode and plan.widths == [0] * 4
+    assert plan.expected_tokens == 4 and plan.expected_ms == pytest.approx(2.0 + 10.0)  # the draft was paid
+    before = policy.plan_for_batch(4)  # so the next step does not draft at all
+    assert before.plain_decode and before.expected_ms == pytest.approx(10.0)
+    # the same prices with a drafter that is usually right, and verifying cheap: speculate
+    cheap = _policy(linear_cost(10.0, 0.5, draft=2.0), ragged)
+    assert not cheap.plan(torch.full((4, BLOCK - 1), 0.97)).plain_decode
+
+
+@pytest.mark.parametrize("ragged", [True, False])
+def test_a_paid_draft_is_verified_where_it_beats_plain_decoding(ragged: bool) -> None:
+    # the draft costs 6 decode steps: drafting does not pay, but once drafted, sure drafts are worth checking
+    policy = _policy(linear_cost(10.0, 1.0, draft=60.0), ragged)
+    plan = policy.plan(torch.full((4, BLOCK - 1), 0.97))
+    assert not plan.plain_decode and plan.widths == [BLOCK - 1] * 4
+    assert plan.tokens_per_ms < 4 / 10.0  # a worse rate than plain decoding, counting the draft
+    assert policy.plan_for_batch(4).plain_decode  # so the next steps decode plainly
+    assert policy.plan(torch.full((4, BLOCK - 1), 0.1)).plain_decode  # hopeless drafts: none verified
+
+
+def test_more_width_to_confident_requests() -> None:
+    policy = _policy(linear_cost(10.0, 1.5, draft=1.0))
+    conf = torch.tensor([[0.97] * 7, [0.8] * 7, [0.45] * 7, [0.1] * 7])
+    plan = policy.plan(conf)
+    assert not plan.plain_decode
+    w = plan.widths
+    assert w[0] > w[1] > w[2] >= w[3] and w[0] >= 4  # width follows the drafter's belief
+    # a padded engine cannot give rows different widths: one width for all, the best such one
+    padded = _policy(linear_cost(10.0, 1.5, draft=1.0), ragged=False).plan(conf)
+    assert len(set(padded.widths)) == 1
+
+
+def _rate(widths: tuple[int, ...], q: torch.Tensor, cost: StepCostModel) -> float:
+    bs = q.shape[0]
+    tokens = bs + sum(float(q[i, :k].sum()) for i, k in enumerate(widths))
+    return tokens / (cost.draft_ms(bs, BLOCK) + cost.verify_ms(bs, bs + sum(widths)))
+
+
+def _value(widths: tuple[int, ...], q: torch.Tensor, cost: StepCostModel, rate: float) -> float:
+    bs = q.shape[0]
+    tokens = bs + sum(float(q[i, :k].sum()) for i, k in enumerate(widths))
+    return tokens - rate * cost.verify_ms(bs, bs + sum(widths))
+
+
+def test_plan_is_the_best_allocation_found_by_brute_force() -> None:
+    """Widths maximise tokens - R x ms (R: the policy's long-run rate) over every allocation; and with R
+    raised to a step's own best ratio (what the long-run average converges to on steps like it), the plan
+    is that best-ratio allocation (Dinkelbach)."""
+    gen = torch.Generator().manual_seed(3)
+    # a concave verify cost (cheap first tokens, dearer later), so neither extreme is optimal
+    cost = StepCostModel(
+        verify=[(3, 3, 10.0), (3, 6, 10.6), (3, 9, 12.5), (3, 15, 18.0), (3, 24, 30.0)],
+        draft=[(3, BLOCK, 1.5)],
+        decode=[(3, 9.5)],
+    )
+    allocations = list(itertools.product(range(BLOCK), repeat=3))
+    for _ in range(5):
+        conf = torch.rand(3, BLOCK - 1, generator=gen) ** 0.3
+        policy = _policy(cost)
+        rate = policy.long_run_rate(3)
+        plan = policy.plan(conf)
+        q = policy.calibration.predict(conf).cumprod(1)
+        best = max(allocations, key=lambda w: _value(w, q, cost, rate))
+        assert _value(tuple(plan.widths), q, cost, rate) == pytest.approx(
+            _value(best, q, cost, rate), rel=1e-9
+        )
+        best_ratio = max(_rate(w, q, cost) for w in allocations)
+        policy._speedup = (best_ratio * cost.decode_ms(3) / 3, 1.0)  # R = that ratio
+        assert _rate(tuple(policy.plan(conf).widths), q, cost) == pytest.approx(best_ratio, rel=1e-9)
+
+
+def test_shorter_draft_block_when_its_cheaper_draft_pays() -> None:
+    # the whole block's draft is dear and the drafter is only sure of the first positions
+    cost = StepCostModel(
+        verify=[(2, 2, 5.0), (2, 16, 5.5)],
+        draft=[(2, 4, 0.5), (2, BLOCK, 2.0)],
+        decode=[(2, 5.0)],
+    )
+    conf = torch.tensor([[0.95, 0.9, 0.85, 0.2, 0.1, 0.1, 0.1]] * 2)
+    short = VerifyWidthPolicy(cost, calibrated(), BLOCK, draft_blocks=[4, BLOCK]).plan(conf)
+    assert short.draft_block == 4 and max(short.widths) <= 3 and not short.plain_decode
+    whole = VerifyWidthPolicy(cost, calibrated(), BLOCK).plan(conf)
+    assert whole.draft_block == BLOCK  # not offered a shorter block: keeps the configured one
+    sure = torch.full((2, BLOCK - 1), 0.99)
+    assert (
+        VerifyWidthPolicy(cost, calibrated(), BLOCK, draft_blocks=[4, BLOCK]).plan(sure).draft_block == BLOCK
+    )
+
+
+def test_plan_for_batch_uses_the_prior_then_recent_plans_and_probes() -> None:
+    cost = linear_cost(10.0, 0.3, draft=1.0)
+    cal = AcceptanceCalibration(prior_rate=0.8)
+    policy = VerifyWidthPolicy(cost, cal, BLOCK, probe_interval=3)
+    first = policy.plan_for_batch(4)  # nothing known: a cold start drafts, as wide as the prior rates say
+    assert isinstance(first, VerifyPlan) and not first.plain_decode and len(set(first.widths)) == 1
+    assert first.widths[0] > 1
+    cold = policy.plan(torch.full((4, BLOCK - 1), 0.03))  # hopeless drafts, but the first are verified
+    assert not cold.plain_decode and min(cold.widths) >= 1
+    assert policy.plan(torch.full((4, BLOCK - 1), 0.03)).plain_decode  # hopeless again: none verified
+    plans = [policy.plan_for_batch(4) for _ in range(5)]
+    # that plain plan and two more make 3 in a row: the next one probes, then plain again
+    assert [p.plain_decode for p in plans] == [True, True, False, True, True]
+    assert plans[2].extra.get("probe") and plans[2].widths[0] > 0
+    probed = policy.plan(torch.full((4, BLOCK - 1), 0.03))  # the probe's draft: verified, not skipped
+    assert not probed.plain_decode and min(probed.widths) >= 1
+    assert policy.plan(torch.full((4, BLOCK - 1), 0.03)).plain_decode  # after the probe: plain again
+
+
+def test_plan_time_at_batch_256_block_16(capsys: pytest.CaptureFixture[str]) -> None:
+    """Not a speed assertion (benchmarks own speed): checks the plan at scale is well-formed and prints its
+    time for the docstring."""
+    cost = StepCostModel(
+        verify=[(b, b * (k + 1), 5.0 + 0.01 * b * k) for b in (1, 256) for k in (0, 7, 15)],
+        draft=[(b, 16, 1.0 + 0.01 * b) for b in (1, 256)],
+        decode=[(1, 5.0), (256, 9.0)],
+    )
+    policy = VerifyWidthPolicy(cost, AcceptanceCalibration(), 16)
+    conf = torch.rand(256, 15, generator=torch.Generator().manual_seed(0))
+    policy.plan(conf)
+    start = time.perf_counter()
+    for _ in range(20):
+        plan = policy.plan(conf)
+    ms = (time.perf_counter() - start) / 20 * 1e3
+    assert len(plan.widths) == 256 and all(0 <= w <= 15 for w in plan.widths)
+    assert math.isfinite(plan.expected_ms)
+    with capsys.disabled():
+        print(f"\nplan() at batch 256, block 16: {ms:.2f} ms")
