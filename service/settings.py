@@ -50,8 +50,12 @@ class Settings(BaseSettings):
         None,
         ge=0.0,
         le=1.0,
-        description="fixed adaptive draft length threshold (0 = verify the whole block); unset = the "
-        "verify-width policy on CPU (widths chosen per step from a cost profile measured at start)",
+        description="fixed adaptive draft length threshold (0 = verify the whole block); unset = 0.02 on CPU",
+    )
+    embedded_verify_policy: bool = Field(
+        False,
+        description="choose verify widths (or plain decode steps) with the verify-width policy instead of "
+        "the threshold: a cost profile measured at start, acceptance calibrated online",
     )
     embedded_max_batch: int = Field(8, ge=1)
     embedded_queue_size: int = Field(64, ge=1, description="queued requests before 429")

@@ -108,6 +108,7 @@ class EmbeddedBackend(Backend):
             model_name=s.embedded_model,
             block_size=s.embedded_block_size,
             min_draft_confidence=s.embedded_min_draft_confidence,
+            verify_policy=s.embedded_verify_policy,
             max_batch=s.embedded_max_batch,
             max_waiting=s.embedded_queue_size,
             threads=s.embedded_threads,

@@ -7,6 +7,8 @@ import logging
 from functools import partial
 from pathlib import Path
 
+from sglang_ext.reference.pair import add_min_draft_confidence_argument
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dflare engine-server", description=__doc__)
@@ -20,14 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: dflare-demo)")
     p.add_argument("--block-size", type=int, default=None, help="speculative block size (default: drafter's)")
-    p.add_argument(
-        "--min-draft-confidence",
-        type=float,
-        default=None,
-        help="fixed adaptive draft length: verify drafts while the drafter's belief that all so far are "
-        "right stays at or above this (0 = the whole block); default: the verify-width policy on CPU "
-        "(cost profile at start), the whole block elsewhere",
-    )
+    add_min_draft_confidence_argument(p)
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-queued-requests", type=int, default=64, help="waiting requests before 503")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -75,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         device=args.device,
         min_draft_confidence=args.min_draft_confidence,
+        verify_policy=args.verify_policy,
     )
     app = create_engine_app(load, plugin_stats=not args.no_plugin_stats)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)

@@ -45,6 +45,7 @@ def load_serving(
     threads: int = 0,
     device: str = "cpu",
     min_draft_confidence: float | None = None,
+    verify_policy: bool = False,
 ) -> OpenAIServing:
     """Engine + tokenizer + serving; start ``serving.runner`` inside the event loop afterwards."""
     import torch
@@ -62,6 +63,7 @@ def load_serving(
         device=device,
         max_batch=max_batch,
         min_draft_confidence=min_draft_confidence,
+        verify_policy=verify_policy,
     )
     if engine.tokenizer is None:  # the engine matches stop strings, so it needs the tokenizer too
         engine.tokenizer = AutoTokenizer.from_pretrained(target_dir)

@@ -9,9 +9,9 @@ printed and stored with their spread, the median is reported, and a single round
 unmeasured. The JSON goes where ``--out`` says, else into ``runs/`` (ignored by git), never the current
 directory itself.
 
-``--vs-threshold`` runs three engines instead of two: AR, the verify-width policy (the CPU default) and the
-fixed ``--min-draft-confidence`` threshold (default 0.02), and reports the policy's tokens/s over the
-threshold's.
+``--vs-threshold`` runs three engines instead of two: AR, the verify-width policy (``--verify-policy``)
+and the fixed ``--min-draft-confidence`` threshold (default 0.02), and reports the policy's tokens/s over
+the threshold's.
 """
 
 from __future__ import annotations
@@ -187,7 +187,9 @@ def main(argv: list[str]) -> int:
     profile_s, threshold = 0.0, args.min_draft_confidence
     if args.vs_threshold:
         start = time.perf_counter()
-        policy = build_engine(pair.target, pair.drafter, args.block_size, max_batch=args.batch)
+        policy = build_engine(
+            pair.target, pair.drafter, args.block_size, max_batch=args.batch, verify_policy=True
+        )
         profile_s = time.perf_counter() - start  # engine start-up including the cost profile
         threshold = CPU_MIN_DRAFT_CONFIDENCE if threshold is None else threshold
         fixed = build_engine(
@@ -201,6 +203,7 @@ def main(argv: list[str]) -> int:
             args.block_size,
             max_batch=args.batch,
             min_draft_confidence=args.min_draft_confidence,
+            verify_policy=args.verify_policy,
         )
         engines.append(("speculative", spec))
     for label, engine in engines:  # first-call allocations out of the timing

@@ -78,6 +78,7 @@ def generate_main(argv: list[str]) -> int:
             tokenizer=tok,
             max_batch=1,
             min_draft_confidence=args.min_draft_confidence,
+            verify_policy=args.verify_policy,
         )
         prompt_ids = encode_prompt(tok, args.prompt or default_prompt(args), chat=not args.raw)
     except ValueError as exc:

@@ -15,7 +15,7 @@ Observing verify steps (``step_observer``): a callback receives every verify ste
 and accept counts (acceptance traces are recorded this way, :mod:`sglang_ext.traces.record`). Without one
 the engine computes nothing extra.
 
-Verify-width policy (``verify_policy``, the CPU default of the CLIs; see
+Verify-width policy (``verify_policy``, the CLIs' ``--verify-policy``; see
 :mod:`sglang_ext.dflare.verify_policy`): instead of a fixed threshold, each step picks the verified width
 that maximises expected committed tokens per ms from the drafter's confidences, a calibration learnt
 from what the target accepts, and a cost model of this machine's forwards

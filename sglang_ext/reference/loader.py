@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from sglang_ext.dflare.checkpoint import dtype_from_name, load_drafter
-from sglang_ext.reference.engine import SpeculativeEngine
+from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE, SpeculativeEngine
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,21 @@ def build_engine(
     tokenizer: Any = None,
     max_batch: int = 8,
     min_draft_confidence: float | None = None,
+    verify_policy: bool = False,
 ) -> SpeculativeEngine:
-    """The engine with the CLIs' default adaptivity: ``min_draft_confidence`` None means the verify-width
-    policy on CPU (its cost model profiled here, about a second) and the whole block elsewhere; a number is
-    the fixed threshold (0 = the whole block)."""
+    """The engine with the CLIs' adaptivity: ``verify_policy`` chooses widths with the verify-width policy
+    (its cost model profiled here, about a second); otherwise ``min_draft_confidence`` is the fixed
+    threshold (0 = the whole block), None meaning ``CPU_MIN_DRAFT_CONFIDENCE`` on CPU and the whole block
+    elsewhere. The threshold stays the default: on the demo pair it is faster than the policy (0.887x,
+    docs/benchmarks.md) until the policy learns its costs online."""
+    if verify_policy and min_draft_confidence is not None:
+        raise ValueError("verify_policy and min_draft_confidence are alternatives: pass one")
+    device = getattr(target, "device", None) or next(target.parameters()).device
+    on_cpu = torch.device(device).type == "cpu"
+    if min_draft_confidence is None and not verify_policy:
+        min_draft_confidence = CPU_MIN_DRAFT_CONFIDENCE if on_cpu else 0.0
     engine = SpeculativeEngine(target, drafter, block_size, tokenizer, max_batch, min_draft_confidence or 0.0)
-    on_cpu = engine.runner.device.type == "cpu"
-    if min_draft_confidence is None and on_cpu and engine.drafter is not None:
+    if verify_policy and engine.drafter is not None:
         from sglang_ext.reference.step_profile import measured_policy
 
         start = time.perf_counter()
@@ -82,12 +90,19 @@ def load_engine(
     device: str = "cpu",
     max_batch: int = 8,
     min_draft_confidence: float | None = None,
+    verify_policy: bool = False,
 ) -> SpeculativeEngine:
     """Target (HF causal LM directory) + optional drafter; ``block_size`` defaults to the drafter's,
-    ``min_draft_confidence`` as :func:`build_engine` (None: the verify-width policy on CPU)."""
+    ``min_draft_confidence`` and ``verify_policy`` as :func:`build_engine`."""
     torch_dtype = resolve_dtype(dtype, device)
     target = load_target(target_dir, torch_dtype, device)
     drafter = load_drafter(drafter_dir, dtype=torch_dtype, device=device) if drafter_dir else None
     return build_engine(
-        target, drafter, block_size, load_tokenizer(target_dir), max_batch, min_draft_confidence
+        target,
+        drafter,
+        block_size,
+        load_tokenizer(target_dir),
+        max_batch,
+        min_draft_confidence,
+        verify_policy,
     )

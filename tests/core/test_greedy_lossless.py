@@ -41,7 +41,7 @@ def test_oracle_drafter_covers_every_accept_length(block_size: int, batch: int) 
 @pytest.mark.parametrize("block_size", [2, 4, 16])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_measured_verify_policy_greedy_equals_generate(kind: str, block_size: int, batch: int) -> None:
-    """The CPU default: widths (and plain steps) chosen from this machine's profiled costs."""
+    """``--verify-policy``: widths (and plain steps) chosen from this machine's profiled costs."""
     seed = 1
     model = target(seed)
     drafter = tiny_drafter(model, kind=kind, block_size=block_size, seed=seed + 7)

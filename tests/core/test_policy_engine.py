@@ -4,6 +4,7 @@ the target accepted, and the CPU step profile gives a usable cost model."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from sglang_ext.dflare.verify_policy import (
     VerifyPlan,
     VerifyWidthPolicy,
 )
-from sglang_ext.reference.engine import SpeculativeEngine
+from sglang_ext.reference.engine import CPU_MIN_DRAFT_CONFIDENCE, SpeculativeEngine
 from sglang_ext.reference.loader import build_engine
 from sglang_ext.reference.sampling import SamplingParams
 from sglang_ext.reference.step_profile import measure_step_costs
@@ -134,14 +135,18 @@ def test_step_profile_measures_the_engines_steps(tmp_path: Path) -> None:
     assert StepCostModel.from_json(tmp_path / "cpu.json").decode_ms(2) > 0
 
 
-def test_cli_default_on_cpu_is_the_measured_policy() -> None:
+def test_cli_default_on_cpu_is_the_threshold_and_the_policy_is_opt_in() -> None:
     model = target(0)
     drafter = tiny_drafter(model, block_size=4)
     default = build_engine(model, drafter, 4, max_batch=2)
-    assert isinstance(default.verify_policy, VerifyWidthPolicy) and not default.verify_policy.ragged
+    assert default.verify_policy is None and default._log_min_confidence == math.log(CPU_MIN_DRAFT_CONFIDENCE)
+    policy = build_engine(model, drafter, 4, max_batch=2, verify_policy=True)
+    assert isinstance(policy.verify_policy, VerifyWidthPolicy) and not policy.verify_policy.ragged
+    with pytest.raises(ValueError, match="alternatives"):
+        build_engine(model, drafter, 4, max_batch=2, min_draft_confidence=0.02, verify_policy=True)
     fixed = build_engine(model, drafter, 4, max_batch=2, min_draft_confidence=0.02)
     assert fixed.verify_policy is None
     whole = build_engine(model, drafter, 4, max_batch=2, min_draft_confidence=0.0)
     assert whole.verify_policy is None
     with pytest.raises(ValueError, match="alternatives"):
-        SpeculativeEngine(model, drafter, 4, min_draft_confidence=0.1, verify_policy=default.verify_policy)
+        SpeculativeEngine(model, drafter, 4, min_draft_confidence=0.1, verify_policy=policy.verify_policy)

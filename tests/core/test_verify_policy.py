@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -311,9 +310,7 @@ def test_plan_for_batch_uses_the_prior_then_recent_plans_and_probes() -> None:
     assert policy.plan(torch.full((4, BLOCK - 1), 0.03)).plain_decode  # after the probe: plain again
 
 
-def test_plan_time_at_batch_256_block_16(capsys: pytest.CaptureFixture[str]) -> None:
-    """Not a speed assertion (benchmarks own speed): checks the plan at scale is well-formed and prints its
-    time for the docstring."""
+def test_plan_at_batch_256_block_16_is_well_formed() -> None:
     cost = StepCostModel(
         verify=[(b, b * (k + 1), 5.0 + 0.01 * b * k) for b in (1, 256) for k in (0, 7, 15)],
         draft=[(b, 16, 1.0 + 0.01 * b) for b in (1, 256)],
@@ -321,12 +318,6 @@ def test_plan_time_at_batch_256_block_16(capsys: pytest.CaptureFixture[str]) -> 
     )
     policy = VerifyWidthPolicy(cost, AcceptanceCalibration(), 16)
     conf = torch.rand(256, 15, generator=torch.Generator().manual_seed(0))
-    policy.plan(conf)
-    start = time.perf_counter()
-    for _ in range(20):
-        plan = policy.plan(conf)
-    ms = (time.perf_counter() - start) / 20 * 1e3
+    plan = policy.plan(conf)
     assert len(plan.widths) == 256 and all(0 <= w <= 15 for w in plan.widths)
     assert math.isfinite(plan.expected_ms)
-    with capsys.disabled():
-        print(f"\nplan() at batch 256, block 16: {ms:.2f} ms")

@@ -23,10 +23,10 @@ import pytest
 from tests.service.tiny_models import build_pair
 
 MODEL = "tiny"
-# The engines here run the fixed adaptive threshold, not the CPU default (the verify-width policy, whose
-# widths follow measured timings and what earlier requests accepted): these tests compare per-request
-# stats between engines and between repeated requests, which only a deterministic width rule keeps equal.
-# tests/service/test_adaptive_draft_setting.py serves the policy default.
+# The engines here run the fixed adaptive threshold (the CPU default), never the verify-width policy,
+# whose widths follow measured timings and what earlier requests accepted: these tests compare
+# per-request stats between engines and between repeated requests, which only a deterministic width rule
+# keeps equal. tests/service/test_adaptive_draft_setting.py serves the policy.
 FIXED_THRESHOLD = "0.02"
 START_TIMEOUT_S = 180.0
 
@@ -163,11 +163,13 @@ def gateway_plain(engine_server_plain, tmp_path_factory) -> Iterator[Proc]:
 
 def embedded_env(tiny_pair: tuple[Path, Path], policy: bool = False, **settings: str) -> dict[str, str]:
     """Environment of a ``dflare serve`` whose embedded engine runs the tiny pair on one thread, at the
-    fixed threshold unless ``policy`` (the CPU default); ``settings`` adds ``DFLARE_EMBEDDED_<NAME>``
-    variables."""
+    fixed threshold unless ``policy`` (the verify-width policy); ``settings`` adds
+    ``DFLARE_EMBEDDED_<NAME>`` variables."""
     target, drafter = tiny_pair
     env = {"TARGET_DIR": str(target), "DRAFTER_DIR": str(drafter), "MODEL": MODEL, "THREADS": "1"}
-    if not policy:
+    if policy:
+        env["VERIFY_POLICY"] = "true"
+    else:
         env["MIN_DRAFT_CONFIDENCE"] = FIXED_THRESHOLD
     return {f"DFLARE_EMBEDDED_{name.upper()}": value for name, value in {**env, **settings}.items()}
 

@@ -1,5 +1,5 @@
-"""``embedded_min_draft_confidence`` reaches the engine, on the embedded backend and the local engine-server,
-and unset it serves the CPU default, the verify-width policy.
+"""``embedded_min_draft_confidence`` and ``embedded_verify_policy`` reach the engine, on the embedded backend
+and the local engine-server.
 
 The tiny pair's random drafter is rarely confident, so at the fixed threshold 0.02 the target verifies one
 draft per step and no draft past position 1 is accepted; with the threshold at 0 (the whole block) the
@@ -30,7 +30,7 @@ def whole_block(tiny_pair, tmp_path_factory) -> Iterator[Proc]:
 
 
 @pytest.fixture(scope="module")
-def policy_default(tiny_pair, tmp_path_factory) -> Iterator[Proc]:
+def policy_on(tiny_pair, tmp_path_factory) -> Iterator[Proc]:
     proc = gateway(
         [], tmp_path_factory.mktemp("logs") / "policy.log", env=embedded_env(tiny_pair, policy=True)
     )
@@ -56,18 +56,20 @@ def test_threshold_zero_verifies_the_whole_block(whole_block, gateway_embedded) 
     assert _deep_acceptances(whole_block.url) > 0
 
 
-def test_unset_serves_the_verify_width_policy_losslessly(policy_default, whole_block) -> None:
+def test_verify_policy_setting_serves_the_policy_losslessly(policy_on, whole_block) -> None:
     want = _complete(whole_block.url)["choices"][0]["text"]
     for _ in range(3):  # the calibration learns between requests; greedy text never changes
-        body = _complete(policy_default.url)
+        body = _complete(policy_on.url)
         assert body["choices"][0]["text"] == want
         spec = body["usage"]["speculative"]
         if spec is not None:  # a request served by plain decode steps only has no verify step
             assert spec["accepted_tokens"] <= spec["draft_tokens"] <= spec["verify_steps"] * 3
-    assert "verify-width policy on, block 4" in policy_default.output()
+    assert "verify-width policy on, block 4" in policy_on.output()
 
 
 def test_the_local_engine_server_gets_the_flag() -> None:
     args = engine_server_args(Settings(embedded_min_draft_confidence=0.1), 1234)
     assert args[args.index("--min-draft-confidence") + 1] == "0.1"
     assert "--min-draft-confidence" not in engine_server_args(Settings(), 1234)
+    assert "--verify-policy" in engine_server_args(Settings(embedded_verify_policy=True), 1234)
+    assert "--verify-policy" not in engine_server_args(Settings(), 1234)
