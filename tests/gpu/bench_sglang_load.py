@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sglang_sim import TAPS9, TARGET, draft, mean_ms, phase_totals
+from bench_sglang_sim import TAPS9, TARGET, draft, mean_ms, median_row, phase_totals
 from sglang_harness import OUT, Results, Server, generate, timed
 
 ROOT = Path("/tmp/q8load")
@@ -68,15 +67,6 @@ def measure(server: Server, bs: int, trace: str | None) -> dict:
     for phase in ("decode", "verify", "draft", "context_kv"):
         row[f"{phase}_ms"] = mean_ms(before, after, phase, bs)
     return row
-
-
-def median(rows: list[dict]) -> dict:
-    out: dict = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows if r[key] is not None]
-        out[key] = round(statistics.median(values), 4) if values else None
-    out["tok_s_rounds"] = [r["tok_s"] for r in rows]
-    return out
 
 
 def server_args(attn: str, max_bs: int) -> list[str]:
@@ -149,12 +139,12 @@ def run_wave(
                 print(f"round {r} {who} {trace} bs={bs}", row, flush=True)
     wave = ",".join(map(str, up))
     for bs in sizes:
-        a = median(raw[("ar", None, bs)])
+        a = median_row(raw[("ar", None, bs)])
         for trace in traces:
             rows.append({"trace": trace, "batch": bs, "mode": "ar", "block": 1, "wave": wave, **a,
                          "verified_per_req": 1, "ar_step_ms": a["decode_ms"]})  # fmt: skip
             for block in up:
-                s = median(raw[(block, trace, bs)])
+                s = median_row(raw[(block, trace, bs)])
                 t_spec = sum(s[k] or 0 for k in ("verify_ms", "draft_ms", "context_kv_ms"))
                 bound = s["tau"] * a["decode_ms"] / t_spec if a["decode_ms"] and t_spec else None
                 rows.append({

@@ -10,8 +10,6 @@ process group and model-parallel state on gloo (``tests/plugin/tp_rank.py``).
 from __future__ import annotations
 
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ import torch
 
 from tests.plugin.conftest import TARGET
 from tests.plugin.test_context_path import _reference
+from tests.ports import loopback_port
 
 pytestmark = pytest.mark.sglang
 
@@ -69,24 +68,12 @@ def test_kv_head_range_follows_sglang_qkv_parallel_linear(sglang_runtime, total_
     assert {len(r) for r in owners.values()} == {max(1, tp_size // total_kv_heads)}
 
 
-def _free_port() -> int:
-    """A free loopback port below the ephemeral range (so it cannot collide with outgoing connections)."""
-    while True:
-        port = random.randint(20000, 32767)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-
-
 TP_SIZES = (4, 2)  # TP 2 reuses the first two of the four processes
 
 
 def _run_ranks(target: Path, draft: Path, inputs: Path, out: Path) -> dict[int, list[dict]]:
     """max(TP_SIZES) processes, each TP size in turn: {tp size: per-rank results in rank order}."""
-    ports = ",".join(str(_free_port()) for _ in TP_SIZES)
+    ports = ",".join(str(loopback_port()) for _ in TP_SIZES)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env["OMP_NUM_THREADS"] = "1"
     sizes = ",".join(map(str, TP_SIZES))

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import tomllib
@@ -25,24 +23,13 @@ from pathlib import Path
 import pytest
 
 from service.settings import Settings
+from tests.ports import loopback_port
 from tests.service.conftest import Proc, start
 
 ROOT = Path(__file__).parents[2]
 README = ROOT / "README.md"
 FENCED_BASH = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 CURL_URL = re.compile(r"http://127\.0\.0\.1:(\d+)(/\S*)")
-
-
-def loopback_port() -> int:
-    """A free loopback port below the ephemeral range (SGLang-style servers take ports from that range)."""
-    for port in random.sample(range(20000, 32000), 50):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port in 20000-32000")
 
 
 def quick_start_blocks() -> tuple[str, str]:
