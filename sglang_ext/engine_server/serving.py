@@ -102,8 +102,9 @@ class Submission:
 
     @property
     def stats(self) -> SpecStats | None:
-        """The choices' stats merged, as SGLang with our plugin reports them; ``None`` if none speculated
-        (no verify step ran: SGLang reports ``null`` when an answer ends at its first token, so do we)."""
+        """The choices' stats merged, as SGLang with our plugin reports them; ``None`` if no decode step
+        ran (SGLang reports ``null`` when an answer ends at its first token, so do we). An answer decoded
+        by plain steps only has stats: no verify step, its plain steps."""
         merged = total(out.stats for out in self.outs if out.stats is not None)
         return merged if merged is not None and (merged.verify_steps or merged.plain_steps) else None
 
