@@ -219,6 +219,7 @@ class ObservabilityMiddleware:
                 "verify_steps": stats.verify_steps,
                 "accepted_tokens": stats.accepted_tokens,
                 "draft_tokens": stats.draft_tokens,
+                "plain_decode_steps": stats.plain_steps,
                 "acceptance_length": round(stats.acceptance_length, 4),
             },
             "route": record.route_reason,

@@ -10,6 +10,12 @@ One definition of acceptance everywhere: a *verify step* is one target forward o
 any cut at a stop token or ``max_tokens``. ``draft_tokens`` counts the drafts the verifier checked:
 ``B - 1`` per step on SGLang, fewer where an engine verifies only a confident prefix of the block (the
 reference engine's adaptive draft length), so ``acceptance_rate`` is always accepted / verified.
+
+A *plain step* is a decode step of the request that verified no draft (the verify-width policy chose
+width 0 for it, or a plain decode step for the whole batch): it commits one token, like a step of
+autoregressive decoding, and is not a verify step, so tau stays the acceptance of the steps that did
+speculate while ``plain_steps`` says how often the request did not. Engines without such a policy
+(stock SGLang) never take one: 0.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ class SpecStats:
     ``0..B-1``. Everything else is derived from it, so it cannot disagree with the totals, except the
     drafts verified when some step verified fewer than ``B - 1``: ``verified_drafts`` holds that count
     then (``None`` while every step verified the whole block, so such stats equal SGLang's).
+    ``plain_steps`` counts the request's decode steps that verified no draft (module docstring).
     """
 
     block_size: int
     histogram: list[int] = field(default_factory=list)
     verified_drafts: int | None = None
+    plain_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -45,6 +53,8 @@ class SpecStats:
         whole = self.verified_drafts is not None and self.verified_drafts == sum(self.histogram) * (
             self.block_size - 1
         )
+        if self.plain_steps < 0:
+            raise ValueError(f"plain_steps must be >= 0, got {self.plain_steps}")
         if whole:  # whole blocks: the SGLang form, equal to stats without the count
             self.verified_drafts = None
 
@@ -61,6 +71,10 @@ class SpecStats:
             self.verified_drafts = self.draft_tokens + verified
         self.histogram[accepted] += 1
 
+    def record_plain_step(self) -> None:
+        """Record one decode step that verified no draft (one token committed without speculation)."""
+        self.plain_steps += 1
+
     def merge(self, other: SpecStats) -> SpecStats:
         """Sum of two stats (aggregation over requests); block sizes may differ (padded)."""
         size = max(self.block_size, other.block_size)
@@ -69,7 +83,8 @@ class SpecStats:
             for k, n in enumerate(src):
                 hist[k] += n
         verified = self.draft_tokens + other.draft_tokens  # each side's own B - 1 per whole-block step
-        return SpecStats(block_size=size, histogram=hist, verified_drafts=verified)
+        plain = self.plain_steps + other.plain_steps
+        return SpecStats(block_size=size, histogram=hist, verified_drafts=verified, plain_steps=plain)
 
     # ---- derived quantities ----------------------------------------------------------------
     @property
@@ -124,6 +139,7 @@ class SpecStats:
             "acceptance_rate": round(self.acceptance_rate, 4),
             "accepted_per_position": self.accepted_per_position,
             "histogram": list(self.histogram),
+            "plain_decode_steps": self.plain_steps,
         }
 
     @classmethod
@@ -134,7 +150,8 @@ class SpecStats:
         steps = sum(hist)
         if steps != int(usage.get("verify_steps", steps)):
             raise ValueError("usage.speculative: verify_steps disagrees with histogram")
-        return cls(block_size, hist, _verified(usage.get("draft_tokens"), hist, block_size, "draft_tokens"))
+        verified = _verified(usage.get("draft_tokens"), hist, block_size, "draft_tokens")
+        return cls(block_size, hist, verified, _plain(usage.get("plain_decode_steps"), "plain_decode_steps"))
 
     @classmethod
     def from_sglang_meta_info(
@@ -144,15 +161,18 @@ class SpecStats:
 
         SGLang's ``spec_correct_drafts_histogram[k]`` counts verify steps that accepted ``k`` drafts,
         the same meaning as ours. Its ``spec_accept_length`` counts the prefill token, so it is not used:
-        tau here is ``1 + spec_num_correct_drafts / spec_verify_ct``.
+        tau here is ``1 + spec_num_correct_drafts / spec_verify_ct``. Our engine-server adds
+        ``spec_num_plain_steps`` (decode steps without speculation; absent from SGLang's: 0), and sends
+        the fields for a request that only took plain steps too (``spec_verify_ct`` 0).
         """
         steps = int(meta.get("spec_verify_ct") or 0)
-        if steps <= 0:
+        plain = _plain(meta.get("spec_num_plain_steps"), "spec_num_plain_steps")
+        if steps <= 0 and plain == 0:
             return None
         hist = meta.get("spec_correct_drafts_histogram") or meta.get("spec_accept_histogram")
         proposed = meta.get("spec_num_proposed_drafts") or meta.get("spec_proposed_drafts")
         if block_size is None:
-            if proposed:
+            if proposed and steps > 0:
                 block_size = int(proposed) // steps + 1
             elif hist:
                 block_size = len(hist)
@@ -166,7 +186,7 @@ class SpecStats:
         verified = _verified(
             meta.get("spec_num_verified_drafts"), padded, block_size, "spec_num_verified_drafts"
         )
-        stats = cls(block_size=block_size, histogram=padded, verified_drafts=verified)
+        stats = cls(block_size=block_size, histogram=padded, verified_drafts=verified, plain_steps=plain)
         correct = meta.get("spec_num_correct_drafts")
         if correct is not None and int(correct) != stats.accepted_tokens:
             raise ValueError(
@@ -186,6 +206,14 @@ def _verified(sent: Any, hist: list[int], block_size: int, name: str) -> int | N
     if not accepted <= sent <= whole:
         raise ValueError(f"{name}={sent} outside accepted {accepted}..{whole} (B - 1 per verify step)")
     return sent
+
+
+def _plain(sent: Any, name: str) -> int:
+    """A sent count of plain steps; absent (stats from stock SGLang or an older engine) means none."""
+    plain = int(sent or 0)
+    if plain < 0:
+        raise ValueError(f"{name}={plain} is negative")
+    return plain
 
 
 def total(stats: Iterable[SpecStats]) -> SpecStats | None:

@@ -119,6 +119,32 @@ def test_verified_drafts_travel_through_usage_and_meta_info():
     assert SpecStats.from_sglang_meta_info({**meta, "spec_num_verified_drafts": 6}).verified_drafts is None
 
 
+def test_plain_steps_travel_through_usage_meta_info_and_merge():
+    stats = SpecStats(block_size=4)
+    stats.record_step(2, verified=3)
+    stats.record_plain_step()
+    stats.record_plain_step()
+    # tau is the verify steps' own: plain steps do not dilute it
+    assert (stats.verify_steps, stats.plain_steps, stats.acceptance_length) == (1, 2, 3.0)
+    usage = stats.to_usage()
+    assert usage["plain_decode_steps"] == 2
+    assert SpecStats.from_usage(usage) == stats
+    older = {k: v for k, v in usage.items() if k != "plain_decode_steps"}  # an engine without plain steps
+    assert SpecStats.from_usage(older).plain_steps == 0
+    with pytest.raises(ValueError):
+        SpecStats.from_usage({**usage, "plain_decode_steps": -1})
+    meta = {"spec_verify_ct": 1, "spec_num_proposed_drafts": 3, "spec_num_correct_drafts": 2,
+            "spec_correct_drafts_histogram": [0, 0, 1, 0]}  # fmt: skip
+    assert SpecStats.from_sglang_meta_info(meta).plain_steps == 0  # stock SGLang: no such field
+    assert SpecStats.from_sglang_meta_info({**meta, "spec_num_plain_steps": 2}) == stats
+    # a request that only decoded plainly: no verify step, still stats
+    only_plain = {"spec_verify_ct": 0, "spec_num_plain_steps": 5, "spec_correct_drafts_histogram": [0] * 4}
+    read = SpecStats.from_sglang_meta_info(only_plain)
+    assert read is not None and (read.block_size, read.verify_steps, read.plain_steps) == (4, 0, 5)
+    assert SpecStats.from_sglang_meta_info({"spec_verify_ct": 0}) is None
+    assert stats.merge(read).plain_steps == 7 and stats.merge(_stats(4, [1])).plain_steps == 2
+
+
 def test_merging_block_sizes_counts_each_sides_own_blocks():
     merged = _stats(4, [1]).merge(_stats(8, [0]))
     assert merged.block_size == 8 and merged.draft_tokens == 3 + 7

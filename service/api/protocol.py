@@ -66,6 +66,7 @@ class SpeculativeUsage(_Documented):
     acceptance_rate: float
     accepted_per_position: list[int]
     histogram: list[int]
+    plain_decode_steps: int = 0  # decode steps without speculation (absent from older engines: 0)
 
 
 class CompletionUsage(_Documented):

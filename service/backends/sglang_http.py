@@ -78,11 +78,14 @@ class ReadStats(SpecStats):
     def record_step(self, accepted: int, verified: int | None = None) -> None:
         raise TypeError("stats read from an answer are read-only (their totals are cached)")
 
+    def record_plain_step(self) -> None:
+        raise TypeError("stats read from an answer are read-only")
+
     def __eq__(self, other: object) -> bool:  # equal to a SpecStats of the same counts, both ways
         if not isinstance(other, SpecStats):
             return NotImplemented
-        mine = (self.block_size, self.histogram, self.verified_drafts)
-        return mine == (other.block_size, other.histogram, other.verified_drafts)
+        mine = (self.block_size, self.histogram, self.verified_drafts, self.plain_steps)
+        return mine == (other.block_size, other.histogram, other.verified_drafts, other.plain_steps)
 
     __hash__ = None  # type: ignore[assignment]  # mutable, as SpecStats
 
@@ -110,7 +113,7 @@ def _merged_meta(metas: list[dict[str, Any] | None]) -> ReadStats | None:
     if len(found) <= 1:
         return found[0] if found else None
     merged = functools.reduce(SpecStats.merge, found)
-    return ReadStats(merged.block_size, merged.histogram, merged.verified_drafts)
+    return ReadStats(merged.block_size, merged.histogram, merged.verified_drafts, merged.plain_steps)
 
 
 def _printable(raw: bytes, limit: int = 500) -> str:

@@ -4,6 +4,8 @@ Scheduler-side metrics carry ``model_name``, ``engine_type``, ``tp_rank``; reque
 (tokens, latencies, request counts) ``model_name`` and ``engine_type``. Gauges are computed at scrape
 time from the runner and a rolling window of finished requests (SGLang refreshes its gauges every
 ``--decode-log-interval`` batches); the subset exported is listed in deploy/sglang_metrics_0.5.17.txt.
+Beside them, the ``dflare_engine_*`` metrics of what the engine chose to verify
+(:mod:`sglang_ext.engine_server.verify_metrics`), labelled as the scheduler-side ones.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from sglang_ext.engine_server.verify_metrics import VerifyWidthCollector
 from sglang_ext.stats import SpecStats
 
 if TYPE_CHECKING:
@@ -119,6 +122,7 @@ class EngineMetrics:
             registry=r,
         ).labels(**req)
         self._recent: deque[tuple[float, int, SpecStats | None]] = deque()
+        r.register(VerifyWidthCollector(runner.engine, sched))
 
     def on_finish(self, out: Outcome) -> None:
         """Record one finished (or aborted) request."""

@@ -102,10 +102,11 @@ class Submission:
 
     @property
     def stats(self) -> SpecStats | None:
-        """The choices' stats merged, as SGLang with our plugin reports them; ``None`` if none speculated
-        (no verify step ran: SGLang reports ``null`` when an answer ends at its first token, so do we)."""
+        """The choices' stats merged, as SGLang with our plugin reports them; ``None`` if no decode step
+        ran (SGLang reports ``null`` when an answer ends at its first token, so do we). An answer decoded
+        by plain steps only has stats: no verify step, its plain steps."""
         merged = total(out.stats for out in self.outs if out.stats is not None)
-        return merged if merged is not None and merged.verify_steps > 0 else None
+        return merged if merged is not None and (merged.verify_steps or merged.plain_steps) else None
 
     def usage(self) -> dict[str, Any]:
         prompt, completion, stats = self.prompt_tokens, self.completion_tokens, self.stats
@@ -132,9 +133,11 @@ def spec_meta_info(stats: SpecStats | None, completion_tokens: int) -> dict[str,
     prefill token included), kept as SGLang reports it; the 0.5.17 aliases are included too. Proposed
     drafts keep SGLang's meaning, ``B - 1`` per verify step (clients infer the block size from it); the
     drafts our adaptive draft length actually verified go in the extra ``spec_num_verified_drafts``,
-    which :meth:`SpecStats.from_sglang_meta_info` reads, and the accept rate is accepted / verified.
+    which :meth:`SpecStats.from_sglang_meta_info` reads, and the accept rate is accepted / verified. The
+    decode steps that verified no draft go in the extra ``spec_num_plain_steps``; a request that only
+    took such steps has ``spec_verify_ct`` 0 and, as SGLang before any verify step, accept length 0.
     """
-    if stats is None or stats.verify_steps == 0:
+    if stats is None or not (stats.verify_steps or stats.plain_steps):
         return {}
     steps = stats.verify_steps
     hist = list(stats.histogram)
@@ -144,8 +147,9 @@ def spec_meta_info(stats: SpecStats | None, completion_tokens: int) -> dict[str,
         "spec_num_correct_drafts": stats.accepted_tokens,
         "spec_num_proposed_drafts": proposed,
         "spec_num_verified_drafts": stats.draft_tokens,
+        "spec_num_plain_steps": stats.plain_steps,
         "spec_accept_rate": stats.acceptance_rate,
-        "spec_accept_length": completion_tokens / steps,
+        "spec_accept_length": completion_tokens / steps if steps else 0.0,
         "spec_correct_drafts_histogram": hist,
         "spec_accept_histogram": hist,
         "spec_accepted_drafts": stats.accepted_tokens,

@@ -171,6 +171,9 @@ class SpeculativeEngine:
         self._pre_plan: VerifyPlan | None = None  # the policy's plan before drafting (which block to draft)
         self.verified_drafts = 0  # drafts the target checked, over the engine's life (benchmarks report it)
         self.plain_decode_steps = 0  # steps the policy ran without a draft (or verified no draft)
+        # verify_widths[k]: rows' decode steps that verified k drafts over the engine's life (k = 0: the row
+        # decoded without speculation); engine-server exports them (width histogram, plain-step counter)
+        self.verify_widths = [0] * block_size
         self.block_size, self.tokenizer, self.max_batch = block_size, tokenizer, max_batch
         self.step_observer = step_observer
         self._observed_confidences: torch.Tensor | None = None  # this step's, only with an observer
@@ -390,8 +393,11 @@ class SpeculativeEngine:
         post_rows = post.tolist()
         for r, s in enumerate(slots):
             a = accepted[r] = min(accepted[r], lengths[r])
-            if s.stats is not None and (lengths[r] or self.verify_policy is None):
-                s.stats.record_step(a, lengths[r])  # the drafts the target checked (none: not a verify)
+            if s.stats is not None and lengths[r]:
+                s.stats.record_step(a, lengths[r])  # the drafts the target checked
+            elif s.stats is not None:
+                s.stats.record_plain_step()  # no draft checked: a decode step without speculation
+            self.verify_widths[lengths[r]] += 1
             if taps is not None:
                 s.ctx.append(taps[r, : a + 1])  # taps of block slots 0..a: the drafter's next context
             s.length = self._kept_length(s.length, a)

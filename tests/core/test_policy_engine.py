@@ -87,6 +87,59 @@ def test_switching_between_widths_and_plain_decoding_is_lossless(block_size: int
     assert policy.calibration.observations > 0  # learnt from the drafted steps' accepts
 
 
+class RowScriptedPolicy(VerifyWidthPolicy):
+    """Every third step a plain decode step for the batch; otherwise row ``r`` verifies
+    ``(step + r) % B`` drafts, so some rows verify none while others verify some. Remembers each
+    request's widths (0 for a plain step) to check the request's stats against."""
+
+    def __init__(self, block: int, engine: SpeculativeEngine) -> None:
+        super().__init__(flat_cost(block, 0.0), AcceptanceCalibration(), block)
+        self.engine = engine
+        self.step = 0
+        self.widths: dict[str, list[int]] = {}
+
+    def _chose(self, widths: list[int]) -> None:
+        for slot, width in zip(self.engine._slots, widths, strict=False):
+            self.widths.setdefault(slot.req.request_id, []).append(width)
+
+    def plan_for_batch(self, batch: int) -> VerifyPlan:
+        self.step += 1
+        plain = self.step % 3 == 0
+        if plain:
+            self._chose([0] * batch)
+        return VerifyPlan([0] * batch, plain, self.block_size, 0.0, 1.0)
+
+    def plan(self, confidences: torch.Tensor) -> VerifyPlan:
+        widths = [(self.step + r) % self.block_size for r in range(confidences.shape[0])]
+        self._chose(widths)
+        return VerifyPlan(widths, False, self.block_size, 0.0, 1.0)
+
+
+def test_each_request_counts_its_plain_steps_and_verified_drafts() -> None:
+    """A request's stats count the steps it decoded without speculation (the batch's plain steps and
+    its own width-0 rows) apart from its verify steps; the engine's width counts add them up."""
+    seed, block = 2, 4
+    model = target(seed)
+    engine = SpeculativeEngine(model, tiny_drafter(model, block_size=block, seed=3), block, max_batch=4)
+    policy = RowScriptedPolicy(block, engine)
+    engine.verify_policy = policy
+    prompts = prompts_for(seed, 6)
+    results = engine.generate(prompts, SamplingParams(max_tokens=N_TOKENS))
+    for res in results:
+        widths = policy.widths[res.request_id]
+        verified = [w for w in widths if w]
+        assert res.stats.plain_steps == len(widths) - len(verified) > 0
+        assert res.stats.verify_steps == len(verified) > 0
+        assert res.stats.draft_tokens == sum(verified)
+        # every decode step commits at least its bonus token: the output is at least one per step
+        assert len(res.output_ids) >= 1 + len(widths) - (res.finish_reason == "length")
+    chosen = [w for ws in policy.widths.values() for w in ws]
+    assert engine.verify_widths == [chosen.count(k) for k in range(block)]
+    # a width-0 row beside verifying rows is a plain step of that request, not of the engine
+    assert sum(r.stats.plain_steps for r in results) > engine.plain_decode_steps > 0
+    assert greedy_mismatches(engine, seed, prompts, N_TOKENS) == []  # and it stays lossless
+
+
 def test_a_real_policy_switches_one_request_and_stays_lossless() -> None:
     """A cost model where verifying is too dear to pay: the policy decodes plainly and probes every
     third step; one request sees both kinds of step, and its output equals generate's."""

@@ -156,6 +156,13 @@ def gateway_names() -> set[str]:
     return set(re.findall(r"`(dflare_[a-z_]+)`", section))
 
 
+def engine_names() -> set[str]:
+    """``dflare_engine_*`` names of engine-server's contract table in docs/architecture.md."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    section = text.split("### Engine-server metrics", 1)[1].split("###", 1)[0]
+    return set(re.findall(r"`(dflare_engine_[a-z_]+)`", section))
+
+
 def base_name(name: str) -> str:
     """Histogram series name -> the histogram's name."""
     return re.sub(r"_(bucket|sum|count)$", "", name)

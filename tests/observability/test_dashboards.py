@@ -151,6 +151,7 @@ def _dropped(original: object, round_trip: object, path: str) -> list[str]:
 def test_metric_names_exist_in_gateway_contract_and_sglang_list() -> None:
     sglang = promql.sglang_names()
     gateway = promql.gateway_names()
+    engine = promql.engine_names()
     external = promql.external_names()
     recorded = promql.recorded_names()
     queries = (
@@ -167,9 +168,17 @@ def test_metric_names_exist_in_gateway_contract_and_sglang_list() -> None:
                 assert name in recorded, f"{query.source}: {name} is not a recording rule"
             elif not name.startswith("dflare_"):
                 assert name in external, f"{query.source}: {name} is not in external_metrics.txt"
+            elif name.startswith("dflare_engine_"):
+                assert base in engine, f"{query.source}: {name} is not an engine-server metric"
             else:
                 assert base in gateway, f"{query.source}: {name} is not a gateway metric"
     assert {"sglang:token_usage", "dflare_backend_up", "dflare:spec_acceptance_length:rate15m"} <= seen
+    assert {"dflare_engine_verify_width_bucket", "dflare_engine_calibration_error"} <= seen
+    # the contract table is the engine-server's own: every name in it is exported there
+    exported = (promql.REPO / "sglang_ext/engine_server/verify_metrics.py").read_text()
+    assert engine == {"dflare_engine_verify_width", "dflare_engine_plain_decode_steps_total",
+                      "dflare_engine_calibration_error"}  # fmt: skip
+    assert all(f'"{n.removesuffix("_total")}"' in exported for n in engine)
 
 
 def test_sglang_list_marks_what_engine_server_exports() -> None:
@@ -379,3 +388,65 @@ def test_backend_panels_turn_red_instead_of_blank(file: str, title: str, tmp_pat
     steps = defaults["thresholds"]["steps"]
     assert defaults["color"]["mode"] == "thresholds"
     assert steps[0] == {"color": "red", "value": None} and steps[1]["value"] == 1
+
+
+# Two engine pods of one model: pod a verifies 1 draft a step, 30 steps a minute, and decodes 10 request
+# steps a minute plainly; pod b verifies 3 drafts a step, 10 steps a minute, and never decodes plainly.
+_ENGINE_SERIES = {
+    'dflare_engine_verify_width_bucket{{{pod}, le="1.0"}}': ("0+30x10", "0x10"),
+    'dflare_engine_verify_width_bucket{{{pod}, le="2.0"}}': ("0+30x10", "0x10"),
+    'dflare_engine_verify_width_bucket{{{pod}, le="3.0"}}': ("0+30x10", "0+10x10"),
+    'dflare_engine_verify_width_bucket{{{pod}, le="+Inf"}}': ("0+30x10", "0+10x10"),
+    "dflare_engine_verify_width_count{{{pod}}}": ("0+30x10", "0+10x10"),
+    "dflare_engine_plain_decode_steps_total{{{pod}}}": ("0+10x10", "0x10"),
+    "dflare_engine_calibration_error{{{pod}}}": ("0.1x10", "0.3x10"),
+}
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing: apt-get install prometheus")
+def test_verify_width_plain_step_and_calibration_panels(tmp_path) -> None:
+    """promtool evaluates the three engine panels of the speculation dashboard over two pods' series."""
+    series = []
+    for i, pod in enumerate(("a", "b")):
+        labels = f'namespace="llm", pod="engine-{pod}", model_name="m", engine_type="unified", tp_rank="0"'
+        series += [{"series": s.format(pod=labels), "values": v[i]} for s, v in _ENGINE_SERIES.items()]
+    file = "dflare-speculation.json"
+    widths = _panel(file, "Verify width chosen (drafts verified per request per step)")
+    plain = _panel(file, "Request steps decoded without speculation")
+    calibration = _panel(file, "Verify-width policy calibration error (per pod)")
+    assert widths["type"] == "heatmap" and widths["targets"][0]["format"] == "heatmap"
+    assert plain["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    assert calibration["targets"][0]["legendFormat"] == "{{pod}}"
+
+    def expr(panel: dict) -> str:
+        return promql.substitute(panel["targets"][0]["expr"], rate_interval="2m")
+
+    increase = [  # per bucket over 2 minutes: pod a's 60 steps at width 1, pod b's 20 at width 3
+        {"labels": f'{{le="{le}"}}', "value": value}
+        for le, value in (("1.0", 60), ("2.0", 60), ("3.0", 80), ("+Inf", 80))
+    ]
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": series,
+            "promql_expr_test": [
+                {"expr": expr(widths), "eval_time": "5m", "exp_samples": increase},
+                # 10 plain of 10 + 30 + 10 request steps a minute
+                {
+                    "expr": expr(plain),
+                    "eval_time": "5m",
+                    "exp_samples": [{"labels": '{model_name="m"}', "value": 0.2}],
+                },
+                {
+                    "expr": expr(calibration),
+                    "eval_time": "5m",
+                    "exp_samples": [
+                        {"labels": series[6 + 7 * i]["series"], "value": value}
+                        for i, value in enumerate((0.1, 0.3))
+                    ],
+                },
+            ],
+        }
+    ]
+    result = _promtool_test(tests, tmp_path)
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}"

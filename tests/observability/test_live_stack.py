@@ -151,6 +151,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
                     str(target_dir),
                     "--draft-model-path",
                     str(drafter_dir),
+                    "--verify-policy",  # so the policy's calibration-error panel has data too
                 ],
                 tmp / "engine.log",
             )
