@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sglang_sim import TAPS9, TARGET, draft, mean_ms, median_row, phase_totals
-from sglang_harness import OUT, Results, Server, generate, timed
+from sglang_harness import OUT, Results, Server, generate, stop_on_sigterm, timed
 
 ROOT = Path("/tmp/q8load")
 PROMPT = list(range(1000, 1128))  # 128 prompt tokens
@@ -157,6 +157,7 @@ def run_wave(
 def main() -> int:
     import torch
 
+    stop_on_sigterm()
     blocks = [int(x) for x in os.environ.get("BLOCKS", "16,8").split(",")]
     sizes = [int(x) for x in os.environ.get("BS", "1,8,32,64,128,256").split(",")]
     rounds = int(os.environ.get("ROUNDS", "3"))

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sglang_harness import OUT, SPEC, Results, generate, start_all, timed
+from sglang_harness import OUT, SPEC, Results, generate, start_all, stop_on_sigterm, timed
 
 ROOT = Path("/tmp/q8")
 PROMPT = list(range(1000, 1128))
@@ -134,6 +134,7 @@ def main() -> int:
     rounds = int(os.environ.get("ROUNDS", "3"))
     import torch
 
+    stop_on_sigterm()
     res = Results(OUT / "bench_sim.json")
     res["device"] = torch.cuda.get_device_name(0)
     total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30

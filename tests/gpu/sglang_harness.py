@@ -10,6 +10,7 @@ import concurrent.futures as cf
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -60,6 +61,9 @@ class Server:
     """One ``python -m sglang.launch_server`` in its own process group, logging to /tmp/gpu_logs."""
 
     def __init__(self, name: str, port: int, args: list[str], env: dict[str, str] | None = None) -> None:
+        with socket.socket() as probe:  # a server left by an interrupted run would answer in our place
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise RuntimeError(f"{name}: port {port} is already served (a stale server?); stop it first")
         self.name, self.port = name, port
         self.url = f"http://127.0.0.1:{port}"
         LOGS.mkdir(parents=True, exist_ok=True)
@@ -103,6 +107,12 @@ class Server:
                 self.proc.wait(timeout=30)
             except (subprocess.TimeoutExpired, ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (what ``timeout`` sends) into SystemExit, so ``finally`` blocks stop the servers: they
+    run in their own sessions and would otherwise outlive the script."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def start_all(specs: Iterable[tuple[str, int, list[str], dict[str, str]]], timeout: float = 480) -> dict:
