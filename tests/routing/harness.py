@@ -178,6 +178,24 @@ def start_gateway(backends: list[str], log: Path, **settings: Any) -> Gateway:
     return Gateway(f"http://127.0.0.1:{port}", proc, log)
 
 
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def start_discovery_gateway(kubeconfig_text: str, namespace: str, tmp_path: Path, **settings: Any) -> Gateway:
+    """A gateway that finds its backends through Kubernetes discovery (the API a kubeconfig names)."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(kubeconfig_text)
+    return start_gateway(
+        [],
+        tmp_path / "gateway.log",
+        discovery_enabled="true",
+        discovery_namespace=namespace,
+        discovery_kubeconfig=kubeconfig,
+        **settings,
+    )
+
+
 def rss_kib(pid: int) -> int:
     """Resident memory of a process (Linux ``/proc``), in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -18,14 +18,10 @@ import pytest
 
 from service.routing.discovery import static_backend_identity
 from tests.routing.fake_k8s import FakeKubernetesAPI, make_pod
-from tests.routing.harness import metric_samples, start_gateway, wait_for
+from tests.routing.harness import metric_samples, port_of, start_discovery_gateway, start_gateway, wait_for
 
 KNOWN, ROUTABLE, UP = "dflare_backends_known", "dflare_backends_routable", "dflare_backend_up"
 INFO = "dflare_backend_info"
-
-
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
 
 
 async def gauges(url: str) -> dict[str, dict[tuple, float]]:
@@ -71,15 +67,7 @@ async def test_counts_follow_pods_and_processes_and_never_disappear(spawn, tmp_p
     b0, b1 = spawn.many(["b0", "b1"])
     api = FakeKubernetesAPI(namespace="serving")
     await api.start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(api.kubeconfig())
-    gw = start_gateway(
-        [],
-        tmp_path / "gateway.log",
-        discovery_enabled="true",
-        discovery_namespace="serving",
-        discovery_kubeconfig=kubeconfig,
-    )
+    gw = start_discovery_gateway(api.kubeconfig(), "serving", tmp_path)
     try:
         await wait_for(gw.url)
         # No pod yet: both counts are exported as 0 from start-up, not missing.

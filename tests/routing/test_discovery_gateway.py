@@ -8,11 +8,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.routing.fake_k8s import FakeKubernetesAPI, make_pod
-from tests.routing.harness import chat_body, start_gateway, stream_chat, wait_for
-
-
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
+from tests.routing.harness import chat_body, port_of, start_discovery_gateway, stream_chat, wait_for
 
 
 async def served(session: aiohttp.ClientSession, gateway: str, n: int = 6) -> set[str | None]:
@@ -40,17 +36,9 @@ async def test_gateway_follows_pods(spawn, tmp_path: Path):
     b0, b1, b2 = spawn.many(["b0", "b1", "b2"])
     api = FakeKubernetesAPI(namespace="serving")
     await api.start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(api.kubeconfig())
     await api.put(make_pod("engine-0", port=port_of(b0.url)))
     await api.put(make_pod("engine-1", port=port_of(b1.url), ready=False))
-    gw = start_gateway(
-        [],
-        tmp_path / "gateway.log",
-        discovery_enabled="true",
-        discovery_namespace="serving",
-        discovery_kubeconfig=kubeconfig,
-    )
+    gw = start_discovery_gateway(api.kubeconfig(), "serving", tmp_path)
     try:
         await wait_for(gw.url)
         await wait_for(gw.url, "/ready", timeout=15)
