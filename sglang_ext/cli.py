@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 
 # name -> ("module:function", one-line help). Each function takes argv (list[str]) and returns an exit code.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -25,24 +26,34 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    lines = ["usage: dflare <command> [args]", "", "commands:"]
-    lines += [f"  {name:<16} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-    return "\n".join(lines)
+def dispatch(
+    prog: str,
+    commands: dict[str, tuple[str, str]],
+    argv: list[str],
+    run: Callable[[str, list[str]], int],
+    width: int = 16,
+) -> int:
+    """One level of subcommands: usage for no arguments (exit 2) or ``-h`` (exit 0), a clear error for an
+    unknown name (exit 2), else ``run(name, rest)``. ``commands`` maps name -> (target, one-line help)."""
+    lines = [f"usage: {prog} <command> [args]", "", "commands:"]
+    usage = "\n".join(lines + [f"  {name:<{width}} {help_}" for name, (_, help_) in commands.items()])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(f"{prog}: unknown command {name!r}\n\n{usage}", file=sys.stderr)
+        return 2
+    return run(name, rest)
+
+
+def _call(name: str, rest: list[str]) -> int:
+    module_name, func_name = SUBCOMMANDS[name][0].split(":")
+    return int(getattr(importlib.import_module(module_name), func_name)(rest) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        print(f"dflare: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    module_name, func_name = SUBCOMMANDS[name][0].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    return dispatch("dflare", SUBCOMMANDS, list(sys.argv[1:] if argv is None else argv), _call)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from sglang_ext.cli import dispatch
+
 # name -> (module with add_arguments(parser) and main(args), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("sglang_ext.traces.record", "record a trace from a target/drafter pair (reference engine)"),
@@ -18,25 +20,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    lines = ["usage: dflare trace <command> [args]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"dflare trace: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+def _run(name: str, rest: list[str]) -> int:
     module_name, help_ = COMMANDS[name]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"dflare trace {name}", description=help_)
     module.add_arguments(parser)
     return int(module.main(parser.parse_args(rest)) or 0)
+
+
+def main(argv: list[str]) -> int:
+    return dispatch("dflare trace", COMMANDS, argv, _run, width=10)
 
 
 if __name__ == "__main__":
