@@ -38,7 +38,11 @@ class DFlareAlgo(CustomSpecAlgo):
         return True
 
     def supports_ragged_verify(self) -> bool:
-        return False
+        """True in adaptive mode: SGLang's target graph runner then captures ragged-verify graphs by token
+        count, and every DFLARE verify carries per-request lengths (adaptive_step.py)."""
+        from sglang_ext.sglang_plugin.adaptive import adaptive_enabled
+
+        return adaptive_enabled()
 
     def has_draft_kv(self) -> bool:
         return True
@@ -62,10 +66,14 @@ class DFlareAlgo(CustomSpecAlgo):
         return FutureMap(device, self, req_to_token_pool, needs_cpu_seq_lens, needs_confidence_relay)
 
     def handle_server_args(self, server_args: Any) -> None:
-        """DFlash's argument handling: steps/topk 1, block size, draft attention backend, defaults."""
+        """DFlash's argument handling (steps/topk 1, block size, draft attention backend, defaults), then the
+        verify mode (adaptive.py), exported to the scheduler processes."""
         from sglang.srt.arg_groups.speculative_hook import _handle_dflash
 
+        from sglang_ext.sglang_plugin.adaptive import apply_mode
+
         _handle_dflash(server_args)
+        apply_mode(server_args)
 
 
 def worker_factory(server_args: Any) -> type:

@@ -92,6 +92,16 @@ class TraceReplay:
             self._cursors.popitem(last=False)
         return cursor
 
+    def peek_steps(self, reqs: Sequence[Any]) -> list[TraceStep]:
+        """The trace step each request's next verify will replay (cursors stay): the confidences an
+        adaptive step plans with before it verifies."""
+        steps = []
+        for req in reqs:
+            name, index, step = self._cursor(req)
+            trace_request = self.traces[name].requests[index]
+            steps.append(trace_request[step % len(trace_request)])
+        return steps
+
     def next_steps(self, reqs: Sequence[Any]) -> list[TraceStep]:
         """This verify step's trace step of every request (cursors advance: call once per step)."""
         steps = []

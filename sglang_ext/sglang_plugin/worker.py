@@ -16,7 +16,8 @@ import torch
 from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
 from sglang.srt.utils import is_cuda
 
-from sglang_ext.sglang_plugin import step_profile, top_p, trace_replay
+from sglang_ext.sglang_plugin import adaptive, step_profile, top_p, trace_replay
+from sglang_ext.sglang_plugin.adaptive_step import AdaptiveStep
 from sglang_ext.sglang_plugin.model import DFlareDraftModel
 
 logger = logging.getLogger(__name__)
@@ -88,29 +89,54 @@ class DFlareWorkerV2(DFlashWorkerV2):
         if self._trace_replay is not None:
             self._install_trace_replay()
         self._step_profiler = step_profile.from_environment()
+        self._adaptive: AdaptiveStep | None = None
+        if adaptive.adaptive_enabled():
+            card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+            self._adaptive = AdaptiveStep(self, adaptive.load_cost_table(card, int(self.block_size)))
         logger.info(
-            "DFLARE worker ready: draft=%s.%s, %d layers, taps=%s, block=%d, fused norm/rope=%s, "
+            "DFLARE worker ready: draft=%s.%s, %d layers, taps=%s, block=%d, verify=%s, fused norm/rope=%s, "
             "top-p renorm in PyTorch=%s",
             type(self.draft_model).__module__,
             type(self.draft_model).__qualname__,
             len(self.draft_model.layers),
             self.draft_model.target_layer_ids,
             self.block_size,
+            "static" if self._adaptive is None else "adaptive",
             self._dflare_norm_rope is not None,
             torch_top_p,
         )
 
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None):
-        """SGLang's DFlash step; with trace replay on, the batch's requests are kept for the accept step,
-        and with step profiling on, chosen decode batch sizes run under the torch profiler."""
+        """SGLang's DFlash step, or in adaptive mode our adaptive decode step (adaptive_step.py); with trace
+        replay on, the batch's requests are kept for the accept step, and with step profiling on, chosen
+        decode batch sizes run under the torch profiler."""
         decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch)
+        step = super().forward_batch_generation
+        if decode and self._adaptive_fits(batch):
+            step = self._adaptive_decode
         if self._trace_replay is not None and decode:
             self._replay_reqs = list(batch.reqs)
         if self._step_profiler is not None and decode:
-            return self._step_profiler.run(
-                len(batch.seq_lens), super().forward_batch_generation, batch, on_publish, grammar_barrier
-            )
-        return super().forward_batch_generation(batch, on_publish, grammar_barrier)
+            return self._step_profiler.run(len(batch.seq_lens), step, batch, on_publish, grammar_barrier)
+        return step(batch, on_publish, grammar_barrier)
+
+    def _adaptive_fits(self, batch) -> bool:
+        """Adaptive steps cover plain decoder targets with the full draft cache; a grammar-constrained
+        batch, a windowed draft cache or a Mamba-style target keeps SGLang's full-block step (which in the
+        ragged verify mode runs its verify without CUDA graphs)."""
+        return (
+            self._adaptive is not None
+            and not batch.forward_mode.is_idle()
+            and not batch.has_grammar
+            and not self.use_compact_draft_cache
+            and not self._need_mamba_verify_commit
+        )
+
+    def _adaptive_decode(self, batch, on_publish=None, grammar_barrier=None):
+        if getattr(batch, "return_logprob", False):
+            raise ValueError("DFLASH speculative decoding does not support return_logprob yet.")
+        self._validate_phase1_sampling_support(batch)
+        return self._adaptive.run(batch, on_publish, self._trace_replay)
 
     def _install_trace_replay(self) -> None:
         """Route SGLang's simulated-acceptance branch of the verify step to the trace replay.

@@ -12,6 +12,11 @@ draft / context-KV ms (CUDA events), the AR step, the bound tau * t_AR / (t_veri
 the running batch SGLang actually reached (the largest batch size its decode or verify forwards ran at
 during the measurement, from the same phase records).
 
+Adaptive DFLARE (``DFLARE_VERIFY=adaptive``: per-request verify widths and plain decode steps chosen by the
+verify-width policy from a step-cost table) joins as ``a<block>`` in BLOCKS (e.g. ``BLOCKS=16,8,a16``), with
+the table in COST_TABLE (default: the shipped table of this card and block); its rows have ``"mode":
+"adaptive"`` and ``verified_per_req`` the mean drafts verified per request per step plus one.
+
 Env: BLOCKS (16,8), BS (1,8,32,64,128,256), ROUNDS (3), TRACES (synthetic,demo), TRACE_DIR (the shipped
 traces), ATTN (triton), PROFILE (1: torch-profile one step at batch 1, 32, 128 per DFLARE server),
 PARALLEL, TAG (file name suffix). Writes $OUT/bench_load<TAG>.json as it goes, the step profiles included.
@@ -64,6 +69,12 @@ def measure(server: Server, bs: int, trace: str | None) -> dict:
     correct = sum(o["meta_info"].get("spec_num_correct_drafts", 0) for o in outs)
     row = {"tok_s": round(toks / secs, 1), "running_batch": running_batch(before, after)}
     row["tau"] = round(1 + correct / steps, 3) if steps else 1.0
+    verified = [o["meta_info"].get("spec_num_verified_drafts") for o in outs]
+    plain = [o["meta_info"].get("spec_num_plain_steps") for o in outs]
+    if steps and None not in verified:  # adaptive servers: what the policy chose
+        row["verified_per_req"] = round(1 + sum(verified) / steps, 3)
+        plain_steps = sum(p or 0 for p in plain)  # steps without a verified draft (not in spec_verify_ct)
+        row["plain_step_share"] = round(plain_steps / (steps + plain_steps), 3)
     for phase in ("decode", "verify", "draft", "context_kv"):
         row[f"{phase}_ms"] = mean_ms(before, after, phase, bs)
     return row
@@ -78,6 +89,11 @@ def server_args(attn: str, max_bs: int) -> list[str]:
         "--max-running-requests", str(max_bs), "--cuda-graph-max-bs", str(max_bs),
         "--context-length", "4096",
     ]  # fmt: skip
+
+
+def parse_blocks(text: str) -> list[tuple[str, int]]:
+    """``16,8,a16`` -> [("static", 16), ("static", 8), ("adaptive", 16)]."""
+    return [("adaptive", int(x[1:])) if x.startswith("a") else ("static", int(x)) for x in text.split(",")]
 
 
 def dflare_args(attn: str, block: int) -> list[str]:
@@ -95,24 +111,36 @@ def profile_pass(server: Server) -> None:
         generate(server.url, [PROMPT] * bs, {**sampling, "custom_params": {"dflare_trace": "synthetic"}}, bs)
 
 
-def profile_dir(tag: str, block: int) -> Path:
-    return Path(f"/tmp/step_profile{tag}/b{block}")
+def profile_dir(tag: str, key: str) -> Path:
+    return Path(f"/tmp/step_profile{tag}/{key}")
 
 
-def start_dflare(base: list[str], attn: str, block: int, trace_dir: Path, tag: str) -> Server:
-    env = {"DFLARE_PHASE_TIMING": f"/tmp/phases/dflare_b{block}", "DFLARE_TRACE_REPLAY": str(trace_dir)}
+def server_key(mode: str, block: int) -> str:
+    return f"{'a' if mode == 'adaptive' else 'b'}{block}"
+
+
+def start_dflare(base: list[str], attn: str, mode: str, block: int, trace_dir: Path, tag: str) -> Server:
+    key = server_key(mode, block)
+    env = {
+        "DFLARE_PHASE_TIMING": f"/tmp/phases/dflare_{key}",
+        "DFLARE_TRACE_REPLAY": str(trace_dir),
+        "DFLARE_VERIFY": mode,
+    }
+    if mode == "adaptive" and os.environ.get("COST_TABLE"):
+        env["DFLARE_COST_TABLE"] = os.environ["COST_TABLE"]
     if os.environ.get("PROFILE", "1") == "1":
-        env["DFLARE_STEP_PROFILE"] = str(profile_dir(tag, block))
-    return Server(f"dflare_b{block}", 31010 + block, base + dflare_args(attn, block), env)
+        env["DFLARE_STEP_PROFILE"] = str(profile_dir(tag, key))
+    port = 31010 + block + (40 if mode == "adaptive" else 0)
+    return Server(f"dflare_{key}", port, base + dflare_args(attn, block), env)
 
 
 def run_wave(
-    ar: Server, specs: dict[int, Server], sizes: list[int], rounds: int, traces: list[str],
+    ar: Server, specs: dict[tuple[str, int], Server], sizes: list[int], rounds: int, traces: list[str],
     rows: list[dict], notes: dict, res: Results,
 ) -> None:  # fmt: skip
     """AR and this wave's DFLARE servers, every batch size, ``rounds`` times, in a rotating order."""
     up = {}
-    for block, spec in specs.items():
+    for who, spec in specs.items():
         ok = ar.wait(600) and spec.wait(600)
         notes[spec.name] = [
             ln[-240:]
@@ -120,7 +148,7 @@ def run_wave(
             for ln in spec.log_grep(needle)
         ][:16]
         if ok:
-            up[block] = spec
+            up[who] = spec
         else:
             res[f"error_{spec.name}"] = ar.log_tail(30) + "\n---\n" + spec.log_tail(40)
     if not up:
@@ -129,27 +157,29 @@ def run_wave(
     if os.environ.get("PROFILE", "1") == "1":
         for spec in up.values():
             profile_pass(spec)
-    runs = [("ar", None), *((block, t) for block in up for t in traces)]
+    runs = [("ar", None), *((who, t) for who in up for t in traces)]
     raw: dict[tuple, list[dict]] = {}
     for r in range(rounds):
         for bs in sizes:
             for who, trace in runs[r % len(runs) :] + runs[: r % len(runs)]:
                 row = measure(ar if who == "ar" else up[who], bs, trace)
                 raw.setdefault((who, trace, bs), []).append(row)
-                print(f"round {r} {who} {trace} bs={bs}", row, flush=True)
-    wave = ",".join(map(str, up))
+                name = who if who == "ar" else server_key(*who)
+                print(f"round {r} {name} {trace} bs={bs}", row, flush=True)
+    wave = ",".join(server_key(*who) for who in up)
     for bs in sizes:
         a = median_row(raw[("ar", None, bs)])
         for trace in traces:
             rows.append({"trace": trace, "batch": bs, "mode": "ar", "block": 1, "wave": wave, **a,
                          "verified_per_req": 1, "ar_step_ms": a["decode_ms"]})  # fmt: skip
-            for block in up:
-                s = median_row(raw[(block, trace, bs)])
+            for mode, block in up:
+                s = median_row(raw[((mode, block), trace, bs)])
                 t_spec = sum(s[k] or 0 for k in ("verify_ms", "draft_ms", "context_kv_ms"))
                 bound = s["tau"] * a["decode_ms"] / t_spec if a["decode_ms"] and t_spec else None
                 rows.append({
-                    "trace": trace, "batch": bs, "mode": "static", "block": block, "wave": wave, **s,
-                    "x_ar": round(s["tok_s"] / a["tok_s"], 3), "verified_per_req": block,
+                    "trace": trace, "batch": bs, "mode": mode, "block": block, "wave": wave, **s,
+                    "x_ar": round(s["tok_s"] / a["tok_s"], 3),
+                    "verified_per_req": block if mode == "static" else s.get("verified_per_req"),
                     "ar_step_ms": a["decode_ms"], "bound": round(bound, 3) if bound else None,
                 })  # fmt: skip
 
@@ -158,7 +188,7 @@ def main() -> int:
     import torch
 
     stop_on_sigterm()
-    blocks = [int(x) for x in os.environ.get("BLOCKS", "16,8").split(",")]
+    blocks = parse_blocks(os.environ.get("BLOCKS", "16,8"))
     sizes = [int(x) for x in os.environ.get("BS", "1,8,32,64,128,256").split(",")]
     rounds = int(os.environ.get("ROUNDS", "3"))
     traces = os.environ.get("TRACES", "synthetic,demo").split(",")
@@ -175,7 +205,7 @@ def main() -> int:
         "rounds": rounds,
         "attention": attn,
         "traces": traces,
-        "command": f"BLOCKS={','.join(map(str, blocks))} ATTN={attn} bash tests/gpu/run_on_gpu.sh load",
+        "command": f"BLOCKS={os.environ.get('BLOCKS', '16,8')} ATTN={attn} bash tests/gpu/run_on_gpu.sh load",
     }
     for name, cfg in {"target": TARGET, "dflare7": draft("QwenDFlareDraftModel", 7, TAPS9)}.items():
         (ROOT / name).mkdir(parents=True, exist_ok=True)
@@ -190,16 +220,17 @@ def main() -> int:
         for w in range(0, len(blocks), per_wave):
             wave = blocks[w : w + per_wave]
             specs = {}
-            for block in wave:
+            for mode, block in wave:
                 time.sleep(3)  # staggered: each server profiles free memory before the next one loads
-                specs[block] = start_dflare(base, attn, block, trace_dir, tag)
+                specs[(mode, block)] = start_dflare(base, attn, mode, block, trace_dir, tag)
             try:
                 run_wave(ar, specs, sizes, rounds, traces, rows, notes, res)
             finally:
-                for block, spec in specs.items():
+                for (mode, block), spec in specs.items():
                     spec.stop()
                     profiles[spec.name] = [
-                        json.loads(f.read_text()) for f in sorted(profile_dir(tag, block).glob("*.json"))
+                        json.loads(f.read_text())
+                        for f in sorted(profile_dir(tag, server_key(mode, block)).glob("*.json"))
                     ]
             res["rows"], res["server_notes"], res["profiles"] = rows, notes, profiles
     finally:

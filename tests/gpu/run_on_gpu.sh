@@ -7,6 +7,7 @@
 #   block_logits: tests/gpu/check_block_logits.py, SGLang's DFLARE block logits vs the reference drafter
 #   bench: tests/gpu/bench_sglang_sim.py (Qwen3-8B shapes, simulated acceptance) -> $OUT/bench_sim.json
 #   load: tests/gpu/bench_sglang_load.py (batch 1-256, acceptance traces) -> $OUT/bench_load.json
+#   adaptive: tests/gpu/check_adaptive.py, adaptive DFLARE greedy == AR on the demo pair (FA3) -> $OUT/adaptive.json
 # SGLang: the one `python3` imports (`pip install 'sglang==0.5.17'`); if it has none, an SGLang unpacked
 # into $SGLANG_SITE (default /tmp/site; .gpu/tools/unpack.sh makes it from an offline wheel bundle).
 # The plugin: this checkout, found through its entry point; when `pip install --no-deps .` was not run,
@@ -66,5 +67,7 @@ case "$mode" in
     python3 tests/gpu/bench_sglang_sim.py "$@" 2>&1 | tee "$OUT/bench_stdout.txt" | tail -60 ;;
   load)
     python3 tests/gpu/bench_sglang_load.py "$@" 2>&1 | tee "$OUT/load_stdout.txt" | tail -80 ;;
+  adaptive)
+    python3 tests/gpu/check_adaptive.py "$@" 2>&1 | tee "$OUT/adaptive_stdout.txt" | tail -60 ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

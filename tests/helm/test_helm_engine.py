@@ -285,3 +285,13 @@ def test_keda_query_is_valid_promql(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rules.write_text(rules.read_text().replace("sum(", "sum((", 1))  # the check can fail
     assert subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True).returncode != 0
+
+
+def test_verify_mode_and_cost_table_reach_the_engine_env() -> None:
+    default = env_map(container(_engine("default"), "engine"))
+    assert default["DFLARE_VERIFY"] == "auto" and "DFLARE_COST_TABLE" not in default
+    values = {"engine": {"speculative": {"verify": "adaptive", "costTable": "/etc/dflare/costs.json"}}}
+    env = env_map(container(render_values(values).one("StatefulSet"), "engine"))
+    assert env["DFLARE_VERIFY"] == "adaptive" and env["DFLARE_COST_TABLE"] == "/etc/dflare/costs.json"
+    with pytest.raises(Exception, match="verify"):
+        render_values({"engine": {"speculative": {"verify": "fast"}}})

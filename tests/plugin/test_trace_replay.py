@@ -119,3 +119,12 @@ def test_replay_only_on_request_and_only_on_dummy_weights(tmp_path: Path, monkey
 def test_the_chart_cannot_switch_replay_on() -> None:
     chart_text = "\n".join(p.read_text() for p in (ROOT / "helm").rglob("*") if p.is_file())
     assert trace_replay.ENV not in chart_text
+
+
+def test_peek_shows_the_step_the_next_verify_replays_without_advancing(replay) -> None:
+    a, b = _req("a"), _req("b")
+    first = replay.peek_steps([a, b])
+    assert first == replay.peek_steps([a, b])  # peeking twice moves nothing
+    assert [s.accepted for s in first] == [7, 1]
+    assert replay.accepted_lengths([a, b], [7, 7]) == [7, 1]  # the peeked steps are the replayed ones
+    assert [s.accepted for s in replay.peek_steps([a, b])] == [6, 0]

@@ -1,0 +1,169 @@
+"""Adaptive verify widths for DFLARE inside SGLang: the mode, the cost table, and the step's pure tensor math.
+
+``DFLARE_VERIFY`` picks the mode: ``adaptive`` (each step the verify-width policy of
+``sglang_ext.dflare.verify_policy`` chooses per request how many drafts the target verifies, or a plain decode
+step), ``static`` (the whole block every step, SGLang's DFlash behaviour), or ``auto`` (the default:
+adaptive where SGLang 0.5.17 captures CUDA graphs for ragged verifies, i.e. the ``fa3`` and ``trtllm_mha``
+attention backends; static elsewhere, where a ragged verify would run without graphs).
+
+Adaptive runs SGLang's compact ragged verify (``SGLANG_RAGGED_VERIFY_MODE=compact``: target verify graphs
+captured per token count, every verify forward carrying per-request lengths); the launcher sets it, so the
+scheduler processes inherit it.
+
+The policy needs measured step costs for the card, model and block: ``DFLARE_COST_TABLE=<json>`` (a
+:class:`StepCostModel` dump), else a shipped table in ``cost_tables/`` whose file name is the card's name
+(``torch.cuda.get_device_name``, lower case, non-alphanumerics as ``-``) and ``_b<block>.json``. Without one
+the worker verifies the whole block (static widths through the same ragged path) and says so at start.
+``tests/gpu/make_cost_table.py`` writes a table from the load benchmark's rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sglang_ext.dflare.verify_policy import StepCostModel
+
+logger = logging.getLogger(__name__)
+
+MODE_ENV = "DFLARE_VERIFY"
+COST_TABLE_ENV = "DFLARE_COST_TABLE"
+RAGGED_MODE_ENV = "SGLANG_RAGGED_VERIFY_MODE"
+MODES = ("auto", "adaptive", "static")
+RAGGED_GRAPH_BACKENDS = ("fa3", "trtllm_mha")  # SGLang 0.5.17 backends with supports_ragged_verify_graph
+SHIPPED_TABLES = Path(__file__).resolve().parent / "cost_tables"
+
+
+class AdaptiveConfigError(ValueError):
+    """``DFLARE_VERIFY`` or ``SGLANG_RAGGED_VERIFY_MODE`` asks for something that cannot run."""
+
+
+def resolve_mode(attention_backend: str | None, environ: dict[str, str] | None = None) -> str:
+    """``adaptive`` or ``static`` for a server on ``attention_backend`` (see the module docstring)."""
+    env = os.environ if environ is None else environ
+    mode = env.get(MODE_ENV, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise AdaptiveConfigError(f"{MODE_ENV}={mode!r}: expected one of {', '.join(MODES)}")
+    ragged_graphs = (attention_backend or "") in RAGGED_GRAPH_BACKENDS
+    if mode == "auto":
+        mode = "adaptive" if ragged_graphs else "static"
+    elif mode == "adaptive" and not ragged_graphs:
+        raise AdaptiveConfigError(
+            f"{MODE_ENV}=adaptive needs an attention backend with ragged-verify CUDA graphs "
+            f"({', '.join(RAGGED_GRAPH_BACKENDS)}), got --attention-backend {attention_backend!r}"
+        )
+    ragged = env.get(RAGGED_MODE_ENV, "static")
+    if mode == "adaptive" and ragged not in ("static", "compact"):
+        raise AdaptiveConfigError(f"{MODE_ENV}=adaptive runs {RAGGED_MODE_ENV}=compact, not {ragged!r}")
+    if mode == "static" and ragged != "static":
+        raise AdaptiveConfigError(f"{RAGGED_MODE_ENV}={ragged!r} needs {MODE_ENV}=adaptive (DFLARE)")
+    return mode
+
+
+def apply_mode(server_args: Any) -> str:
+    """In the launcher (``handle_server_args``): resolve the mode and export it (and the ragged verify
+    mode SGLang's graph runner reads) to the scheduler processes."""
+    mode = resolve_mode(getattr(server_args, "attention_backend", None))
+    os.environ[MODE_ENV] = mode
+    if mode == "adaptive":
+        os.environ[RAGGED_MODE_ENV] = "compact"
+    logger.info("DFLARE verify mode: %s (attention backend %s)", mode, server_args.attention_backend)
+    return mode
+
+
+def adaptive_enabled() -> bool:
+    """In a scheduler process, after :func:`apply_mode` ran in the launcher."""
+    return os.environ.get(MODE_ENV) == "adaptive" and os.environ.get(RAGGED_MODE_ENV) == "compact"
+
+
+def card_slug(name: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3`` (the shipped tables' file names)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def find_cost_table(card: str, block: int, environ: dict[str, str] | None = None) -> Path | None:
+    """The table to use: ``DFLARE_COST_TABLE`` (must exist), else the shipped one for card and block."""
+    env = os.environ if environ is None else environ
+    explicit = env.get(COST_TABLE_ENV)
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise AdaptiveConfigError(f"{COST_TABLE_ENV}={explicit}: no such file")
+        return path
+    shipped = SHIPPED_TABLES / f"{card_slug(card)}_b{block}.json"
+    return shipped if shipped.is_file() else None
+
+
+def load_cost_table(card: str, block: int) -> StepCostModel | None:
+    path = find_cost_table(card, block)
+    if path is None:
+        logger.warning(
+            "DFLARE adaptive: no step-cost table for %r block %d (set %s, see docs/sglang_plugin.md); "
+            "verifying the whole block every step",
+            card,
+            block,
+            COST_TABLE_ENV,
+        )
+        return None
+    cost = StepCostModel.from_json(path)
+    if cost.block_size and cost.block_size != block:
+        logger.warning("DFLARE adaptive: %s is for block %d, serving %d", path, cost.block_size, block)
+    logger.info("DFLARE adaptive: step costs from %s (measured on %s, %s)", path, cost.device, cost.model)
+    return cost
+
+
+# ---- the step's tensor math (device-agnostic, tested on the CPU) -----------------------------------------
+
+
+def windowed_greedy_accept(
+    candidates: torch.Tensor, target_predict: torch.Tensor, verify_lens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy accept within each request's verify window.
+
+    ``candidates`` [bs, B]: column 0 the last committed token, columns 1.. the drafts; ``target_predict``
+    [bs, B]: the target's argmax after each column (columns at or past a row's window hold garbage);
+    ``verify_lens`` [bs]: columns the target verified (1 = only the committed token: a plain decode of that
+    row). Draft j is accepted while every draft before it was and it equals the target's token, and only
+    inside the window, so the bonus (the target's token after the accepted prefix) always comes from a
+    verified column. Returns (accepted drafts int32 [bs], bonus int64 [bs])."""
+    bs, block = candidates.shape
+    if target_predict.shape != (bs, block) or verify_lens.shape != (bs,):
+        raise ValueError("candidates, target_predict [bs, B] and verify_lens [bs] disagree")
+    drafts = torch.arange(block - 1, device=candidates.device)
+    inside = drafts[None, :] < (verify_lens.to(drafts.dtype) - 1)[:, None]
+    match = (candidates[:, 1:] == target_predict[:, :-1]) & inside
+    accepted = match.to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
+    bonus = target_predict.gather(1, accepted.to(torch.int64)[:, None]).squeeze(1).to(torch.int64)
+    return accepted, bonus
+
+
+def out_tokens(candidates: torch.Tensor, accepted: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
+    """[bs, B] tokens the scheduler appends (it reads the first accepted + 1 of each row): the accepted
+    drafts, then the bonus token."""
+    bs, block = candidates.shape
+    out = torch.zeros((bs, block), dtype=torch.int64, device=candidates.device)
+    if block > 1:
+        out[:, : block - 1].copy_(candidates[:, 1:])
+    out.scatter_(1, accepted.to(torch.int64)[:, None], bonus.to(torch.int64)[:, None])
+    return out
+
+
+def top1_probabilities(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """The drafter's top-1 probability per row of ``hidden`` [n, H] under the LM head ``weight`` [V, H]
+    (float32 [n]): the confidences the policy reads, in chunks so no [n, V] logits live at once."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        logits = torch.matmul(hidden[start : start + chunk].to(weight.dtype), weight.T).float()
+        out[start : start + chunk] = torch.exp(logits.max(dim=-1).values - torch.logsumexp(logits, dim=-1))
+    return out
+
+
+def uniform_width(widths: list[int], minimum: int = 1) -> int:
+    """One width for a batch that must verify alike (sampling: SGLang's sampling verify takes one window for
+    the batch): the mean of the policy's widths, rounded, at least ``minimum``."""
+    return max(minimum, round(sum(widths) / len(widths))) if widths else minimum

@@ -1,0 +1,325 @@
+"""One adaptive DFLARE decode step in SGLang: draft (or not), a ragged target verify, accept, commit.
+
+SGLang's DFlash step verifies the whole block for every request. Here the verify-width policy
+(``sglang_ext.dflare.verify_policy``) decides per step:
+
+* before drafting (``plan_for_batch``): a plain decode step for the whole batch (greedy batches only): the
+  drafter does not run and every request verifies just its last committed token (one target token each,
+  the bonus is the target's next token), after which the drafter's context K/V still get every committed
+  token (the commit below writes it, as after any verify);
+* after drafting (``plan`` on the drafter's top-1 probabilities): how many drafts each request's target
+  verifies. Greedy batches get per-request widths; a batch with sampled requests verifies one width for all
+  (SGLang's sampling verify kernel takes one window per call: with window n, "all n - 1 drafts accepted"
+  samples the bonus from the target's own distribution at that position, which keeps sampling exact).
+
+The target runs SGLang's compact ragged verify (per-request lengths, CUDA graphs by token count on FA3),
+built with SGLang's own window/scatter kernels; logits and hidden states come back in the strided
+[bs, block] layout the accept and the context-K/V commit use.
+
+Acceptance is learnt by the policy's calibration one step late (the previous step's accept lengths are
+read after this step's draft, when they are certainly computed), so the only host sync a step adds is the
+[bs, block - 1] confidences before the verify. With trace replay (benchmarks on dummy weights) the
+confidences and accept decisions come from the traces.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from sglang_ext.dflare.verify_policy import AcceptanceCalibration, VerifyPlan, VerifyWidthPolicy
+from sglang_ext.sglang_plugin import adaptive, request_counters, trace_replay
+
+logger = logging.getLogger(__name__)
+
+
+class AdaptiveStep:
+    """The policy state of one DFLARE worker and its decode step (``run``)."""
+
+    def __init__(self, worker: Any, cost: Any | None) -> None:
+        self.worker = worker
+        self.block = int(worker.block_size)
+        self.cost = cost
+        calibration = AcceptanceCalibration()
+        self.greedy_policy = (
+            VerifyWidthPolicy(cost, calibration, self.block, ragged=True) if cost is not None else None
+        )
+        self.sampling_policy = (
+            VerifyWidthPolicy(cost, calibration, self.block, ragged=False) if cost is not None else None
+        )
+        self.calibration = calibration
+        self._pending: tuple[torch.Tensor, list[int], Any] | None = None  # conf, widths, accepted (lagged)
+        self._warned_no_hidden = False
+        self.steps = self.plain_steps = 0
+        self.verified_drafts = 0
+
+    # -- the step ------------------------------------------------------------------------------------------
+    def run(self, batch: Any, on_publish: Any, replay: trace_replay.TraceReplay | None) -> Any:
+        from sglang.srt.managers.scheduler import GenerationBatchResult
+        from sglang.srt.speculative.dflash_info_v2 import DFlashDraftInputV2
+
+        w = self.worker
+        if batch.spec_info is None:
+            batch.spec_info = DFlashDraftInputV2.create_idle_input(device=w.device)
+        draft_input = batch.spec_info
+        batch.seq_lens.record_stream(torch.get_device_module(w.device).current_stream())
+        bs, block, device = len(batch.seq_lens), self.block, w.device
+        sampling_info = batch.sampling_info
+        greedy = sampling_info is None or sampling_info.is_all_greedy
+
+        block_ids, positions_2d, cache_loc_2d = self._prepare_block(batch, draft_input, bs)
+        policy = self.greedy_policy if greedy else self.sampling_policy
+        plain = greedy and policy is not None and policy.plan_for_batch(bs).plain_decode
+        confidences = None
+        if plain:
+            draft_tokens = block_ids
+            widths = [0] * bs
+        else:
+            draft_tokens, hidden = self._draft(batch, block_ids, positions_2d, cache_loc_2d, bs)
+            self._learn_lagged()
+            confidences = self._confidences(batch.reqs, hidden, bs, replay)
+            widths = self._widths(policy, confidences, greedy, bs)
+        verify_lens = [x + 1 for x in widths]
+
+        logits_output, can_run_graph, logits, hidden_states = self._verify(
+            batch, draft_input, block_ids, draft_tokens, verify_lens, bs
+        )
+        lens = torch.tensor(verify_lens, dtype=torch.int32, device=device)
+        if greedy:
+            if sampling_info is not None:  # penalties, logit bias, min tokens: they can move the argmax
+                from sglang.srt.speculative.dflash_utils import apply_dflash_verify_logits_adjustments
+
+                apply_dflash_verify_logits_adjustments(
+                    next_token_logits=logits, sampling_info=sampling_info, draft_token_num=block
+                )
+            predict = torch.argmax(logits, dim=-1).view(bs, block)
+            accepted, bonus = adaptive.windowed_greedy_accept(draft_tokens, predict, lens)
+        else:
+            accepted, bonus, predict = self._sampling_accept(
+                draft_tokens, logits, sampling_info, draft_input, verify_lens[0], bs
+            )
+        if replay is not None and not plain:
+            replayed = replay.accepted_lengths(batch.reqs, widths)
+            accepted = torch.tensor(replayed, dtype=torch.int32, device=device)
+            bonus = predict.gather(1, accepted.to(torch.int64)[:, None]).squeeze(1).to(torch.int64)
+            accepted_host: Any = replayed
+        else:
+            accepted_host = accepted
+        if confidences is not None:
+            self._pending = (confidences, widths, accepted_host)
+        commit_lens = accepted + 1
+        new_seq_lens = batch.seq_lens + commit_lens.to(batch.seq_lens.dtype)
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+
+        w._append_target_hidden_to_draft_kv_by_loc(
+            target_hidden=hidden_states,
+            cache_loc=cache_loc_2d.reshape(-1),
+            cache_loc_2d=cache_loc_2d,
+            positions=positions_2d.reshape(-1),
+            commit_lens=commit_lens,
+        )
+        logits_output.hidden_states = None
+        request_counters.record_step(batch.reqs, widths, plain)
+        self.steps += 1
+        self.plain_steps += int(plain)
+        self.verified_drafts += sum(widths)
+        return GenerationBatchResult(
+            logits_output=logits_output,
+            next_token_ids=adaptive.out_tokens(draft_tokens, accepted, bonus).reshape(-1),
+            accept_lens=commit_lens,
+            can_run_cuda_graph=can_run_graph,
+            next_draft_input=w._make_next_draft_input_decode(bonus_tokens=bonus, new_seq_lens=new_seq_lens),
+            speculative_num_draft_tokens=block,
+            new_seq_lens=new_seq_lens,
+        )
+
+    # -- parts ---------------------------------------------------------------------------------------------
+    def _prepare_block(self, batch: Any, draft_input: Any, bs: int):
+        """Block ids (last committed token + mask tokens), positions and cache slots of the whole block."""
+        from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
+
+        w, block = self.worker, self.block
+        w._ensure_draft_block_buffers(bs)
+        block_ids = w._draft_block_ids_buf[:bs]
+        positions_2d = w._draft_block_positions_buf[:bs]
+        cache_loc_2d = w._draft_verify_out_cache_loc_buf[:bs]
+        block_ids.fill_(int(w._mask_token_id))
+        block_ids[:, 0].copy_(draft_input.bonus_tokens)
+        torch.add(batch.seq_lens.unsqueeze(1), w._block_pos_offsets, out=positions_2d)
+        locs = assign_extend_cache_locs_func(
+            req_pool_indices=batch.req_pool_indices,
+            req_to_token=w.model_runner.req_to_token_pool.req_to_token,
+            start_offset=batch.seq_lens,
+            end_offset=batch.seq_lens + block,
+            batch_size=bs,
+            draft_token_num=block,
+            device=w.device,
+        )
+        cache_loc_2d.copy_(locs.view(bs, block))
+        return block_ids, positions_2d, cache_loc_2d
+
+    def _draft(self, batch: Any, block_ids, positions_2d, cache_loc_2d, bs: int):
+        """The drafter's forward over the block (SGLang's DFlash draft call): draft tokens [bs, block] and
+        the draft hidden states of positions 1.. (None when the CUDA-graph sampler kept them inside)."""
+        from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
+        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+        w, block = self.worker, self.block
+        target_model = w.target_worker.model_runner.model
+        embeds = target_model.get_input_embeddings()(block_ids)
+        seq_lens_cpu = w._draft_seq_lens_cpu_buf[:bs]
+        if batch.seq_lens_cpu is not None:
+            seq_lens_cpu.copy_(batch.seq_lens_cpu)
+            seq_lens_cpu.add_(block)
+        else:
+            seq_lens_cpu.copy_(batch.seq_lens.to("cpu", dtype=torch.int32) + block)
+        forward_batch = ForwardBatch(
+            forward_mode=ForwardMode.TARGET_VERIFY,
+            batch_size=bs,
+            input_ids=block_ids.flatten(),
+            req_pool_indices=batch.req_pool_indices,
+            seq_lens=batch.seq_lens,
+            out_cache_loc=cache_loc_2d.reshape(-1),
+            seq_lens_sum=int(seq_lens_cpu.sum()),
+            seq_lens_cpu=seq_lens_cpu,
+            positions=positions_2d.reshape(-1),
+            input_embeds=embeds.view(-1, embeds.shape[-1]),
+            spec_algorithm=SpeculativeAlgorithm.DFLASH,
+            spec_info=w._draft_block_spec_info,
+            capture_hidden_mode=CaptureHiddenMode.NULL,
+        )
+        with torch.inference_mode():
+            out = w.draft_model_runner.forward(forward_batch)
+        hidden = out.logits_output.hidden_states
+        hidden = None if hidden is None else hidden.view(bs, block, -1)[:, 1:, :]
+        if w._draft_sampler is not None and out.can_run_graph:
+            draft_next = w._draft_sampler.out[: bs * (block - 1)].view(bs, block - 1)
+        else:
+            if hidden is None:
+                raise RuntimeError("DFLARE draft model returned no hidden states")
+            draft_next = w._greedy_sample_from_vocab_parallel_head(
+                hidden_states=hidden.reshape(-1, hidden.shape[-1]), lm_head=target_model.lm_head
+            ).view(bs, block - 1)
+        tokens = w._draft_block_tokens_buf[:bs]
+        tokens[:, 0].copy_(block_ids[:, 0])
+        tokens[:, 1:].copy_(draft_next)
+        return tokens, hidden
+
+    def _confidences(self, reqs: Any, hidden: torch.Tensor | None, bs: int, replay: Any) -> torch.Tensor:
+        """[bs, block - 1] top-1 probabilities of the drafts, on the CPU (the step's one host sync)."""
+        n = self.block - 1
+        if replay is not None:
+            steps = replay.peek_steps(reqs)
+            return torch.tensor([list(s.confidences[:n]) for s in steps], dtype=torch.float64)
+        if hidden is None:
+            if not self._warned_no_hidden:
+                logger.warning("DFLARE adaptive: no draft hidden states; widths from acceptance by position")
+                self._warned_no_hidden = True
+            return self.calibration.position_rates(n).expand(bs, n).clone()
+        weight = self.worker.target_worker.model_runner.model.lm_head.weight
+        probs = adaptive.top1_probabilities(hidden.reshape(-1, hidden.shape[-1]), weight)
+        return probs.view(bs, n).to("cpu", torch.float64)
+
+    def _widths(self, policy: VerifyWidthPolicy | None, confidences: torch.Tensor, greedy: bool, bs: int):
+        if policy is None:  # no cost table: the whole block, through the ragged path
+            return [self.block - 1] * bs
+        plan: VerifyPlan = policy.plan(confidences)
+        if greedy:
+            return list(plan.widths)
+        return [adaptive.uniform_width(list(plan.widths))] * bs
+
+    def _learn_lagged(self) -> None:
+        """Teach the calibration what the target accepted in the previous drafted step."""
+        if self._pending is None:
+            return
+        confidences, widths, accepted = self._pending
+        self._pending = None
+        if isinstance(accepted, torch.Tensor):
+            accepted = accepted.tolist()
+        self.calibration.observe(confidences, widths, accepted)
+
+    def _verify(self, batch: Any, draft_input: Any, block_ids, draft_tokens, verify_lens: list[int], bs: int):
+        """The ragged target verify; logits and hidden states scattered back to [bs * block] rows."""
+        from sglang.kernels.ops.speculative.dspark.dspark_verify_window import (
+            BuildRaggedVerifyWindow,
+            ScatterCompactToStrided,
+        )
+        from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
+        from sglang.srt.speculative.dflash_info import DFlashVerifyInput
+        from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout
+
+        w, block = self.worker, self.block
+        runner = w.target_worker.model_runner.decode_cuda_graph_runner
+        tiers = list(getattr(runner, "capture_num_tokens", None) or [])
+        total = sum(verify_lens)
+        grid = tiers if tiers and total <= tiers[-1] else [total]
+        layout = RaggedVerifyLayout.from_verify_lens(verify_lens_cpu=verify_lens, device=w.device, grid=grid)
+        window = BuildRaggedVerifyWindow.execute(
+            batch=batch,
+            layout=layout,
+            draft_block_ids=block_ids,
+            draft_tokens=draft_tokens,
+            bs=bs,
+            device=w.device,
+            verify_num_draft_tokens=block,
+            model_runner=w.model_runner,
+        )
+        verify_input = DFlashVerifyInput(
+            draft_token=window.verify_ids,
+            positions=window.positions,
+            draft_token_num=block,
+            custom_mask=None,
+            capture_hidden_mode=CaptureHiddenMode.FULL,
+            ragged_verify_layout=layout,
+        )
+        batch.out_cache_loc = window.verify_cache_loc
+        seq_lens_cpu, seq_lens_sum = batch.seq_lens_cpu, batch.seq_lens_sum
+        if seq_lens_cpu is not None:
+            batch.seq_lens_cpu = seq_lens_cpu + torch.tensor(verify_lens, dtype=seq_lens_cpu.dtype)
+            batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
+        elif draft_input.reserved_seq_lens_cpu is not None:
+            batch.seq_lens_cpu = draft_input.reserved_seq_lens_cpu
+            batch.seq_lens_sum = int(draft_input.reserved_seq_lens_sum)
+        try:
+            forward_batch, _ = verify_input.prepare_for_verify(batch, w.target_worker)
+        finally:
+            batch.seq_lens_cpu, batch.seq_lens_sum = seq_lens_cpu, seq_lens_sum
+        out = w.target_worker.forward_batch_generation(
+            batch=None, forward_batch=forward_batch, is_verify=True, skip_attn_backend_init=True
+        )
+        logits_output = out.logits_output
+        if logits_output.hidden_states is None:
+            raise RuntimeError("DFLARE verify requires target hidden states, got None")
+        rows = bs * block
+        strided = dict(layout=layout, fill_value=0.0, verify_num_draft_tokens=block)
+        logits = ScatterCompactToStrided.execute(compact=logits_output.next_token_logits, **strided)[:rows]
+        hidden = ScatterCompactToStrided.execute(compact=logits_output.hidden_states, **strided)[:rows]
+        logits_output.next_token_logits = logits
+        return logits_output, out.can_run_cuda_graph, logits, hidden
+
+    def _sampling_accept(self, draft_tokens, logits, sampling_info, draft_input, window: int, bs: int):
+        """SGLang's sampling verify over the batch's one window of ``window`` columns (exact: see the module
+        docstring). Returns (accepted, bonus, the target's argmax [bs, block] for trace replay)."""
+        from sglang.srt.speculative.dflash_utils import (
+            apply_dflash_verify_logits_adjustments,
+            compute_dflash_sampling_correct_drafts_and_bonus,
+        )
+
+        block = self.block
+        vocab = logits.shape[-1]
+        windowed = logits.view(bs, block, vocab)[:, :window, :].reshape(bs * window, vocab).contiguous()
+        apply_dflash_verify_logits_adjustments(
+            next_token_logits=windowed, sampling_info=sampling_info, draft_token_num=window
+        )
+        accepted, bonus = compute_dflash_sampling_correct_drafts_and_bonus(
+            candidates=draft_tokens[:, :window].contiguous(),
+            next_token_logits=windowed,
+            sampling_info=sampling_info,
+            max_top_k=draft_input.max_top_k,
+            uniform_top_k_value=draft_input.uniform_top_k_value,
+        )
+        predict = torch.argmax(logits, dim=-1).view(bs, block)
+        return accepted.to(torch.int32), bonus.to(torch.int64), predict

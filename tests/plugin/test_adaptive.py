@@ -1,0 +1,183 @@
+"""Adaptive DFLARE verify in SGLang: mode resolution, cost tables, and the step's tensor math (CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sglang_ext.sglang_plugin import adaptive
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("env", "backend", "expected"),
+    [
+        ({}, "fa3", "adaptive"),
+        ({}, "triton", "static"),
+        ({}, None, "static"),
+        ({"DFLARE_VERIFY": "static"}, "fa3", "static"),
+        ({"DFLARE_VERIFY": "adaptive"}, "trtllm_mha", "adaptive"),
+        ({"DFLARE_VERIFY": "adaptive", "SGLANG_RAGGED_VERIFY_MODE": "compact"}, "fa3", "adaptive"),
+    ],
+)
+def test_mode_follows_the_backend_unless_asked(env, backend, expected) -> None:
+    assert adaptive.resolve_mode(backend, env) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "backend", "needle"),
+    [
+        ({"DFLARE_VERIFY": "adaptive"}, "triton", "ragged-verify CUDA graphs"),
+        ({"DFLARE_VERIFY": "fast"}, "fa3", "expected one of"),
+        ({"DFLARE_VERIFY": "adaptive", "SGLANG_RAGGED_VERIFY_MODE": "cap-accept"}, "fa3", "compact"),
+        ({"DFLARE_VERIFY": "static", "SGLANG_RAGGED_VERIFY_MODE": "compact"}, "fa3", "needs DFLARE_VERIFY"),
+    ],
+)
+def test_impossible_modes_fail_the_launch_with_a_reason(env, backend, needle) -> None:
+    with pytest.raises(adaptive.AdaptiveConfigError, match=needle):
+        adaptive.resolve_mode(backend, env)
+
+
+def test_cost_table_lookup_prefers_the_variable_then_the_card(tmp_path: Path) -> None:
+    assert adaptive.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert adaptive.find_cost_table("No Such Card", 16, {}) is None
+    table = tmp_path / "t.json"
+    table.write_text("{}")
+    assert adaptive.find_cost_table("No Such Card", 16, {"DFLARE_COST_TABLE": str(table)}) == table
+    with pytest.raises(adaptive.AdaptiveConfigError, match="no such file"):
+        adaptive.find_cost_table("x", 16, {"DFLARE_COST_TABLE": str(tmp_path / "missing.json")})
+    for shipped in adaptive.SHIPPED_TABLES.glob("*.json"):
+        card, block = shipped.stem.rsplit("_b", 1)
+        assert adaptive.find_cost_table(card, int(block), {}) == shipped
+
+
+def _greedy_case(seed: int, bs: int = 64, block: int = 8):
+    """Drafts that match the target's argmax with probability 0.7 per position (over a 5-token vocab, so
+    chance matches beyond a mismatch happen too), and random windows 1..block."""
+    g = torch.Generator().manual_seed(seed)
+    predict = torch.randint(0, 5, (bs, block), generator=g)
+    candidates = torch.randint(0, 5, (bs, block), generator=g)
+    agree = torch.rand(bs, block - 1, generator=g) < 0.7
+    candidates[:, 1:] = torch.where(agree, predict[:, :-1], candidates[:, 1:])
+    lens = torch.randint(1, block + 1, (bs,), generator=g)
+    return candidates, predict, lens
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_windowed_accept_commits_exactly_the_targets_tokens_within_the_window(seed: int) -> None:
+    candidates, predict, lens = _greedy_case(seed)
+    accepted, bonus = adaptive.windowed_greedy_accept(candidates, predict, lens)
+    out = adaptive.out_tokens(candidates, accepted, bonus)
+    for i in range(candidates.shape[0]):
+        a, window = int(accepted[i]), int(lens[i])
+        assert 0 <= a <= window - 1  # never a draft the target did not verify
+        # lossless: what is committed is the target's own greedy tokens
+        assert out[i, : a + 1].tolist() == predict[i, : a + 1].tolist()
+        # maximal: the next draft is rejected or outside the window
+        assert a == window - 1 or int(candidates[i, a + 1]) != int(predict[i, a])
+
+
+def test_full_window_matches_sglangs_full_block_rule_and_window_one_is_a_decode() -> None:
+    candidates, predict, _ = _greedy_case(7, bs=32, block=16)
+    full = torch.full((32,), 16)
+    accepted, bonus = adaptive.windowed_greedy_accept(candidates, predict, full)
+    match = (candidates[:, 1:] == predict[:, :-1]).int().cumprod(1).sum(1)
+    assert accepted.tolist() == match.tolist()
+    assert bonus.tolist() == predict.gather(1, match[:, None]).squeeze(1).tolist()
+    accepted, bonus = adaptive.windowed_greedy_accept(candidates, predict, torch.ones(32, dtype=torch.long))
+    assert accepted.tolist() == [0] * 32 and bonus.tolist() == predict[:, 0].tolist()
+
+
+def test_top1_probabilities_are_the_softmax_maximum_in_any_chunking() -> None:
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(37, 16, generator=g), torch.randn(101, 16, generator=g)
+    expected = torch.softmax(hidden @ weight.T, dim=-1).max(dim=-1).values
+    for chunk in (1, 8, 1024):
+        assert torch.allclose(adaptive.top1_probabilities(hidden, weight, chunk=chunk), expected, atol=1e-6)
+
+
+def test_uniform_width_is_the_rounded_mean_and_never_below_the_minimum() -> None:
+    assert adaptive.uniform_width([0, 0, 0]) == 1
+    assert adaptive.uniform_width([3, 5, 7]) == 5
+    assert adaptive.uniform_width([0, 0], minimum=0) == 0
+
+
+def test_cost_table_from_load_rows_puts_each_block_at_its_tokens(tmp_path: Path) -> None:
+    rows = [
+        {"trace": "synthetic", "batch": 8, "mode": "ar", "block": 1, "ar_step_ms": 6.0, "attention": "fa3"},
+        {"trace": "synthetic", "batch": 8, "mode": "static", "block": 4, "verify_ms": 6.5,
+         "context_kv_ms": 0.5, "draft_ms": 1.0, "attention": "fa3"},
+        {"trace": "demo_greedy", "batch": 8, "mode": "static", "block": 16, "verify_ms": 9.0,
+         "context_kv_ms": 1.0, "draft_ms": 2.0, "attention": "fa3"},
+        {"trace": "synthetic", "batch": 8, "mode": "static", "block": 16, "verify_ms": 11.0,
+         "context_kv_ms": 1.0, "draft_ms": 3.0, "attention": "fa3"},
+        {"trace": "synthetic", "batch": 8, "mode": "static", "block": 16, "verify_ms": 99.0,
+         "draft_ms": 99.0, "attention": "triton"},
+    ]  # fmt: skip
+    src = tmp_path / "load.json"
+    src.write_text(json.dumps({"device": "NVIDIA Test Card", "rows": rows}))
+    out = tmp_path / "table.json"
+    script = ROOT / "tests/gpu/make_cost_table.py"
+    cmd = [sys.executable, str(script), str(src), "--block", "16", "-o", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    table = json.loads(out.read_text())
+    assert table["device"] == "NVIDIA Test Card" and table["block_size"] == 16
+    verify = {(p["batch"], p["tokens"]): p["ms"] for p in table["verify"]}
+    assert verify == {(8, 8): 6.0, (8, 32): 7.0, (8, 128): 11.0}  # both traces averaged, triton left out
+    assert table["draft"] == [{"batch": 8, "block": 16, "ms": 2.5}]
+    assert table["decode"] == [{"batch": 8, "ms": 6.0}]
+
+
+def _step(block: int = 8, cheap_verify: bool = True) -> Any:
+    """An AdaptiveStep on a stand-in worker (only the block size is read outside ``run``) with a cost table
+    where verifying is nearly free (``cheap_verify``) or costs far more than decoding."""
+    from types import SimpleNamespace
+
+    from sglang_ext.dflare.verify_policy import StepCostModel
+    from sglang_ext.sglang_plugin.adaptive_step import AdaptiveStep
+
+    per_token = 0.001 if cheap_verify else 5.0
+    verify = [(b, t, 5.0 + per_token * t) for b in (1, 64) for t in (b, b * block)]
+    cost = StepCostModel(verify, [(1, block, 0.1), (64, block, 0.5)], [(1, 5.0), (64, 5.0)], block_size=block)
+    return AdaptiveStep(SimpleNamespace(block_size=block), cost)
+
+
+def test_greedy_widths_follow_each_requests_confidence_and_sampling_batches_verify_alike() -> None:
+    step = _step()
+    confident = torch.tensor([[0.99] * 7, [0.02] * 7] * 4, dtype=torch.float64)
+    widths = step._widths(step.greedy_policy, confident, greedy=True, bs=8)
+    assert widths[0] > widths[1]  # more width to the confident request
+    uniform = step._widths(step.sampling_policy, confident, greedy=False, bs=8)
+    assert len(set(uniform)) == 1 and uniform[0] >= 1
+
+
+def test_costly_verify_turns_greedy_batches_to_plain_decoding_and_no_table_verifies_the_block() -> None:
+    step = _step(cheap_verify=False)
+    step.greedy_policy.plan_for_batch(64)  # the cold start drafts once ...
+    doubtful = torch.full((64, 7), 0.3, dtype=torch.float64)
+    step.greedy_policy.plan(doubtful)
+    assert step.greedy_policy.plan_for_batch(64).plain_decode  # ... then drafting does not pay
+    from types import SimpleNamespace
+
+    from sglang_ext.sglang_plugin.adaptive_step import AdaptiveStep
+
+    blind = AdaptiveStep(SimpleNamespace(block_size=8), None)
+    assert blind._widths(None, doubtful, greedy=True, bs=64) == [7] * 64
+
+
+def test_the_calibration_learns_one_step_late_from_what_was_accepted() -> None:
+    step = _step()
+    conf = torch.full((4, 7), 0.9, dtype=torch.float64)
+    before = step.calibration.observations
+    step._pending = (conf, [7, 7, 7, 7], torch.tensor([0, 0, 0, 0], dtype=torch.int32))
+    step._learn_lagged()
+    assert step.calibration.observations == before + 4  # one rejection seen per request
+    assert step._pending is None
+    assert float(step.calibration.predict(torch.tensor([0.9]))[0]) < 0.9  # the drafter was overconfident
