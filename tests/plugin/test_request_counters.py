@@ -231,8 +231,12 @@ def _deliver(tm, payload, msgpack: bool) -> None:
 # ---- the whole chain ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("msgpack", [False, True], ids=["pickle-ipc", "msgpack-ipc"])
-def test_recorded_steps_reach_meta_info_through_sglang(plugins_loaded, monkeypatch, msgpack):
+@pytest.mark.parametrize(
+    ("msgpack", "incremental"),
+    [(False, False), (True, False), (False, True)],
+    ids=["pickle-ipc", "msgpack-ipc", "incremental-streaming"],
+)
+def test_recorded_steps_reach_meta_info_through_sglang(plugins_loaded, monkeypatch, msgpack, incremental):
     """Four requests over four overlapped steps (each step launched before the previous one's result is
     processed): ragged widths, a width-0 request, a whole-batch plain step, requests that finish while a
     later step is already in flight (SGLang does not count that step; neither may we)."""
@@ -246,6 +250,7 @@ def test_recorded_steps_reach_meta_info_through_sglang(plugins_loaded, monkeypat
     a, b, c, d = _req("a", 10), _req("b", 7), _req("c", 4), _req("d", 2)
     processor, tm = _processor(), _tokenizer_manager(["a", "b", "c", "d"])
     tm.rid_to_state["a"].obj.stream = True  # its intermediate outputs reach the client too
+    tm.incremental_streaming_output = incremental  # SGLang slices per-token meta_info lists then
     states = dict(tm.rid_to_state)
 
     def step(batch_reqs, accepted):
