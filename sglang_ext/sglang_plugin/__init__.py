@@ -16,7 +16,8 @@ _registered = False
 
 
 def register() -> None:
-    """Entry point: register the DFLARE algorithm, the draft architecture and the OpenAI usage hooks."""
+    """Entry point: register the DFLARE algorithm, the draft architecture and the hooks (launch validation,
+    OpenAI usage, the per-request step counters in meta_info)."""
     global _registered
     if _registered:
         return
@@ -24,7 +25,7 @@ def register() -> None:
         from sglang.srt.models.registry import ModelRegistry
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-        from sglang_ext.sglang_plugin import openai_usage, phase_timing, validation
+        from sglang_ext.sglang_plugin import openai_usage, phase_timing, request_counters, validation
         from sglang_ext.sglang_plugin.algorithm import register_algorithm
         from sglang_ext.sglang_plugin.model import DFlareDraftModel
 
@@ -32,7 +33,8 @@ def register() -> None:
         ModelRegistry.models[validation.ARCHITECTURE] = DFlareDraftModel
         # queued here, applied by SGLang's load_plugins() once every plugin has run
         timing = phase_timing.HOOKS if phase_timing.enabled() else ()
-        for target, hook, kind in (*validation.HOOKS, *openai_usage.HOOKS, *timing):
+        hooks = (*validation.HOOKS, *openai_usage.HOOKS, *request_counters.HOOKS, *timing)
+        for target, hook, kind in hooks:
             HookRegistry.register(target, hook, HookType[kind])
     except Exception:
         logger.exception("dflare SGLang plugin failed to register: DFLARE will be unavailable")

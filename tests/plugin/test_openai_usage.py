@@ -72,9 +72,9 @@ class ReplayTokenizerManager:
 def test_every_hook_is_applied_by_sglangs_loader(plugins_loaded):
     import importlib
 
-    from sglang_ext.sglang_plugin import openai_usage, validation
+    from sglang_ext.sglang_plugin import openai_usage, request_counters, validation
 
-    for target, hook, _kind in (*validation.HOOKS, *openai_usage.HOOKS):
+    for target, hook, _kind in (*validation.HOOKS, *openai_usage.HOOKS, *request_counters.HOOKS):
         module_name, _, rest = target.rpartition(".")
         try:
             owner = importlib.import_module(module_name)
