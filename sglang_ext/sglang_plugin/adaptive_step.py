@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from sglang_ext.dflare.verify_policy import AcceptanceCalibration, VerifyPlan, VerifyWidthPolicy
-from sglang_ext.sglang_plugin import adaptive, request_counters, trace_replay
+from sglang_ext.sglang_plugin import adaptive, trace_replay
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ class AdaptiveStep:
             commit_lens=commit_lens,
         )
         logits_output.hidden_states = None
-        request_counters.record_step(batch.reqs, widths, plain)
+        error = self.calibration.calibration_error() if self.greedy_policy is not None else None
+        w.record_step(batch.reqs, widths, plain, error)
         self.steps += 1
         self.plain_steps += int(plain)
         self.verified_drafts += sum(widths)

@@ -16,7 +16,14 @@ import torch
 from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
 from sglang.srt.utils import is_cuda
 
-from sglang_ext.sglang_plugin import adaptive, step_profile, top_p, trace_replay
+from sglang_ext.sglang_plugin import (
+    adaptive,
+    request_counters,
+    step_profile,
+    top_p,
+    trace_replay,
+    verify_metrics,
+)
 from sglang_ext.sglang_plugin.adaptive_step import AdaptiveStep
 from sglang_ext.sglang_plugin.model import DFlareDraftModel
 
@@ -89,6 +96,8 @@ class DFlareWorkerV2(DFlashWorkerV2):
         if self._trace_replay is not None:
             self._install_trace_replay()
         self._step_profiler = step_profile.from_environment()
+        model_name = self.server_args.served_model_name or self.server_args.model_path
+        self._verify_metrics = verify_metrics.from_environment(str(model_name), int(self.block_size))
         self._adaptive: AdaptiveStep | None = None
         if adaptive.adaptive_enabled():
             card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -111,7 +120,7 @@ class DFlareWorkerV2(DFlashWorkerV2):
         replay on, the batch's requests are kept for the accept step, and with step profiling on, chosen
         decode batch sizes run under the torch profiler."""
         decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch)
-        step = super().forward_batch_generation
+        step = self._static_decode if decode else super().forward_batch_generation
         if decode and self._adaptive_fits(batch):
             step = self._adaptive_decode
         if self._trace_replay is not None and decode:
@@ -131,6 +140,19 @@ class DFlareWorkerV2(DFlashWorkerV2):
             and not self.use_compact_draft_cache
             and not self._need_mamba_verify_commit
         )
+
+    def record_step(self, reqs, widths: list[int], plain: bool, calibration_error: float | None = None):
+        """Per-request widths of one decode step into meta_info (request_counters) and /metrics."""
+        request_counters.record_step(reqs, widths, plain)
+        if self._verify_metrics is not None:
+            self._verify_metrics.record(widths, calibration_error)
+
+    def _static_decode(self, batch, on_publish=None, grammar_barrier=None):
+        """SGLang's DFlash step: every request verifies the whole block."""
+        result = super().forward_batch_generation(batch, on_publish, grammar_barrier)
+        if not batch.forward_mode.is_idle():
+            self.record_step(batch.reqs, [int(self.block_size) - 1] * len(batch.reqs), False)
+        return result
 
     def _adaptive_decode(self, batch, on_publish=None, grammar_barrier=None):
         if getattr(batch, "return_logprob", False):
