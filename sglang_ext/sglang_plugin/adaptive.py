@@ -142,6 +142,13 @@ def windowed_greedy_accept(
     return accepted, bonus
 
 
+def window_inputs(block_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchors source, drafts) for SGLang's ragged window builder from [bs, B] block tokens (column 0 the
+    last committed token): it reads the drafts alone ([bs, B - 1]) and each anchor from column 0 of a tensor
+    with the drafts' row stride (its Triton kernel indexes both with one stride)."""
+    return block_tokens[:, :-1].contiguous(), block_tokens[:, 1:].contiguous()
+
+
 def out_tokens(candidates: torch.Tensor, accepted: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
     """[bs, B] tokens the scheduler appends (it reads the first accepted + 1 of each row): the accepted
     drafts, then the bonus token."""

@@ -84,7 +84,7 @@ class AdaptiveStep:
         verify_lens = [x + 1 for x in widths]
 
         logits_output, can_run_graph, logits, hidden_states = self._verify(
-            batch, draft_input, block_ids, draft_tokens, verify_lens, bs
+            batch, draft_input, draft_tokens, verify_lens, bs
         )
         lens = torch.tensor(verify_lens, dtype=torch.int32, device=device)
         if greedy:
@@ -242,7 +242,7 @@ class AdaptiveStep:
             accepted = accepted.tolist()
         self.calibration.observe(confidences, widths, accepted)
 
-    def _verify(self, batch: Any, draft_input: Any, block_ids, draft_tokens, verify_lens: list[int], bs: int):
+    def _verify(self, batch: Any, draft_input: Any, draft_tokens, verify_lens: list[int], bs: int):
         """The ragged target verify; logits and hidden states scattered back to [bs * block] rows."""
         from sglang.kernels.ops.speculative.dspark.dspark_verify_window import (
             BuildRaggedVerifyWindow,
@@ -258,11 +258,12 @@ class AdaptiveStep:
         total = sum(verify_lens)
         grid = tiers if tiers and total <= tiers[-1] else [total]
         layout = RaggedVerifyLayout.from_verify_lens(verify_lens_cpu=verify_lens, device=w.device, grid=grid)
+        anchors, drafts = adaptive.window_inputs(draft_tokens)
         window = BuildRaggedVerifyWindow.execute(
             batch=batch,
             layout=layout,
-            draft_block_ids=block_ids,
-            draft_tokens=draft_tokens,
+            draft_block_ids=anchors,
+            draft_tokens=drafts,
             bs=bs,
             device=w.device,
             verify_num_draft_tokens=block,

@@ -181,3 +181,18 @@ def test_the_calibration_learns_one_step_late_from_what_was_accepted() -> None:
     assert step.calibration.observations == before + 4  # one rejection seen per request
     assert step._pending is None
     assert float(step.calibration.predict(torch.tensor([0.9]))[0]) < 0.9  # the drafter was overconfident
+
+
+def test_sglangs_window_builder_gets_each_requests_window_in_order() -> None:
+    """The verify ids SGLang's compact ragged verify runs are each request's first verify_len block tokens."""
+    from sglang.kernels.ops.speculative.dspark.dspark_verify_window import compact_verify_ids
+    from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout
+
+    block_tokens = torch.arange(100, 100 + 4 * 6).view(4, 6)  # 4 requests, block 6
+    lens = [1, 6, 3, 2]
+    cpu = torch.device("cpu")
+    layout = RaggedVerifyLayout.from_verify_lens(verify_lens_cpu=lens, device=cpu, grid=[16, 24])
+    anchors, drafts = adaptive.window_inputs(block_tokens)
+    ids = compact_verify_ids(draft_block_ids=anchors, draft_tokens=drafts, layout=layout, device="cpu")
+    expected = [t for row, n in zip(block_tokens.tolist(), lens, strict=True) for t in row[:n]]
+    assert ids.tolist() == expected + [0] * (16 - len(expected))  # padded to the graph tier with zeros
