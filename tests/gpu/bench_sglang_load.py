@@ -41,8 +41,15 @@ DEFAULT_TRACES = REPO / "sglang_ext" / "traces" / "data"
 
 
 def new_tokens(bs: int) -> int:
-    """Long enough for a steady batch, short enough that the grid fits a device call."""
-    return 256 if bs <= 64 else 128
+    """Long enough that the prefill of the whole batch and the ramp of its first steps do not dominate (at
+    batch 128, 128 new tokens are only ~20 verify steps at tau 6.5 and understate speculation), short enough
+    that a wave of the grid fits one 10-minute device command: 512 at batch 128, 256 elsewhere."""
+    return 512 if 128 <= bs < 256 else 256
+
+
+def kv_tokens(sizes: list[int]) -> int:
+    """KV slots for the largest batch of the grid (prompt, new tokens and a verify window per request)."""
+    return max(bs * (len(PROMPT) + new_tokens(bs) + 48) for bs in sizes)
 
 
 def running_batch(before: dict, after: dict) -> int:
@@ -80,12 +87,13 @@ def measure(server: Server, bs: int, trace: str | None) -> dict:
     return row
 
 
-def server_args(attn: str, max_bs: int) -> list[str]:
+def server_args(attn: str, sizes: list[int]) -> list[str]:
+    max_bs = max(sizes)
     return [
         "--model-path", str(ROOT / "target"), "--load-format", "dummy", "--skip-tokenizer-init",
         "--dtype", "bfloat16", "--mem-fraction-static", "0.9",
         "--attention-backend", attn,
-        "--max-total-tokens", str(max_bs * (128 + new_tokens(max_bs) + 48)),
+        "--max-total-tokens", str(kv_tokens(sizes)),
         "--max-running-requests", str(max_bs), "--cuda-graph-max-bs", str(max_bs),
         "--context-length", "4096",
     ]  # fmt: skip
@@ -205,12 +213,13 @@ def main() -> int:
         "rounds": rounds,
         "attention": attn,
         "traces": traces,
-        "command": f"BLOCKS={os.environ.get('BLOCKS', '16,8')} ATTN={attn} bash tests/gpu/run_on_gpu.sh load",
+        "command": f"BLOCKS={os.environ.get('BLOCKS', '16,8')} TRACES={','.join(traces)} ATTN={attn} "
+        "bash tests/gpu/run_on_gpu.sh load",
     }
     for name, cfg in {"target": TARGET, "dflare7": draft("QwenDFlareDraftModel", 7, TAPS9)}.items():
         (ROOT / name).mkdir(parents=True, exist_ok=True)
         (ROOT / name / "config.json").write_text(json.dumps(cfg))
-    base = server_args(attn, max(sizes))
+    base = server_args(attn, sizes)
     ar = Server("ar", 31000, base, {"DFLARE_PHASE_TIMING": "/tmp/phases/ar"})
     per_wave = int(os.environ.get("PARALLEL", "2" if res["device"].find("H200") >= 0 else "1"))
     rows: list[dict] = []
