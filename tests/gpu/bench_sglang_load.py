@@ -159,6 +159,7 @@ def run_wave(
             up[who] = spec
         else:
             res[f"error_{spec.name}"] = ar.log_tail(30) + "\n---\n" + spec.log_tail(40)
+    res["server_notes"] = notes  # now, not at the wave's end: a wave cut short still says how it verified
     if not up:
         return
     generate(ar.url, [PROMPT] * 2, {"temperature": 0, "max_new_tokens": 32}, 2)

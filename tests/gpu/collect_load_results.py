@@ -2,8 +2,9 @@
 printed) into one ``docs/results/sglang_bench_load.json`` with a top-level ``device`` and ``rows``.
 
 ``python tests/gpu/collect_load_results.py OUT.json RUN_DIR [RUN_DIR ...]``: each RUN_DIR holds one call's
-``bench_load*.json`` and ``load_stdout.txt``. Rows of a cut-short wave are the medians of the rounds it
-finished (``rounds`` says how many), marked ``"partial": true``.
+``bench_load*.json`` and ``load_stdout.txt`` (and, for a call cut short, the server logs in ``gpu_logs/``).
+Rows of a cut-short wave are the medians of the rounds it finished (``rounds`` says how many), marked
+``"partial": true``. Every DFLARE row says how its server verified (``verify_path``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,42 @@ def partial_rows(wave: list[tuple[str, str, int, dict]], wave_name: str) -> list
     return out
 
 
+def server_notes(data: dict, run: Path) -> dict[str, list[str]]:
+    """What each DFLARE server logged about itself at start: the run's ``server_notes``, or, for a run cut
+    short before it saved them, the DFLARE lines of the server logs in ``RUN_DIR/gpu_logs/``."""
+    notes = dict(data.get("server_notes") or {})
+    for log in sorted((run / "gpu_logs").glob("dflare_*.log")):
+        if log.stem not in notes:
+            notes[log.stem] = [ln for ln in log.read_text(errors="replace").splitlines() if "DFLARE" in ln]
+    return notes
+
+
+def verify_path(lines: list[str]) -> str:
+    """How a DFLARE server verified, in its own words: ``adaptive`` (the verify-width policy with a step-cost
+    table), ``adaptive_step`` (the adaptive step's ragged verify without a table: the whole block every
+    step) or ``sglang`` (SGLang's DFlash step). The plugin's default on FA3 is adaptive, so a run whose
+    script did not set ``DFLARE_VERIFY`` is labelled by what its servers ran, not by what the script
+    assumed."""
+    if not any("verify=adaptive" in ln for ln in lines):
+        return "sglang"
+    return "adaptive_step" if any("no step-cost table" in ln for ln in lines) else "adaptive"
+
+
+def label_verify_paths(rows: list[dict], notes: dict[str, list[str]]) -> None:
+    """Every DFLARE row gets its server's ``verify_path``; static rows of a server that ran the policy
+    become adaptive rows, their verified tokens per request unknown unless measured (the script had set
+    them to the block)."""
+    for row in rows:
+        if row["mode"] == "ar":
+            continue
+        name = f"dflare_{'a' if row['mode'] == 'adaptive' else 'b'}{row['block']}"
+        row["verify_path"] = verify_path(notes.get(name, []))
+        if row["mode"] == "static" and row["verify_path"] == "adaptive":
+            row["mode"] = "adaptive"
+            if row.get("verified_per_req") == row["block"]:
+                row["verified_per_req"] = None
+
+
 def main() -> int:
     out, runs = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
     combined: dict = {"device": None, "runs": [], "rows": []}
@@ -78,6 +115,7 @@ def main() -> int:
             for name, wave in printed_rounds(stdout).items():
                 if name and not set(name.split(",")) & done:
                     rows += partial_rows(wave, name)
+        label_verify_paths(rows, server_notes(data, run))
         for row in rows:
             row["attention"] = attention
             row.setdefault("rounds", data["setup"]["rounds"])
