@@ -86,7 +86,7 @@ def verify_path(lines: list[str]) -> str:
 def label_verify_paths(rows: list[dict], notes: dict[str, list[str]]) -> None:
     """Every DFLARE row gets its server's ``verify_path``; static rows of a server that ran the policy
     become adaptive rows, their verified tokens per request unknown unless measured (the script had set
-    them to the block)."""
+    them to the block), and rows of a server that verified the whole block every step are static."""
     for row in rows:
         if row["mode"] == "ar":
             continue
@@ -96,6 +96,8 @@ def label_verify_paths(rows: list[dict], notes: dict[str, list[str]]) -> None:
             row["mode"] = "adaptive"
             if row.get("verified_per_req") == row["block"]:
                 row["verified_per_req"] = None
+        elif row["verify_path"] == "adaptive_step":  # no cost table: static widths
+            row["mode"], row["verified_per_req"] = "static", row["block"]
 
 
 def main() -> int:
