@@ -36,6 +36,14 @@ def printed_rounds(stdout: Path) -> dict[str, list[tuple[str, str, int, dict]]]:
     return {",".join(sorted({w for w, *_ in wave if w != "ar"})): wave for wave in waves}
 
 
+def printed_server(who: str) -> tuple[str, int]:
+    """(mode, block) of a DFLARE server as the benchmark prints it: ``b8`` (or ``8``) static, ``a16``
+    adaptive."""
+    if who.startswith("a"):
+        return "adaptive", int(who[1:])
+    return "static", int(who.removeprefix("b"))
+
+
 def partial_rows(wave: list[tuple[str, str, int, dict]], wave_name: str) -> list[dict]:
     def med(rows: list[dict], key: str) -> float | None:
         values = [r[key] for r in rows if r.get(key) is not None]
@@ -49,7 +57,10 @@ def partial_rows(wave: list[tuple[str, str, int, dict]], wave_name: str) -> list
             if not ar or not spec:
                 continue
             row = {key: med(spec, key) for key in spec[0]}
-            row.update(trace=trace, batch=bs, mode="static", block=int(who), wave=wave_name, partial=True)
+            mode, block = printed_server(who)
+            row.update(trace=trace, batch=bs, mode=mode, block=block, wave=wave_name, partial=True)
+            if mode == "static":
+                row["verified_per_req"] = block
             row["rounds"] = len(spec)
             row["tok_s_rounds"] = [r["tok_s"] for r in spec]
             row["ar_step_ms"] = med(ar, "decode_ms")
@@ -111,11 +122,11 @@ def main() -> int:
             raise SystemExit(f"{result}: {data['device']}, not {combined['device']}: one card per file")
         attention = data["setup"]["attention"]
         rows = data.get("rows", [])
-        done = {str(r["block"]) for r in rows if r["mode"] == "static"}
+        done = {(r["mode"], r["block"]) for r in rows if r["mode"] != "ar"}
         stdout = run / "load_stdout.txt"
         if stdout.is_file():
             for name, wave in printed_rounds(stdout).items():
-                if name and not set(name.split(",")) & done:
+                if name and not {printed_server(w) for w in name.split(",")} & done:
                     rows += partial_rows(wave, name)
         label_verify_paths(rows, server_notes(data, run))
         for row in rows:
