@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from sglang_ext.dflare.verify_policy import AcceptanceCalibration, VerifyPlan, VerifyWidthPolicy
-from sglang_ext.sglang_plugin import adaptive, trace_replay
+from sglang_ext.sglang_plugin import adaptive, host_upload, trace_replay
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +77,20 @@ class AdaptiveStep:
             draft_tokens = block_ids
             widths = [0] * bs
         else:
-            draft_tokens, hidden = self._draft(batch, block_ids, positions_2d, cache_loc_2d, bs)
-            self._learn_lagged()
-            confidences = self._confidences(batch.reqs, hidden, bs, replay)
-            widths = self._widths(policy, confidences, greedy, bs)
+            draft_tokens, hidden = self._draft(batch, draft_input, block_ids, positions_2d, cache_loc_2d, bs)
+            if policy is None:  # no cost table: the whole block, nothing to plan or learn
+                widths = [block - 1] * bs
+            else:
+                self._learn_lagged()
+                confidences = self._confidences(batch.reqs, hidden, bs, replay)
+                widths = self._widths(policy, confidences, greedy, bs)
         verify_lens = [x + 1 for x in widths]
 
+        layout = self._layout(verify_lens)
         logits_output, can_run_graph, logits, hidden_states = self._verify(
-            batch, draft_input, draft_tokens, verify_lens, bs
+            batch, draft_input, draft_tokens, layout, bs
         )
-        lens = torch.tensor(verify_lens, dtype=torch.int32, device=device)
+        lens = layout.verify_lens
         if greedy:
             if sampling_info is not None:  # penalties, logit bias, min tokens: they can move the argmax
                 from sglang.srt.speculative.dflash_utils import apply_dflash_verify_logits_adjustments
@@ -102,7 +106,7 @@ class AdaptiveStep:
             )
         if replay is not None and not plain:
             replayed = replay.accepted_lengths(batch.reqs, widths)
-            accepted = torch.tensor(replayed, dtype=torch.int32, device=device)
+            accepted = host_upload.to_device(replayed, device, torch.int32)
             bonus = predict.gather(1, accepted.to(torch.int64)[:, None]).squeeze(1).to(torch.int64)
             accepted_host: Any = replayed
         else:
@@ -162,7 +166,7 @@ class AdaptiveStep:
         cache_loc_2d.copy_(locs.view(bs, block))
         return block_ids, positions_2d, cache_loc_2d
 
-    def _draft(self, batch: Any, block_ids, positions_2d, cache_loc_2d, bs: int):
+    def _draft(self, batch: Any, draft_input: Any, block_ids, positions_2d, cache_loc_2d, bs: int):
         """The drafter's forward over the block (SGLang's DFlash draft call): draft tokens [bs, block] and
         the draft hidden states of positions 1.. (None when the CUDA-graph sampler kept them inside)."""
         from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
@@ -172,9 +176,11 @@ class AdaptiveStep:
         target_model = w.target_worker.model_runner.model
         embeds = target_model.get_input_embeddings()(block_ids)
         seq_lens_cpu = w._draft_seq_lens_cpu_buf[:bs]
-        if batch.seq_lens_cpu is not None:
+        if batch.seq_lens_cpu is not None:  # host bound = committed prefix + one block (as SGLang's step)
             seq_lens_cpu.copy_(batch.seq_lens_cpu)
             seq_lens_cpu.add_(block)
+        elif draft_input.reserved_seq_lens_cpu is not None:  # a safe over-estimate, no device read
+            seq_lens_cpu.copy_(draft_input.reserved_seq_lens_cpu)
         else:
             seq_lens_cpu.copy_(batch.seq_lens.to("cpu", dtype=torch.int32) + block)
         forward_batch = ForwardBatch(
@@ -224,9 +230,7 @@ class AdaptiveStep:
         probs = adaptive.top1_probabilities(hidden.reshape(-1, hidden.shape[-1]), weight)
         return probs.view(bs, n).to("cpu", torch.float64)
 
-    def _widths(self, policy: VerifyWidthPolicy | None, confidences: torch.Tensor, greedy: bool, bs: int):
-        if policy is None:  # no cost table: the whole block, through the ragged path
-            return [self.block - 1] * bs
+    def _widths(self, policy: VerifyWidthPolicy, confidences: torch.Tensor, greedy: bool, bs: int):
         plan: VerifyPlan = policy.plan(confidences)
         if greedy:
             return list(plan.widths)
@@ -242,7 +246,24 @@ class AdaptiveStep:
             accepted = accepted.tolist()
         self.calibration.observe(confidences, widths, accepted)
 
-    def _verify(self, batch: Any, draft_input: Any, draft_tokens, verify_lens: list[int], bs: int):
+    def _layout(self, verify_lens: list[int]):
+        """SGLang's ragged layout for these lengths, padded to the smallest captured token tier; the lengths
+        reach the GPU through a pinned buffer (host_upload: no wait on the previous step)."""
+        from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout, round_up_grid
+
+        w = self.worker
+        runner = w.target_worker.model_runner.decode_cuda_graph_runner
+        tiers = list(getattr(runner, "capture_num_tokens", None) or [])
+        total = sum(verify_lens)
+        graph_tokens = round_up_grid(total, tiers) if tiers and total <= tiers[-1] else total
+        return RaggedVerifyLayout._assemble_device(  # the public builders copy the lengths pageable
+            verify_lens=host_upload.to_device(verify_lens, w.device, torch.int32),
+            graph_num_tokens=graph_tokens,
+            verify_lens_cpu=list(verify_lens),
+            total_verify_tokens=total,
+        )
+
+    def _verify(self, batch: Any, draft_input: Any, draft_tokens, layout, bs: int):
         """The ragged target verify; logits and hidden states scattered back to [bs * block] rows."""
         from sglang.kernels.ops.speculative.dspark.dspark_verify_window import (
             BuildRaggedVerifyWindow,
@@ -250,14 +271,9 @@ class AdaptiveStep:
         )
         from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
         from sglang.srt.speculative.dflash_info import DFlashVerifyInput
-        from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout
 
         w, block = self.worker, self.block
-        runner = w.target_worker.model_runner.decode_cuda_graph_runner
-        tiers = list(getattr(runner, "capture_num_tokens", None) or [])
-        total = sum(verify_lens)
-        grid = tiers if tiers and total <= tiers[-1] else [total]
-        layout = RaggedVerifyLayout.from_verify_lens(verify_lens_cpu=verify_lens, device=w.device, grid=grid)
+        verify_lens = layout.verify_lens_cpu
         anchors, drafts = adaptive.window_inputs(draft_tokens)
         window = BuildRaggedVerifyWindow.execute(
             batch=batch,

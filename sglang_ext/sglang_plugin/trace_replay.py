@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from sglang_ext.sglang_plugin import host_upload
 from sglang_ext.traces.format import AcceptanceTrace, TraceStep, accepted_in_window
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def write_replayed_acceptance(
     then the bonus token (the target's own token at that position when known).
     """
     bs, block = candidates.shape
-    acc = torch.tensor(accepted, dtype=torch.int64).to(candidates.device, non_blocking=True)
+    acc = host_upload.to_device(accepted, candidates.device, torch.int64)
     accept_len.copy_(acc)
     commit_lens.copy_(acc + 1)
     if target_predict is not None:
