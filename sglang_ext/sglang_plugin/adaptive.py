@@ -1,10 +1,10 @@
 """Adaptive verify widths for DFLARE inside SGLang: the mode, the cost table, and the step's pure tensor math.
 
-``DFLARE_VERIFY`` picks the mode: ``adaptive`` (each step the verify-width policy of
-``sglang_ext.dflare.verify_policy`` chooses per request how many drafts the target verifies, or a plain decode
-step), ``static`` (the whole block every step, SGLang's DFlash behaviour), or ``auto`` (the default:
-adaptive where SGLang 0.5.17 captures CUDA graphs for ragged verifies, i.e. the ``fa3`` and ``trtllm_mha``
-attention backends; static elsewhere, where a ragged verify would run without graphs).
+``DFLARE_VERIFY`` picks the mode: ``static`` (the default: the whole block every step, SGLang's DFlash step)
+or ``adaptive`` (each step the verify-width policy of ``sglang_ext.dflare.verify_policy`` chooses per request
+how many drafts the target verifies, or a plain decode step). Adaptive needs an attention backend SGLang
+0.5.17 captures CUDA graphs for ragged verifies with (``fa3``, ``trtllm_mha``). It stays opt-in until a GPU
+benchmark of the current step shows it ahead of the static block (docs/benchmarks.md).
 
 Adaptive runs SGLang's compact ragged verify (``SGLANG_RAGGED_VERIFY_MODE=compact``: target verify graphs
 captured per token count, every verify forward carrying per-request lengths); the launcher sets it, so the
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 MODE_ENV = "DFLARE_VERIFY"
 COST_TABLE_ENV = "DFLARE_COST_TABLE"
 RAGGED_MODE_ENV = "SGLANG_RAGGED_VERIFY_MODE"
-MODES = ("auto", "adaptive", "static")
+MODES = ("static", "adaptive")
 RAGGED_GRAPH_BACKENDS = ("fa3", "trtllm_mha")  # SGLang 0.5.17 backends with supports_ragged_verify_graph
 SHIPPED_TABLES = Path(__file__).resolve().parent / "cost_tables"
 
@@ -46,13 +46,11 @@ class AdaptiveConfigError(ValueError):
 def resolve_mode(attention_backend: str | None, environ: dict[str, str] | None = None) -> str:
     """``adaptive`` or ``static`` for a server on ``attention_backend`` (see the module docstring)."""
     env = os.environ if environ is None else environ
-    mode = env.get(MODE_ENV, "auto").strip().lower() or "auto"
+    mode = env.get(MODE_ENV, "static").strip().lower() or "static"
     if mode not in MODES:
         raise AdaptiveConfigError(f"{MODE_ENV}={mode!r}: expected one of {', '.join(MODES)}")
     ragged_graphs = (attention_backend or "") in RAGGED_GRAPH_BACKENDS
-    if mode == "auto":
-        mode = "adaptive" if ragged_graphs else "static"
-    elif mode == "adaptive" and not ragged_graphs:
+    if mode == "adaptive" and not ragged_graphs:
         raise AdaptiveConfigError(
             f"{MODE_ENV}=adaptive needs an attention backend with ragged-verify CUDA graphs "
             f"({', '.join(RAGGED_GRAPH_BACKENDS)}), got --attention-backend {attention_backend!r}"

@@ -12,7 +12,7 @@ any table exercises every width; only speed depends on it). Checks:
 * sampled requests (temperature 0.8) complete and their statistics are consistent;
 * the worker logged ``verify=adaptive``.
 
-Writes $OUT/adaptive.json as it goes.
+Env: PROMPTS (48), SIZES (1,8,32), COST_TABLE. Writes $OUT/adaptive.json as it goes.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from sglang_harness import OUT, SPEC, Results, generate, start_all
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = REPO / "sglang_ext" / "sglang_plugin" / "cost_tables"
-SIZES = (1, 8, 32)
+SIZES = tuple(int(x) for x in os.environ.get("SIZES", "1,8,32").split(","))
 
 
 def cost_table(card: str) -> Path:
@@ -73,7 +73,7 @@ def main() -> int:
     card = torch.cuda.get_device_name(0)
     table = cost_table(card)
     res["device"], res["cost_table"] = card, str(table)
-    prompts = load_prompts(target, N_PROMPTS)
+    prompts = load_prompts(target, int(os.environ.get("PROMPTS", N_PROMPTS)))
     base = ["--model-path", str(target), "--dtype", "bfloat16", "--mem-fraction-static", "0.8"]
     base += ["--max-total-tokens", "65536", "--max-running-requests", "32", "--cuda-graph-max-bs", "32"]
     base += ["--attention-backend", "fa3"]

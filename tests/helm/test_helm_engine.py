@@ -289,7 +289,7 @@ def test_keda_query_is_valid_promql(tmp_path: Path) -> None:
 
 def test_verify_mode_and_cost_table_reach_the_engine_env() -> None:
     default = env_map(container(_engine("default"), "engine"))
-    assert default["DFLARE_VERIFY"] == "auto" and "DFLARE_COST_TABLE" not in default
+    assert default["DFLARE_VERIFY"] == "static" and "DFLARE_COST_TABLE" not in default
     values = {"engine": {"speculative": {"verify": "adaptive", "costTable": "/etc/dflare/costs.json"}}}
     env = env_map(container(render_values(values).one("StatefulSet"), "engine"))
     assert env["DFLARE_VERIFY"] == "adaptive" and env["DFLARE_COST_TABLE"] == "/etc/dflare/costs.json"

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     ("env", "backend", "expected"),
     [
-        ({}, "fa3", "adaptive"),
+        ({}, "fa3", "static"),
         ({}, "triton", "static"),
         ({}, None, "static"),
         ({"DFLARE_VERIFY": "static"}, "fa3", "static"),
