@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 CONTEXT = 128  # prompt tokens per profiled request: a typical chat prompt's length
 PLAIN = -1  # a step key: plain decode (no draft)
+# steps between the policy's lessons (costs, calibration) and between its decisions to draft: a step of the
+# demo pair at batch 1 is a few ms, and doing all of it every step cost the policy a few % of its speed
+LEARN_EVERY = 8
 
 
 class _FixedWidth(VerifyWidthPolicy):
@@ -50,6 +53,9 @@ class _FixedWidth(VerifyWidthPolicy):
 
     def plan(self, confidences: torch.Tensor) -> VerifyPlan:
         return VerifyPlan([self.width] * confidences.shape[0], False, self.block_size, 0.0, 1.0)
+
+    def observe_step(self, *args, **kwargs) -> None:
+        """The profile times the steps itself."""
 
 
 def _widths(block_size: int) -> list[int]:
@@ -118,6 +124,7 @@ def measure_step_costs(engine: SpeculativeEngine, repeats: int = 9, max_batch: i
         else str(runner.device),
         model=f"{type(runner.model).__name__} {runner.num_layers} layers + {kind} drafter",
         block_size=block,
+        learn_every=LEARN_EVERY,
     )
 
 
@@ -125,5 +132,10 @@ def measured_policy(engine: SpeculativeEngine, **policy_args) -> VerifyWidthPoli
     """The engine's verify-width policy: its own steps profiled now, a fresh calibration, and the padded
     cost of the reference engine (every row verifies as many tokens as the longest)."""
     return VerifyWidthPolicy(
-        measure_step_costs(engine), AcceptanceCalibration(), engine.block_size, ragged=False, **policy_args
+        measure_step_costs(engine),
+        AcceptanceCalibration(fold_every=LEARN_EVERY),
+        engine.block_size,
+        ragged=False,
+        decide_every=LEARN_EVERY,
+        **policy_args,
     )
