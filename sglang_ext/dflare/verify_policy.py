@@ -20,8 +20,10 @@ SGLang plugin share it.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
+import operator
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -196,7 +198,8 @@ class StepCostModel:
         (each measurement clipped to 0.5x..2x the estimate, so one preempted step does not teach a
         slowdown). What a step does beyond the forwards (sampling, accepting, the policy itself) is counted
         because it is measured. Points never measured at a learnt batch move by the measured ones'
-        average ratio to the profile (a load change slows every kind of step alike). Lessons reach the
+        average ratio to the profile (a load change slows every kind of step alike); the curve read back
+        is the profile's, moved and stretched to fit the measured cells (see ``_fit``). Lessons reach the
         costs read back every ``learn_every`` steps."""
         if ms <= 0 or not math.isfinite(ms):
             return
@@ -242,6 +245,22 @@ class StepCostModel:
         tokens = batch * (np.arange(max(self.block_size, self._largest_block)) + 1.0)
         return tokens, draft + self._across_batches(self._prior_verify, batch, tokens, True), draft
 
+    @staticmethod
+    def _fit(cells: list[list[float]], scale: float) -> tuple[float, float]:
+        """(a, b) of measured ms = a + b x profiled ms over a batch's learnt cells, least squares weighted
+        by each cell's evidence: the profile's shape, moved and stretched by what the steps measured. One
+        curve through all cells, not each cell on its own: a cell's average over its last steps is as
+        noisy as the differences between widths the policy acts on (a shared 2-core machine). Cells all
+        at one profiled cost: ``scale`` x the profile."""
+        total = sum(c[1] for c in cells)
+        mean_x = sum(c[1] * c[2] for c in cells) / total
+        mean_y = sum(c[1] * c[0] for c in cells) / total
+        spread = sum(c[1] * (c[2] - mean_x) ** 2 for c in cells)
+        if spread < 1e-9 * total * mean_x * mean_x:
+            return 0.0, scale
+        slope = max(sum(c[1] * (c[2] - mean_x) * (c[0] - mean_y) for c in cells) / spread, 0.0)
+        return mean_y - slope * mean_x, slope
+
     def _refresh(self) -> None:
         """Rebuild the tables of the batches that learnt since the last use (a few dozen points)."""
         if not self._due:
@@ -253,14 +272,11 @@ class StepCostModel:
                 tokens, prior, draft = self._grids[batch]
                 weight = sum(c[1] for c in cells.values())
                 log_ratio = sum(c[1] * math.log(c[0] / c[2]) for c in cells.values()) / weight
-                self._scales[batch] = scale = math.exp(log_ratio)
-                points = [(t, c[0] - c[3]) for t, c in cells.items()]
-                points += [
-                    (t, scale * p - draft)
-                    for t, p in zip(tokens.tolist(), prior.tolist(), strict=True)
-                    if t not in cells
-                ]
-                self._tables[batch] = _table(points)
+                self._scales[batch] = math.exp(log_ratio)
+                offset, slope = self._fit(list(cells.values()), self._scales[batch])
+                points = {t: p for t, p in zip(tokens.tolist(), prior.tolist(), strict=True)}
+                points.update({t: c[2] for t, c in cells.items()})
+                self._tables[batch] = _table((t, offset + slope * p - draft) for t, p in points.items())
         self._stale.clear()
         self._verify = [(b, *self._tables[b]) for b in sorted(self._tables)]
         decodes = {b: ms for b, ms in self._decode_points}
@@ -359,7 +375,8 @@ class AcceptanceCalibration:
         self._pos_accepted = np.zeros(0)
         self._cell_count = np.zeros((0, bins))  # per (position, bin)
         self._cell_accepted = np.zeros((0, bins))
-        self._cells_table: np.ndarray | None = None  # the (position, bin) estimates, until the next observe
+        self._cells_table: np.ndarray | None = None  # the (position, bin) estimates, until the next fold
+        self._cells_rows: list[list[float]] | None = None  # the same as Python lists (``predict_row``)
         self._observations = 0
         # verifies observed but not yet learnt: at batch 1 a CPU step is a few ms and folding costs tens of
         # microseconds however many verifies it folds, so the engine's policy folds every few steps
@@ -401,6 +418,18 @@ class AcceptanceCalibration:
             self._cells_table = (acc + self.prior_strength * self._table()) / (count + self.prior_strength)
         return self._cells_table[np.arange(k), bins]
 
+    def predict_row(self, confidences: list[float]) -> list[float]:
+        """``predict_array`` of one request's confidences (positions 1..k) on Python floats: between two
+        forwards of a CPU engine each NumPy call on a few numbers costs 10-20 us (cold caches), so a batch
+        of one is looked up without any."""
+        k = len(confidences)
+        if self._cells_rows is None or len(self._cells_rows) < k:
+            self.predict_array(np.zeros((1, k)))  # builds the table
+            assert self._cells_table is not None
+            self._cells_rows = self._cells_table.tolist()
+        top = self.bins - 1
+        return [self._cells_rows[j][min(int(c * self.bins), top)] for j, c in enumerate(confidences)]
+
     def _cells(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(position, bin) counts and accepts for positions 1..k, zero rows where never observed."""
         if k > self._cell_count.shape[0]:
@@ -426,11 +455,10 @@ class AcceptanceCalibration:
         """Learn from one verify: ``confidences`` [n, k] of the drafts, ``widths`` [n] drafts verified per
         request, ``accepted`` [n] drafts accepted. Positions 1..min(accepted + 1, width) are observed: the
         accepted ones as successes, the first rejected one (if verified) as a failure; later positions say
-        nothing (their prefix was wrong). Folded in once ``fold_every`` verifies are waiting."""
-        conf = np.array(_numpy(confidences), dtype=np.float64)  # a copy: kept until folded
-        n, k = conf.shape
-        width = np.minimum(_numpy(widths, np.int64), k).reshape(n)
-        self._waiting.append((conf, width, _numpy(accepted, np.int64).reshape(n)))
+        nothing (their prefix was wrong). Folded in once ``fold_every`` verifies are waiting; until then
+        the arguments are kept as they are (not copied: every array operation costs a CPU engine at batch
+        1 measurably), so they must not be changed in place after the call."""
+        self._waiting.append((confidences, widths, accepted))
         if len(self._waiting) >= self.fold_every:
             self._fold()
 
@@ -439,17 +467,16 @@ class AcceptanceCalibration:
         if not self._waiting:
             return
         waiting, self._waiting = self._waiting, []
-        if len(waiting) == 1:
-            conf, width, acc = waiting[0]
-        else:
-            k = max(c.shape[1] for c, _, _ in waiting)  # shorter blocks padded: never seen (width <= own k)
-            conf = np.zeros((sum(c.shape[0] for c, _, _ in waiting), k))
-            row = 0
-            for c, _, _ in waiting:
-                conf[row : row + c.shape[0], : c.shape[1]] = c
-                row += c.shape[0]
-            width = np.concatenate([w for _, w, _ in waiting])
-            acc = np.concatenate([a for _, _, a in waiting])
+        confs = [_numpy(c, np.float64) for c, _, _ in waiting]
+        k = max(c.shape[1] for c in confs)  # shorter blocks padded: never seen (widths clipped to their own)
+        conf = np.zeros((sum(c.shape[0] for c in confs), k))
+        width = np.zeros(len(conf), dtype=np.int64)
+        row = 0
+        for c, (_, w, _) in zip(confs, waiting, strict=True):
+            conf[row : row + c.shape[0], : c.shape[1]] = c
+            width[row : row + c.shape[0]] = np.minimum(_numpy(w, np.int64), c.shape[1])
+            row += c.shape[0]
+        acc = np.concatenate([_numpy(a, np.int64).reshape(-1) for _, _, a in waiting])
         n, k = conf.shape
         width, acc = width.reshape(n, 1), acc.reshape(n, 1)
         pos = np.arange(1, k + 1).reshape(1, k)
@@ -484,7 +511,7 @@ class AcceptanceCalibration:
         rows = np.broadcast_to(np.arange(k), (n, k))[seen]
         np.add.at(self._cell_count, (rows, bins), 1.0)
         np.add.at(self._cell_accepted, (rows, bins), hits)
-        self._cells_table = None
+        self._cells_table = self._cells_rows = None
         self._observations += m
 
     @property
@@ -606,7 +633,7 @@ class VerifyWidthPolicy:
         min_history: int = 16,
         recent: int = 4,
         recent_trust: float = 0.6,
-        decide_every: int = 1,
+        decide_every: int = 16,
         learn_costs: bool = True,
     ) -> None:
         if block_size < 2:
@@ -621,8 +648,8 @@ class VerifyWidthPolicy:
         self.min_history, self.recent, self.recent_trust = min_history, recent, recent_trust
         self.decide_every, self.learn_costs = decide_every, learn_costs
         # the last ``history`` drafted steps' per-request mean q (zero past the positions drafted), a ring
-        self._history = np.zeros((history, block_size - 1))
-        self._history_len = self._history_next = 0
+        self._history: list[list[float]] = []
+        self._history_size, self._history_next = history, 0
         # (batch, steps left, tokens per ms of drafting over the history, its plan): see decide_every
         self._long_run: tuple[int, int, float, VerifyPlan] | None = None
         # the last ``recent`` drafted steps at their best widths: (tokens / batch, ms / plain ms) each
@@ -631,7 +658,8 @@ class VerifyWidthPolicy:
         self._recent_block = block_size
         self._plain_in_row = 0
         self._probing = False  # plan_for_batch asked for a probe: the next plan() verifies >= 1 draft
-        self._verify_cache: dict[tuple[int, int, bool], tuple[int, np.ndarray]] = {}
+        # verify ms by (batch, drafts, uniform; None: uniform as Python floats), with the cost model's version
+        self._verify_cache: dict[tuple[int, int, bool | None], tuple[int, Any]] = {}
         self._scalar_cache: dict[tuple[int, int], tuple[int, float, float]] = {}
 
     # -- public ------------------------------------------------------------------------------------------
@@ -644,17 +672,27 @@ class VerifyWidthPolicy:
         probability at each draft position of each request (current step). Widths with the step's best
         rate, unless plain decoding's is better: then what pays at that rate (see the class docstring);
         ``plain_decode`` when no draft is worth verifying."""
-        conf = _numpy(confidences)
-        bs, n = conf.shape
+        bs, n = confidences.shape
         if n < 1 or n > self.block_size - 1:
             raise ValueError(f"confidences need 1..{self.block_size - 1} positions, got {n}")
-        prefix = np.cumprod(self.calibration.predict_array(conf), axis=1)  # [bs, n], non-increasing rows
-        slot = self._history[self._history_next]
-        slot[:n], slot[n:] = prefix.sum(axis=0) / bs, 0.0
-        self._history_next = (self._history_next + 1) % len(self._history)
-        self._history_len = min(self._history_len + 1, len(self._history))
         probing, self._probing = self._probing, False  # a draft asked for to measure acceptance
-        plan = self._best(prefix, drafted=n + 1, uniform=probing, min_width=int(probing))
+        if bs == 1:  # Python floats: see AcceptanceCalibration.predict_row
+            q = list(
+                itertools.accumulate(self.calibration.predict_row(confidences.tolist()[0]), operator.mul)
+            )
+            plan = self._best_one(q, drafted=n + 1, min_width=int(probing))
+        else:
+            prefix = np.cumprod(
+                self.calibration.predict_array(_numpy(confidences)), axis=1
+            )  # rows non-increasing
+            q = (prefix.sum(axis=0) / bs).tolist()
+            plan = self._best(prefix, drafted=n + 1, uniform=probing, min_width=int(probing))
+        row = q + [0.0] * (self.block_size - 1 - n)  # the step's per-request mean q, for the history
+        if len(self._history) < self._history_size:
+            self._history.append(row)
+        else:
+            self._history[self._history_next] = row
+        self._history_next = (self._history_next + 1) % self._history_size
         plan.plain_decode = max(plan.widths) == 0
         if probing:
             plan.extra["probe"] = True
@@ -670,7 +708,7 @@ class VerifyWidthPolicy:
         the class docstring). Widths are uniform (the best single width over the recent history)."""
         plain_ms = self.plain_ms(batch)
         plain = VerifyPlan([0] * batch, True, self._recent_block, float(batch), plain_ms)
-        if self._history_len == 0:  # nothing drafted yet: draft, the calibration's rates say how wide
+        if len(self._history) == 0:  # nothing drafted yet: draft, the calibration's rates say how wide
             prefix = self.calibration.position_rates(self.block_size - 1).cumprod(0).numpy()
             self._probing = True  # a cold start explores: a prior alone must not rule drafting out
             plan = self._best(np.broadcast_to(prefix, (batch, prefix.size)), self.block_size, True, 1)
@@ -686,7 +724,7 @@ class VerifyWidthPolicy:
             tokens = sum(t for t, _ in self._recent_steps)
             cost = sum(c for _, c in self._recent_steps)
             speedup = trust * tokens / cost + (1 - trust) * speedup
-        if self._history_len < self.min_history or speedup > 1.0:
+        if len(self._history) < self.min_history or speedup > 1.0:
             return plan
         if self._plain_in_row >= self.probe_interval:
             self._plain_in_row, self._probing = 0, True
@@ -726,7 +764,7 @@ class VerifyWidthPolicy:
         """Drafting's tokens per ms over the history, re-costed at ``batch``: each step at its own best
         width; and the single width best over them all (the plan's)."""
         n = self._recent_block - 1
-        steps = self._history[: self._history_len, :n]  # [steps, n]
+        steps = np.array(self._history)[:, :n]  # [steps, n]
         tokens = batch * (1.0 + np.concatenate([np.zeros((len(steps), 1)), steps.cumsum(axis=1)], axis=1))
         ms = self._costs(batch, self._recent_block)[1] + self._verify_costs(batch, n, uniform=True)
         best = (tokens / ms).argmax(axis=1)
@@ -735,7 +773,7 @@ class VerifyWidthPolicy:
         expected = float(tokens[:, width].sum()) / len(steps)
         return (
             batch,
-            self.decide_every,
+            min(self.decide_every, len(self._history)),  # early on, each drafted step moves it a lot
             rate,
             VerifyPlan([width] * batch, False, self._recent_block, expected, float(ms[width])),
         )
@@ -786,6 +824,40 @@ class VerifyWidthPolicy:
         plan.extra["best_step"] = best_step
         return plan
 
+    def _best_one(self, q: list[float], drafted: int, min_width: int = 0) -> VerifyPlan:
+        """``_best`` for a batch of one (``q``: its prefix probabilities) on Python floats."""
+        plain_rate = 1.0 / self.plain_ms(1)
+        best: tuple[float, int, list[float], list[float], float, int] | None = None
+        for block in self.draft_blocks:
+            if block > drafted:
+                continue
+            draft_ms = self._costs(1, block)[1]
+            ms = self._verify_list(1, block - 1)
+            tokens = list(itertools.accumulate(q[: block - 1], initial=1.0))  # width 0..block-1
+            t = max(range(min_width, block), key=lambda w: tokens[w] / (draft_ms + ms[w]))
+            rate = tokens[t] / (draft_ms + ms[t])
+            if best is None or rate > best[0]:
+                best = (rate, t, tokens, ms, draft_ms, block)
+        assert best is not None
+        rate, t, tokens, ms, draft_ms, block = best
+        best_step = (tokens[t], ms[t] + draft_ms)
+        if rate < plain_rate:  # the draft is sunk: verify what pays at plain decoding's rate
+            t = max(range(min_width, len(tokens)), key=lambda w: tokens[w] - plain_rate * ms[w])
+        plan = VerifyPlan([t], False, block, tokens[t], ms[t] + draft_ms)
+        plan.extra["best_step"] = best_step
+        return plan
+
+    def _verify_list(self, bs: int, n: int) -> list[float]:
+        """``_verify_costs`` (uniform) as Python floats, cached alike."""
+        key = (bs, n, None)
+        hit = self._verify_cache.get(key)
+        if hit is None or hit[0] != self.cost.version:
+            hit = self._verify_cache[key] = (
+                self.cost.version,
+                self._verify_costs(bs, n, uniform=True).tolist(),
+            )
+        return hit[1]
+
     def _totals_ragged(self, q: np.ndarray):
         """Expected tokens and verify ms at every total T of verified drafts (best allocation for each T),
         and a function T -> widths."""
@@ -800,5 +872,6 @@ class VerifyWidthPolicy:
         """The same for one width m for every request (padded verify, or no per-request confidences):
         index m."""
         bs, n = q.shape
-        tokens = bs + np.concatenate([[0.0], q.sum(axis=0).cumsum()])  # [n + 1]
+        tokens = np.concatenate([[0.0], (q[0] if bs == 1 else q.sum(axis=0)).cumsum()])  # [n + 1]
+        tokens += bs
         return tokens, self._verify_costs(bs, n, uniform=True), lambda m: [m] * bs

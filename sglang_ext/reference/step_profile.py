@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 CONTEXT = 128  # prompt tokens per profiled request: a typical chat prompt's length
 PLAIN = -1  # a step key: plain decode (no draft)
-# steps between the policy's lessons (costs, calibration) and between its decisions to draft: a step of the
-# demo pair at batch 1 is a few ms, and doing all of it every step cost the policy a few % of its speed
+# steps between the policy's lessons (costs, calibration): a step of the demo pair at batch 1 is a few ms,
+# and learning after every one of them cost the policy a few % of its speed
 LEARN_EVERY = 8
 
 
@@ -136,6 +136,5 @@ def measured_policy(engine: SpeculativeEngine, **policy_args) -> VerifyWidthPoli
         AcceptanceCalibration(fold_every=LEARN_EVERY),
         engine.block_size,
         ragged=False,
-        decide_every=LEARN_EVERY,
         **policy_args,
     )
