@@ -184,7 +184,7 @@ class StepCostModel:
         ms: float,
         *,
         draft_block: int | None = None,
-        horizon: float = 16.0,
+        horizon: float = 64.0,
         prior_weight: float = 2.0,
     ) -> None:
         """Learn from one measured engine step: a plain decode step (``verified_tokens`` None) or a drafted
@@ -197,10 +197,11 @@ class StepCostModel:
         from the profile's prediction worth ``prior_weight`` steps and following the last ``horizon`` steps
         (each measurement clipped to 0.5x..2x the estimate, so one preempted step does not teach a
         slowdown). What a step does beyond the forwards (sampling, accepting, the policy itself) is counted
-        because it is measured. Points never measured at a learnt batch move by the measured ones'
-        average ratio to the profile (a load change slows every kind of step alike); the curve read back
-        is the profile's, moved and stretched to fit the measured cells (see ``_fit``). Lessons reach the
-        costs read back every ``learn_every`` steps."""
+        because it is measured. The curve read back: the profile's, moved and stretched to fit all
+        measured cells of the batch (``_fit``: a load change slows every kind of step alike, and one curve
+        is less noisy than any cell), and at each measured cell its own average pulled towards that curve
+        by ``SHRINK`` pseudo-steps (where the profile's shape was wrong, enough steps correct it). Lessons
+        reach the costs read back every ``learn_every`` steps."""
         if ms <= 0 or not math.isfinite(ms):
             return
         if verified_tokens is None:
@@ -245,6 +246,9 @@ class StepCostModel:
         tokens = batch * (np.arange(max(self.block_size, self._largest_block)) + 1.0)
         return tokens, draft + self._across_batches(self._prior_verify, batch, tokens, True), draft
 
+    # pseudo-steps of the fitted curve in each measured cell's estimate
+    SHRINK = 8.0
+
     @staticmethod
     def _fit(cells: list[list[float]], scale: float) -> tuple[float, float]:
         """(a, b) of measured ms = a + b x profiled ms over a batch's learnt cells, least squares weighted
@@ -274,9 +278,19 @@ class StepCostModel:
                 log_ratio = sum(c[1] * math.log(c[0] / c[2]) for c in cells.values()) / weight
                 self._scales[batch] = math.exp(log_ratio)
                 offset, slope = self._fit(list(cells.values()), self._scales[batch])
-                points = {t: p for t, p in zip(tokens.tolist(), prior.tolist(), strict=True)}
-                points.update({t: c[2] for t, c in cells.items()})
-                self._tables[batch] = _table((t, offset + slope * p - draft) for t, p in points.items())
+                points = {
+                    t: offset + slope * p - draft
+                    for t, p in zip(tokens.tolist(), prior.tolist(), strict=True)
+                }
+                for t, (
+                    ms,
+                    weight,
+                    profiled,
+                    cell_draft,
+                ) in cells.items():  # a cell's own steps, as they weigh
+                    fitted = offset + slope * profiled
+                    points[t] = (weight * ms + self.SHRINK * fitted) / (weight + self.SHRINK) - cell_draft
+                self._tables[batch] = _table(points.items())
         self._stale.clear()
         self._verify = [(b, *self._tables[b]) for b in sorted(self._tables)]
         decodes = {b: ms for b, ms in self._decode_points}
