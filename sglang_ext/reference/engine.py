@@ -15,13 +15,14 @@ Observing verify steps (``step_observer``): a callback receives every verify ste
 and accept counts (acceptance traces are recorded this way, :mod:`sglang_ext.traces.record`). Without one
 the engine computes nothing extra.
 
-Verify-width policy (``verify_policy``, the CLIs' ``--verify-policy``; see
+Verify-width policy (``verify_policy``; the CLIs' CPU default, ``--verify-policy``; see
 :mod:`sglang_ext.dflare.verify_policy`): instead of a fixed threshold, each step picks the verified width
-that maximises expected committed tokens per ms from the drafter's confidences, a calibration learnt
-from what the target accepts, and a cost model of this machine's forwards
-(:mod:`sglang_ext.reference.step_profile`); when no width pays for the draft, the step is a plain decode
-(no drafter forward; the drafter's context catches up on the next drafted step). Equally lossless: it only
-chooses how much the target checks.
+that commits the most expected tokens per ms from the drafter's confidences, a calibration learnt from
+what the target accepts, and a cost model of this machine's steps (profiled at start,
+:mod:`sglang_ext.reference.step_profile`, then corrected by every step's measured time, which the engine
+reports to the policy); when drafting does not pay, the step is a plain decode (no drafter forward; the
+drafter's context catches up on the next drafted step). Equally lossless: it only chooses how much the
+target checks.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ if TYPE_CHECKING:
 
 FinishReason = Literal["stop", "length", "abort"]
 
-# The fixed threshold the CLIs offer (``--min-draft-confidence``) instead of their default, the verify-width
-# policy: on the demo pair it keeps tau within ~3 % of verifying the whole block at about half the verified
-# rows (docs/benchmarks.md). The engine's own default, 0 and no policy, verifies every draft: the drafter's
-# acceptance as trained, which is what `dflare eval` measures.
+# The fixed threshold the CLIs offer (``--min-draft-confidence``, ``--no-verify-policy``) instead of their
+# CPU default, the verify-width policy: on the demo pair it keeps tau within ~3 % of verifying the whole
+# block at about half the verified rows (docs/benchmarks.md). The engine's own default, 0 and no policy,
+# verifies every draft: the drafter's acceptance as trained, which is what `dflare eval` measures.
 CPU_MIN_DRAFT_CONFIDENCE = 0.02
 
 

@@ -197,11 +197,17 @@ def test_step_profile_measures_the_engines_steps(tmp_path: Path) -> None:
     assert StepCostModel.from_json(tmp_path / "cpu.json").decode_ms(2) > 0
 
 
-def test_cli_default_on_cpu_is_the_threshold_and_the_policy_is_opt_in() -> None:
+def test_cli_default_on_cpu_is_the_policy_and_the_threshold_stays_available() -> None:
     model = target(0)
     drafter = tiny_drafter(model, block_size=4)
     default = build_engine(model, drafter, 4, max_batch=2)
-    assert default.verify_policy is None and default._log_min_confidence == math.log(CPU_MIN_DRAFT_CONFIDENCE)
+    assert isinstance(default.verify_policy, VerifyWidthPolicy) and not default.verify_policy.ragged
+    assert default._log_min_confidence == -math.inf  # no threshold beside it
+    threshold = build_engine(model, drafter, 4, max_batch=2, verify_policy=False)
+    assert threshold.verify_policy is None
+    assert threshold._log_min_confidence == math.log(CPU_MIN_DRAFT_CONFIDENCE)
+    assert build_engine(model, drafter, 1, max_batch=2).verify_policy is None  # block 1: nothing to verify
+    assert build_engine(model, None, max_batch=2).verify_policy is None
     policy = build_engine(model, drafter, 4, max_batch=2, verify_policy=True)
     assert isinstance(policy.verify_policy, VerifyWidthPolicy) and not policy.verify_policy.ragged
     with pytest.raises(ValueError, match="alternatives"):
