@@ -3,18 +3,19 @@
 A speculative step costs a drafter forward plus a target forward over every verified token, and that cost
 grows with the batch and with the tokens checked, while what it buys (accepted drafts) depends on how sure
 the drafter is about each request. One block size fixed at start cannot serve a lone user and a full server,
-so each step :class:`VerifyWidthPolicy` picks the widths that maximise expected committed tokens per ms:
+so each step :class:`VerifyWidthPolicy` picks the widths that commit the most expected tokens per ms:
 
 - :class:`StepCostModel` measured cost (ms) of the draft, the verify and a plain decode step by batch and
-  tokens, from a table (a profile at engine start or a stored JSON per card, model and block);
+  tokens, from a table (a profile at engine start or a stored JSON per card, model and block), corrected
+  online by the engine's measured steps;
 - :class:`AcceptanceCalibration` maps the drafter's top-1 probability at a block position to the chance the
   target accepts that draft when all before it were accepted, learnt from what the target really accepts
   (binned, with a prior and exponential forgetting, so a drifting drafter or a shifted workload is followed);
 - :class:`VerifyWidthPolicy` turns both into a :class:`VerifyPlan`.
 
 Verifying fewer drafts never changes what is committed (the target checks every committed draft), so any
-plan is lossless; the policy only trades speed. This module imports torch only: the reference engine and the
-SGLang plugin share it.
+plan is lossless; the policy only trades speed. This module imports NumPy and torch only: the reference
+engine and the SGLang plugin share it.
 """
 
 from __future__ import annotations
