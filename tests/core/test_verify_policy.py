@@ -446,3 +446,21 @@ def test_calibration_folds_waiting_verifies_at_once() -> None:
     assert four.observations == one.observations + 1  # a reader folds what waits
     with pytest.raises(ValueError, match="fold_every"):
         AcceptanceCalibration(fold_every=0)
+
+
+def test_a_batch_of_one_is_planned_as_any_batch() -> None:
+    """Batch 1 is planned on Python floats (cheaper between CPU forwards); it must choose what the array
+    path chooses, cheap draft or dear (sunk), probe or not."""
+    gen = torch.Generator().manual_seed(11)
+    for draft in (1.0, 40.0):
+        policy = _policy(linear_cost(10.0, 0.7, draft=draft, batches=(1,)))
+        for _ in range(20):
+            conf = torch.rand(1, BLOCK - 1, generator=gen) ** 0.5
+            q = policy.calibration.predict(conf).cumprod(1).numpy()
+            for min_width in (0, 1):
+                one = policy._best_one(q[0].tolist(), BLOCK, min_width)
+                array = policy._best(q, BLOCK, uniform=True, min_width=min_width)
+                assert one.widths == array.widths and one.draft_block == array.draft_block
+                assert one.expected_tokens == pytest.approx(array.expected_tokens)
+                assert one.expected_ms == pytest.approx(array.expected_ms)
+                assert one.extra["best_step"] == pytest.approx(array.extra["best_step"])
