@@ -54,8 +54,8 @@ def engine_server_args(settings: Settings, port: int) -> list[str]:
         args += ["--block-size", str(s.embedded_block_size)]
     if s.embedded_min_draft_confidence is not None:
         args += ["--min-draft-confidence", str(s.embedded_min_draft_confidence)]
-    if s.embedded_verify_policy:
-        args.append("--verify-policy")
+    if s.embedded_verify_policy is not None:
+        args.append("--verify-policy" if s.embedded_verify_policy else "--no-verify-policy")
     return args
 
 

@@ -50,12 +50,14 @@ class Settings(BaseSettings):
         None,
         ge=0.0,
         le=1.0,
-        description="fixed adaptive draft length threshold (0 = verify the whole block); unset = 0.02 on CPU",
+        description="a fixed adaptive draft length threshold instead of the verify-width policy (0 = verify "
+        "the whole block, 0.02 = the CPU threshold); unset = the policy on CPU",
     )
-    embedded_verify_policy: bool = Field(
-        False,
-        description="choose verify widths (or plain decode steps) with the verify-width policy instead of "
-        "the threshold: a cost profile measured at start, acceptance calibrated online",
+    embedded_verify_policy: bool | None = Field(
+        None,
+        description="choose verify widths (or plain decode steps) with the verify-width policy: a cost "
+        "profile measured at start and corrected by the engine's steps, acceptance calibrated online; "
+        "false = the fixed threshold (0.02 on CPU); unset = the policy on CPU unless a threshold is set",
     )
     embedded_max_batch: int = Field(8, ge=1)
     embedded_queue_size: int = Field(64, ge=1, description="queued requests before 429")

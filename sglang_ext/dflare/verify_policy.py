@@ -3,25 +3,29 @@
 A speculative step costs a drafter forward plus a target forward over every verified token, and that cost
 grows with the batch and with the tokens checked, while what it buys (accepted drafts) depends on how sure
 the drafter is about each request. One block size fixed at start cannot serve a lone user and a full server,
-so each step :class:`VerifyWidthPolicy` picks the widths that maximise expected committed tokens per ms:
+so each step :class:`VerifyWidthPolicy` picks the widths that commit the most expected tokens per ms:
 
 - :class:`StepCostModel` measured cost (ms) of the draft, the verify and a plain decode step by batch and
-  tokens, from a table (a profile at engine start or a stored JSON per card, model and block);
+  tokens, from a table (a profile at engine start or a stored JSON per card, model and block), corrected
+  online by the engine's measured steps;
 - :class:`AcceptanceCalibration` maps the drafter's top-1 probability at a block position to the chance the
   target accepts that draft when all before it were accepted, learnt from what the target really accepts
   (binned, with a prior and exponential forgetting, so a drifting drafter or a shifted workload is followed);
 - :class:`VerifyWidthPolicy` turns both into a :class:`VerifyPlan`.
 
 Verifying fewer drafts never changes what is committed (the target checks every committed draft), so any
-plan is lossless; the policy only trades speed. This module imports torch only: the reference engine and the
-SGLang plugin share it.
+plan is lossless; the policy only trades speed. This module imports NumPy and torch only: the reference
+engine and the SGLang plugin share it.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
+import operator
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,9 +94,11 @@ class StepCostModel:
         device: str = "unknown",
         model: str = "unknown",
         block_size: int = 0,
+        learn_every: int = 1,
     ) -> None:
         """From measured points: ``verify`` (batch, verified tokens, ms), ``draft`` (batch, block, ms),
-        ``decode`` (batch, ms); ``device``/``model``/``block_size`` name what was measured."""
+        ``decode`` (batch, ms); ``device``/``model``/``block_size`` name what was measured;
+        ``learn_every``: see ``observe_step``."""
         self.device, self.model, self.block_size = device, model, int(block_size)
         self._verify_points = sorted((int(b), int(t), float(ms)) for b, t, ms in verify)
         self._draft_points = sorted((int(b), int(k), float(ms)) for b, k, ms in draft)
@@ -101,9 +107,24 @@ class StepCostModel:
             raise ValueError("a step cost model needs measured verify and draft points")
         if any(ms < 0 for *_, ms in self._verify_points + self._draft_points + self._decode_points):
             raise ValueError("measured costs must be >= 0 ms")
-        self._verify = self._by_batch(self._verify_points)
+        self._prior_verify = self._by_batch(self._verify_points)
         self._draft = self._by_batch(self._draft_points)
-        self._decode = _table(self._decode_points) if self._decode_points else None
+        self._prior_decode = _table(self._decode_points) if self._decode_points else None
+        self._verify, self._decode = self._prior_verify, self._prior_decode
+        # online learning (``observe_step``): per batch, per verified tokens, [ms estimate, weight] of whole
+        # drafted steps; per batch, [ms, weight] of plain steps. ``version`` changes with every lesson.
+        # A cell is [estimate, weight, the profile's prediction, the draft's ms in it].
+        self._learnt_steps: dict[int, dict[int, list[float]]] = {}
+        self._learnt_decode: dict[int, list[float]] = {}
+        self._largest_block = max(k for _, k, _ in self._draft_points)
+        self._grids: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+        self._tables = {b: (xs, ys) for b, xs, ys in self._prior_verify}
+        self._scales: dict[int, float] = {}  # per learnt batch: measured / profiled steps (geometric mean)
+        self._stale: set[int] = set()  # batches that learnt since their table was built
+        # the tables are rebuilt (and ``version`` moves) every ``learn_every`` lessons: at batch 1 on a CPU
+        # a step is a few ms, and rebuilding every step would cost the policy a measurable share of it
+        self.learn_every, self._lessons, self._due = learn_every, 0, False
+        self.version = 0
 
     @staticmethod
     def _by_batch(points: list[tuple[int, int, float]]) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -129,25 +150,156 @@ class StepCostModel:
             slope = np.maximum(slope, 0.0)
         return np.maximum(y0 + slope * (batch - b0), 0.0)
 
+    def verify_ms_array(self, batch: int, verified_tokens: np.ndarray) -> np.ndarray:
+        """``verify_ms`` for many token totals at one batch size (float64 NumPy, the policy's hot path)."""
+        self._refresh()
+        return self._across_batches(self._verify, batch, np.asarray(verified_tokens, np.float64), True)
+
     def verify_ms_many(self, batch: int, verified_tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
         """``verify_ms`` for many token totals at one batch size (a float64 CPU tensor)."""
-        x = np.asarray(
-            verified_tokens.detach().cpu() if isinstance(verified_tokens, torch.Tensor) else verified_tokens,
-            dtype=np.float64,
+        x = (
+            verified_tokens.detach().cpu().numpy()
+            if isinstance(verified_tokens, torch.Tensor)
+            else verified_tokens
         )
-        return torch.from_numpy(self._across_batches(self._verify, batch, x, per_request=True))
+        return torch.from_numpy(self.verify_ms_array(batch, x))
 
     def verify_ms(self, batch: int, verified_tokens: int) -> float:
-        return float(self._across_batches(self._verify, batch, np.array([float(verified_tokens)]), True)[0])
+        return float(self.verify_ms_array(batch, np.array([float(verified_tokens)]))[0])
 
     def draft_ms(self, batch: int, block: int) -> float:
         return float(self._across_batches(self._draft, batch, np.array([float(block)]), False)[0])
 
     def decode_ms(self, batch: int) -> float:
+        self._refresh()
         if self._decode is None:
             return self.verify_ms(batch, batch)
         xs, ys = self._decode
         return float(_interp(np.array([float(batch)]), xs, ys)[0])
+
+    # -- online learning ---------------------------------------------------------------------------------
+    def observe_step(
+        self,
+        batch: int,
+        verified_tokens: int | None,
+        ms: float,
+        *,
+        draft_block: int | None = None,
+        horizon: float = 64.0,
+        prior_weight: float = 2.0,
+    ) -> None:
+        """Learn from one measured engine step: a plain decode step (``verified_tokens`` None) or a drafted
+        step (the draft of ``draft_block``, default the largest profiled, plus the verify of
+        ``verified_tokens``), ``ms`` its whole wall time.
+
+        A profile taken at start on a shared machine is off by about as much as the choices it informs
+        differ (1-3 ms at batch 1 on a 2-core CPU), and the machine's load moves afterwards, so the engine's
+        own steps correct it: per (batch, verified tokens) a moving average of the measured step, starting
+        from the profile's prediction worth ``prior_weight`` steps and following the last ``horizon`` steps
+        (each measurement clipped to 0.5x..2x the estimate, so one preempted step does not teach a
+        slowdown). What a step does beyond the forwards (sampling, accepting, the policy itself) is counted
+        because it is measured. The curve read back: the profile's, moved and stretched to fit all
+        measured cells of the batch (``_fit``: a load change slows every kind of step alike, and one curve
+        is less noisy than any cell), and at each measured cell its own average pulled towards that curve
+        by ``SHRINK`` pseudo-steps (where the profile's shape was wrong, enough steps correct it). Lessons
+        reach the costs read back every ``learn_every`` steps."""
+        if ms <= 0 or not math.isfinite(ms):
+            return
+        if verified_tokens is None:
+            cell = self._learnt_decode.get(batch)
+            if cell is None:
+                prior = self._prior_decode_ms(batch)
+                cell = self._learnt_decode[batch] = [prior, prior_weight, prior, 0.0]
+        else:
+            cells = self._learnt_steps.get(batch)
+            if cells is None:
+                cells = self._learnt_steps[batch] = {}
+                self._grids[batch] = self._grid(batch)
+            cell = cells.get(verified_tokens)
+            if cell is None:
+                block = draft_block or self._largest_block
+                draft = self.draft_ms(batch, block)
+                prior = draft + self._prior_verify_ms(batch, verified_tokens)
+                cell = cells[verified_tokens] = [prior, prior_weight, prior, draft]
+        estimate, weight = cell[0], cell[1]
+        sample = min(max(ms, 0.5 * estimate), 2.0 * estimate)
+        weight = min(weight + 1.0, horizon)
+        cell[0], cell[1] = estimate + (sample - estimate) / weight, weight
+        self._stale.add(batch)
+        self._lessons += 1
+        if self._lessons >= self.learn_every:
+            self._lessons, self._due = 0, True
+            self.version += 1
+
+    def _prior_verify_ms(self, batch: int, tokens: int) -> float:
+        return float(self._across_batches(self._prior_verify, batch, np.array([float(tokens)]), True)[0])
+
+    def _prior_decode_ms(self, batch: int) -> float:
+        if self._prior_decode is None:
+            return self._prior_verify_ms(batch, batch)
+        xs, ys = self._prior_decode
+        return float(_interp(np.array([float(batch)]), xs, ys)[0])
+
+    def _grid(self, batch: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Where a learnt batch's table has points before any is measured: every width of the largest
+        block (tokens), the profile's whole-step ms there, and the draft's ms."""
+        draft = self.draft_ms(batch, self._largest_block)
+        tokens = batch * (np.arange(max(self.block_size, self._largest_block)) + 1.0)
+        return tokens, draft + self._across_batches(self._prior_verify, batch, tokens, True), draft
+
+    # pseudo-steps of the fitted curve in each measured cell's estimate
+    SHRINK = 8.0
+
+    @staticmethod
+    def _fit(cells: list[list[float]], scale: float) -> tuple[float, float]:
+        """(a, b) of measured ms = a + b x profiled ms over a batch's learnt cells, least squares weighted
+        by each cell's evidence: the profile's shape, moved and stretched by what the steps measured. One
+        curve through all cells, not each cell on its own: a cell's average over its last steps is as
+        noisy as the differences between widths the policy acts on (a shared 2-core machine). Cells all
+        at one profiled cost: ``scale`` x the profile."""
+        total = sum(c[1] for c in cells)
+        mean_x = sum(c[1] * c[2] for c in cells) / total
+        mean_y = sum(c[1] * c[0] for c in cells) / total
+        spread = sum(c[1] * (c[2] - mean_x) ** 2 for c in cells)
+        if spread < 1e-9 * total * mean_x * mean_x:
+            return 0.0, scale
+        slope = max(sum(c[1] * (c[2] - mean_x) * (c[0] - mean_y) for c in cells) / spread, 0.0)
+        return mean_y - slope * mean_x, slope
+
+    def _refresh(self) -> None:
+        """Rebuild the tables of the batches that learnt since the last use (a few dozen points)."""
+        if not self._due:
+            return
+        self._due = False
+        for batch in self._stale:
+            cells = self._learnt_steps.get(batch)
+            if cells:
+                tokens, prior, draft = self._grids[batch]
+                weight = sum(c[1] for c in cells.values())
+                log_ratio = sum(c[1] * math.log(c[0] / c[2]) for c in cells.values()) / weight
+                self._scales[batch] = math.exp(log_ratio)
+                offset, slope = self._fit(list(cells.values()), self._scales[batch])
+                points = {
+                    t: offset + slope * p - draft
+                    for t, p in zip(tokens.tolist(), prior.tolist(), strict=True)
+                }
+                for t, (
+                    ms,
+                    weight,
+                    profiled,
+                    cell_draft,
+                ) in cells.items():  # a cell's own steps, as they weigh
+                    fitted = offset + slope * profiled
+                    points[t] = (weight * ms + self.SHRINK * fitted) / (weight + self.SHRINK) - cell_draft
+                self._tables[batch] = _table(points.items())
+        self._stale.clear()
+        self._verify = [(b, *self._tables[b]) for b in sorted(self._tables)]
+        decodes = {b: ms for b, ms in self._decode_points}
+        for batch, scale in self._scales.items():
+            if batch not in self._learnt_decode:
+                decodes[batch] = scale * self._prior_decode_ms(batch)
+        decodes.update({b: c[0] for b, c in self._learnt_decode.items()})
+        self._decode = _table(decodes.items()) if decodes else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -157,6 +309,17 @@ class StepCostModel:
             "verify": [{"batch": b, "tokens": t, "ms": ms} for b, t, ms in self._verify_points],
             "draft": [{"batch": b, "block": k, "ms": ms} for b, k, ms in self._draft_points],
             "decode": [{"batch": b, "ms": ms} for b, ms in self._decode_points],
+            "learnt": {  # what the engine's own steps taught (``observe_step``); not read back
+                "steps": [
+                    {"batch": b, "tokens": t, "ms": round(c[0], 4), "profiled_ms": round(c[2], 4)}
+                    for b, cells in sorted(self._learnt_steps.items())
+                    for t, c in sorted(cells.items())
+                ],
+                "decode": [
+                    {"batch": b, "ms": round(c[0], 4), "profiled_ms": round(c[2], 4)}
+                    for b, c in sorted(self._learnt_decode.items())
+                ],
+            },
         }
 
     @classmethod
@@ -205,37 +368,49 @@ class AcceptanceCalibration:
         prior_strength: float = 4.0,
         prior: Sequence[float] | None = None,
         prior_rate: float = 0.5,
+        fold_every: int = 1,
     ) -> None:
-        if bins < 1 or half_life <= 0 or prior_strength <= 0:
-            raise ValueError("bins >= 1, half_life > 0 and prior_strength > 0 are required")
+        if bins < 1 or half_life <= 0 or prior_strength <= 0 or fold_every < 1:
+            raise ValueError("bins >= 1, half_life > 0, prior_strength > 0 and fold_every >= 1 are required")
         self.bins, self.half_life = bins, half_life
         self.prior_strength, self.prior_rate = prior_strength, prior_rate
-        centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
-        self.prior = centres if prior is None else torch.tensor(list(prior), dtype=torch.float64)
-        if self.prior.shape != (bins,):
+        centres = (np.arange(bins, dtype=np.float64) + 0.5) / bins
+        self._prior = centres if prior is None else np.array(list(prior), dtype=np.float64)
+        if self._prior.shape != (bins,):
             raise ValueError(f"prior needs {bins} values")
         self._decay_per_obs = 0.5 ** (1.0 / half_life)
         # forgetting-weighted sums per bin: observations, accepts, raw confidences, predictions made before
-        # the observation (out of sample, for calibration_error)
-        self._count = torch.zeros(bins, dtype=torch.float64)
-        self._accepted = torch.zeros(bins, dtype=torch.float64)
-        self._confidence = torch.zeros(bins, dtype=torch.float64)
-        self._predicted = torch.zeros(bins, dtype=torch.float64)
-        self._pos_count = torch.zeros(0, dtype=torch.float64)  # per block position (grown on demand)
-        self._pos_accepted = torch.zeros(0, dtype=torch.float64)
-        self._cell_count = torch.zeros(0, bins, dtype=torch.float64)  # per (position, bin)
-        self._cell_accepted = torch.zeros(0, bins, dtype=torch.float64)
-        self.observations = 0  # positions observed over the calibration's life
+        # the observation (out of sample, for calibration_error). NumPy, not torch: every step reads and
+        # updates these few dozen numbers, and a small torch op costs several times a NumPy one.
+        self._count = np.zeros(bins)
+        self._accepted = np.zeros(bins)
+        self._confidence = np.zeros(bins)
+        self._predicted = np.zeros(bins)
+        self._pos_count = np.zeros(0)  # per block position (grown on demand)
+        self._pos_accepted = np.zeros(0)
+        self._cell_count = np.zeros((0, bins))  # per (position, bin)
+        self._cell_accepted = np.zeros((0, bins))
+        self._cells_table: np.ndarray | None = None  # the (position, bin) estimates, until the next fold
+        self._cells_rows: list[list[float]] | None = None  # the same as Python lists (``predict_row``)
+        self._observations = 0
+        # verifies observed but not yet learnt: at batch 1 a CPU step is a few ms and folding costs tens of
+        # microseconds however many verifies it folds, so the engine's policy folds every few steps
+        self.fold_every = fold_every
+        self._waiting: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def _bin(self, confidences: torch.Tensor) -> torch.Tensor:
-        return (confidences.to(torch.float64) * self.bins).long().clamp_(0, self.bins - 1)
+    @property
+    def prior(self) -> torch.Tensor:
+        return torch.from_numpy(self._prior)
 
-    def _table(self) -> torch.Tensor:
+    def _bin(self, confidences: np.ndarray) -> np.ndarray:
+        return np.minimum((confidences * self.bins).astype(np.int64), self.bins - 1)  # confidences >= 0
+
+    def _table(self) -> np.ndarray:
         total = float(self._count.sum())
-        prior = self.prior
+        prior = self._prior
         if total > 0:  # shifted by the drafter's mean miscalibration seen in every bin (see the docstring)
             bias = float(self._accepted.sum() - self._confidence.sum()) / total
-            prior = (prior + bias * total / (total + self.prior_strength)).clamp(0.0, 1.0)
+            prior = np.minimum(np.maximum(prior + bias * total / (total + self.prior_strength), 0.0), 1.0)
         return (self._accepted + self.prior_strength * prior) / (self._count + self.prior_strength)
 
     def predict(self, confidences: torch.Tensor) -> torch.Tensor:
@@ -243,86 +418,145 @@ class AcceptanceCalibration:
         column j is block position j + 1 and each (position, bin) estimate is pulled towards the bin's
         estimate over all positions by ``prior_strength`` pseudo-observations (the same confidence
         means more at the first draft than at the eighth); 1-D input gets the all-positions estimate."""
-        pooled = self._table()
-        bins = self._bin(confidences.detach().cpu())
-        if bins.dim() != 2:
-            return pooled[bins]
-        k = bins.shape[1]
-        count, acc = self._cells(k)
-        cells = (acc + self.prior_strength * pooled) / (count + self.prior_strength)  # [k, bins]
-        return cells.gather(1, bins.T).T
+        self._fold()
+        return torch.from_numpy(self.predict_array(_numpy(confidences)))
 
-    def _cells(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_array(self, confidences: np.ndarray) -> np.ndarray:
+        """``predict`` on NumPy, without folding waiting verifies in (the policy's hot path: a table
+        lookup between two folds)."""
+        bins = self._bin(confidences)
+        if bins.ndim != 2:
+            return self._table()[bins]
+        k = bins.shape[1]
+        if self._cells_table is None or self._cells_table.shape[0] < k:
+            count, acc = self._cells(max(k, self._cell_count.shape[0]))
+            self._cells_table = (acc + self.prior_strength * self._table()) / (count + self.prior_strength)
+        return self._cells_table[np.arange(k), bins]
+
+    def predict_row(self, confidences: list[float]) -> list[float]:
+        """``predict_array`` of one request's confidences (positions 1..k) on Python floats: between two
+        forwards of a CPU engine each NumPy call on a few numbers costs 10-20 us (cold caches), so a batch
+        of one is looked up without any."""
+        k = len(confidences)
+        if self._cells_rows is None or len(self._cells_rows) < k:
+            self.predict_array(np.zeros((1, k)))  # builds the table
+            assert self._cells_table is not None
+            self._cells_rows = self._cells_table.tolist()
+        top = self.bins - 1
+        return [self._cells_rows[j][min(int(c * self.bins), top)] for j, c in enumerate(confidences)]
+
+    def _cells(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(position, bin) counts and accepts for positions 1..k, zero rows where never observed."""
         if k > self._cell_count.shape[0]:
-            grow = torch.zeros(k - self._cell_count.shape[0], self.bins, dtype=torch.float64)
-            self._cell_count = torch.cat([self._cell_count, grow])
-            self._cell_accepted = torch.cat([self._cell_accepted, grow])
+            grow = np.zeros((k - self._cell_count.shape[0], self.bins))
+            self._cell_count = np.concatenate([self._cell_count, grow])
+            self._cell_accepted = np.concatenate([self._cell_accepted, grow])
         return self._cell_count[:k], self._cell_accepted[:k]
 
     def position_rates(self, n: int) -> torch.Tensor:
         """[n] recent accept rate at block positions 1..n given all before accepted (float64)."""
-        count, acc = self._pos_count[:n], self._pos_accepted[:n]
-        pad = n - count.numel()
-        if pad > 0:
-            z = torch.zeros(pad, dtype=torch.float64)
-            count, acc = torch.cat([count, z]), torch.cat([acc, z])
-        return (acc + self.prior_strength * self.prior_rate) / (count + self.prior_strength)
+        self._fold()
+        count, acc = np.zeros(n), np.zeros(n)
+        m = min(n, self._pos_count.size)
+        count[:m], acc[:m] = self._pos_count[:m], self._pos_accepted[:m]
+        return torch.from_numpy((acc + self.prior_strength * self.prior_rate) / (count + self.prior_strength))
 
     def observe(
         self,
-        confidences: torch.Tensor,
+        confidences: torch.Tensor | np.ndarray,
         widths: torch.Tensor | Sequence[int],
         accepted: torch.Tensor | Sequence[int],
     ) -> None:
         """Learn from one verify: ``confidences`` [n, k] of the drafts, ``widths`` [n] drafts verified per
         request, ``accepted`` [n] drafts accepted. Positions 1..min(accepted + 1, width) are observed: the
         accepted ones as successes, the first rejected one (if verified) as a failure; later positions say
-        nothing (their prefix was wrong)."""
-        conf = confidences.detach().to("cpu", torch.float64)
+        nothing (their prefix was wrong). Folded in once ``fold_every`` verifies are waiting; until then
+        the arguments are kept as they are (not copied: every array operation costs a CPU engine at batch
+        1 measurably), so they must not be changed in place after the call."""
+        self._waiting.append((confidences, widths, accepted))
+        if len(self._waiting) >= self.fold_every:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Learn the waiting verifies at once (one set of array operations for all of them)."""
+        if not self._waiting:
+            return
+        waiting, self._waiting = self._waiting, []
+        confs = [_numpy(c, np.float64) for c, _, _ in waiting]
+        k = max(c.shape[1] for c in confs)  # shorter blocks padded: never seen (widths clipped to their own)
+        conf = np.zeros((sum(c.shape[0] for c in confs), k))
+        width = np.zeros(len(conf), dtype=np.int64)
+        row = 0
+        for c, (_, w, _) in zip(confs, waiting, strict=True):
+            conf[row : row + c.shape[0], : c.shape[1]] = c
+            width[row : row + c.shape[0]] = np.minimum(_numpy(w, np.int64), c.shape[1])
+            row += c.shape[0]
+        acc = np.concatenate([_numpy(a, np.int64).reshape(-1) for _, _, a in waiting])
         n, k = conf.shape
-        width = torch.as_tensor(widths, dtype=torch.long).cpu().clamp(0, k).view(n, 1)
-        acc = torch.as_tensor(accepted, dtype=torch.long).cpu().view(n, 1)
-        pos = torch.arange(1, k + 1).view(1, k)
-        seen = pos <= torch.minimum(acc + 1, width)
+        width, acc = width.reshape(n, 1), acc.reshape(n, 1)
+        pos = np.arange(1, k + 1).reshape(1, k)
+        seen = pos <= np.minimum(acc + 1, width)
         success = (pos <= acc) & seen
         m = int(seen.sum())
         if m == 0:
             return
-        bins = self._bin(conf)[seen]
-        hits = success[seen].to(torch.float64)
-        predicted = self.predict(conf)[seen]  # before this outcome is learnt
+        bins = self._bin(conf[seen])
+        hits = success[seen].astype(np.float64)
+        predicted = self.predict_array(conf)[seen]  # before this outcome is learnt
         keep = self._decay_per_obs**m
         for total, add in (
-            (self._count, torch.ones_like(hits)),
+            (self._count, np.ones_like(hits)),
             (self._accepted, hits),
             (self._confidence, conf[seen]),
             (self._predicted, predicted),
         ):
-            total.mul_(keep).index_add_(0, bins, add)
-        grow = torch.zeros(max(0, k - self._pos_count.numel()), dtype=torch.float64)
-        self._pos_count = torch.cat([self._pos_count, grow])
-        self._pos_accepted = torch.cat([self._pos_accepted, grow])
-        self._pos_count.mul_(keep)[:k] += seen.sum(0).to(torch.float64)
-        self._pos_accepted.mul_(keep)[:k] += success.sum(0).to(torch.float64)
+            total *= keep
+            np.add.at(total, bins, add)
+        if k > self._pos_count.size:
+            grow = np.zeros(k - self._pos_count.size)
+            self._pos_count = np.concatenate([self._pos_count, grow])
+            self._pos_accepted = np.concatenate([self._pos_accepted, grow])
+        self._pos_count *= keep
+        self._pos_count[:k] += seen.sum(0)
+        self._pos_accepted *= keep
+        self._pos_accepted[:k] += success.sum(0)
         self._cells(k)
-        cell = (torch.arange(k).view(1, k).expand(n, k)[seen] * self.bins + bins).view(-1)
-        self._cell_count.mul_(keep).view(-1).index_add_(0, cell, torch.ones_like(hits))
-        self._cell_accepted.mul_(keep).view(-1).index_add_(0, cell, hits)
-        self.observations += m
+        self._cell_count *= keep
+        self._cell_accepted *= keep
+        rows = np.broadcast_to(np.arange(k), (n, k))[seen]
+        np.add.at(self._cell_count, (rows, bins), 1.0)
+        np.add.at(self._cell_accepted, (rows, bins), hits)
+        self._cells_table = self._cells_rows = None
+        self._observations += m
+
+    @property
+    def observations(self) -> int:
+        """Positions observed over the calibration's life."""
+        self._fold()
+        return self._observations
 
     def calibration_error(self) -> float:
         """Expected calibration error of recent predictions: per bin |predicted - accepted| summed, over
         the observations (forgetting-weighted). Each prediction is the one made BEFORE its outcome was
         learnt, so this is how wrong the policy's beliefs were, not a fit to the data itself."""
+        self._fold()
         total = float(self._count.sum())
-        return float((self._predicted - self._accepted).abs().sum()) / total if total > 0 else 0.0
+        return float(np.abs(self._predicted - self._accepted).sum()) / total if total > 0 else 0.0
 
     def confidence_error(self) -> float:
         """Expected calibration error of the raw confidences (how far the drafter's own probabilities are
         from the target's accept rate), over recent observations."""
+        self._fold()
         total = float(self._count.sum())
-        return float((self._confidence - self._accepted).abs().sum()) / total if total > 0 else 0.0
+        return float(np.abs(self._confidence - self._accepted).sum()) / total if total > 0 else 0.0
+
+
+def _numpy(values: torch.Tensor | np.ndarray | Sequence[float], dtype: type | None = None) -> np.ndarray:
+    """A CPU NumPy array of ``values`` (a tensor from any device, an array or a sequence); ``dtype``
+    None keeps a tensor's or array's own (no copy of a CPU tensor)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=dtype)
 
 
 # ---- the policy ----------------------------------------------------------------------------------------
@@ -349,8 +583,8 @@ class VerifyPlan:
 
 
 class VerifyWidthPolicy:
-    """Chooses per step and per request how many drafts to verify, or a plain decode step, to maximise
-    expected committed tokens per ms (see the module docstring).
+    """Chooses per step and per request how many drafts to verify, or a plain decode step, so that text
+    is committed at the most tokens per ms (see the module docstring).
 
     With calibrated accept probabilities ``p`` per position, a request verifying k drafts commits in
     expectation ``1 + sum_{j<=k} q_j`` tokens, ``q_j = prod_{l<=j} p_l`` (1 = the bonus token). A step costs
@@ -359,22 +593,35 @@ class VerifyWidthPolicy:
     order of gain is optimal for each total of verified drafts, so one sort and one cumulative sum value
     every total at once.
 
-    Which total: the one maximising ``tokens - R x ms``, where R is the rate the policy has been achieving
-    (``long_run_rate``: a moving average of its plans' speedup over plain decoding, never below plain
-    decoding). Over many steps that maximises tokens per ms; choosing each step's own best ratio would not
-    (it verifies too much of poor drafts and too little of good ones). Two decisions, two moments:
-    ``plan_for_batch(batch)``, before drafting, drafts only if recent drafted steps (their expected tokens
-    and verified tokens per request, so a batch change carries over) beat a plain decode step by that
-    measure; with no history it drafts (a cold start explores, and the plan() after it verifies at least
-    one draft per request). ``plan(confidences)``, after drafting,
-    treats the draft as paid and sets ``plain_decode`` when no width beats verifying none (widths are then
-    0 and the step decodes every row).
+    Which total: the one with the most expected tokens per ms for the step itself, draft included. A
+    generation's easy and hard stretches last longer than a step (on the demo pair, after a step that
+    verified the whole block two in three next steps do too), and a plain step does not move past a hard
+    stretch any faster, so what a stretch costs is its time per token, step by step. (Maximising
+    tokens - R x ms with R the long-run rate, right when each step's difficulty is drawn afresh, judged
+    hard stretches against a rate only easy ones reach: it decoded them plainly at a worse time per token
+    than drafting, and lost 8-11 % to the fixed threshold.) When a plain decode step's rate R_plain is
+    better than any width's, the draft already made is sunk, and the widths maximise
+    tokens - R_plain x verify ms: what still pays at plain decoding's rate; none, and the step decodes
+    every row (``plain_decode``).
+
+    Two decisions, two moments: ``plan(confidences)`` after drafting (above), and ``plan_for_batch(batch)``
+    before drafting, without this step's confidences: it drafts when the expected rate of a drafted step
+    beats plain decoding's. That rate is the tokens over the ms of the last ``recent`` drafted steps, each
+    at its best width, blended with those of the last ``history`` drafted steps (their per-request q
+    re-costed at today's batch every ``decide_every`` steps); each plain step since the last drafted one
+    multiplies the recent steps' weight by ``recent_trust``, since it shows nothing new (without that, a
+    poor stretch would stop drafting until a probe). With fewer than ``min_history`` drafted steps, or none,
+    it drafts (a cold start explores, and the plan() after it verifies at least one draft per request).
+
+    Costs are measured twice: the start-up profile (``cost``) and, when the engine reports its steps
+    (``observe_step``), each step's own wall time, which corrects the profile online (see
+    ``StepCostModel.observe_step``).
 
     ``ragged=False`` is for engines that pad every request to the longest verified row (the reference
     engine): the verify then costs ``batch * (max width + 1)`` tokens and all rows take the same width.
     ``draft_blocks``: the blocks the drafter may be asked to draft (default: only ``block_size``); a shorter
-    one is chosen when its cheaper draft pays for the widths it rules out (assuming the drafter's first
-    positions are as good in a shorter block: measure that before listing shorter blocks).
+    one is chosen when its cheaper draft gives a better rate (assuming the drafter's first positions are as
+    good in a shorter block: measure that before listing shorter blocks).
 
     Inputs and lag (overlap scheduling): ``plan(confidences)`` needs the CURRENT step's confidences (the
     draft the target is about to verify); the calibration may lag: ``observe`` one or two steps late only
@@ -382,9 +629,10 @@ class VerifyWidthPolicy:
     in a row, ``plan_for_batch`` asks for one speculative step (and the ``plan()`` after it verifies at
     least one draft per request), so acceptance keeps being measured.
 
-    Cost: ``plan()`` at batch 256, block 16 takes about 0.7 ms (batch 1: 0.4 ms), one torch thread on a
-    loaded 2-core x86 CPU (sort + cumulative sum + NumPy interpolation, no per-request Python loop);
-    ``tests/core/test_verify_policy.py`` prints it.
+    Cost of the policy itself: NumPy on a few dozen numbers per step (no per-request Python loop, no small
+    torch ops, the verify costs of every width cached until the cost model learns); ``plan()`` at batch
+    256, block 16 is timed by ``tests/core/test_verify_policy.py``. At batch 1 on a CPU a step is a few ms,
+    so tens of microseconds matter.
     """
 
     def __init__(
@@ -396,74 +644,102 @@ class VerifyWidthPolicy:
         ragged: bool = True,
         draft_blocks: Sequence[int] | None = None,
         probe_interval: int = 32,
-        recent_weight: float = 0.1,
+        history: int = 256,
+        min_history: int = 16,
+        recent: int = 4,
+        recent_trust: float = 0.6,
+        decide_every: int = 16,
+        learn_costs: bool = True,
     ) -> None:
         if block_size < 2:
             raise ValueError(f"a verify-width policy needs block_size >= 2, got {block_size}")
+        if not 1 <= min_history <= history or recent < 1 or decide_every < 1:
+            raise ValueError("1 <= min_history <= history, recent >= 1 and decide_every >= 1 are required")
         blocks = sorted(set(draft_blocks or [block_size]))
         if any(not 2 <= b <= block_size for b in blocks):
             raise ValueError(f"draft_blocks must be in 2..{block_size}, got {blocks}")
         self.cost, self.calibration, self.block_size = cost, calibration, block_size
         self.ragged, self.draft_blocks, self.probe_interval = ragged, blocks, probe_interval
-        self.recent_weight = recent_weight
-        # drafted steps' plans, per request, moving averages: expected tokens, verified tokens; the block
-        self._recent: tuple[float, float] | None = None
+        self.min_history, self.recent, self.recent_trust = min_history, recent, recent_trust
+        self.decide_every, self.learn_costs = decide_every, learn_costs
+        # the last ``history`` drafted steps' per-request mean q (zero past the positions drafted), a ring
+        self._history: list[list[float]] = []
+        self._history_size, self._history_next = history, 0
+        # (batch, steps left, tokens per ms of drafting over the history, its plan): see decide_every
+        self._long_run: tuple[int, int, float, VerifyPlan] | None = None
+        # the last ``recent`` drafted steps at their best widths: (tokens / batch, ms / plain ms) each
+        self._recent_steps: deque[tuple[float, float]] = deque(maxlen=recent)
+        self._undrafted = 0  # plain steps since the last drafted one
         self._recent_block = block_size
-        # moving averages of tokens and of ms in plain-decode tokens' time: their ratio is the speedup
-        self._speedup = (0.0, 0.0)
         self._plain_in_row = 0
         self._probing = False  # plan_for_batch asked for a probe: the next plan() verifies >= 1 draft
+        # verify ms by (batch, drafts, uniform; None: uniform as Python floats), with the cost model's version
+        self._verify_cache: dict[tuple[int, int, bool | None], tuple[int, Any]] = {}
+        self._scalar_cache: dict[tuple[int, int], tuple[int, float, float]] = {}
 
     # -- public ------------------------------------------------------------------------------------------
-    def long_run_rate(self, batch: int) -> float:
-        """R: the tokens per ms this policy has been achieving, as a multiple of plain decoding's rate at
-        ``batch`` (never below plain decoding). Each decision maximises tokens - R x ms, which over many
-        steps maximises tokens per ms (a per-step best ratio would not: it over-verifies poor steps)."""
-        speedup = self._speedup[0] / self._speedup[1] if self._speedup[1] > 0 else 1.0
-        return max(speedup, 1.0) * batch / self.cost.decode_ms(batch)
+    def plain_ms(self, batch: int) -> float:
+        """A plain decode step's cost at ``batch``."""
+        return self._costs(batch, self.block_size)[0]
 
-    def plan(self, confidences: torch.Tensor) -> VerifyPlan:
+    def plan(self, confidences: torch.Tensor | np.ndarray) -> VerifyPlan:
         """Plan the verify of a drafted batch: ``confidences`` [batch, block-1], the drafter's top-1
-        probability at each draft position of each request (current step). The draft is paid by now, so
-        widths maximise tokens - R x verify ms; ``plain_decode`` when no width beats verifying none."""
+        probability at each draft position of each request (current step). Widths with the step's best
+        rate, unless plain decoding's is better: then what pays at that rate (see the class docstring);
+        ``plain_decode`` when no draft is worth verifying."""
         bs, n = confidences.shape
         if n < 1 or n > self.block_size - 1:
             raise ValueError(f"confidences need 1..{self.block_size - 1} positions, got {n}")
-        prefix = self.calibration.predict(confidences).cumprod(dim=1)  # [bs, n], non-increasing rows
-        rate = self.long_run_rate(bs)
-        if self._probing:  # this draft was asked for to measure acceptance: verify some of it
-            self._probing = False
-            plan = self._best(prefix, drafted=n + 1, rate=rate, uniform=True, min_width=1)
-            plan.extra["probe"] = True
+        probing, self._probing = self._probing, False  # a draft asked for to measure acceptance
+        if bs == 1:  # Python floats: see AcceptanceCalibration.predict_row
+            q = list(
+                itertools.accumulate(self.calibration.predict_row(confidences.tolist()[0]), operator.mul)
+            )
+            plan = self._best_one(q, drafted=n + 1, min_width=int(probing))
         else:
-            plan = self._best(prefix, drafted=n + 1, rate=rate)
-            plan.plain_decode = max(plan.widths) == 0
-        self._remember(plan, bs, drafted=True)
+            prefix = np.cumprod(
+                self.calibration.predict_array(_numpy(confidences)), axis=1
+            )  # rows non-increasing
+            q = (prefix.sum(axis=0) / bs).tolist()
+            plan = self._best(prefix, drafted=n + 1, uniform=probing, min_width=int(probing))
+        row = q + [0.0] * (self.block_size - 1 - n)  # the step's per-request mean q, for the history
+        if len(self._history) < self._history_size:
+            self._history.append(row)
+        else:
+            self._history[self._history_next] = row
+        self._history_next = (self._history_next + 1) % self._history_size
+        plan.plain_decode = max(plan.widths) == 0
+        if probing:
+            plan.extra["probe"] = True
+        best_tokens, best_ms = plan.extra.pop("best_step")
+        self._recent_steps.append((best_tokens / bs, best_ms / self.plain_ms(bs)))
+        self._undrafted = 0
+        self._recent_block = plan.draft_block
         self._plain_in_row = self._plain_in_row + 1 if plan.plain_decode else 0
         return plan
 
     def plan_for_batch(self, batch: int) -> VerifyPlan:
         """Plan before any confidences of this step exist: whether to draft at all, and which block (see
-        the class docstring). Widths are uniform (what the recent plans verified per request)."""
-        plain = VerifyPlan([0] * batch, True, self._recent_block, float(batch), self.cost.decode_ms(batch))
-        rate = self.long_run_rate(batch)
-        if self._recent is None:  # nothing drafted yet: draft, the calibration's rates say how wide
-            n = self.block_size - 1
-            prefix = self.calibration.position_rates(n).cumprod(0).expand(batch, n)
-            plan = self._best(prefix, drafted=self.block_size, rate=rate, uniform=True, min_width=1)
+        the class docstring). Widths are uniform (the best single width over the recent history)."""
+        plain_ms = self.plain_ms(batch)
+        plain = VerifyPlan([0] * batch, True, self._recent_block, float(batch), plain_ms)
+        if len(self._history) == 0:  # nothing drafted yet: draft, the calibration's rates say how wide
+            prefix = self.calibration.position_rates(self.block_size - 1).cumprod(0).numpy()
             self._probing = True  # a cold start explores: a prior alone must not rule drafting out
+            plan = self._best(np.broadcast_to(prefix, (batch, prefix.size)), self.block_size, True, 1)
+            del plan.extra["best_step"]
             return plan
-        else:
-            tokens, verified = self._recent
-            width = max(0, round(verified) - 1)
-            ms = self.cost.draft_ms(batch, self._recent_block) + self.cost.verify_ms(
-                batch, round(batch * verified)
-            )
-            plan = VerifyPlan([width] * batch, False, self._recent_block, batch * tokens, ms)
-        gain = (plan.expected_tokens - rate * plan.expected_ms) - (
-            plain.expected_tokens - rate * plain.expected_ms
-        )
-        if gain > 0:
+        long_run = self._long_run
+        if long_run is None or long_run[0] != batch or long_run[1] <= 0:
+            long_run = self._long_run_rate(batch)
+        self._long_run = long_run = (batch, long_run[1] - 1, long_run[2], long_run[3])
+        speedup, plan = long_run[2] * plain_ms / batch, long_run[3]  # drafting's rate over plain's
+        trust = self.recent_trust**self._undrafted  # plain steps show nothing new: back to the long run
+        if trust > 1e-3:
+            tokens = sum(t for t, _ in self._recent_steps)
+            cost = sum(c for _, c in self._recent_steps)
+            speedup = trust * tokens / cost + (1 - trust) * speedup
+        if len(self._history) < self.min_history or speedup > 1.0:
             return plan
         if self._plain_in_row >= self.probe_interval:
             self._plain_in_row, self._probing = 0, True
@@ -471,78 +747,146 @@ class VerifyWidthPolicy:
             plan.widths = [max(1, w) for w in plan.widths]
             return plan
         self._plain_in_row += 1
-        self._remember(plain, batch, drafted=False)
+        self._undrafted += 1
         return plain
 
+    def observe_step(self, batch: int, verified_tokens: int | None, ms: float, clean: bool = True) -> None:
+        """The engine's measured step: ``batch`` decoding requests, a plain decode step (``verified_tokens``
+        None) or a drafted one (the tokens its target forward verified: pending tokens + drafts, padded
+        where the engine pads), ``ms`` its wall time; the cost model learns from it (see
+        ``StepCostModel.observe_step``). ``clean=False``: the step also did other work (a prefill, a new
+        request's first context for the drafter), so it teaches nothing. ``learn_costs=False``: the cost
+        model given is taken as it is."""
+        if self.learn_costs and clean:
+            self.cost.observe_step(batch, verified_tokens, ms, draft_block=self._recent_block)
+
     # -- internals ---------------------------------------------------------------------------------------
-    def _remember(self, plan: VerifyPlan, bs: int, drafted: bool) -> None:
-        """Fold a step's plan into the averages: the speedup over plain decoding behind R, and for drafted
-        steps the per-request tokens and verified tokens plan_for_batch reads."""
-        w = self.recent_weight
-        plain_ms = self.cost.decode_ms(bs) / bs  # ms per token of plain decoding at this batch
-        tokens, cost = self._speedup
-        self._speedup = (
-            w * plan.expected_tokens + (1 - w) * tokens,
-            w * plan.expected_ms / plain_ms + (1 - w) * cost,
+    def _costs(self, batch: int, block: int) -> tuple[float, float]:
+        """(decode ms, draft ms of ``block``) at ``batch``, cached until the cost model learns."""
+        key = (batch, block)
+        hit = self._scalar_cache.get(key)
+        if hit is None or hit[0] != self.cost.version:
+            if len(self._scalar_cache) > 64:
+                self._scalar_cache.clear()
+            hit = self._scalar_cache[key] = (
+                self.cost.version,
+                self.cost.decode_ms(batch),
+                self.cost.draft_ms(batch, block),
+            )
+        return hit[1], hit[2]
+
+    def _long_run_rate(self, batch: int) -> tuple[int, int, float, VerifyPlan]:
+        """Drafting's tokens per ms over the history, re-costed at ``batch``: each step at its own best
+        width; and the single width best over them all (the plan's)."""
+        n = self._recent_block - 1
+        steps = np.array(self._history)[:, :n]  # [steps, n]
+        tokens = batch * (1.0 + np.concatenate([np.zeros((len(steps), 1)), steps.cumsum(axis=1)], axis=1))
+        ms = self._costs(batch, self._recent_block)[1] + self._verify_costs(batch, n, uniform=True)
+        best = (tokens / ms).argmax(axis=1)
+        rate = float(tokens[np.arange(len(steps)), best].sum() / ms[best].sum())
+        width = int(np.argmax(tokens.sum(axis=0) / ms))
+        expected = float(tokens[:, width].sum()) / len(steps)
+        return (
+            batch,
+            min(self.decide_every, len(self._history)),  # early on, each drafted step moves it a lot
+            rate,
+            VerifyPlan([width] * batch, False, self._recent_block, expected, float(ms[width])),
         )
-        if not drafted:
-            return
-        widths = torch.tensor(plan.widths, dtype=torch.float64)
-        verified = float((widths.max() if not self.ragged else widths.mean()) + 1)
-        now = (plan.expected_tokens / bs, verified)
-        self._recent = (
-            now
-            if self._recent is None
-            else tuple(w * a + (1 - w) * b for a, b in zip(now, self._recent, strict=True))
-        )
-        self._recent_block = plan.draft_block
+
+    def _verify_costs(self, bs: int, n: int, uniform: bool) -> np.ndarray:
+        """Verify ms at every width 0..n (``uniform``: the same width for all ``bs`` rows) or at every
+        total 0..bs*n of verified drafts; cached until the cost model learns."""
+        key = (bs, n, uniform)
+        hit = self._verify_cache.get(key)
+        if hit is not None and hit[0] == self.cost.version:
+            return hit[1]
+        tokens = bs * (np.arange(n + 1) + 1.0) if uniform else bs + np.arange(bs * n + 1, dtype=np.float64)
+        ms = self.cost.verify_ms_array(bs, tokens)
+        if len(self._verify_cache) > 64:
+            self._verify_cache.clear()
+        self._verify_cache[key] = (self.cost.version, ms)
+        return ms
 
     def _best(
-        self,
-        prefix: torch.Tensor,
-        drafted: int,
-        rate: float,
-        uniform: bool = False,
-        min_width: int = 0,
-        with_draft: bool = False,
+        self, prefix: np.ndarray, drafted: int, uniform: bool = False, min_width: int = 0
     ) -> VerifyPlan:
-        """The plan maximising tokens - ``rate`` x ms for q = ``prefix`` [bs, n], over the draft blocks that
-        fit ``drafted`` (the block whose confidences are known; a block's draft cost decides between blocks
-        and, ``with_draft``, counts in the score: before drafting); widths >= ``min_width``."""
+        """The plan for q = ``prefix`` [bs, n] over the draft blocks that fit ``drafted`` (the block whose
+        confidences are known), widths >= ``min_width``: the block and widths with the best step rate
+        (tokens / (draft + verify ms)); if plain decoding's rate R is better, the draft is sunk and the
+        widths maximise tokens - R x verify ms. ``extra["best_step"]``: (tokens, ms) of the best-rate
+        step, what a drafted step in this state is worth."""
         bs = prefix.shape[0]
-        best: tuple[float, VerifyPlan] | None = None
+        plain_rate = bs / self.plain_ms(bs)
+        best: tuple[float, int, np.ndarray, np.ndarray, float, Any] | None = None
         for block in self.draft_blocks:
             if block > drafted:
                 continue
-            draft_ms = self.cost.draft_ms(bs, block)
+            draft_ms = self._costs(bs, block)[1]
             q = prefix[:, : block - 1]
-            if uniform or not self.ragged:
-                tokens, ms, widths = self._totals_uniform(q)
-            else:
-                tokens, ms, widths = self._totals_ragged(q)
-            score = tokens - rate * ms
-            t = min_width + int(torch.argmax(score[min_width:]))
-            value = float(score[t]) - (rate * draft_ms if with_draft or len(self.draft_blocks) > 1 else 0.0)
-            if best is None or value > best[0]:
-                best = (value, VerifyPlan(widths(t), False, block, float(tokens[t]), float(ms[t]) + draft_ms))
+            tokens, ms, widths = (
+                self._totals_uniform(q) if uniform or not self.ragged else self._totals_ragged(q)
+            )
+            rates = tokens[min_width:] / (draft_ms + ms[min_width:])
+            t = min_width + int(np.argmax(rates))
+            if best is None or rates[t - min_width] > best[0]:
+                best = (float(rates[t - min_width]), t, tokens, ms, draft_ms, widths, block)
         assert best is not None
-        return best[1]
+        rate, t, tokens, ms, draft_ms, widths, block = best
+        best_step = (float(tokens[t]), float(ms[t]) + draft_ms)
+        if rate < plain_rate:  # the draft is sunk: verify what pays at plain decoding's rate
+            t = min_width + int(np.argmax(tokens[min_width:] - plain_rate * ms[min_width:]))
+        plan = VerifyPlan(widths(t), False, block, float(tokens[t]), float(ms[t]) + draft_ms)
+        plan.extra["best_step"] = best_step
+        return plan
 
-    def _totals_ragged(self, q: torch.Tensor):
+    def _best_one(self, q: list[float], drafted: int, min_width: int = 0) -> VerifyPlan:
+        """``_best`` for a batch of one (``q``: its prefix probabilities) on Python floats."""
+        plain_rate = 1.0 / self.plain_ms(1)
+        best: tuple[float, int, list[float], list[float], float, int] | None = None
+        for block in self.draft_blocks:
+            if block > drafted:
+                continue
+            draft_ms = self._costs(1, block)[1]
+            ms = self._verify_list(1, block - 1)
+            tokens = list(itertools.accumulate(q[: block - 1], initial=1.0))  # width 0..block-1
+            t = max(range(min_width, block), key=lambda w: tokens[w] / (draft_ms + ms[w]))
+            rate = tokens[t] / (draft_ms + ms[t])
+            if best is None or rate > best[0]:
+                best = (rate, t, tokens, ms, draft_ms, block)
+        assert best is not None
+        rate, t, tokens, ms, draft_ms, block = best
+        best_step = (tokens[t], ms[t] + draft_ms)
+        if rate < plain_rate:  # the draft is sunk: verify what pays at plain decoding's rate
+            t = max(range(min_width, len(tokens)), key=lambda w: tokens[w] - plain_rate * ms[w])
+        plan = VerifyPlan([t], False, block, tokens[t], ms[t] + draft_ms)
+        plan.extra["best_step"] = best_step
+        return plan
+
+    def _verify_list(self, bs: int, n: int) -> list[float]:
+        """``_verify_costs`` (uniform) as Python floats, cached alike."""
+        key = (bs, n, None)
+        hit = self._verify_cache.get(key)
+        if hit is None or hit[0] != self.cost.version:
+            hit = self._verify_cache[key] = (
+                self.cost.version,
+                self._verify_costs(bs, n, uniform=True).tolist(),
+            )
+        return hit[1]
+
+    def _totals_ragged(self, q: np.ndarray):
         """Expected tokens and verify ms at every total T of verified drafts (best allocation for each T),
         and a function T -> widths."""
         bs, n = q.shape
         # stable over the row-major flattening: equal gains keep j ascending within a row (prefixes)
-        gains, order = torch.sort(q.reshape(-1), descending=True, stable=True)
-        totals = torch.arange(bs * n + 1, dtype=torch.float64)
-        tokens = bs + torch.cat([torch.zeros(1, dtype=torch.float64), gains.cumsum(0)])
-        ms = self.cost.verify_ms_many(bs, bs + totals)
-        return tokens, ms, lambda t: torch.bincount(order[:t] // n, minlength=bs).tolist()
+        order = np.argsort(-q.reshape(-1), kind="stable")
+        tokens = bs + np.concatenate([[0.0], q.reshape(-1)[order].cumsum()])
+        ms = self._verify_costs(bs, n, uniform=False)
+        return tokens, ms, lambda t: np.bincount(order[:t] // n, minlength=bs).tolist()
 
-    def _totals_uniform(self, q: torch.Tensor):
+    def _totals_uniform(self, q: np.ndarray):
         """The same for one width m for every request (padded verify, or no per-request confidences):
         index m."""
         bs, n = q.shape
-        tokens = bs + torch.cat([torch.zeros(1, dtype=torch.float64), q.sum(0).cumsum(0)])  # [n + 1]
-        ms = self.cost.verify_ms_many(bs, bs * (torch.arange(n + 1, dtype=torch.float64) + 1))
-        return tokens, ms, lambda m: [m] * bs
+        tokens = np.concatenate([[0.0], (q[0] if bs == 1 else q.sum(axis=0)).cumsum()])  # [n + 1]
+        tokens += bs
+        return tokens, self._verify_costs(bs, n, uniform=True), lambda m: [m] * bs

@@ -45,7 +45,7 @@ def load_serving(
     threads: int = 0,
     device: str = "cpu",
     min_draft_confidence: float | None = None,
-    verify_policy: bool = False,
+    verify_policy: bool | None = None,
 ) -> OpenAIServing:
     """Engine + tokenizer + serving; start ``serving.runner`` inside the event loop afterwards."""
     import torch

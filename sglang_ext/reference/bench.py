@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -55,6 +55,7 @@ DEFAULT_PROMPTS = [
 
 
 DEFAULT_ROUNDS = 3
+T = TypeVar("T")
 RESULTS_DIR = Path("runs")
 
 
@@ -125,6 +126,24 @@ def run_mode(
                 done[res.request_id] = res
                 bar.update(1)
     return (time.perf_counter() - start, time.process_time() - cpu_start), [done[i] for i in ids]
+
+
+def run_order(engines: list[T], turn: int) -> list[T]:
+    """The engines' order for one turn (a prompt, or a round): rotated by one each turn, so every engine
+    runs in every place equally often and, with three or more, none runs twice in a row. With two this is
+    ABBA. Reversing three (ABC CBA) let the outer two run twice in a row, warm from themselves, and never
+    the middle one, which measured several % slower than in last place (the verify-width policy against
+    the threshold on the demo pair, docs/benchmarks.md)."""
+    shift = turn % len(engines)
+    return engines[shift:] + engines[:shift]
+
+
+def alternation(engines: int) -> str:
+    """How ``run_order`` alternates ``engines`` engines, for the report."""
+    if engines == 2:
+        return "per prompt (ABBA)"
+    names = "ABCDEFGH"[:engines]
+    return "per prompt (rotated: " + " ".join(names[i:] + names[:i] for i in range(engines)) + ")"
 
 
 def load_prompts(path: Path | None, demo: bool) -> list[str]:
@@ -212,8 +231,8 @@ def main(argv: list[str]) -> int:
     outputs: dict[str, list[Result]] = {}
     verified: dict[str, int] = {}
     plain_steps: dict[str, int] = {}
-    # batch 1: the modes alternate prompt by prompt (ABBA, or ABCCBA), since a shared machine's speed
-    # drifts within seconds; with batching each mode decodes all prompts at once (rows join as others finish)
+    # batch 1: the modes alternate prompt by prompt (see run_order), since a shared machine's speed drifts
+    # within seconds; with batching each mode decodes all prompts at once (rows join as others finish)
     chunks = [prompts[i : i + 1] for i in range(len(prompts))] if args.batch == 1 else [prompts]
     per_prompt = len(chunks) > 1
     for r in range(args.rounds):
@@ -224,8 +243,7 @@ def main(argv: list[str]) -> int:
             chunks, desc=f"round {r + 1}/{args.rounds}", leave=False, file=sys.stderr, disable=not per_prompt
         )
         for c, chunk in enumerate(bar):
-            order = engines if (c + r) % 2 == 0 else engines[::-1]
-            for label, engine in order:
+            for label, engine in run_order(engines, c + r):
                 desc = f"{label} round {r + 1}/{args.rounds}"
                 (wall, cpu), done = run_mode(engine, chunk, params, desc, progress=not per_prompt)
                 spent[label][0] += wall
@@ -238,7 +256,7 @@ def main(argv: list[str]) -> int:
             outputs[label] = results[label]
     block_size = engines[1][1].block_size
     report = summarise(args, pair.description, block_size, times, outputs)
-    report["alternation"] = "per prompt (ABBA)" if per_prompt else "per round"
+    report["alternation"] = alternation(len(engines)) if per_prompt else "per round"
     report["min_draft_confidence"] = args.min_draft_confidence
     for label, engine in engines[1:]:
         row = report["modes"][label]

@@ -15,13 +15,14 @@ Observing verify steps (``step_observer``): a callback receives every verify ste
 and accept counts (acceptance traces are recorded this way, :mod:`sglang_ext.traces.record`). Without one
 the engine computes nothing extra.
 
-Verify-width policy (``verify_policy``, the CLIs' ``--verify-policy``; see
+Verify-width policy (``verify_policy``; the CLIs' CPU default, ``--verify-policy``; see
 :mod:`sglang_ext.dflare.verify_policy`): instead of a fixed threshold, each step picks the verified width
-that maximises expected committed tokens per ms from the drafter's confidences, a calibration learnt
-from what the target accepts, and a cost model of this machine's forwards
-(:mod:`sglang_ext.reference.step_profile`); when no width pays for the draft, the step is a plain decode
-(no drafter forward; the drafter's context catches up on the next drafted step). Equally lossless: it only
-chooses how much the target checks.
+that commits the most expected tokens per ms from the drafter's confidences, a calibration learnt from
+what the target accepts, and a cost model of this machine's steps (profiled at start,
+:mod:`sglang_ext.reference.step_profile`, then corrected by every step's measured time, which the engine
+reports to the policy); when drafting does not pay, the step is a plain decode (no drafter forward; the
+drafter's context catches up on the next drafted step). Equally lossless: it only chooses how much the
+target checks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,10 +50,10 @@ if TYPE_CHECKING:
 
 FinishReason = Literal["stop", "length", "abort"]
 
-# The fixed threshold the CLIs offer (``--min-draft-confidence``) instead of their default, the verify-width
-# policy: on the demo pair it keeps tau within ~3 % of verifying the whole block at about half the verified
-# rows (docs/benchmarks.md). The engine's own default, 0 and no policy, verifies every draft: the drafter's
-# acceptance as trained, which is what `dflare eval` measures.
+# The fixed threshold the CLIs offer (``--min-draft-confidence``, ``--no-verify-policy``) instead of their
+# CPU default, the verify-width policy: on the demo pair it keeps tau within ~3 % of verifying the whole
+# block at about half the verified rows (docs/benchmarks.md). The engine's own default, 0 and no policy,
+# verifies every draft: the drafter's acceptance as trained, which is what `dflare eval` measures.
 CPU_MIN_DRAFT_CONFIDENCE = 0.02
 
 
@@ -171,6 +173,7 @@ class SpeculativeEngine:
         self._pre_plan: VerifyPlan | None = None  # the policy's plan before drafting (which block to draft)
         self.verified_drafts = 0  # drafts the target checked, over the engine's life (benchmarks report it)
         self.plain_decode_steps = 0  # steps the policy ran without a draft (or verified no draft)
+        self._prompt_context = False  # this step fed a new request's prompt to the drafter
         # verify_widths[k]: rows' decode steps that verified k drafts over the engine's life (k = 0: the row
         # decoded without speculation); engine-server exports them (width histogram, plain-step counter)
         self.verify_widths = [0] * block_size
@@ -273,14 +276,17 @@ class SpeculativeEngine:
     @torch.inference_mode()
     def step(self) -> list[Result]:
         """Advance every active request by one verify step (or its prefill); return finished ones."""
+        start = time.perf_counter()
         results = self._admit()
         slots = self._slots
         if not slots:
             return results
         decoding = sum(s.prefilled for s in slots)  # prefilled rows come first (new rows are appended)
-        drafts, lengths = None, [0] * decoding
+        drafts, lengths, drafted = None, [0] * decoding, False
+        self._prompt_context = False
         if self.block_size > 1 and decoding and self._drafts_pay(decoding):
             drafts, lengths = self._propose(decoding)  # [k, n] drafts, n = the longest verified length
+            drafted = True
             if max(lengths) == 0:  # the policy chose a plain decode after seeing the drafts
                 drafts = None
         if decoding and drafts is None and self.block_size > 1:
@@ -302,6 +308,13 @@ class SpeculativeEngine:
         for r in range(len(slots) - 1, -1, -1):
             if slots[r].finish is not None:
                 results.append(self._finish_row(r))
+        if self.verify_policy is not None and decoding:  # its cost model learns from the engine's own steps
+            self.verify_policy.observe_step(
+                decoding,
+                decoding * blk if drafted else None,
+                (time.perf_counter() - start) * 1e3,
+                clean=decoding == len(slots) and not self._prompt_context,
+            )
         return results
 
     def _drafts_pay(self, rows: int) -> bool:
@@ -322,6 +335,7 @@ class SpeculativeEngine:
         taps: list[torch.Tensor] = []
         for r, s in enumerate(self._slots[:rows]):
             start = cache.lengths[r]
+            self._prompt_context |= start == 0 and bool(s.ctx)  # a new request's prompt: not a usual step
             for chunk in s.ctx:
                 n = chunk.shape[0]
                 pending_rows += [r] * n

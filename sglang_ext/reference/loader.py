@@ -50,21 +50,25 @@ def build_engine(
     tokenizer: Any = None,
     max_batch: int = 8,
     min_draft_confidence: float | None = None,
-    verify_policy: bool = False,
+    verify_policy: bool | None = None,
 ) -> SpeculativeEngine:
-    """The engine with the CLIs' adaptivity: ``verify_policy`` chooses widths with the verify-width policy
-    (its cost model profiled here, about a second); otherwise ``min_draft_confidence`` is the fixed
-    threshold (0 = the whole block), None meaning ``CPU_MIN_DRAFT_CONFIDENCE`` on CPU and the whole block
-    elsewhere. The threshold stays the default: on the demo pair it is faster than the policy (0.887x,
-    docs/benchmarks.md) until the policy learns its costs online."""
+    """The engine with the CLIs' adaptivity. ``verify_policy`` True: the verify-width policy chooses each
+    step's widths (its cost model profiled here: on the demo pair, one thread, 0.9 s at max_batch 1 and
+    4.4 s at 8; then learnt from the engine's steps); False: the fixed threshold ``min_draft_confidence``
+    (0 = the whole block; None = 0.02 on CPU, the whole block elsewhere); None (the default): the policy
+    on CPU unless a threshold is given, the whole block elsewhere. On the demo pair the policy matches the
+    0.02 threshold's speed (0.99-1.0x, docs/benchmarks.md) and adapts where a fixed threshold cannot
+    (batch, machine load, drafter drift)."""
     if verify_policy and min_draft_confidence is not None:
         raise ValueError("verify_policy and min_draft_confidence are alternatives: pass one")
     device = getattr(target, "device", None) or next(target.parameters()).device
     on_cpu = torch.device(device).type == "cpu"
+    if verify_policy is None:
+        verify_policy = on_cpu and min_draft_confidence is None
     if min_draft_confidence is None and not verify_policy:
         min_draft_confidence = CPU_MIN_DRAFT_CONFIDENCE if on_cpu else 0.0
     engine = SpeculativeEngine(target, drafter, block_size, tokenizer, max_batch, min_draft_confidence or 0.0)
-    if verify_policy and engine.drafter is not None:
+    if verify_policy and engine.drafter is not None and engine.block_size > 1:
         from sglang_ext.reference.step_profile import measured_policy
 
         start = time.perf_counter()
@@ -90,7 +94,7 @@ def load_engine(
     device: str = "cpu",
     max_batch: int = 8,
     min_draft_confidence: float | None = None,
-    verify_policy: bool = False,
+    verify_policy: bool | None = None,
 ) -> SpeculativeEngine:
     """Target (HF causal LM directory) + optional drafter; ``block_size`` defaults to the drafter's,
     ``min_draft_confidence`` and ``verify_policy`` as :func:`build_engine`."""

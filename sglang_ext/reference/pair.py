@@ -49,21 +49,25 @@ def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_min_draft_confidence_argument(parser: argparse.ArgumentParser) -> None:
-    """``--min-draft-confidence`` and ``--verify-policy`` of the reference CLIs (generate, bench, engine
-    server): how many of each row's drafts the target verifies."""
+    """``--verify-policy``/``--no-verify-policy`` and ``--min-draft-confidence`` of the reference CLIs
+    (generate, bench, engine server): how many of each row's drafts the target verifies. Neither given:
+    the verify-width policy on CPU, the whole block elsewhere."""
     how = parser.add_mutually_exclusive_group()
+    how.add_argument(
+        "--verify-policy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="choose each step's widths (or a plain decode step) with the verify-width policy: the most "
+        "expected tokens per ms from a cost profile measured at start and corrected by the engine's own "
+        "steps, and an acceptance calibration learnt online (default on CPU); --no-verify-policy: the fixed "
+        "threshold 0.02 instead",
+    )
     how.add_argument(
         "--min-draft-confidence",
         type=float,
         default=None,
-        help="fixed adaptive draft length: verify drafts while the drafter's belief that all so far are "
-        "right stays at or above this (0 = the whole block); default 0.02 on CPU, the whole block elsewhere",
-    )
-    how.add_argument(
-        "--verify-policy",
-        action="store_true",
-        help="choose each step's widths (or a plain decode step) with the verify-width policy: expected "
-        "tokens per ms from a cost profile measured at start and an acceptance calibration learnt online",
+        help="a fixed adaptive draft length instead of the policy: verify drafts while the drafter's belief "
+        "that all so far are right stays at or above this (0 = the whole block; 0.02 = the CPU threshold)",
     )
 
 

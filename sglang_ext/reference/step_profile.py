@@ -9,8 +9,9 @@ decode plainly, that draft and verify nothing, and that draft and verify 1..B-1 
 decode = the fastest plain step; draft = the drafted step without verified drafts minus the plain step;
 the verify of width w = decode + the step at width w minus the step that verified none. Every kind runs
 once per round and the differences are taken within a round, median over rounds, so the load of a shared
-machine, which drifts within seconds, cancels out of the ratios the policy acts on. About 0.8 s on the
-demo pair at batch 1; kept in memory (``StepCostModel.to_json`` stores it for inspection).
+machine, which drifts within seconds, cancels out of the ratios the policy acts on. About 0.9 s on the
+demo pair at batch 1 and 4.4 s up to batch 8 (one thread); kept in memory (``StepCostModel.to_json``
+stores it for inspection), then corrected by the engine's measured steps.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 
 CONTEXT = 128  # prompt tokens per profiled request: a typical chat prompt's length
 PLAIN = -1  # a step key: plain decode (no draft)
+# steps between the policy's lessons (costs, calibration): a step of the demo pair at batch 1 is a few ms,
+# and learning after every one of them cost the policy a few % of its speed
+LEARN_EVERY = 8
 
 
 class _FixedWidth(VerifyWidthPolicy):
@@ -50,6 +54,9 @@ class _FixedWidth(VerifyWidthPolicy):
 
     def plan(self, confidences: torch.Tensor) -> VerifyPlan:
         return VerifyPlan([self.width] * confidences.shape[0], False, self.block_size, 0.0, 1.0)
+
+    def observe_step(self, *args, **kwargs) -> None:
+        """The profile times the steps itself."""
 
 
 def _widths(block_size: int) -> list[int]:
@@ -118,6 +125,7 @@ def measure_step_costs(engine: SpeculativeEngine, repeats: int = 9, max_batch: i
         else str(runner.device),
         model=f"{type(runner.model).__name__} {runner.num_layers} layers + {kind} drafter",
         block_size=block,
+        learn_every=LEARN_EVERY,
     )
 
 
@@ -125,5 +133,9 @@ def measured_policy(engine: SpeculativeEngine, **policy_args) -> VerifyWidthPoli
     """The engine's verify-width policy: its own steps profiled now, a fresh calibration, and the padded
     cost of the reference engine (every row verifies as many tokens as the longest)."""
     return VerifyWidthPolicy(
-        measure_step_costs(engine), AcceptanceCalibration(), engine.block_size, ragged=False, **policy_args
+        measure_step_costs(engine),
+        AcceptanceCalibration(fold_every=LEARN_EVERY),
+        engine.block_size,
+        ragged=False,
+        **policy_args,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -134,3 +135,17 @@ def test_console_script_runs_in_a_fresh_process() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "speculation: block size 8" in proc.stdout
+
+
+def test_bench_order_rotates_so_no_engine_is_always_in_the_middle() -> None:
+    """Three engines: every engine in every place equally often and none twice in a row (ABC CBA let
+    the outer two run twice in a row, warm from themselves, never the middle one); two: ABBA."""
+    from sglang_ext.reference.bench import alternation, run_order
+
+    turns = [run_order(["a", "b", "c"], t) for t in range(6)]
+    for engine in "abc":
+        assert sorted(order.index(engine) for order in turns) == [0, 0, 1, 1, 2, 2]
+    sequence = [e for order in turns for e in order]
+    assert all(x != y for x, y in itertools.pairwise(sequence))
+    assert "".join(e for t in range(2) for e in run_order(["a", "b"], t)) == "abba"
+    assert alternation(2) == "per prompt (ABBA)" and alternation(3) == "per prompt (rotated: ABC BCA CAB)"

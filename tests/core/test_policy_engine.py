@@ -145,7 +145,14 @@ def test_a_real_policy_switches_one_request_and_stays_lossless() -> None:
     third step; one request sees both kinds of step, and its output equals generate's."""
     seed, block = 0, 4
     model = target(seed)
-    policy = VerifyWidthPolicy(flat_cost(block, 10.0), AcceptanceCalibration(), block, probe_interval=2)
+    policy = VerifyWidthPolicy(
+        flat_cost(block, 10.0),
+        AcceptanceCalibration(),
+        block,
+        probe_interval=2,
+        min_history=1,
+        learn_costs=False,
+    )
     engine = SpeculativeEngine(model, tiny_drafter(model, block_size=block, seed=2), block, max_batch=1)
     engine.verify_policy = policy
     assert greedy_mismatches(engine, seed, prompts_for(seed, 1), N_TOKENS) == []
@@ -155,7 +162,9 @@ def test_a_real_policy_switches_one_request_and_stays_lossless() -> None:
 def test_cheap_verify_gives_whole_blocks_and_the_calibration_counts_real_accepts() -> None:
     seed, block = 3, 4
     model = target(seed)
-    policy = VerifyWidthPolicy(flat_cost(block, 0.0, draft=0.0), AcceptanceCalibration(), block, ragged=False)
+    policy = VerifyWidthPolicy(
+        flat_cost(block, 0.0, draft=0.0), AcceptanceCalibration(), block, ragged=False, learn_costs=False
+    )
     engine = SpeculativeEngine(model, tiny_drafter(model, block_size=block, seed=4), block, max_batch=4)
     engine.verify_policy = policy
     prompts = prompts_for(seed, 6)
@@ -188,11 +197,17 @@ def test_step_profile_measures_the_engines_steps(tmp_path: Path) -> None:
     assert StepCostModel.from_json(tmp_path / "cpu.json").decode_ms(2) > 0
 
 
-def test_cli_default_on_cpu_is_the_threshold_and_the_policy_is_opt_in() -> None:
+def test_cli_default_on_cpu_is_the_policy_and_the_threshold_stays_available() -> None:
     model = target(0)
     drafter = tiny_drafter(model, block_size=4)
     default = build_engine(model, drafter, 4, max_batch=2)
-    assert default.verify_policy is None and default._log_min_confidence == math.log(CPU_MIN_DRAFT_CONFIDENCE)
+    assert isinstance(default.verify_policy, VerifyWidthPolicy) and not default.verify_policy.ragged
+    assert default._log_min_confidence == -math.inf  # no threshold beside it
+    threshold = build_engine(model, drafter, 4, max_batch=2, verify_policy=False)
+    assert threshold.verify_policy is None
+    assert threshold._log_min_confidence == math.log(CPU_MIN_DRAFT_CONFIDENCE)
+    assert build_engine(model, drafter, 1, max_batch=2).verify_policy is None  # block 1: nothing to verify
+    assert build_engine(model, None, max_batch=2).verify_policy is None
     policy = build_engine(model, drafter, 4, max_batch=2, verify_policy=True)
     assert isinstance(policy.verify_policy, VerifyWidthPolicy) and not policy.verify_policy.ragged
     with pytest.raises(ValueError, match="alternatives"):
@@ -203,3 +218,37 @@ def test_cli_default_on_cpu_is_the_threshold_and_the_policy_is_opt_in() -> None:
     assert whole.verify_policy is None
     with pytest.raises(ValueError, match="alternatives"):
         SpeculativeEngine(model, drafter, 4, min_draft_confidence=0.1, verify_policy=policy.verify_policy)
+
+
+class RecordingPolicy(VerifyWidthPolicy):
+    """A real policy that also records every step the engine reports (batch, verified tokens, clean)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reports: list[tuple[int, int | None, float, bool]] = []
+
+    def observe_step(self, batch: int, verified_tokens: int | None, ms: float, clean: bool = True) -> None:
+        self.reports.append((batch, verified_tokens, ms, clean))
+        super().observe_step(batch, verified_tokens, ms, clean)
+
+
+def test_the_engine_reports_its_steps_and_the_cost_model_learns_them() -> None:
+    """Every decoding step reaches the policy with its wall time: plain steps without verified tokens,
+    drafted ones with the tokens the padded verify processed (rows x (width + 1)); steps that also
+    prefilled or fed a new request's prompt to the drafter are marked unclean and teach nothing. The
+    learnt costs are the engine's own (a tiny model: far below the 10 ms the profile claimed)."""
+    seed, block = 4, 4
+    model = target(seed)
+    cost = flat_cost(block, 0.0)
+    policy = RecordingPolicy(cost, AcceptanceCalibration(), block, ragged=False, probe_interval=2)
+    engine = SpeculativeEngine(model, tiny_drafter(model, block_size=block, seed=1), block, max_batch=3)
+    engine.verify_policy = policy
+    prompts = prompts_for(seed, 5)
+    assert greedy_mismatches(engine, seed, prompts, N_TOKENS) == []
+    assert policy.reports and all(ms > 0 for _, _, ms, _ in policy.reports)
+    drafted = [(b, t) for b, t, _, clean in policy.reports if t is not None]
+    assert drafted and all(t % b == 0 and 1 <= t // b <= block for b, t in drafted)
+    unclean = [r for r in policy.reports if not r[3]]
+    assert len(unclean) >= 5 and len(unclean) < len(policy.reports)  # each request's first steps
+    learnt = cost.to_dict()["learnt"]
+    assert learnt["steps"] and all(p["ms"] < p["profiled_ms"] for p in learnt["steps"])

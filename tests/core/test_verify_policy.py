@@ -185,7 +185,8 @@ def test_calibration_error_rises_when_beliefs_are_wrong() -> None:
 
 
 def _policy(cost: StepCostModel, ragged: bool = True, **kw) -> VerifyWidthPolicy:
-    return VerifyWidthPolicy(cost, calibrated(), BLOCK, ragged=ragged, **kw)
+    """A policy that judges drafting from its first drafted step on (``min_history=1``)."""
+    return VerifyWidthPolicy(cost, calibrated(), BLOCK, ragged=ragged, **{"min_history": 1, **kw})
 
 
 @pytest.mark.parametrize("ragged", [True, False])
@@ -247,30 +248,30 @@ def _value(widths: tuple[int, ...], q: torch.Tensor, cost: StepCostModel, rate: 
 
 
 def test_plan_is_the_best_allocation_found_by_brute_force() -> None:
-    """Widths maximise tokens - R x ms (R: the policy's long-run rate) over every allocation; and with R
-    raised to a step's own best ratio (what the long-run average converges to on steps like it), the plan
-    is that best-ratio allocation (Dinkelbach)."""
+    """Widths give the step the best rate, tokens / (draft + verify ms), over every allocation; with a
+    draft so dear that plain decoding's rate R is better, the draft is sunk and the widths maximise
+    tokens - R x verify ms over every allocation."""
     gen = torch.Generator().manual_seed(3)
     # a concave verify cost (cheap first tokens, dearer later), so neither extreme is optimal
-    cost = StepCostModel(
-        verify=[(3, 3, 10.0), (3, 6, 10.6), (3, 9, 12.5), (3, 15, 18.0), (3, 24, 30.0)],
-        draft=[(3, BLOCK, 1.5)],
-        decode=[(3, 9.5)],
-    )
+    verify = [(3, 3, 10.0), (3, 6, 10.6), (3, 9, 12.5), (3, 15, 18.0), (3, 24, 30.0)]
+    cost = StepCostModel(verify, draft=[(3, BLOCK, 1.5)], decode=[(3, 9.5)])
+    dear = StepCostModel(verify, draft=[(3, BLOCK, 40.0)], decode=[(3, 9.5)])
     allocations = list(itertools.product(range(BLOCK), repeat=3))
+    checked_sunk = 0
     for _ in range(5):
         conf = torch.rand(3, BLOCK - 1, generator=gen) ** 0.3
         policy = _policy(cost)
-        rate = policy.long_run_rate(3)
         plan = policy.plan(conf)
         q = policy.calibration.predict(conf).cumprod(1)
-        best = max(allocations, key=lambda w: _value(w, q, cost, rate))
-        assert _value(tuple(plan.widths), q, cost, rate) == pytest.approx(
-            _value(best, q, cost, rate), rel=1e-9
-        )
         best_ratio = max(_rate(w, q, cost) for w in allocations)
-        policy._speedup = (best_ratio * cost.decode_ms(3) / 3, 1.0)  # R = that ratio
-        assert _rate(tuple(policy.plan(conf).widths), q, cost) == pytest.approx(best_ratio, rel=1e-9)
+        assert best_ratio > 3 / 9.5  # better than plain decoding: the best-rate allocation
+        assert _rate(tuple(plan.widths), q, cost) == pytest.approx(best_ratio, rel=1e-9)
+        sunk = _policy(dear).plan(conf)
+        if max(_rate(w, q, dear) for w in allocations) < 3 / 9.5:
+            checked_sunk += 1
+            best = max(_value(w, q, dear, 3 / 9.5) for w in allocations)
+            assert _value(tuple(sunk.widths), q, dear, 3 / 9.5) == pytest.approx(best, rel=1e-9)
+    assert checked_sunk == 5
 
 
 def test_shorter_draft_block_when_its_cheaper_draft_pays() -> None:
@@ -294,7 +295,7 @@ def test_shorter_draft_block_when_its_cheaper_draft_pays() -> None:
 def test_plan_for_batch_uses_the_prior_then_recent_plans_and_probes() -> None:
     cost = linear_cost(10.0, 0.3, draft=1.0)
     cal = AcceptanceCalibration(prior_rate=0.8)
-    policy = VerifyWidthPolicy(cost, cal, BLOCK, probe_interval=3)
+    policy = VerifyWidthPolicy(cost, cal, BLOCK, probe_interval=3, min_history=1)
     first = policy.plan_for_batch(4)  # nothing known: a cold start drafts, as wide as the prior rates say
     assert isinstance(first, VerifyPlan) and not first.plain_decode and len(set(first.widths)) == 1
     assert first.widths[0] > 1
@@ -321,3 +322,145 @@ def test_plan_at_batch_256_block_16_is_well_formed() -> None:
     plan = policy.plan(conf)
     assert len(plan.widths) == 256 and all(0 <= w <= 15 for w in plan.widths)
     assert math.isfinite(plan.expected_ms)
+
+
+# ---- learning step costs online --------------------------------------------------------------------------
+
+
+def test_online_costs_follow_a_step_cost_shift() -> None:
+    """The profile says verifying the whole block costs little more than verifying none; the engine's
+    steps then measure it three times dearer (the machine got busier for wide forwards): the model
+    follows within a few dozen steps, shrugs off one preempted step, and the policy reading it verifies
+    less. A slowdown of every kind of step alike reaches the widths never measured too."""
+    cost = linear_cost(10.0, 0.1, draft=2.0, batches=(1,))
+    policy = VerifyWidthPolicy(cost, calibrated(), BLOCK, ragged=False)
+    conf = torch.full((1, BLOCK - 1), 0.75)
+    before = policy.plan(conf).widths[0]
+    assert before == BLOCK - 1  # nearly free: the whole block
+    profiled = cost.verify_ms(1, BLOCK)
+    for _ in range(48):  # measured: verifying none and plain steps as profiled, the whole block at 3x
+        policy.observe_step(1, None, 10.0)
+        policy.observe_step(1, 1, 2.0 + 10.0)
+        policy.observe_step(1, BLOCK, 2.0 + 3 * profiled)
+    assert cost.verify_ms(1, BLOCK) == pytest.approx(3 * profiled, rel=0.05)
+    assert cost.verify_ms(1, 1) == pytest.approx(10.0, rel=0.01)
+    assert cost.decode_ms(1) == pytest.approx(10.0, rel=0.01)
+    assert policy.plan(conf).widths[0] < before  # and the policy narrows
+    learnt = cost.verify_ms(1, BLOCK)
+    cost.observe_step(1, BLOCK, 1000.0)  # one preempted step: clipped to 2x, one of many steps' weight
+    assert cost.verify_ms(1, BLOCK) < 1.15 * learnt
+    assert cost.to_dict()["learnt"]["steps"][-1]["profiled_ms"] == pytest.approx(2.0 + profiled)
+    slower = linear_cost(10.0, 0.1, draft=2.0, batches=(1,))
+    for _ in range(48):  # every step twice as slow; only the whole block is measured
+        slower.observe_step(1, BLOCK, 2 * (2.0 + profiled))
+    assert slower.verify_ms(1, 4) == pytest.approx(2 * (2.0 + 10.3) - 2.0, rel=0.05)
+    assert slower.decode_ms(1) == pytest.approx(20.0, rel=0.05)
+
+
+def test_costs_learn_only_from_ordinary_steps_and_when_asked() -> None:
+    cost = linear_cost(10.0, 0.1, draft=2.0, batches=(1,))
+    policy = VerifyWidthPolicy(cost, calibrated(), BLOCK)
+    policy.observe_step(1, None, 30.0, clean=False)  # a step that also prefilled: teaches nothing
+    assert cost.decode_ms(1) == pytest.approx(10.0) and cost.version == 0
+    fixed = VerifyWidthPolicy(linear_cost(10.0, 0.1, batches=(1,)), calibrated(), BLOCK, learn_costs=False)
+    fixed.observe_step(1, None, 30.0)
+    assert fixed.cost.decode_ms(1) == pytest.approx(10.0)
+    policy.observe_step(1, None, 30.0)
+    assert cost.decode_ms(1) > 10.0 and cost.version == 1
+    lazy = StepCostModel([(1, 1, 10.0), (1, 8, 12.0)], [(1, 8, 2.0)], [(1, 10.0)], learn_every=4)
+    for _ in range(4):  # lessons reach the costs every learn_every steps
+        assert lazy.decode_ms(1) == pytest.approx(10.0)
+        lazy.observe_step(1, None, 20.0)
+    assert lazy.decode_ms(1) > 10.0
+
+
+# ---- drafting or plain decoding ----------------------------------------------------------------------------
+
+
+def _drafted_steps(policy: VerifyWidthPolicy, confidence: float, steps: int, batch: int = 1) -> None:
+    for _ in range(steps):
+        policy.plan_for_batch(batch)
+        policy.plan(torch.full((batch, BLOCK - 1), confidence))
+
+
+def test_a_hard_stretch_is_drafted_while_drafting_beats_plain_decoding_per_token() -> None:
+    """After many easy steps (the whole block at ~0.97), a hard stretch where a drafted step still commits
+    more per ms than a plain one (1.5 tokens in 13 ms against 1 in 10): it is drafted and verified. A
+    policy judging each step against the rate the easy steps reached decoded it plainly, at a worse time
+    per token."""
+    policy = _policy(linear_cost(10.0, 0.5, draft=2.0, batches=(1,)))
+    _drafted_steps(policy, 0.97, 64)
+    assert not policy.plan_for_batch(1).plain_decode
+    hard = policy.plan(torch.full((1, BLOCK - 1), 0.5))
+    assert hard.widths[0] >= 1 and hard.tokens_per_ms > 1 / 10.0
+    for _ in range(8):
+        assert not policy.plan_for_batch(1).plain_decode
+        assert policy.plan(torch.full((1, BLOCK - 1), 0.5)).widths[0] >= 1
+
+
+def test_a_hopeless_stretch_decodes_plainly_then_drafts_again_before_a_probe() -> None:
+    """After a few hopeless steps (a drafted step commits fewer tokens per ms than a plain one) the policy
+    decodes plainly; plain steps show nothing new, so it returns to the long run's judgement (drafting
+    pays) within a few steps, well before a probe is due."""
+    policy = _policy(linear_cost(10.0, 0.5, draft=2.0, batches=(1,)), probe_interval=1000)
+    _drafted_steps(policy, 0.97, 64)
+    _drafted_steps(policy, 0.02, 4)
+    plans = [policy.plan_for_batch(1) for _ in range(12)]
+    plain = [p.plain_decode for p in plans]
+    assert plain[0] and not all(plain)
+    first_draft = plain.index(False)
+    assert 1 <= first_draft <= 8 and not any(p.extra.get("probe") for p in plans)
+
+
+def test_plan_for_batch_drafts_until_it_has_seen_enough_drafted_steps() -> None:
+    policy = VerifyWidthPolicy(linear_cost(10.0, 10.0, draft=2.0), calibrated(), BLOCK, min_history=5)
+    decisions = []
+    for _ in range(8):  # verifying is far too dear, but five drafted steps are needed to judge that
+        decisions.append(policy.plan_for_batch(4).plain_decode)
+        if not decisions[-1]:
+            policy.plan(torch.full((4, BLOCK - 1), 0.5))
+    assert decisions[:5] == [False] * 5 and decisions[5:] == [True] * 3
+
+
+# ---- the calibration's folds -------------------------------------------------------------------------------
+
+
+def test_calibration_folds_waiting_verifies_at_once() -> None:
+    """With ``fold_every`` 4 the plans' lookups see nothing new for three verifies, then all four at once,
+    as if learnt one by one (forgetting aside); every reader other than the plans' lookup folds first."""
+    gen = torch.Generator().manual_seed(7)
+    one, four = AcceptanceCalibration(half_life=1e12), AcceptanceCalibration(half_life=1e12, fold_every=4)
+    probe = torch.full((1, 3), 0.9).numpy()
+    start = four.predict_array(probe).copy()
+    for step in range(8):
+        conf = torch.rand(4, 3, generator=gen)
+        accepted = torch.randint(0, 4, (4,), generator=gen)
+        one.observe(conf, [3, 2, 3, 1], accepted)
+        four.observe(conf, [3, 2, 3, 1], accepted)
+        if step < 3:
+            assert four.predict_array(probe).tolist() == start.tolist()
+    assert four.predict_array(probe).ravel().tolist() == pytest.approx(
+        one.predict_array(probe).ravel().tolist()
+    )
+    four.observe(torch.full((1, 3), 0.9), [3], [0])  # waiting, not yet folded
+    assert four.observations == one.observations + 1  # a reader folds what waits
+    with pytest.raises(ValueError, match="fold_every"):
+        AcceptanceCalibration(fold_every=0)
+
+
+def test_a_batch_of_one_is_planned_as_any_batch() -> None:
+    """Batch 1 is planned on Python floats (cheaper between CPU forwards); it must choose what the array
+    path chooses, cheap draft or dear (sunk), probe or not."""
+    gen = torch.Generator().manual_seed(11)
+    for draft in (1.0, 40.0):
+        policy = _policy(linear_cost(10.0, 0.7, draft=draft, batches=(1,)))
+        for _ in range(20):
+            conf = torch.rand(1, BLOCK - 1, generator=gen) ** 0.5
+            q = policy.calibration.predict(conf).cumprod(1).numpy()
+            for min_width in (0, 1):
+                one = policy._best_one(q[0].tolist(), BLOCK, min_width)
+                array = policy._best(q, BLOCK, uniform=True, min_width=min_width)
+                assert one.widths == array.widths and one.draft_block == array.draft_block
+                assert one.expected_tokens == pytest.approx(array.expected_tokens)
+                assert one.expected_ms == pytest.approx(array.expected_ms)
+                assert one.extra["best_step"] == pytest.approx(array.extra["best_step"])

@@ -23,8 +23,8 @@ import pytest
 from tests.service.tiny_models import build_pair
 
 MODEL = "tiny"
-# The engines here run the fixed adaptive threshold (the CPU default), never the verify-width policy,
-# whose widths follow measured timings and what earlier requests accepted: these tests compare
+# The engines here run the fixed adaptive threshold, not the CPU default (the verify-width policy), whose
+# widths follow measured timings and what earlier requests accepted: these tests compare
 # per-request stats between engines and between repeated requests, which only a deterministic width rule
 # keeps equal. tests/service/test_adaptive_draft_setting.py serves the policy.
 FIXED_THRESHOLD = "0.02"

@@ -73,4 +73,6 @@ def test_the_local_engine_server_gets_the_flag() -> None:
     assert args[args.index("--min-draft-confidence") + 1] == "0.1"
     assert "--min-draft-confidence" not in engine_server_args(Settings(), 1234)
     assert "--verify-policy" in engine_server_args(Settings(embedded_verify_policy=True), 1234)
-    assert "--verify-policy" not in engine_server_args(Settings(), 1234)
+    assert "--no-verify-policy" in engine_server_args(Settings(embedded_verify_policy=False), 1234)
+    default = engine_server_args(Settings(), 1234)  # the engine-server's own default: the policy on CPU
+    assert "--verify-policy" not in default and "--no-verify-policy" not in default
