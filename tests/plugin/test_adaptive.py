@@ -160,10 +160,11 @@ def test_greedy_widths_follow_each_requests_confidence_and_sampling_batches_veri
 
 def test_costly_verify_turns_greedy_batches_to_plain_decoding() -> None:
     step = _step(cheap_verify=False)
-    step.greedy_policy.plan_for_batch(64)  # the cold start drafts once ...
     doubtful = torch.full((64, 7), 0.3, dtype=torch.float64)
-    step.greedy_policy.plan(doubtful)
-    assert step.greedy_policy.plan_for_batch(64).plain_decode  # ... then drafting does not pay
+    policy = step.greedy_policy
+    plans = [policy.plan(doubtful) for _ in range(20) if not policy.plan_for_batch(64).plain_decode]
+    assert plans and plans[-1].plain_decode  # after the cold-start probe, drafts verify nothing ...
+    assert policy.plan_for_batch(64).plain_decode  # ... and then the drafter stops running
 
 
 def test_the_calibration_learns_one_step_late_from_what_was_accepted() -> None:
