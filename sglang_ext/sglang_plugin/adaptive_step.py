@@ -31,6 +31,7 @@ import torch
 
 from sglang_ext.dflare.verify_policy import AcceptanceCalibration, VerifyPlan, VerifyWidthPolicy
 from sglang_ext.sglang_plugin import adaptive, host_upload, trace_replay
+from sglang_ext.sglang_plugin.step_clock import StepClock
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,12 @@ class AdaptiveStep:
             VerifyWidthPolicy(cost, calibration, self.block, ragged=False) if cost is not None else None
         )
         self.calibration = calibration
+        # the steps' own GPU wall times correct the table online (step_clock.py); CUDA only
+        self.clock = (
+            StepClock(lambda: torch.cuda.Event(enable_timing=True))
+            if cost is not None and torch.cuda.is_available()
+            else None
+        )
         self._pending: tuple[torch.Tensor, list[int], Any] | None = None  # conf, widths, accepted (lagged)
         self._warned_no_hidden = False
         self.steps = self.plain_steps = 0
@@ -128,6 +135,7 @@ class AdaptiveStep:
         logits_output.hidden_states = None
         error = self.calibration.calibration_error() if self.greedy_policy is not None else None
         w.record_step(batch.reqs, widths, plain, error)
+        self._learn_step_costs(bs, None if plain else sum(verify_lens))
         self.steps += 1
         self.plain_steps += int(plain)
         self.verified_drafts += sum(widths)
@@ -140,6 +148,18 @@ class AdaptiveStep:
             speculative_num_draft_tokens=block,
             new_seq_lens=new_seq_lens,
         )
+
+    def other_work(self) -> None:
+        """A prefill ran between decode steps: the next step's measured time includes it."""
+        if self.clock is not None:
+            self.clock.other_work()
+
+    def _learn_step_costs(self, bs: int, verified_tokens: int | None) -> None:
+        if self.clock is None:
+            return
+        self.clock.step_done(bs, verified_tokens)
+        for batch, tokens, ms, clean in self.clock.completed():
+            self.greedy_policy.observe_step(batch, tokens, ms, clean)
 
     # -- parts ---------------------------------------------------------------------------------------------
     def _prepare_block(self, batch: Any, draft_input: Any, bs: int):

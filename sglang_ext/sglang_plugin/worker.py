@@ -123,6 +123,8 @@ class DFlareWorkerV2(DFlashWorkerV2):
         step = self._static_decode if decode else super().forward_batch_generation
         if decode and self._adaptive_fits(batch):
             step = self._adaptive_decode
+        elif self._adaptive is not None:  # a prefill, an idle or a full-block step: not a measured step
+            self._adaptive.other_work()
         if self._trace_replay is not None and decode:
             self._replay_reqs = list(batch.reqs)
         if self._step_profiler is not None and decode:

@@ -1,0 +1,62 @@
+"""StepClock: decode-step wall times from GPU events, read only once the GPU finished them (stand-in events
+with the CUDA event interface: ``record``, ``query``, ``elapsed_time``)."""
+
+from __future__ import annotations
+
+from sglang_ext.sglang_plugin.step_clock import StepClock
+
+
+class FakeGpu:
+    """A GPU timeline: events complete when ``advance`` passes their time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0  # ms of GPU time queued so far
+        self.done_until = 0.0
+
+    def run(self, ms: float) -> None:
+        self.now += ms
+
+    def event(self) -> FakeEvent:
+        return FakeEvent(self)
+
+
+class FakeEvent:
+    def __init__(self, gpu: FakeGpu) -> None:
+        self.gpu, self.at = gpu, None
+
+    def record(self) -> None:
+        self.at = self.gpu.now
+
+    def query(self) -> bool:
+        return self.at is not None and self.at <= self.gpu.done_until
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        assert self.query() and end.query(), "read before the GPU finished"
+        return end.at - self.at
+
+
+def test_steps_are_timed_end_to_end_and_only_once_the_gpu_finished() -> None:
+    gpu = FakeGpu()
+    clock = StepClock(gpu.event)
+    for bs, tokens, ms in [(8, 64, 10.0), (8, 40, 7.0), (8, None, 5.0)]:
+        gpu.run(ms)
+        clock.step_done(bs, tokens)
+    assert clock.completed() == []  # nothing finished yet: no waiting, no reading
+    gpu.done_until = 17.0  # the first two steps finished
+    assert clock.completed() == [(8, 40, 7.0, True)]  # the first step has no start to measure from
+    gpu.done_until = 99.0
+    assert clock.completed() == [(8, None, 5.0, True)]
+
+
+def test_a_prefill_in_between_makes_the_next_step_teach_nothing() -> None:
+    gpu = FakeGpu()
+    clock = StepClock(gpu.event)
+    gpu.run(10.0)
+    clock.step_done(4, 32)
+    clock.other_work()
+    gpu.run(50.0)  # the prefill and the step
+    clock.step_done(4, 32)
+    gpu.run(10.0)
+    clock.step_done(4, 32)
+    gpu.done_until = 1e9
+    assert clock.completed() == [(4, 32, 50.0, False), (4, 32, 10.0, True)]
