@@ -42,7 +42,6 @@ class AdaptiveStep:
     def __init__(self, worker: Any, cost: Any | None) -> None:
         self.worker = worker
         self.block = int(worker.block_size)
-        self.cost = cost
         calibration = AcceptanceCalibration()
         self.greedy_policy = (
             VerifyWidthPolicy(cost, calibration, self.block, ragged=True) if cost is not None else None
@@ -59,8 +58,6 @@ class AdaptiveStep:
         )
         self._pending: tuple[torch.Tensor, list[int], Any] | None = None  # conf, widths, accepted (lagged)
         self._warned_no_hidden = False
-        self.steps = self.plain_steps = 0
-        self.verified_drafts = 0
 
     # -- the step ------------------------------------------------------------------------------------------
     def run(self, batch: Any, on_publish: Any, replay: trace_replay.TraceReplay | None) -> Any:
@@ -136,9 +133,6 @@ class AdaptiveStep:
         error = self.calibration.calibration_error() if self.greedy_policy is not None else None
         w.record_step(batch.reqs, widths, plain, error)
         self._learn_step_costs(bs, None if plain else sum(verify_lens))
-        self.steps += 1
-        self.plain_steps += int(plain)
-        self.verified_drafts += sum(widths)
         return GenerationBatchResult(
             logits_output=logits_output,
             next_token_ids=adaptive.out_tokens(draft_tokens, accepted, bonus).reshape(-1),
