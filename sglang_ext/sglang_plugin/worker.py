@@ -97,7 +97,10 @@ class DFlareWorkerV2(DFlashWorkerV2):
             self._install_trace_replay()
         self._step_profiler = step_profile.from_environment()
         model_name = self.server_args.served_model_name or self.server_args.model_path
-        self._verify_metrics = verify_metrics.from_environment(str(model_name), int(self.block_size))
+        first_rank = getattr(getattr(self, "ps", None), "tp_rank", 0) == 0  # every TP rank runs this step
+        self._verify_metrics = (
+            verify_metrics.from_environment(str(model_name), int(self.block_size)) if first_rank else None
+        )
         self._adaptive: AdaptiveStep | None = None
         if adaptive.adaptive_enabled():
             card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
