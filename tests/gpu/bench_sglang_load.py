@@ -52,14 +52,16 @@ def kv_tokens(sizes: list[int]) -> int:
     return max(bs * (len(PROMPT) + new_tokens(bs) + 48) for bs in sizes)
 
 
-def running_batch(before: dict, after: dict) -> int:
-    """The largest batch size a decode or verify forward ran at between two phase snapshots."""
+def running_batch(before: dict, after: dict, requests: int) -> int:
+    """The largest batch size a decode or verify forward ran at between two phase snapshots, out of the
+    ``requests`` sent. Larger sizes are the previous measurement's records: the timer writes them in
+    batches of 64, so some land after the next measurement's first snapshot."""
     sizes = [
         int(key.split("/")[1])
         for key, (n, _) in after.items()
         if key.split("/")[0] in ("decode", "verify") and n > before.get(key, [0, 0.0])[0]
     ]
-    return max(sizes, default=0)
+    return max((s for s in sizes if s <= requests), default=0)
 
 
 def measure(server: Server, bs: int, trace: str | None) -> dict:
@@ -74,7 +76,7 @@ def measure(server: Server, bs: int, trace: str | None) -> dict:
     toks = sum(o["meta_info"]["completion_tokens"] for o in outs)
     steps = sum(o["meta_info"].get("spec_verify_ct", 0) for o in outs)
     correct = sum(o["meta_info"].get("spec_num_correct_drafts", 0) for o in outs)
-    row = {"tok_s": round(toks / secs, 1), "running_batch": running_batch(before, after)}
+    row = {"tok_s": round(toks / secs, 1), "running_batch": running_batch(before, after, bs)}
     row["tau"] = round(1 + correct / steps, 3) if steps else 1.0
     verified = [o["meta_info"].get("spec_num_verified_drafts") for o in outs]
     plain = [o["meta_info"].get("spec_num_plain_steps") for o in outs]

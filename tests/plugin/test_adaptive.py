@@ -198,3 +198,14 @@ def test_host_upload_gives_the_values_on_the_cpu_too() -> None:
 
     out = host_upload.to_device([3, 1, 2], "cpu", torch.int32)
     assert out.dtype == torch.int32 and out.tolist() == [3, 1, 2]
+
+
+def test_load_benchmarks_running_batch_ignores_the_previous_measurements_late_records(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "gpu"))
+    from bench_sglang_load import running_batch
+
+    before = {"verify/128": [40, 900.0], "verify/1": [10, 70.0], "decode/1": [3, 20.0]}
+    after = {"verify/128": [64, 1400.0], "verify/1": [90, 600.0], "decode/1": [3, 20.0]}
+    assert running_batch(before, after, 1) == 1  # verify/128 grew: the batch-128 run's records, late
+    assert running_batch(before, after, 128) == 128
+    assert running_batch(before, before, 8) == 0
