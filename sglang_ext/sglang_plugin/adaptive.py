@@ -63,10 +63,26 @@ def resolve_mode(attention_backend: str | None, environ: dict[str, str] | None =
     return mode
 
 
+def check_single_rank(server_args: Any) -> None:
+    """Adaptive verify on one GPU per engine only: every tensor-parallel rank plans its own step (from its
+    own shard of the LM head and its own step times), and ranks that chose different widths would run
+    different verify shapes and stall each other's collectives. Until the plan is broadcast from rank 0,
+    the launch refuses."""
+    for flag, value in (
+        ("--tp-size", getattr(server_args, "tp_size", 1)),
+        ("--pp-size", getattr(server_args, "pp_size", 1)),
+        ("--dp-size", getattr(server_args, "dp_size", 1)),
+    ):
+        if int(value or 1) > 1:
+            raise AdaptiveConfigError(f"{MODE_ENV}=adaptive runs on one GPU per engine, got {flag} {value}")
+
+
 def apply_mode(server_args: Any) -> str:
     """In the launcher (``handle_server_args``): resolve the mode and export it (and the ragged verify
     mode SGLang's graph runner reads) to the scheduler processes."""
     mode = resolve_mode(getattr(server_args, "attention_backend", None))
+    if mode == "adaptive":
+        check_single_rank(server_args)
     os.environ[MODE_ENV] = mode
     if mode == "adaptive":
         os.environ[RAGGED_MODE_ENV] = "compact"

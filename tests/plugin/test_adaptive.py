@@ -209,3 +209,14 @@ def test_load_benchmarks_running_batch_ignores_the_previous_measurements_late_re
     assert running_batch(before, after, 1) == 1  # verify/128 grew: the batch-128 run's records, late
     assert running_batch(before, after, 128) == 128
     assert running_batch(before, before, 8) == 0
+
+
+@pytest.mark.parametrize("flag", ["tp_size", "pp_size", "dp_size"])
+def test_adaptive_refuses_engines_of_several_ranks(flag: str) -> None:
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(tp_size=1, pp_size=1, dp_size=1)
+    adaptive.check_single_rank(args)  # one GPU: fine
+    setattr(args, flag, 2)
+    with pytest.raises(adaptive.AdaptiveConfigError, match="one GPU per engine"):
+        adaptive.check_single_rank(args)
