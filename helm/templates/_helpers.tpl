@@ -293,6 +293,15 @@ rendering here instead. tensorParallelSize 0 means "all the engine's GPUs over d
 {{- if ne (mul $tp $dp) $total }}
 {{- fail (printf "engine parallelism does not match its GPUs: engine.gpu.count %d x %d node(s) = %d GPU(s), but tensorParallelSize %d x dataParallelSize %d = %d. SGLang uses TP x DP GPUs per engine: make the two products equal (e.g. tensorParallelSize %d, or gpu.count %d)" $gpus $nodes $total $tp $dp (mul $tp $dp) (div $total $dp) (div (mul $tp $dp) $nodes)) }}
 {{- end -}}
+{{- /* the plugin refuses these at launch; fail here, before a pod crash-loops */ -}}
+{{- if eq $e.speculative.verify "adaptive" }}
+{{- if gt $total 1 }}
+{{- fail (printf "engine.speculative.verify=adaptive runs on one GPU per engine (every rank would plan its own verify widths), but the engine has %d GPU(s): use verify static, or one GPU per engine and more engine.replicas" $total) }}
+{{- end }}
+{{- if not (has $e.attentionBackend (list "fa3" "trtllm_mha")) }}
+{{- fail (printf "engine.speculative.verify=adaptive needs engine.attentionBackend fa3 or trtllm_mha (SGLang captures ragged-verify CUDA graphs only there), got %q" $e.attentionBackend) }}
+{{- end }}
+{{- end -}}
 - --tp-size
 - {{ $tp | quote }}
 {{- if gt $dp 1 }}

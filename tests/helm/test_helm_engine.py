@@ -290,8 +290,22 @@ def test_keda_query_is_valid_promql(tmp_path: Path) -> None:
 def test_verify_mode_and_cost_table_reach_the_engine_env() -> None:
     default = env_map(container(_engine("default"), "engine"))
     assert default["DFLARE_VERIFY"] == "static" and "DFLARE_COST_TABLE" not in default
-    values = {"engine": {"speculative": {"verify": "adaptive", "costTable": "/etc/dflare/costs.json"}}}
+    spec = {"verify": "adaptive", "costTable": "/etc/dflare/costs.json"}
+    values = {"engine": {"speculative": spec, "attentionBackend": "fa3"}}
     env = env_map(container(render_values(values).one("StatefulSet"), "engine"))
     assert env["DFLARE_VERIFY"] == "adaptive" and env["DFLARE_COST_TABLE"] == "/etc/dflare/costs.json"
     with pytest.raises(Exception, match="verify"):
         render_values({"engine": {"speculative": {"verify": "fast"}}})
+
+
+@pytest.mark.parametrize(
+    ("engine", "needle"),
+    [
+        ({"attentionBackend": "triton"}, "needs engine.attentionBackend fa3"),
+        ({"attentionBackend": "fa3", "gpu": {"count": 2}}, "one GPU per engine"),
+    ],
+)
+def test_adaptive_verify_fails_rendering_where_the_engine_would_refuse_it(engine: dict, needle: str) -> None:
+    values = {"engine": {"speculative": {"verify": "adaptive"}, **engine}}
+    with pytest.raises(Exception, match=needle):
+        render_values(values)
