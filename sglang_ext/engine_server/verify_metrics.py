@@ -21,6 +21,20 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+# (name, help) of each metric: the SGLang plugin exports the same three (sglang_plugin/verify_metrics.py)
+VERIFY_WIDTH = (
+    "dflare_engine_verify_width",
+    "Drafts the target verified per request per verify step (the width the engine chose).",
+)
+PLAIN_STEPS = (
+    "dflare_engine_plain_decode_steps",
+    "Request decode steps that verified no draft (decoded without speculation).",
+)
+CALIBRATION_ERROR = (
+    "dflare_engine_calibration_error",
+    "Expected calibration error of the verify-width policy's acceptance predictions.",
+)
+
 
 class VerifyWidthCollector(Collector):
     """Exports the engine's ``verify_widths`` (``[k]``: request decode steps that verified ``k`` drafts)
@@ -40,26 +54,14 @@ class VerifyWidthCollector(Collector):
             buckets.append((floatToGoString(width), cumulative))
         buckets.append(("+Inf", cumulative))
         drafts = sum(width * n for width, n in enumerate(widths))
-        width_hist = HistogramMetricFamily(
-            "dflare_engine_verify_width",
-            "Drafts the target verified per request per verify step (the width the engine chose).",
-            labels=self.names,
-        )
+        width_hist = HistogramMetricFamily(*VERIFY_WIDTH, labels=self.names)
         width_hist.add_metric(self.values, buckets, drafts)
         yield width_hist
-        plain = CounterMetricFamily(
-            "dflare_engine_plain_decode_steps",
-            "Request decode steps that verified no draft (decoded without speculation).",
-            labels=self.names,
-        )
+        plain = CounterMetricFamily(*PLAIN_STEPS, labels=self.names)
         plain.add_metric(self.values, widths[0])
         yield plain
         policy = getattr(self.engine, "verify_policy", None)
         if policy is not None:
-            error = GaugeMetricFamily(
-                "dflare_engine_calibration_error",
-                "Expected calibration error of the verify-width policy's acceptance predictions.",
-                labels=self.names,
-            )
+            error = GaugeMetricFamily(*CALIBRATION_ERROR, labels=self.names)
             error.add_metric(self.values, policy.calibration.calibration_error())
             yield error

@@ -42,20 +42,15 @@ class AdaptiveStep:
     def __init__(self, worker: Any, cost: Any | None) -> None:
         self.worker = worker
         self.block = int(worker.block_size)
-        calibration = AcceptanceCalibration()
-        self.greedy_policy = (
-            VerifyWidthPolicy(cost, calibration, self.block, ragged=True) if cost is not None else None
-        )
-        self.sampling_policy = (
-            VerifyWidthPolicy(cost, calibration, self.block, ragged=False) if cost is not None else None
-        )
-        self.calibration = calibration
-        # the steps' own GPU wall times correct the table online (step_clock.py); CUDA only
-        self.clock = (
-            StepClock(lambda: torch.cuda.Event(enable_timing=True))
-            if cost is not None and torch.cuda.is_available()
-            else None
-        )
+        self.calibration = AcceptanceCalibration()
+        self.greedy_policy: VerifyWidthPolicy | None = None  # None: no cost table, the whole block
+        self.sampling_policy: VerifyWidthPolicy | None = None
+        self.clock: StepClock | None = None
+        if cost is not None:
+            self.greedy_policy = VerifyWidthPolicy(cost, self.calibration, self.block, ragged=True)
+            self.sampling_policy = VerifyWidthPolicy(cost, self.calibration, self.block, ragged=False)
+            if torch.cuda.is_available():  # the steps' own GPU wall times correct the table (step_clock.py)
+                self.clock = StepClock(lambda: torch.cuda.Event(enable_timing=True))
         self._pending: tuple[torch.Tensor, list[int], Any] | None = None  # conf, widths, accepted (lagged)
         self._warned_no_hidden = False
 
@@ -130,8 +125,7 @@ class AdaptiveStep:
             commit_lens=commit_lens,
         )
         logits_output.hidden_states = None
-        error = self.calibration.calibration_error() if self.greedy_policy is not None else None
-        w.record_step(batch.reqs, widths, plain, error)
+        w.record_step(batch.reqs, widths, plain)
         self._learn_step_costs(bs, None if plain else sum(verify_lens))
         return GenerationBatchResult(
             logits_output=logits_output,

@@ -23,30 +23,21 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from sglang_ext.engine_server.verify_metrics import CALIBRATION_ERROR, PLAIN_STEPS, VERIFY_WIDTH
+
 
 class VerifyMetrics:
     """The three metrics for one served model and block size."""
 
     def __init__(self, model_name: str, block_size: int) -> None:
         self.block_size = block_size
-        self.width = Histogram(
-            "dflare_engine_verify_width",
-            "Drafts the target verified per request per verify step (the width the engine chose).",
-            ["model_name"],
-            buckets=[float(k) for k in range(1, max(block_size, 2))],
-        ).labels(model_name)
-        self.plain = Counter(
-            "dflare_engine_plain_decode_steps",
-            "Request decode steps that verified no draft (decoded without speculation).",
-            ["model_name"],
-        ).labels(model_name)
-        self.calibration = Gauge(
-            "dflare_engine_calibration_error",
-            "Expected calibration error of the verify-width policy's acceptance predictions.",
-            ["model_name"],
-            multiprocess_mode="mostrecent",
-        ).labels(model_name)
-        self._upper = [float(k) for k in range(1, max(block_size, 2))] + [float("inf")]
+        bounds = [float(k) for k in range(1, max(block_size, 2))]
+        self.width = Histogram(*VERIFY_WIDTH, ["model_name"], buckets=bounds).labels(model_name)
+        self.plain = Counter(*PLAIN_STEPS, ["model_name"]).labels(model_name)
+        self.calibration = Gauge(*CALIBRATION_ERROR, ["model_name"], multiprocess_mode="mostrecent").labels(
+            model_name
+        )
+        self._upper = [*bounds, float("inf")]
 
     def record(self, widths: Sequence[int], calibration_error: float | None = None) -> None:
         """One decode step's per-request widths (0 = that request verified no draft)."""

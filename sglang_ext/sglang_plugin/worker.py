@@ -146,11 +146,14 @@ class DFlareWorkerV2(DFlashWorkerV2):
             and not self._need_mamba_verify_commit
         )
 
-    def record_step(self, reqs, widths: list[int], plain: bool, calibration_error: float | None = None):
-        """Per-request widths of one decode step into meta_info (request_counters) and /metrics."""
+    def record_step(self, reqs, widths: list[int], plain: bool) -> None:
+        """Per-request widths of one decode step into meta_info (request_counters) and /metrics (with the
+        adaptive policy's calibration error, computed only when metrics are exported)."""
         request_counters.record_step(reqs, widths, plain)
         if self._verify_metrics is not None:
-            self._verify_metrics.record(widths, calibration_error)
+            policy = self._adaptive.greedy_policy if self._adaptive is not None else None
+            error = policy.calibration.calibration_error() if policy is not None else None
+            self._verify_metrics.record(widths, error)
 
     def _static_decode(self, batch, on_publish=None, grammar_barrier=None):
         """SGLang's DFlash step: every request verifies the whole block."""
