@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 MODE_ENV = "DFLARE_VERIFY"
 COST_TABLE_ENV = "DFLARE_COST_TABLE"
 RAGGED_MODE_ENV = "SGLANG_RAGGED_VERIFY_MODE"
-MODES = ("static", "adaptive")
+MODES = ("static", "adaptive", "dspark_planner")  # dspark_planner: the comparison of dspark_planner.py
+RAGGED_MODES = ("adaptive", "dspark_planner")  # the modes that run the adaptive step (ragged verify)
 RAGGED_GRAPH_BACKENDS = ("fa3", "trtllm_mha")  # SGLang 0.5.17 backends with supports_ragged_verify_graph
 SHIPPED_TABLES = Path(__file__).resolve().parent / "cost_tables"
 
@@ -50,14 +51,14 @@ def resolve_mode(attention_backend: str | None, environ: dict[str, str] | None =
     if mode not in MODES:
         raise AdaptiveConfigError(f"{MODE_ENV}={mode!r}: expected one of {', '.join(MODES)}")
     ragged_graphs = (attention_backend or "") in RAGGED_GRAPH_BACKENDS
-    if mode == "adaptive" and not ragged_graphs:
+    if mode in RAGGED_MODES and not ragged_graphs:
         raise AdaptiveConfigError(
-            f"{MODE_ENV}=adaptive needs an attention backend with ragged-verify CUDA graphs "
+            f"{MODE_ENV}={mode} needs an attention backend with ragged-verify CUDA graphs "
             f"({', '.join(RAGGED_GRAPH_BACKENDS)}), got --attention-backend {attention_backend!r}"
         )
     ragged = env.get(RAGGED_MODE_ENV, "static")
-    if mode == "adaptive" and ragged not in ("static", "compact"):
-        raise AdaptiveConfigError(f"{MODE_ENV}=adaptive runs {RAGGED_MODE_ENV}=compact, not {ragged!r}")
+    if mode in RAGGED_MODES and ragged not in ("static", "compact"):
+        raise AdaptiveConfigError(f"{MODE_ENV}={mode} runs {RAGGED_MODE_ENV}=compact, not {ragged!r}")
     if mode == "static" and ragged != "static":
         raise AdaptiveConfigError(f"{RAGGED_MODE_ENV}={ragged!r} needs {MODE_ENV}=adaptive (DFLARE)")
     return mode
@@ -81,18 +82,20 @@ def apply_mode(server_args: Any) -> str:
     """In the launcher (``handle_server_args``): resolve the mode and export it (and the ragged verify
     mode SGLang's graph runner reads) to the scheduler processes."""
     mode = resolve_mode(getattr(server_args, "attention_backend", None))
-    if mode == "adaptive":
+    if mode in RAGGED_MODES:
         check_single_rank(server_args)
     os.environ[MODE_ENV] = mode
-    if mode == "adaptive":
+    if mode in RAGGED_MODES:
         os.environ[RAGGED_MODE_ENV] = "compact"
     logger.info("DFLARE verify mode: %s (attention backend %s)", mode, server_args.attention_backend)
     return mode
 
 
-def adaptive_enabled() -> bool:
-    """In a scheduler process, after :func:`apply_mode` ran in the launcher."""
-    return os.environ.get(MODE_ENV) == "adaptive" and os.environ.get(RAGGED_MODE_ENV) == "compact"
+def ragged_mode() -> str | None:
+    """In a scheduler process, after :func:`apply_mode` ran in the launcher: the mode that runs the adaptive
+    step (``adaptive`` or ``dspark_planner``), or None for the static block."""
+    mode = os.environ.get(MODE_ENV)
+    return mode if mode in RAGGED_MODES and os.environ.get(RAGGED_MODE_ENV) == "compact" else None
 
 
 def card_slug(name: str) -> str:

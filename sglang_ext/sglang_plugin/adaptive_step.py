@@ -39,14 +39,20 @@ logger = logging.getLogger(__name__)
 class AdaptiveStep:
     """The policy state of one DFLARE worker and its decode step (``run``)."""
 
-    def __init__(self, worker: Any, cost: Any | None) -> None:
+    def __init__(self, worker: Any, cost: Any | None, dspark_planner: bool = False) -> None:
+        """``dspark_planner``: widths from SGLang's DSPARK planner (dspark_planner.py) instead of our policy,
+        the benchmark's comparison; it never takes a plain decode step and learns no step costs."""
         self.worker = worker
         self.block = int(worker.block_size)
         self.calibration = AcceptanceCalibration()
-        self.greedy_policy: VerifyWidthPolicy | None = None  # None: no cost table, the whole block
-        self.sampling_policy: VerifyWidthPolicy | None = None
+        self.greedy_policy: VerifyWidthPolicy | Any | None = None  # None: no cost table, the whole block
+        self.sampling_policy: VerifyWidthPolicy | Any | None = None
         self.clock: StepClock | None = None
-        if cost is not None:
+        if cost is not None and dspark_planner:
+            from sglang_ext.sglang_plugin.dspark_planner import DsparkPlannerPolicy
+
+            self.greedy_policy = self.sampling_policy = DsparkPlannerPolicy(cost, self.block)
+        elif cost is not None:
             self.greedy_policy = VerifyWidthPolicy(cost, self.calibration, self.block, ragged=True)
             self.sampling_policy = VerifyWidthPolicy(cost, self.calibration, self.block, ragged=False)
             if torch.cuda.is_available():  # the steps' own GPU wall times correct the table (step_clock.py)

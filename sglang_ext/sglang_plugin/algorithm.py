@@ -38,11 +38,11 @@ class DFlareAlgo(CustomSpecAlgo):
         return True
 
     def supports_ragged_verify(self) -> bool:
-        """True in adaptive mode: SGLang's target graph runner then captures ragged-verify graphs by token
-        count, and every DFLARE verify carries per-request lengths (adaptive_step.py)."""
-        from sglang_ext.sglang_plugin.adaptive import adaptive_enabled
+        """True in adaptive (or dspark_planner) mode: SGLang's target graph runner then captures ragged-verify
+        graphs by token count, and every DFLARE verify carries per-request lengths (adaptive_step.py)."""
+        from sglang_ext.sglang_plugin.adaptive import ragged_mode
 
-        return adaptive_enabled()
+        return ragged_mode() is not None
 
     def has_draft_kv(self) -> bool:
         return True

@@ -102,9 +102,11 @@ class DFlareWorkerV2(DFlashWorkerV2):
             verify_metrics.from_environment(str(model_name), int(self.block_size)) if first_rank else None
         )
         self._adaptive: AdaptiveStep | None = None
-        if adaptive.adaptive_enabled():
+        mode = adaptive.ragged_mode()
+        if mode is not None:
             card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-            self._adaptive = AdaptiveStep(self, adaptive.load_cost_table(card, int(self.block_size)))
+            cost = adaptive.load_cost_table(card, int(self.block_size))
+            self._adaptive = AdaptiveStep(self, cost, dspark_planner=mode == "dspark_planner")
         logger.info(
             "DFLARE worker ready: draft=%s.%s, %d layers, taps=%s, block=%d, verify=%s, fused norm/rope=%s, "
             "top-p renorm in PyTorch=%s",
@@ -113,7 +115,7 @@ class DFlareWorkerV2(DFlashWorkerV2):
             len(self.draft_model.layers),
             self.draft_model.target_layer_ids,
             self.block_size,
-            "static" if self._adaptive is None else "adaptive",
+            mode or "static",
             self._dflare_norm_rope is not None,
             torch_top_p,
         )
@@ -151,8 +153,8 @@ class DFlareWorkerV2(DFlashWorkerV2):
         adaptive policy's calibration error, computed only when metrics are exported)."""
         request_counters.record_step(reqs, widths, plain)
         if self._verify_metrics is not None:
-            policy = self._adaptive.greedy_policy if self._adaptive is not None else None
-            error = policy.calibration.calibration_error() if policy is not None else None
+            planned = self._adaptive is not None and self._adaptive.greedy_policy is not None
+            error = self._adaptive.calibration.calibration_error() if planned else None
             self._verify_metrics.record(widths, error)
 
     def _static_decode(self, batch, on_publish=None, grammar_barrier=None):

@@ -101,9 +101,13 @@ def server_args(attn: str, sizes: list[int]) -> list[str]:
     ]  # fmt: skip
 
 
+PREFIXES = {"a": "adaptive", "d": "dspark_planner"}  # BLOCKS entries: a16 = adaptive block 16, d16 = DSPARK's
+PORT_OFFSETS = {"static": 0, "adaptive": 40, "dspark_planner": 80}
+
+
 def parse_blocks(text: str) -> list[tuple[str, int]]:
-    """``16,8,a16`` -> [("static", 16), ("static", 8), ("adaptive", 16)]."""
-    return [("adaptive", int(x[1:])) if x.startswith("a") else ("static", int(x)) for x in text.split(",")]
+    """``16,8,a16,d16`` -> [("static", 16), ("static", 8), ("adaptive", 16), ("dspark_planner", 16)]."""
+    return [(PREFIXES[x[0]], int(x[1:])) if x[0] in PREFIXES else ("static", int(x)) for x in text.split(",")]
 
 
 def dflare_args(attn: str, block: int) -> list[str]:
@@ -126,7 +130,8 @@ def profile_dir(tag: str, key: str) -> Path:
 
 
 def server_key(mode: str, block: int) -> str:
-    return f"{'a' if mode == 'adaptive' else 'b'}{block}"
+    prefix = {m: p for p, m in PREFIXES.items()}.get(mode, "b")
+    return f"{prefix}{block}"
 
 
 def start_dflare(base: list[str], attn: str, mode: str, block: int, trace_dir: Path, tag: str) -> Server:
@@ -136,11 +141,11 @@ def start_dflare(base: list[str], attn: str, mode: str, block: int, trace_dir: P
         "DFLARE_TRACE_REPLAY": str(trace_dir),
         "DFLARE_VERIFY": mode,
     }
-    if mode == "adaptive" and os.environ.get("COST_TABLE"):
+    if mode != "static" and os.environ.get("COST_TABLE"):
         env["DFLARE_COST_TABLE"] = os.environ["COST_TABLE"]
     if os.environ.get("PROFILE", "1") == "1":
         env["DFLARE_STEP_PROFILE"] = str(profile_dir(tag, key))
-    port = 31010 + block + (40 if mode == "adaptive" else 0)
+    port = 31010 + block + PORT_OFFSETS[mode]
     return Server(f"dflare_{key}", port, base + dflare_args(attn, block), env)
 
 

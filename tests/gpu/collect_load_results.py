@@ -16,6 +16,9 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sglang_load import PREFIXES, server_key
+
 LINE = re.compile(r"^round (\d+) (\S+) (\S+) bs=(\d+) (\{.*\})$")
 
 
@@ -38,9 +41,9 @@ def printed_rounds(stdout: Path) -> dict[str, list[tuple[str, str, int, dict]]]:
 
 def printed_server(who: str) -> tuple[str, int]:
     """(mode, block) of a DFLARE server as the benchmark prints it: ``b8`` (or ``8``) static, ``a16``
-    adaptive."""
-    if who.startswith("a"):
-        return "adaptive", int(who[1:])
+    adaptive, ``d16`` SGLang's DSPARK planner."""
+    if who[0] in PREFIXES:
+        return PREFIXES[who[0]], int(who[1:])
     return "static", int(who.removeprefix("b"))
 
 
@@ -89,9 +92,11 @@ def verify_path(lines: list[str]) -> str:
     step) or ``sglang`` (SGLang's DFlash step). The plugin's default on FA3 is adaptive, so a run whose
     script did not set ``DFLARE_VERIFY`` is labelled by what its servers ran, not by what the script
     assumed."""
-    if not any("verify=adaptive" in ln for ln in lines):
+    said = [m for m in ("adaptive", "dspark_planner") if any(f"verify={m}" in ln for ln in lines)]
+    planner = said[0] if said else None
+    if planner is None:
         return "sglang"
-    return "adaptive_step" if any("no step-cost table" in ln for ln in lines) else "adaptive"
+    return "adaptive_step" if any("no step-cost table" in ln for ln in lines) else planner
 
 
 def label_verify_paths(rows: list[dict], notes: dict[str, list[str]]) -> None:
@@ -101,7 +106,7 @@ def label_verify_paths(rows: list[dict], notes: dict[str, list[str]]) -> None:
     for row in rows:
         if row["mode"] == "ar":
             continue
-        name = f"dflare_{'a' if row['mode'] == 'adaptive' else 'b'}{row['block']}"
+        name = f"dflare_{server_key(row['mode'], row['block'])}"
         row["verify_path"] = verify_path(notes.get(name, []))
         if row["mode"] == "static" and row["verify_path"] == "adaptive":
             row["mode"] = "adaptive"
