@@ -1,5 +1,6 @@
 """Plot ``docs/results/sglang_bench_load.json``: x AR against batch size for every mode and block, one panel
-per trace, and the verify / draft cost per step against the AR step.
+per trace, the verify / draft cost per step against the AR step, and what the planners chose (tokens
+verified per request per step, share of plain decode steps) against batch size.
 
 ``python tests/gpu/plot_sglang_load.py [JSON] [PNG]``
 """
@@ -40,7 +41,7 @@ def main() -> None:
     data = json.loads(src.read_text())
     rows = data["rows"]
     traces = sorted({r["trace"] for r in rows})
-    fig, axes = plt.subplots(2, len(traces), figsize=(6 * len(traces), 8), squeeze=False)
+    fig, axes = plt.subplots(3, len(traces), figsize=(6 * len(traces), 12), squeeze=False)
     for col, trace in enumerate(traces):
         ax = axes[0][col]
         for label, pts in series([r for r in rows if r["mode"] != "ar"], trace, "x_ar").items():
@@ -61,6 +62,16 @@ def main() -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch")
         ax.set_ylabel("GPU ms per step")
+        ax.legend(fontsize=7)
+        ax = axes[2][col]
+        planned = [r for r in rows if r["mode"] in ("adaptive", "dspark_planner")]
+        for key, style in (("verified_per_req", "-"), ("plain_step_share", ":")):
+            for label, pts in series(planned, trace, key).items():
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"{label} {key}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("tokens verified per request per step / plain-step share")
+        ax.set_title("what the planners chose")
         ax.legend(fontsize=7)
     fig.suptitle(f"Qwen3-8B shapes, dummy weights, acceptance replayed from traces, {data['device']}")
     fig.tight_layout()
