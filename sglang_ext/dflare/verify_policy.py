@@ -626,8 +626,10 @@ class VerifyWidthPolicy:
     Inputs and lag (overlap scheduling): ``plan(confidences)`` needs the CURRENT step's confidences (the
     draft the target is about to verify); the calibration may lag: ``observe`` one or two steps late only
     delays learning. ``plan_for_batch`` needs nothing current. After ``probe_interval`` plain decode plans
-    in a row, ``plan_for_batch`` asks for one speculative step (and the ``plan()`` after it verifies at
-    least one draft per request), so acceptance keeps being measured.
+    in a row (times the probe's cost in plain steps, so probes take the same share of time at any batch:
+    at batch 256 a drafted step costs about five plain ones), ``plan_for_batch`` asks for one speculative
+    step (and the ``plan()`` after it verifies at least one draft per request), so acceptance keeps being
+    measured.
 
     Cost of the policy itself: NumPy on a few dozen numbers per step (no per-request Python loop, no small
     torch ops, the verify costs of every width cached until the cost model learns); ``plan()`` at batch
@@ -741,7 +743,7 @@ class VerifyWidthPolicy:
             speedup = trust * tokens / cost + (1 - trust) * speedup
         if len(self._history) < self.min_history or speedup > 1.0:
             return plan
-        if self._plain_in_row >= self.probe_interval:
+        if self._plain_in_row >= self.probe_interval * max(1.0, plan.expected_ms / plain_ms):
             self._plain_in_row, self._probing = 0, True
             plan.extra["probe"] = True
             plan.widths = [max(1, w) for w in plan.widths]

@@ -302,10 +302,15 @@ def test_plan_for_batch_uses_the_prior_then_recent_plans_and_probes() -> None:
     cold = policy.plan(torch.full((4, BLOCK - 1), 0.03))  # hopeless drafts, but the first are verified
     assert not cold.plain_decode and min(cold.widths) >= 1
     assert policy.plan(torch.full((4, BLOCK - 1), 0.03)).plain_decode  # hopeless again: none verified
-    plans = [policy.plan_for_batch(4) for _ in range(5)]
-    # that plain plan and two more make 3 in a row: the next one probes, then plain again
-    assert [p.plain_decode for p in plans] == [True, True, False, True, True]
-    assert plans[2].extra.get("probe") and plans[2].widths[0] > 0
+    plans = [policy.plan_for_batch(4) for _ in range(40)]
+    # a probe once the plain plans in a row reach 3 x the probe's cost in plain steps, then plain again
+    probe = next(i for i, p in enumerate(plans) if not p.plain_decode)
+    ratio = plans[probe].expected_ms / policy.plain_ms(4)
+    assert ratio > 1.05  # the drafted step costs more than a plain one: probes come less often
+    assert probe + 1 == math.ceil(3 * ratio)  # the plain plan before these counted too
+    assert plans[probe].extra.get("probe") and plans[probe].widths[0] > 0
+    assert all(p.plain_decode for p in plans[probe + 1 : probe + 3])
+    policy.plan_for_batch(4)
     probed = policy.plan(torch.full((4, BLOCK - 1), 0.03))  # the probe's draft: verified, not skipped
     assert not probed.plain_decode and min(probed.widths) >= 1
     assert policy.plan(torch.full((4, BLOCK - 1), 0.03)).plain_decode  # after the probe: plain again
