@@ -2,7 +2,7 @@
 
 * the confidences of a vocab-parallel LM head (SGLang's ``ParallelLMHead``, one shard per rank, padding
   rows poisoned) equal the unsharded ``top1_probabilities`` on every rank, for vocabularies that leave
-  padding, LoRA-added rows and a shard without any token;
+  padding, LoRA-added rows and a shard without any token (and on one rank, where only padding is left out);
 * every rank runs rank 0's plan (plain steps and per-request widths) although each rank plans from its own
   confidences and cost table, and no rank plans when rank 0 has no cost table.
 """
@@ -26,7 +26,7 @@ from tests.ports import loopback_port
 pytestmark = pytest.mark.sglang
 
 REPO = Path(__file__).resolve().parents[2]
-TP_SIZES = (4, 2)
+TP_SIZES = (4, 2, 1)  # 1: the head is whole but padded, and nothing is broadcast
 BLOCK = 8
 HIDDEN = 32
 HEADS = {"padded": (1000, 1000), "lora_added": (1010, 1000), "empty_shard": (70, 70)}  # vocab, base vocab
