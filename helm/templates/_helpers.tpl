@@ -295,8 +295,8 @@ rendering here instead. tensorParallelSize 0 means "all the engine's GPUs over d
 {{- end -}}
 {{- /* the plugin refuses these at launch; fail here, before a pod crash-loops */ -}}
 {{- if eq $e.speculative.verify "adaptive" }}
-{{- if gt $total 1 }}
-{{- fail (printf "engine.speculative.verify=adaptive runs on one GPU per engine (every rank would plan its own verify widths), but the engine has %d GPU(s): use verify static, or one GPU per engine and more engine.replicas" $total) }}
+{{- if gt $dp 1 }}
+{{- fail (printf "engine.speculative.verify=adaptive runs on one GPU or one tensor-parallel group per engine (rank 0 of the group plans every rank's verify), but engine.dataParallelSize is %d: use dataParallelSize 1 and more engine.replicas, or verify static" $dp) }}
 {{- end }}
 {{- if not (has $e.attentionBackend (list "fa3" "trtllm_mha")) }}
 {{- fail (printf "engine.speculative.verify=adaptive needs engine.attentionBackend fa3 or trtllm_mha (SGLang captures ragged-verify CUDA graphs only there), got %q" $e.attentionBackend) }}

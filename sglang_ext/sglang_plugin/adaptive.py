@@ -64,18 +64,21 @@ def resolve_mode(attention_backend: str | None, environ: dict[str, str] | None =
     return mode
 
 
-def check_single_rank(server_args: Any) -> None:
-    """Adaptive verify on one GPU per engine only: every tensor-parallel rank plans its own step (from its
-    own shard of the LM head and its own step times), and ranks that chose different widths would run
-    different verify shapes and stall each other's collectives. Until the plan is broadcast from rank 0,
-    the launch refuses."""
+def check_parallelism(server_args: Any) -> None:
+    """Adaptive verify runs with tensor parallelism: the TP group's rank 0 plans every step and the other
+    ranks run its plan (plan_broadcast.py), the confidences combine the LM head's vocab shards
+    (vocab_parallel.py). Pipeline and data parallelism stay refused, neither handled nor tested: each
+    pipeline stage has its own TP group and only the last holds the LM head, and under DP attention the LM
+    head may be split over the attention-TP group rather than the TP group."""
     for flag, value in (
-        ("--tp-size", getattr(server_args, "tp_size", 1)),
         ("--pp-size", getattr(server_args, "pp_size", 1)),
         ("--dp-size", getattr(server_args, "dp_size", 1)),
     ):
         if int(value or 1) > 1:
-            raise AdaptiveConfigError(f"{MODE_ENV}=adaptive runs on one GPU per engine, got {flag} {value}")
+            raise AdaptiveConfigError(
+                f"{MODE_ENV}=adaptive runs on one GPU or one tensor-parallel group (--tp-size) per engine, "
+                f"got {flag} {value}"
+            )
 
 
 def apply_mode(server_args: Any) -> str:
@@ -83,7 +86,7 @@ def apply_mode(server_args: Any) -> str:
     mode SGLang's graph runner reads) to the scheduler processes."""
     mode = resolve_mode(getattr(server_args, "attention_backend", None))
     if mode in RAGGED_MODES:
-        check_single_rank(server_args)
+        check_parallelism(server_args)
     os.environ[MODE_ENV] = mode
     if mode in RAGGED_MODES:
         os.environ[RAGGED_MODE_ENV] = "compact"
@@ -178,8 +181,9 @@ def out_tokens(candidates: torch.Tensor, accepted: torch.Tensor, bonus: torch.Te
 
 
 def top1_probabilities(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """The drafter's top-1 probability per row of ``hidden`` [n, H] under the LM head ``weight`` [V, H]
-    (float32 [n]): the confidences the policy reads, in chunks so no [n, V] logits live at once."""
+    """The drafter's top-1 probability per row of ``hidden`` [n, H] under the whole LM head ``weight``
+    [V, H] (float32 [n]): the confidences the policy reads, in chunks so no [n, V] logits live at once.
+    SGLang's head, padded and possibly split over TP ranks: ``vocab_parallel.lm_head_top1_probabilities``."""
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk):
         logits = torch.matmul(hidden[start : start + chunk].to(weight.dtype), weight.T).float()

@@ -20,6 +20,14 @@ Acceptance is learnt by the policy's calibration one step late (the previous ste
 read after this step's draft, when they are certainly computed), so the only host sync a step adds is the
 [bs, block - 1] confidences before the verify. With trace replay (benchmarks on dummy weights) the
 confidences and accept decisions come from the traces.
+
+Under tensor parallelism only the TP group's rank 0 plans (policy, calibration, step clock); it sends the
+plain-step flag before the draft and the widths before the verify (plan_broadcast.py), so every rank builds
+the same ragged layout. The confidences come from the vocab-parallel LM head (vocab_parallel.py), a
+collective every rank joins. Trace replay needs no broadcast: a replay's accepted lengths depend only on
+the requests it was given, in order, and the widths (its cursors advance only in ``accepted_lengths``;
+``peek_steps`` creates a new request's cursor just as the next ``accepted_lengths`` would), and every rank
+replays the same batches in the same order with the agreed widths, so every rank commits the same.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from typing import Any
 import torch
 
 from sglang_ext.dflare.verify_policy import AcceptanceCalibration, VerifyPlan, VerifyWidthPolicy
-from sglang_ext.sglang_plugin import adaptive, host_upload, trace_replay
+from sglang_ext.sglang_plugin import adaptive, host_upload, trace_replay, vocab_parallel
+from sglang_ext.sglang_plugin.plan_broadcast import PlanBroadcast
 from sglang_ext.sglang_plugin.step_clock import StepClock
 
 logger = logging.getLogger(__name__)
@@ -39,15 +48,24 @@ logger = logging.getLogger(__name__)
 class AdaptiveStep:
     """The policy state of one DFLARE worker and its decode step (``run``)."""
 
-    def __init__(self, worker: Any, cost: Any | None, dspark_planner: bool = False) -> None:
+    def __init__(
+        self, worker: Any, cost: Any | None, dspark_planner: bool = False, share: PlanBroadcast | None = None
+    ) -> None:
         """``dspark_planner``: widths from SGLang's DSPARK planner (dspark_planner.py) instead of our policy,
-        the benchmark's comparison; it never takes a plain decode step and learns no step costs."""
+        the benchmark's comparison; it never takes a plain decode step and learns no step costs.
+        ``share``: the TP group's plan broadcast (None on one rank); only its rank 0 needs ``cost``, and
+        whether steps are planned at all is rank 0's answer (a construction-time collective)."""
         self.worker = worker
         self.block = int(worker.block_size)
+        self.share = share
+        self.leads = share is None or share.leads
         self.calibration = AcceptanceCalibration()
-        self.greedy_policy: VerifyWidthPolicy | Any | None = None  # None: no cost table, the whole block
+        self.greedy_policy: VerifyWidthPolicy | Any | None = None  # None: no cost table, or not rank 0
         self.sampling_policy: VerifyWidthPolicy | Any | None = None
         self.clock: StepClock | None = None
+        if not self.leads:
+            cost = None
+        self.planned = bool(self._agree([int(cost is not None)] if self.leads else None, 1)[0])
         if cost is not None and dspark_planner:
             from sglang_ext.sglang_plugin.dspark_planner import DsparkPlannerPolicy
 
@@ -75,20 +93,20 @@ class AdaptiveStep:
         greedy = sampling_info is None or sampling_info.is_all_greedy
 
         block_ids, positions_2d, cache_loc_2d = self._prepare_block(batch, draft_input, bs)
-        policy = self.greedy_policy if greedy else self.sampling_policy
-        plain = greedy and policy is not None and policy.plan_for_batch(bs).plain_decode
+        plain = self._agreed_plain(greedy, bs)
         confidences = None
         if plain:
             draft_tokens = block_ids
             widths = [0] * bs
         else:
             draft_tokens, hidden = self._draft(batch, draft_input, block_ids, positions_2d, cache_loc_2d, bs)
-            if policy is None:  # no cost table: the whole block, nothing to plan or learn
-                widths = [block - 1] * bs
-            else:
-                self._learn_lagged()
-                confidences = self._confidences(batch.reqs, hidden, bs, replay)
-                widths = self._widths(policy, confidences, greedy, bs)
+            if self.planned:
+                if self.leads:
+                    self._learn_lagged()
+                confidences = self._confidences(batch.reqs, hidden, bs, replay)  # every rank: a collective
+            widths = self._agreed_widths(confidences, greedy, bs)
+            if not self.leads:
+                confidences = None  # only rank 0's calibration learns
         verify_lens = [x + 1 for x in widths]
 
         layout = self._layout(verify_lens)
@@ -147,6 +165,27 @@ class AdaptiveStep:
         """A prefill ran between decode steps: the next step's measured time includes it."""
         if self.clock is not None:
             self.clock.other_work()
+
+    # -- one plan for every rank ----------------------------------------------------------------------------
+    def _agree(self, values: list[int] | None, count: int) -> list[int]:
+        """Rank 0's ``values`` on every rank (plan_broadcast.py); on one rank, the values themselves."""
+        return list(values) if self.share is None else self.share.agree(values, count)
+
+    def _agreed_plain(self, greedy: bool, bs: int) -> bool:
+        """Whether the batch takes a plain decode step (greedy batches of a planned step only): rank 0's
+        policy decides, before the draft, which a plain step skips."""
+        if not (greedy and self.planned):
+            return False
+        decided = [int(self.greedy_policy.plan_for_batch(bs).plain_decode)] if self.leads else None
+        return bool(self._agree(decided, 1)[0])
+
+    def _agreed_widths(self, confidences: torch.Tensor | None, greedy: bool, bs: int) -> list[int]:
+        """Drafts each request verifies, planned by rank 0 from its ``confidences``; the whole block when
+        rank 0 has no cost table (nothing to plan, nothing to send)."""
+        if not self.planned:
+            return [self.block - 1] * bs
+        policy = self.greedy_policy if greedy else self.sampling_policy
+        return self._agree(self._widths(policy, confidences, greedy, bs) if self.leads else None, bs)
 
     def _learn_step_costs(self, bs: int, verified_tokens: int | None) -> None:
         if self.clock is None:
@@ -240,8 +279,8 @@ class AdaptiveStep:
                 logger.warning("DFLARE adaptive: no draft hidden states; widths from acceptance by position")
                 self._warned_no_hidden = True
             return self.calibration.position_rates(n).expand(bs, n).clone()
-        weight = self.worker.target_worker.model_runner.model.lm_head.weight
-        probs = adaptive.top1_probabilities(hidden.reshape(-1, hidden.shape[-1]), weight)
+        lm_head = self.worker.target_worker.model_runner.model.lm_head
+        probs = vocab_parallel.lm_head_top1_probabilities(hidden.reshape(-1, hidden.shape[-1]), lm_head)
         return probs.view(bs, n).to("cpu", torch.float64)
 
     def _widths(self, policy: VerifyWidthPolicy, confidences: torch.Tensor, greedy: bool, bs: int):

@@ -26,6 +26,7 @@ from sglang_ext.sglang_plugin import (
 )
 from sglang_ext.sglang_plugin.adaptive_step import AdaptiveStep
 from sglang_ext.sglang_plugin.model import DFlareDraftModel
+from sglang_ext.sglang_plugin.plan_broadcast import PlanBroadcast
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +104,13 @@ class DFlareWorkerV2(DFlashWorkerV2):
         )
         self._adaptive: AdaptiveStep | None = None
         mode = adaptive.ragged_mode()
-        if mode is not None:
-            card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-            cost = adaptive.load_cost_table(card, int(self.block_size))
-            self._adaptive = AdaptiveStep(self, cost, dspark_planner=mode == "dspark_planner")
+        if mode is not None:  # under TP only the group's rank 0 plans (plan_broadcast.py), with its table
+            share = PlanBroadcast.for_tp_group()
+            cost = None
+            if share is None or share.leads:
+                card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+                cost = adaptive.load_cost_table(card, int(self.block_size))
+            self._adaptive = AdaptiveStep(self, cost, dspark_planner=mode == "dspark_planner", share=share)
         logger.info(
             "DFLARE worker ready: draft=%s.%s, %d layers, taps=%s, block=%d, verify=%s, fused norm/rope=%s, "
             "top-p renorm in PyTorch=%s",

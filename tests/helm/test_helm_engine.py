@@ -302,10 +302,24 @@ def test_verify_mode_and_cost_table_reach_the_engine_env() -> None:
     ("engine", "needle"),
     [
         ({"attentionBackend": "triton"}, "needs engine.attentionBackend fa3"),
-        ({"attentionBackend": "fa3", "gpu": {"count": 2}}, "one GPU per engine"),
+        ({"attentionBackend": "fa3", "gpu": {"count": 2}, "dataParallelSize": 2}, "dataParallelSize is 2"),
+        (
+            {"attentionBackend": "fa3", "gpu": {"count": 4}, "tensorParallelSize": 2, "dataParallelSize": 2},
+            "dataParallelSize is 2",
+        ),
     ],
 )
 def test_adaptive_verify_fails_rendering_where_the_engine_would_refuse_it(engine: dict, needle: str) -> None:
     values = {"engine": {"speculative": {"verify": "adaptive"}, **engine}}
     with pytest.raises(Exception, match=needle):
         render_values(values)
+
+
+def test_adaptive_verify_renders_on_a_tensor_parallel_engine() -> None:
+    """The plugin runs adaptive verify with --tp-size > 1 (rank 0 plans for the group): the chart lets it."""
+    values = {
+        "engine": {"speculative": {"verify": "adaptive"}, "attentionBackend": "fa3", "gpu": {"count": 4}}
+    }
+    engine = container(render_values(values).one("StatefulSet"), "engine")
+    assert _arg(engine["args"], "--tp-size") == "4" and "--dp-size" not in engine["args"]
+    assert env_map(engine)["DFLARE_VERIFY"] == "adaptive"

@@ -211,12 +211,13 @@ def test_load_benchmarks_running_batch_ignores_the_previous_measurements_late_re
     assert running_batch(before, before, 8) == 0
 
 
-@pytest.mark.parametrize("flag", ["tp_size", "pp_size", "dp_size"])
-def test_adaptive_refuses_engines_of_several_ranks(flag: str) -> None:
+def test_adaptive_runs_tensor_parallel_and_refuses_pipeline_or_data_parallel_engines() -> None:
     from types import SimpleNamespace
 
-    args = SimpleNamespace(tp_size=1, pp_size=1, dp_size=1)
-    adaptive.check_single_rank(args)  # one GPU: fine
-    setattr(args, flag, 2)
-    with pytest.raises(adaptive.AdaptiveConfigError, match="one GPU per engine"):
-        adaptive.check_single_rank(args)
+    adaptive.check_parallelism(SimpleNamespace(tp_size=1, pp_size=1, dp_size=1))  # one GPU
+    adaptive.check_parallelism(SimpleNamespace(tp_size=8, pp_size=1, dp_size=1))  # one TP group: rank 0 plans
+    for flag in ("pp_size", "dp_size"):
+        args = SimpleNamespace(tp_size=2, pp_size=1, dp_size=1)
+        setattr(args, flag, 2)
+        with pytest.raises(adaptive.AdaptiveConfigError, match=f"--{flag.replace('_', '-')} 2"):
+            adaptive.check_parallelism(args)

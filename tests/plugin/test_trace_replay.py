@@ -128,3 +128,22 @@ def test_peek_shows_the_step_the_next_verify_replays_without_advancing(replay) -
     assert [s.accepted for s in first] == [7, 1]
     assert replay.accepted_lengths([a, b], [7, 7]) == [7, 1]  # the peeked steps are the replayed ones
     assert [s.accepted for s in replay.peek_steps([a, b])] == [6, 0]
+
+
+def test_replicas_given_the_same_batches_and_widths_replay_the_same_whoever_peeked(tmp_path: Path) -> None:
+    """Every tensor-parallel rank keeps its own replay (adaptive_step.py): they agree as long as they see
+    the same batches and widths, whether or not a rank peeked before verifying, with requests joining
+    mid-run (the order cursors are dealt in) and whole-block steps in between."""
+    _trace("synthetic", [[7, 6, 5], [1, 0], [4, 4, 2, 0]]).save(tmp_path / "synthetic.json")
+    peeking, plain = (trace_replay.TraceReplay(trace_replay.load_traces(tmp_path)) for _ in range(2))
+    a, b, c, d = (_req(rid) for rid in "abcd")
+    steps = [
+        ([a], [3]),
+        ([c, d, a], [7, 2, 2]),
+        ([d, a, c], [0, 7, 7]),
+        ([b, d], [5, 1]),
+        ([a, b, c, d], [7] * 4),
+    ]
+    for reqs, widths in steps:
+        peeking.peek_steps(reqs)  # new requests' cursors are dealt here on this replica
+        assert peeking.accepted_lengths(reqs, widths) == plain.accepted_lengths(reqs, widths), widths

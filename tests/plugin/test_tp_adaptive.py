@@ -1,0 +1,136 @@
+"""Adaptive verify under tensor parallelism, on CPU with real gloo processes (``tp_plan_ranks.py``).
+
+* the confidences of a vocab-parallel LM head (SGLang's ``ParallelLMHead``, one shard per rank, padding
+  rows poisoned) equal the unsharded ``top1_probabilities`` on every rank, for vocabularies that leave
+  padding, LoRA-added rows and a shard without any token (and on one rank, where only padding is left out);
+* every rank runs rank 0's plan (plain steps and per-request widths) although each rank plans from its own
+  confidences and cost table, and no rank plans when rank 0 has no cost table.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sglang_ext.dflare.verify_policy import StepCostModel
+from sglang_ext.sglang_plugin import adaptive
+from sglang_ext.sglang_plugin.adaptive_step import AdaptiveStep
+from tests.ports import loopback_port
+
+pytestmark = pytest.mark.sglang
+
+REPO = Path(__file__).resolve().parents[2]
+TP_SIZES = (4, 2, 1)  # 1: the head is whole but padded, and nothing is broadcast
+BLOCK = 8
+HIDDEN = 32
+HEADS = {"padded": (1000, 1000), "lora_added": (1010, 1000), "empty_shard": (70, 70)}  # vocab, base vocab
+# (batch, all greedy) per step: after 16 drafted steps at batch 64 a costly table turns to plain decoding
+SCHEDULE = [(64, True)] * 24 + [(8, False), (8, True), (3, True), (64, True), (5, False), (64, True)]
+
+
+def _cost(cheap_verify: bool) -> dict:
+    per_token = 0.001 if cheap_verify else 5.0
+    verify = [(b, t, 5.0 + per_token * t) for b in (1, 64) for t in (b, b * BLOCK)]
+    draft, decode = [(1, BLOCK, 0.1), (64, BLOCK, 0.5)], [(1, 5.0), (64, 5.0)]
+    return StepCostModel(verify, draft, decode, block_size=BLOCK).to_dict()
+
+
+CHEAP, COSTLY = _cost(True), _cost(False)
+# each scenario's cost table per rank (rank r takes entry r): rank 0 decides, the others disagree with it
+SCENARIOS = {
+    "rank0_cheap": [CHEAP, COSTLY, COSTLY, COSTLY],
+    "rank0_costly": [COSTLY, CHEAP, CHEAP, CHEAP],
+    "rank0_without_table": [None, CHEAP, COSTLY, CHEAP],
+}
+
+
+def _inputs() -> dict:
+    gen = torch.Generator().manual_seed(18)
+    heads = []
+    for vocab, org in HEADS.values():
+        weight = torch.randn(vocab, HIDDEN, generator=gen) * (3 / HIDDEN**0.5)
+        heads.append({"weight": weight, "org": org, "hidden": torch.randn(13, HIDDEN, generator=gen)})
+    confidences = [  # each rank its own, as each rank's drafter output would differ if ranks disagreed
+        [torch.rand(bs, BLOCK - 1, generator=gen, dtype=torch.float64) for bs, _ in SCHEDULE]
+        for _ in range(max(TP_SIZES))
+    ]
+    return {
+        "heads": heads,
+        "block": BLOCK,
+        "schedule": SCHEDULE,
+        "confidences": confidences,
+        "costs": SCENARIOS,
+    }
+
+
+def _alone(cost: dict | None, confidences: list[torch.Tensor]) -> list[tuple[bool, list[int]]]:
+    """The plans one rank would make by itself from these inputs (no broadcast)."""
+    step = AdaptiveStep(
+        SimpleNamespace(block_size=BLOCK), None if cost is None else StepCostModel.from_dict(cost)
+    )
+    plans = []
+    for (bs, greedy), conf in zip(SCHEDULE, confidences, strict=True):
+        plain = step._agreed_plain(greedy, bs)
+        plans.append((plain, [0] * bs if plain else step._agreed_widths(conf, greedy, bs)))
+    return plans
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> tuple[dict, dict[int, list[dict]]]:
+    tmp = tmp_path_factory.mktemp("tp_adaptive")
+    inputs = _inputs()
+    torch.save(inputs, tmp / "inputs.pt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env["OMP_NUM_THREADS"] = "1"
+    ports = ",".join(str(loopback_port()) for _ in TP_SIZES)
+    sizes = ",".join(map(str, TP_SIZES))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.plugin.tp_plan_ranks", str(tmp / "inputs.pt"), str(tmp), sizes, ports],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return inputs, {tp: [torch.load(tmp / f"tp{tp}-rank{r}.pt") for r in range(tp)] for tp in TP_SIZES}
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_vocab_parallel_confidences_equal_the_whole_heads_on_every_rank(ranks, tp) -> None:
+    inputs, results = ranks
+    for index, (name, case) in enumerate(zip(HEADS, inputs["heads"], strict=True)):
+        expected = adaptive.top1_probabilities(case["hidden"], case["weight"])
+        assert float(expected.min()) > 0.05 and float(expected.max()) < 0.99, "probabilities too uniform"
+        assert sum(r["padding"][index] for r in results[tp]) > 0, f"{name}: no padding row to leave out"
+        for rank, result in enumerate(results[tp]):
+            got = result["probabilities"][index]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=f"{name}, rank {rank}/{tp}")
+            assert torch.equal(got, results[tp][0]["probabilities"][index])  # every rank the same bits
+    if tp == 4:  # 70 tokens padded to 128 over 4 ranks: the last shard holds no token at all
+        assert results[tp][3]["padding"][list(HEADS).index("empty_shard")] == 32
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_every_rank_runs_rank_0s_plan(ranks, tp, scenario) -> None:
+    inputs, results = ranks
+    costs, confidences = SCENARIOS[scenario], inputs["confidences"]
+    expected = _alone(costs[0], confidences[0])
+    for rank, result in enumerate(results[tp]):
+        got = result[scenario]
+        assert got["leads"] == (rank == 0)
+        assert got["planned"] == (costs[0] is not None)
+        assert got["plans"] == expected, f"rank {rank}/{tp} ran another plan than rank 0's"
+    if costs[0] is None:  # rank 0 has no table: nobody plans, every rank verifies the whole block
+        assert expected == [(False, [BLOCK - 1] * bs) for bs, _ in SCHEDULE]
+    else:  # the check can fail: alone, rank 1 would have planned otherwise
+        assert _alone(costs[1], confidences[1]) != expected
+    if scenario == "rank0_costly":
+        assert any(plain for plain, _ in expected), "rank 0's plan has no plain step to share"
