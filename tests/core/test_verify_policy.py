@@ -103,9 +103,12 @@ def test_observe_counts_accepted_positions_and_the_first_rejection_only() -> Non
     # row 1: width 2, accepted 2 -> positions 1, 2 (bin 3) hits; nothing rejected was verified
     cal.observe(conf, [3, 2], torch.tensor([1, 2]))
     p = cal.predict(torch.tensor([0.05, 0.3, 0.6, 0.95]))
-    assert p.tolist()[:2] == pytest.approx([1.0, 0.0], abs=1e-6) and float(p[3]) == pytest.approx(1.0)
-    # bin 2 never observed: its prior, the bin centre shifted by the drafter's mean miscalibration so far
-    assert p[2] == pytest.approx(0.625 + (3 - (0.1 + 0.4 + 0.9 + 0.9)) / 4)
+    # each bin corrects a confidence by what it observed: bin 0 saw 0.1 accepted (+0.9), bin 1 saw 0.4
+    # rejected (-0.4), bin 3 saw 0.9 accepted twice (+0.1); estimates stay probabilities
+    assert p.tolist()[:2] == pytest.approx([0.95, 0.0], abs=1e-6) and float(p[3]) == pytest.approx(1.0)
+    # bin 2 never observed: the confidence shifted by the drafter's mean miscalibration so far
+    assert p[2] == pytest.approx(0.6 + (3 - (0.1 + 0.4 + 0.9 + 0.9)) / 4)
+    assert cal.predict(torch.tensor([0.0]))[0] == pytest.approx(0.9)  # resolution kept inside a bin
     assert cal.observations == 4
     rates = cal.position_rates(4)
     assert rates[0] == pytest.approx(1.0) and rates[1] == pytest.approx(0.5)
