@@ -451,7 +451,8 @@ class AcceptanceCalibration:
             assert self._cells_table is not None
             self._cells_rows = self._cells_table.tolist()
         top, rows = self.bins - 1, self._cells_rows
-        return [min(1.0, max(0.0, c + rows[j][min(int(c * self.bins), top)])) for j, c in enumerate(confidences)]
+        corrected = (c + rows[j][min(int(c * self.bins), top)] for j, c in enumerate(confidences))
+        return [min(1.0, max(0.0, x)) for x in corrected]
 
     def _cells(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(position, bin) counts, accepts and confidence sums for positions 1..k, zero rows where never

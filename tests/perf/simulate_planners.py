@@ -1,0 +1,160 @@
+"""What each verify planner would commit per ms, from a step-cost table and an acceptance trace (no GPU).
+
+A prediction, not a measurement: each step's time is the cost table's (draft + verify of the tokens a
+planner chose, or a plain decode step), each request's acceptance is its trace's. It answers, before any
+GPU time is spent, what a planner change is worth and whether a cost table makes sense: AR, static blocks
+(every request verifies the first k - 1 drafts of the block-16 draft; the draft costs the table's block
+draft, so a static block shorter than the table's is underrated), our verify-width policy
+(``sglang_ext.dflare.verify_policy``) and SGLang's DSPARK planner (``DFLARE_VERIFY=dspark_planner``).
+
+Each planner keeps its state from batch size to batch size, as a server does (the policy's history is
+re-costed at each batch); the policy first warms up at ``--warmup-batch``. Requests start at random steps
+of random trace requests (seeded) and advance one trace step per drafted step.
+
+    python tests/perf/simulate_planners.py --trace synthetic \\
+        --out docs/results/planner_simulation_synthetic.json \\
+        --plot docs/results/planner_simulation_synthetic.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sglang_ext.dflare.verify_policy import AcceptanceCalibration, StepCostModel, VerifyWidthPolicy
+from sglang_ext.traces.format import AcceptanceTrace, accepted_in_window
+from sglang_ext.traces.shipped import load_shipped_trace
+
+TABLES = Path(__file__).resolve().parents[2] / "sglang_ext" / "sglang_plugin" / "cost_tables"
+DEFAULT_TABLE = TABLES / "nvidia-h100-80gb-hbm3_b16.json"
+BATCHES = (1, 8, 32, 64, 128, 256)
+STATIC_BLOCKS = (2, 4, 8, 16)
+
+
+def simulate(
+    cost: StepCostModel,
+    trace: AcceptanceTrace,
+    batch: int,
+    steps: int,
+    block: int,
+    planner: Any | None = None,
+    static_block: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Tokens per ms of ``steps`` steps at ``batch``: a planner (``plan_for_batch`` / ``plan`` /
+    ``observe_step``), a static block (``static_block``; 1 = AR), verifying drafts of a ``block`` draft."""
+    rng = np.random.default_rng(seed)
+    requests = trace.requests
+    cursors = [[int(rng.integers(len(requests))), int(rng.integers(64))] for _ in range(batch)]
+    tokens = ms = verified = plain_steps = 0.0
+    calibration = getattr(planner, "calibration", None)
+    for _ in range(steps):
+        trace_steps = [requests[r][s % len(requests[r])] for r, s in cursors]
+        if static_block == 1:
+            widths, plain, step_ms = [0] * batch, True, cost.decode_ms(batch)
+        elif static_block is not None:
+            widths, plain = [static_block - 1] * batch, False
+            step_ms = cost.draft_ms(batch, block) + cost.verify_ms(batch, batch * static_block)
+        elif planner.plan_for_batch(batch).plain_decode:
+            widths, plain, step_ms = [0] * batch, True, cost.decode_ms(batch)
+        else:
+            confidences = torch.tensor([s.confidences[: block - 1] for s in trace_steps], dtype=torch.float64)
+            widths, plain = planner.plan(confidences).widths, False
+            step_ms = cost.draft_ms(batch, block) + cost.verify_ms(batch, batch + sum(widths))
+        accepted = [accepted_in_window(s, w) for s, w in zip(trace_steps, widths, strict=True)]
+        if planner is not None and not plain:
+            if calibration is not None:
+                calibration.observe(confidences, widths, accepted)
+            planner.observe_step(batch, batch + sum(widths), step_ms, True)
+        elif planner is not None:
+            planner.observe_step(batch, None, step_ms, True)
+        tokens += batch + sum(accepted)
+        ms += step_ms
+        verified += sum(widths)
+        plain_steps += plain
+        if not plain:
+            for cursor in cursors:
+                cursor[1] += 1
+    return {
+        "tok_per_ms": tokens / ms,
+        "verified_per_req": 1 + verified / (steps * batch),
+        "plain_step_share": plain_steps / steps,
+    }
+
+
+def run(
+    cost_path: Path, trace: AcceptanceTrace, batches: Sequence[int], steps: int, warmup_batch: int = 64
+) -> dict[str, Any]:
+    from sglang_ext.sglang_plugin.dspark_planner import DsparkPlannerPolicy
+
+    def table() -> StepCostModel:  # each planner learns into its own copy
+        return StepCostModel.from_json(cost_path)
+
+    block = int(table().block_size or 16)
+    ours = VerifyWidthPolicy(table(), AcceptanceCalibration(), block, ragged=True)
+    dspark = DsparkPlannerPolicy(table(), block)
+    simulate(ours.cost, trace, warmup_batch, steps, block, planner=ours)
+    rows = []
+    for batch in tqdm(batches, desc="batch sizes"):
+        ar = simulate(table(), trace, batch, steps, block, static_block=1)["tok_per_ms"]
+        found = {"ar": {"tok_per_ms": ar, "verified_per_req": 1.0, "plain_step_share": 1.0}}
+        for k in STATIC_BLOCKS:
+            if k <= block:
+                found[f"static_{k}"] = simulate(table(), trace, batch, steps, block, static_block=k)
+        found["adaptive"] = simulate(ours.cost, trace, batch, steps, block, planner=ours)
+        found["dspark_planner"] = simulate(dspark.cost, trace, batch, steps, block, planner=dspark)
+        for name, result in found.items():
+            rows.append({"batch": batch, "planner": name, **result, "x_ar": result["tok_per_ms"] / ar})
+    return {"cost_table": str(cost_path), "trace": trace.source, "steps": steps, "block": block, "rows": rows}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["planner"] for r in result["rows"]):
+        pts = [(r["batch"], r["x_ar"]) for r in result["rows"] if r["planner"] == name]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("x AR (predicted)")
+    ax.set_title(f"Predicted from {Path(result['cost_table']).name}, {result['trace']} trace")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cost-table", type=Path, default=DEFAULT_TABLE)
+    parser.add_argument("--trace", default="synthetic", help="a shipped trace name or a trace file")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    path = Path(args.trace)
+    trace = AcceptanceTrace.load(path) if path.is_file() else load_shipped_trace(args.trace)
+    result = run(args.cost_table, trace, [int(b) for b in args.batches.split(",")], args.steps)
+    for batch in dict.fromkeys(r["batch"] for r in result["rows"]):
+        cells = [f"{r['planner']} {r['x_ar']:.2f}" for r in result["rows"] if r["batch"] == batch]
+        print(f"batch {batch}: " + ", ".join(cells))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
