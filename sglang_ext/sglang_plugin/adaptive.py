@@ -3,8 +3,8 @@
 ``DFLARE_VERIFY`` picks the mode: ``static`` (the default: the whole block every step, SGLang's DFlash step)
 or ``adaptive`` (each step the verify-width policy of ``sglang_ext.dflare.verify_policy`` chooses per request
 how many drafts the target verifies, or a plain decode step). Adaptive needs an attention backend SGLang
-0.5.17 captures CUDA graphs for ragged verifies with (``fa3``, ``trtllm_mha``). It stays opt-in until a GPU
-benchmark of the current step shows it ahead of the static block (docs/benchmarks.md).
+0.5.17 captures CUDA graphs for ragged verifies with (``fa3``, ``trtllm_mha``). It stays opt-in while the
+load benchmark shows it behind block 8 from batch 32 up (docs/benchmarks.md).
 
 Adaptive runs SGLang's compact ragged verify (``SGLANG_RAGGED_VERIFY_MODE=compact``: target verify graphs
 captured per token count, every verify forward carrying per-request lengths); the launcher sets it, so the

@@ -29,6 +29,8 @@ def series(rows: list[dict], trace: str, key: str) -> dict[str, list[tuple[int, 
             label = f"{row['mode']} block {row['block']} {row.get('attention', '')}".strip()
             if row.get("verify_path") == "adaptive_step":
                 label += " (adaptive step)"
+            if row.get("warmed_up") is False:  # its first requests at each batch size were the measured ones
+                label += " (no warm-up)"
         points[label][row["batch"]].append(row[key])
     return {
         label: sorted((bs, sum(v) / len(v)) for bs, v in by_bs.items()) for label, by_bs in points.items()
