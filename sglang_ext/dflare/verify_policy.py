@@ -690,6 +690,7 @@ class VerifyWidthPolicy:
         self._probing = False  # plan_for_batch asked for a probe: the next plan() verifies >= 1 draft
         # verify ms by (batch, drafts, uniform; None: uniform as Python floats), with the cost model's version
         self._verify_cache: dict[tuple[int, int, bool | None], tuple[int, Any]] = {}
+        self.token_grid: np.ndarray | None = None  # see set_token_grid
         self._scalar_cache: dict[tuple[int, int], tuple[int, float, float]] = {}
 
     # -- public ------------------------------------------------------------------------------------------
@@ -775,6 +776,24 @@ class VerifyWidthPolicy:
         if self.learn_costs and clean:
             self.cost.observe_step(batch, verified_tokens, ms, draft_block=self._recent_block)
 
+    def set_token_grid(self, grid: Sequence[int] | None) -> None:
+        """The token counts the engine's verify really runs at: a verify of t tokens costs the smallest grid
+        value >= t (an engine that replays CUDA graphs captured at those counts pads to them; SGLang's
+        compact ragged verify captures block x each captured batch size). With a grid the planned totals
+        settle on its values instead of paying for padding they do not use."""
+        self.token_grid = None if not grid else np.array(sorted(set(grid)), dtype=np.float64)
+        self._verify_cache.clear()
+        self._long_run = None
+
+    def padded_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """``tokens`` rounded up to the token grid (unchanged past its end, or without one)."""
+        grid = self.token_grid
+        if grid is None:
+            return tokens
+        index = np.searchsorted(grid, tokens, side="left")
+        inside = index < grid.size
+        return np.where(inside, grid[np.minimum(index, grid.size - 1)], tokens)
+
     # -- internals ---------------------------------------------------------------------------------------
     def _costs(self, batch: int, block: int) -> tuple[float, float]:
         """(decode ms, draft ms of ``block``) at ``batch``, cached until the cost model learns."""
@@ -816,7 +835,7 @@ class VerifyWidthPolicy:
         if hit is not None and hit[0] == self.cost.version:
             return hit[1]
         tokens = bs * (np.arange(n + 1) + 1.0) if uniform else bs + np.arange(bs * n + 1, dtype=np.float64)
-        ms = self.cost.verify_ms_array(bs, tokens)
+        ms = self.cost.verify_ms_array(bs, self.padded_tokens(tokens))
         if len(self._verify_cache) > 64:
             self._verify_cache.clear()
         self._verify_cache[key] = (self.cost.version, ms)

@@ -77,6 +77,7 @@ class AdaptiveStep:
                 self.clock = StepClock(lambda: torch.cuda.Event(enable_timing=True))
         self._pending: tuple[torch.Tensor, list[int], Any] | None = None  # conf, widths, accepted (lagged)
         self._warned_no_hidden = False
+        self._tiers: list[int] | None = None  # token counts of the target's ragged verify graphs
 
     # -- the step ------------------------------------------------------------------------------------------
     def run(self, batch: Any, on_publish: Any, replay: trace_replay.TraceReplay | None) -> Any:
@@ -92,6 +93,11 @@ class AdaptiveStep:
         sampling_info = batch.sampling_info
         greedy = sampling_info is None or sampling_info.is_all_greedy
 
+        if self._tiers is None:  # the target's ragged verify graphs exist by the first decode step
+            self._tiers = self._captured_tiers()
+            for policy in (self.greedy_policy, self.sampling_policy):
+                if isinstance(policy, VerifyWidthPolicy):
+                    policy.set_token_grid(self._tiers)
         block_ids, positions_2d, cache_loc_2d = self._prepare_block(batch, draft_input, bs)
         plain = self._agreed_plain(greedy, bs)
         confidences = None
@@ -150,7 +156,7 @@ class AdaptiveStep:
         )
         logits_output.hidden_states = None
         w.record_step(batch.reqs, widths, plain)
-        self._learn_step_costs(bs, None if plain else sum(verify_lens))
+        self._learn_step_costs(bs, None if plain else layout.graph_num_tokens)  # what the graph ran
         return GenerationBatchResult(
             logits_output=logits_output,
             next_token_ids=adaptive.out_tokens(draft_tokens, accepted, bonus).reshape(-1),
@@ -305,8 +311,7 @@ class AdaptiveStep:
         from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout, round_up_grid
 
         w = self.worker
-        runner = w.target_worker.model_runner.decode_cuda_graph_runner
-        tiers = list(getattr(runner, "capture_num_tokens", None) or [])
+        tiers = self._tiers or []
         total = sum(verify_lens)
         graph_tokens = round_up_grid(total, tiers) if tiers and total <= tiers[-1] else total
         return RaggedVerifyLayout._assemble_device(  # the public builders copy the lengths pageable
@@ -315,6 +320,10 @@ class AdaptiveStep:
             verify_lens_cpu=list(verify_lens),
             total_verify_tokens=total,
         )
+
+    def _captured_tiers(self) -> list[int]:
+        runner = self.worker.target_worker.model_runner.decode_cuda_graph_runner
+        return list(getattr(runner, "capture_num_tokens", None) or [])
 
     def _verify(self, batch: Any, draft_input: Any, draft_tokens, layout, bs: int):
         """The ragged target verify; logits and hidden states scattered back to [bs * block] rows."""

@@ -7,6 +7,7 @@ import itertools
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -472,3 +473,21 @@ def test_a_batch_of_one_is_planned_as_any_batch() -> None:
                 assert one.expected_tokens == pytest.approx(array.expected_tokens)
                 assert one.expected_ms == pytest.approx(array.expected_ms)
                 assert one.extra["best_step"] == pytest.approx(array.extra["best_step"])
+
+
+def test_a_token_grid_makes_planned_totals_land_on_its_values() -> None:
+    """With verify graphs captured at 64-token steps a total of 65 costs 128: the policy plans totals on
+    the grid (or pays for padding only where the next draft is worth it), and costs padded totals."""
+    cost = linear_cost(10.0, 0.05, draft=1.0)
+    gen = torch.Generator().manual_seed(7)
+    conf = 0.3 + 0.69 * torch.rand((64, BLOCK - 1), generator=gen)
+    free = VerifyWidthPolicy(cost, calibrated(), BLOCK).plan(conf)
+    grid = list(range(64, 64 * BLOCK + 1, 64))
+    gridded = VerifyWidthPolicy(cost, calibrated(), BLOCK)
+    gridded.set_token_grid(grid)
+    plan = gridded.plan(conf)
+    total = 64 + sum(plan.widths)
+    assert (64 + sum(free.widths)) % 64 != 0  # without the grid the total falls between its values ...
+    assert total in grid  # ... with it, on one
+    padded = gridded.padded_tokens(np.array([64.0, 65.0, 128.0, 64.0 * BLOCK + 1]))
+    assert padded.tolist() == [64.0, 128.0, 128.0, 64.0 * BLOCK + 1]

@@ -35,6 +35,25 @@ from sglang_ext.traces.shipped import load_shipped_trace
 TABLES = Path(__file__).resolve().parents[2] / "sglang_ext" / "sglang_plugin" / "cost_tables"
 DEFAULT_TABLE = TABLES / "nvidia-h100-80gb-hbm3_b16.json"
 BATCHES = (1, 8, 32, 64, 128, 256)
+
+
+def sglang_token_grid(max_batch: int, block: int) -> list[int]:
+    """The token counts SGLang 0.5.17 captures compact ragged verify graphs at: ``block`` x each batch size
+    it captures for speculative decoding (1-8, then steps of 2 to 32, 4 to 64, 8 to 256, 16 beyond, and
+    the maximum), the grid a ragged verify pads its total to."""
+    sizes = [
+        *range(1, 9),
+        *range(10, 33, 2),
+        *range(40, 65, 4),
+        *range(72, 257, 8),
+        *range(272, max_batch + 1, 16),
+    ]
+    sizes = [b for b in sizes if b <= max_batch]
+    if max_batch not in sizes:
+        sizes.append(max_batch)
+    return [b * block for b in sizes]
+
+
 STATIC_BLOCKS = (2, 4, 8, 16)
 
 
@@ -47,9 +66,17 @@ def simulate(
     planner: Any | None = None,
     static_block: int | None = None,
     seed: int = 0,
+    token_grid: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Tokens per ms of ``steps`` steps at ``batch``: a planner (``plan_for_batch`` / ``plan`` /
-    ``observe_step``), a static block (``static_block``; 1 = AR), verifying drafts of a ``block`` draft."""
+    ``observe_step``), a static block (``static_block``; 1 = AR), verifying drafts of a ``block`` draft.
+    A planner's ragged verify pays for its total rounded up to ``token_grid`` (static blocks run graphs
+    of their own shape)."""
+    grid = sorted(token_grid or [])
+
+    def padded(tokens: int) -> int:
+        return next((g for g in grid if g >= tokens), tokens)
+
     rng = np.random.default_rng(seed)
     requests = trace.requests
     cursors = [[int(rng.integers(len(requests))), int(rng.integers(64))] for _ in range(batch)]
@@ -67,12 +94,12 @@ def simulate(
         else:
             confidences = torch.tensor([s.confidences[: block - 1] for s in trace_steps], dtype=torch.float64)
             widths, plain = planner.plan(confidences).widths, False
-            step_ms = cost.draft_ms(batch, block) + cost.verify_ms(batch, batch + sum(widths))
+            step_ms = cost.draft_ms(batch, block) + cost.verify_ms(batch, padded(batch + sum(widths)))
         accepted = [accepted_in_window(s, w) for s, w in zip(trace_steps, widths, strict=True)]
         if planner is not None and not plain:
             if calibration is not None:
                 calibration.observe(confidences, widths, accepted)
-            planner.observe_step(batch, batch + sum(widths), step_ms, True)
+            planner.observe_step(batch, padded(batch + sum(widths)), step_ms, True)
         elif planner is not None:
             planner.observe_step(batch, None, step_ms, True)
         tokens += batch + sum(accepted)
@@ -98,9 +125,11 @@ def run(
         return StepCostModel.from_json(cost_path)
 
     block = int(table().block_size or 16)
+    grid = sglang_token_grid(max(batches), block)
     ours = VerifyWidthPolicy(table(), AcceptanceCalibration(), block, ragged=True)
+    ours.set_token_grid(grid)
     dspark = DsparkPlannerPolicy(table(), block)
-    simulate(ours.cost, trace, warmup_batch, steps, block, planner=ours)
+    simulate(ours.cost, trace, warmup_batch, steps, block, planner=ours, token_grid=grid)
     rows = []
     for batch in tqdm(batches, desc="batch sizes"):
         ar = simulate(table(), trace, batch, steps, block, static_block=1)["tok_per_ms"]
@@ -108,8 +137,10 @@ def run(
         for k in STATIC_BLOCKS:
             if k <= block:
                 found[f"static_{k}"] = simulate(table(), trace, batch, steps, block, static_block=k)
-        found["adaptive"] = simulate(ours.cost, trace, batch, steps, block, planner=ours)
-        found["dspark_planner"] = simulate(dspark.cost, trace, batch, steps, block, planner=dspark)
+        found["adaptive"] = simulate(ours.cost, trace, batch, steps, block, planner=ours, token_grid=grid)
+        found["dspark_planner"] = simulate(
+            dspark.cost, trace, batch, steps, block, planner=dspark, token_grid=grid
+        )
         for name, result in found.items():
             rows.append({"batch": batch, "planner": name, **result, "x_ar": result["tok_per_ms"] / ar})
     return {"cost_table": str(cost_path), "trace": trace.source, "steps": steps, "block": block, "rows": rows}
