@@ -1,14 +1,15 @@
 """GPU check of adaptive DFLARE (per-request verify widths, plain decode steps) on the demo pair.
 
-``bash tests/gpu/run_on_gpu.sh adaptive``. FA3 attention (ragged-verify CUDA graphs), bfloat16, three servers
-side by side: SGLang AR, DFLARE static (the whole block every step) and DFLARE adaptive with a step-cost
-table (``COST_TABLE``, default the shipped Qwen3-8B-shape table of this card, else the first shipped one:
-any table exercises every width; only speed depends on it). Checks:
+``bash tests/gpu/run_on_gpu.sh adaptive``. FA3 attention (ragged-verify CUDA graphs), bfloat16, four servers
+side by side: SGLang AR, DFLARE static (the whole block every step), DFLARE adaptive and the same step
+planned by SGLang's DSPARK planner (``dspark_planner``), both with a step-cost table (``COST_TABLE``,
+default the shipped Qwen3-8B-shape table of this card, else the first shipped one: any table exercises
+every width; only speed depends on it). Checks:
 
-* greedy adaptive == AR token for token on the demo held-out prompts at batch 1, 8 and 32 (divergences
-  reported with the target's top-2 logit margin; the static server's own divergences from bf16 AR are the
-  yardstick for numerics), with the widths the policy chose and the plain decode steps it took
-  (``spec_num_verified_drafts`` / ``spec_num_plain_steps``), and tau;
+* greedy adaptive (and dspark_planner) == AR token for token on the demo held-out prompts at batch 1,
+  8 and 32 (divergences reported with the target's top-2 logit margin; the static server's own
+  divergences from bf16 AR are the yardstick for numerics), with the widths the policy chose and the
+  plain decode steps it took (``spec_num_verified_drafts`` / ``spec_num_plain_steps``), and tau;
 * sampled requests (temperature 0.8) complete and their statistics are consistent;
 * the worker logged ``verify=adaptive``.
 
@@ -85,6 +86,7 @@ def main() -> int:
             ("ar", 31100, base, {}),
             ("static", 31101, [*base, *spec], {"DFLARE_VERIFY": "static"}),
             ("adaptive", 31102, [*base, *spec], adaptive_env),
+            ("dspark_planner", 31103, [*base, *spec], {**adaptive_env, "DFLARE_VERIFY": "dspark_planner"}),
         ]
     )
     res["servers"] = {n: ok for n, (_, ok) in servers.items()}
@@ -104,7 +106,7 @@ def main() -> int:
         with cf.ThreadPoolExecutor(len(up)) as pool:
             out = dict(zip(up, pool.map(runs, up), strict=True))
         lossless = {}
-        for name in ("static", "adaptive"):
+        for name in ("static", "adaptive", "dspark_planner"):
             for bs in SIZES:
                 if name in out and "ar" in out:
                     diffs = compare(out["ar"][bs], out[name][bs])
