@@ -19,13 +19,17 @@ the table in COST_TABLE (default: the shipped table of this card and block); its
 
 Env: BLOCKS (16,8), BS (1,8,32,64,128,256), ROUNDS (3), TRACES (synthetic,demo), TRACE_DIR (the shipped
 traces), ATTN (triton), PROFILE (1: torch-profile one step at batch 1, 32, 128 per DFLARE server),
-PARALLEL, TAG (file name suffix). Writes $OUT/bench_load<TAG>.json as it goes, the step profiles included.
+PARALLEL, TAG (file name suffix), PYSPY (a py-spy binary: each server's scheduler process is sampled
+during its measurements at the largest batch, ``$OUT/pyspy_<server>_bs<N>_<trace>.txt``, collapsed
+stacks: where the host time of a step goes, which the GPU phase timings do not show). Writes
+$OUT/bench_load<TAG>.json as it goes, the step profiles included.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,13 +68,43 @@ def running_batch(before: dict, after: dict, requests: int) -> int:
     return max((s for s in sizes if s <= requests), default=0)
 
 
-def measure(server: Server, bs: int, trace: str | None) -> dict:
+def scheduler_pid(server: Server) -> int | None:
+    """The server's scheduler process (SGLang titles it ``sglang::scheduler...``): where a step's host
+    work runs."""
+    import psutil
+
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if "scheduler" in " ".join(child.cmdline()) or "scheduler" in child.name():
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def sample_host(server: Server, label: str, seconds: float) -> subprocess.Popen | None:
+    """py-spy (PYSPY) on the server's scheduler for ``seconds``, without pausing it; None when off."""
+    binary, pid = os.environ.get("PYSPY"), None
+    if binary:
+        pid = scheduler_pid(server)
+    if not binary or pid is None:
+        return None
+    out = OUT / f"pyspy_{server.name}_{label}.txt"
+    cmd = [binary, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "200"]
+    cmd += ["--nonblocking", "--format", "raw", "--output", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def measure(server: Server, bs: int, trace: str | None, sample: bool = False) -> dict:
     sampling = {"temperature": 0, "max_new_tokens": new_tokens(bs), "ignore_eos": True}
     if trace:
         sampling["custom_params"] = {"dflare_trace": trace}
     phases = Path(f"/tmp/phases/{server.name}")
     before = phase_totals(phases)
+    sampler = sample_host(server, f"bs{bs}_{trace or 'ar'}", 3.0) if sample else None
     outs, secs = timed(lambda: generate(server.url, [PROMPT] * bs, sampling, bs))
+    if sampler is not None:
+        sampler.wait(timeout=60)
     time.sleep(0.6)  # let the scheduler flush its last phase records
     after = phase_totals(phases)
     toks = sum(o["meta_info"]["completion_tokens"] for o in outs)
@@ -178,7 +212,8 @@ def run_wave(
     for r in range(rounds):
         for bs in sizes:
             for who, trace in runs[r % len(runs) :] + runs[: r % len(runs)]:
-                row = measure(ar if who == "ar" else up[who], bs, trace)
+                sample = r == 0 and bs == max(sizes)  # host sampling once per server, at the largest batch
+                row = measure(ar if who == "ar" else up[who], bs, trace, sample)
                 raw.setdefault((who, trace, bs), []).append(row)
                 name = who if who == "ar" else server_key(*who)
                 print(f"round {r} {name} {trace} bs={bs}", row, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,40 @@ def test_load_benchmarks_running_batch_ignores_the_previous_measurements_late_re
     assert running_batch(before, after, 1) == 1  # verify/128 grew: the batch-128 run's records, late
     assert running_batch(before, after, 128) == 128
     assert running_batch(before, before, 8) == 0
+
+
+def test_load_benchmark_samples_the_servers_scheduler_not_its_launcher(monkeypatch) -> None:
+    """The host sampler (PYSPY) must attach to the scheduler child, where a step's host work runs."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "gpu"))
+    from bench_sglang_load import sample_host, scheduler_pid
+
+    child = "import time; time.sleep(30)"
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}, 'x'])",
+        ]
+    )
+    try:
+        import psutil
+
+        server = SimpleNamespace(proc=launcher, name="fake")
+        deadline = time.time() + 10
+        while not psutil.Process(launcher.pid).children() and time.time() < deadline:
+            time.sleep(0.05)
+        assert scheduler_pid(server) is None  # no child is a scheduler
+        (worker,) = psutil.Process(launcher.pid).children()
+        monkeypatch.setattr(
+            psutil.Process, "name", lambda self: "sglang::scheduler" if self.pid == worker.pid else "python"
+        )
+        assert scheduler_pid(server) == worker.pid
+        monkeypatch.delenv("PYSPY", raising=False)
+        assert sample_host(server, "bs1_ar", 1.0) is None  # off unless asked for
+    finally:
+        launcher.kill()
 
 
 def test_adaptive_runs_tensor_parallel_and_refuses_pipeline_or_data_parallel_engines() -> None:
