@@ -1,0 +1,48 @@
+"""Where a scheduler's host time goes, from the load benchmark's py-spy samples (``PYSPY``).
+
+``python tests/gpu/host_profile_top.py pyspy_<server>_bs<N>_<trace>.txt [--top 25]``: py-spy's raw format
+is one collapsed stack per line (``frame;frame;...;frame count``, outermost first). Prints the share of
+samples in which each function is on the stack (inclusive) and at its top (self), so two servers' files
+show what a speculative step adds to a plain one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+
+def shares(path: Path) -> tuple[int, Counter[str], Counter[str]]:
+    """(samples, inclusive counts, self counts) by frame name (``function (file:line)`` without the line)."""
+    total, inclusive, own = 0, Counter(), Counter()
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f.rsplit(":", 1)[0] + ")" if ":" in f else f for f in stack.split(";")]
+        total += n
+        for frame in set(frames):
+            inclusive[frame] += n
+        own[frames[-1]] += n
+    return total, inclusive, own
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("files", type=Path, nargs="+")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    for path in args.files:
+        total, inclusive, own = shares(path)
+        print(f"== {path.name}: {total} samples")
+        for title, counts in (("inclusive", inclusive), ("self", own)):
+            print(f"-- {title}")
+            for frame, n in counts.most_common(args.top):
+                print(f"{100 * n / max(total, 1):6.1f}%  {frame}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
