@@ -1,36 +1,65 @@
-"""Opt-in GPU timing of decode-step phases, for benchmarks: ``DFLARE_PHASE_TIMING=<dir>``.
+"""Opt-in timing of decode-step phases, for benchmarks: ``DFLARE_PHASE_TIMING=<dir>``.
 
 When the variable is set, the plugin wraps SGLang's ``ModelRunner.forward`` (target decode, target
 verify, draft forward) and the speculative workers' context-KV materialisation with CUDA events, and
 each scheduler process keeps writing ``<dir>/phases_<pid>.json``: ``{"<phase>/<batch size>": [count,
-total_ms]}``. Events are resolved every 64 records (one host sync), so the cost is a short stall per
-64 forwards. It applies to AR, built-in DFLASH and DFLARE alike, which is what a side-by-side needs.
-Prefill forwards are not recorded.
+total_ms]}``. It applies to AR, built-in DFLASH and DFLARE alike, which is what a side-by-side needs.
+Prefill forwards are not timed.
+
+Two things make it fit for measuring host overhead:
+
+* Events are read only once the GPU has passed them (``query``), never waited for: a ``synchronize`` here
+  would drain the queue that overlap scheduling keeps full, and the GPU would idle for a whole host
+  iteration each time (every ~21 steps of a speculative step's three records), charging the benchmark's
+  speculative rows with host time that only the timer caused.
+* ``step_wall/<batch size>`` is the host's wall time from one target decode/verify launch to the next at
+  the same batch size with no prefill between: under overlap scheduling, the steady-state step period at
+  that batch, whatever bounds it (GPU or host). Against the timed GPU phases it separates per-step host time
+  from what a closed batch adds outside the steps (the prefill, and the tail in which requests that
+  accept less keep running at smaller batches after the others finished).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ENV = "DFLARE_PHASE_TIMING"
 _FLUSH_EVERY = 64
+STEP_WALL = "step_wall"
+
+
+def _cuda_timing_event() -> Any:
+    import torch
+
+    return torch.cuda.Event(enable_timing=True)
 
 
 class PhaseTimer:
-    """Accumulates CUDA-event durations per (phase, batch size) and mirrors them to a JSON file."""
+    """Accumulates CUDA-event durations and host step periods per (phase, batch size) and mirrors them to a
+    JSON file."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        make_event: Callable[[], Any] = _cuda_timing_event,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.path = out_dir / f"phases_{os.getpid()}.json"
-        self.pending: list[tuple[str, Any, Any]] = []
+        self.make_event = make_event
+        self.clock = clock
+        self.pending: deque[tuple[str, Any, Any]] = deque()
         self.totals: dict[str, list[float]] = {}
+        self._last_launch: tuple[int, float] | None = None  # (batch size, clock) of the last target step
+        self._dirty = False
 
     def timed(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        import torch
-
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = self.make_event(), self.make_event()
         start.record()
         out = fn(*args, **kwargs)
         end.record()
@@ -39,15 +68,34 @@ class PhaseTimer:
             self.flush()
         return out
 
+    def step_launched(self, batch_size: int) -> None:
+        """A target decode/verify step is being launched: add the period since the previous one at the same
+        batch size."""
+        now = self.clock()
+        last = self._last_launch
+        if last is not None and last[0] == batch_size:
+            self._add(f"{STEP_WALL}/{batch_size}", (now - last[1]) * 1000.0)
+        self._last_launch = (batch_size, now)
+
+    def other_forward(self) -> None:
+        """A prefill (or other non-step) forward ran: the next step's period would include it."""
+        self._last_launch = None
+
+    def _add(self, key: str, ms: float) -> None:
+        entry = self.totals.setdefault(key, [0, 0.0])
+        entry[0] += 1
+        entry[1] += ms
+        self._dirty = True
+
     def flush(self) -> None:
-        if not self.pending:
+        """Add the records whose end the GPU has passed (in launch order, one stream) and rewrite the file;
+        later records wait for a later flush."""
+        while self.pending and self.pending[0][2].query():
+            key, start, end = self.pending.popleft()
+            self._add(key, start.elapsed_time(end))
+        if not self._dirty:
             return
-        self.pending[-1][2].synchronize()
-        for key, start, end in self.pending:
-            entry = self.totals.setdefault(key, [0, 0.0])
-            entry[0] += 1
-            entry[1] += start.elapsed_time(end)
-        self.pending.clear()
+        self._dirty = False
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.totals))
         tmp.replace(self.path)
@@ -67,6 +115,7 @@ def _get_timer() -> PhaseTimer:
 
 def around_model_forward(original: Any, runner: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
     mode = forward_batch.forward_mode
+    timer = _get_timer()
     if getattr(runner, "is_draft_worker", False):
         phase = "draft"
     elif mode.is_target_verify():
@@ -74,9 +123,13 @@ def around_model_forward(original: Any, runner: Any, forward_batch: Any, *args: 
     elif mode.is_decode():
         phase = "decode"
     else:
+        if not mode.is_idle():
+            timer.other_forward()
         return original(runner, forward_batch, *args, **kwargs)
-    key = f"{phase}/{int(forward_batch.batch_size)}"
-    return _get_timer().timed(key, original, runner, forward_batch, *args, **kwargs)
+    bs = int(forward_batch.batch_size)
+    if phase != "draft":
+        timer.step_launched(bs)
+    return timer.timed(f"{phase}/{bs}", original, runner, forward_batch, *args, **kwargs)
 
 
 def around_context_kv(original: Any, worker: Any, *args: Any, **kwargs: Any) -> Any:

@@ -10,7 +10,13 @@ each DFLARE server at every batch size, in a rotating order.
 Per row: tok/s, x AR (AR of the same wave and round set), tau, verified tokens per request per step, verify /
 draft / context-KV ms (CUDA events), the AR step, the bound tau * t_AR / (t_verify + t_draft + t_kv), and
 the running batch SGLang actually reached (the largest batch size its decode or verify forwards ran at
-during the measurement, from the same phase records).
+during the measurement, from the same phase records). ``step_wall_ms`` is the scheduler's launch-to-launch
+period of steps at exactly the row's batch size (phase_timing.py): the steady-state step, host time
+included, without the prefill and without the tail of a closed batch (under trace replay the requests that
+accept least run on at smaller batches after the others finished: with the synthetic trace at block 8 the
+slowest of 128 requests needs about twice the mean request's steps). ``host_ms`` is that period minus the
+timed GPU phases, and ``x_ar_steady`` = tau * AR's period / DFLARE's: the speed-up a server kept at this
+batch would see, where ``x_ar`` is that of one closed batch of requests.
 
 Adaptive DFLARE (``DFLARE_VERIFY=adaptive``: per-request verify widths and plain decode steps chosen by the
 verify-width policy from a step-cost table) joins as ``a<block>`` in BLOCKS (e.g. ``BLOCKS=16,8,a16``), with
@@ -118,7 +124,7 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
         row["verified_per_req"] = round(1 + sum(verified) / steps, 3)
         plain_steps = sum(p or 0 for p in plain)  # steps without a verified draft (not in spec_verify_ct)
         row["plain_step_share"] = round(plain_steps / (steps + plain_steps), 3)
-    for phase in ("decode", "verify", "draft", "context_kv"):
+    for phase in ("decode", "verify", "draft", "context_kv", "step_wall"):
         row[f"{phase}_ms"] = mean_ms(before, after, phase, bs)
     return row
 
@@ -227,11 +233,15 @@ def run_wave(
                 s = median_row(raw[((mode, block), trace, bs)])
                 t_spec = sum(s[k] or 0 for k in ("verify_ms", "draft_ms", "context_kv_ms"))
                 bound = s["tau"] * a["decode_ms"] / t_spec if a["decode_ms"] and t_spec else None
+                walls = s["step_wall_ms"], a["step_wall_ms"]
+                steady = s["tau"] * walls[1] / walls[0] if all(walls) else None
                 rows.append({
                     "trace": trace, "batch": bs, "mode": mode, "block": block, "wave": wave, **s,
                     "x_ar": round(s["tok_s"] / a["tok_s"], 3),
                     "verified_per_req": block if mode == "static" else s.get("verified_per_req"),
                     "ar_step_ms": a["decode_ms"], "bound": round(bound, 3) if bound else None,
+                    "x_ar_steady": round(steady, 3) if steady else None,
+                    "host_ms": round(walls[0] - t_spec, 3) if walls[0] and t_spec else None,
                 })  # fmt: skip
 
 

@@ -1,0 +1,143 @@
+"""Phase timing (``DFLARE_PHASE_TIMING``): GPU phase times read without ever waiting for the GPU, and the
+host's step period per batch size. Stand-in events with the CUDA event interface (``record``, ``query``,
+``elapsed_time``, ``synchronize``) on a scripted GPU timeline; a ``synchronize`` is a test failure, since
+under overlap scheduling it drains the GPU queue."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sglang_ext.sglang_plugin import phase_timing
+from sglang_ext.sglang_plugin.phase_timing import PhaseTimer
+
+
+class FakeGpu:
+    """Work queued on one stream: each forward adds its duration; ``finish_until`` is how far the GPU got."""
+
+    def __init__(self) -> None:
+        self.queued = 0.0
+        self.done_until = 0.0
+
+    def event(self) -> FakeEvent:
+        return FakeEvent(self)
+
+
+class FakeEvent:
+    def __init__(self, gpu: FakeGpu) -> None:
+        self.gpu, self.at = gpu, None
+
+    def record(self) -> None:
+        self.at = self.gpu.queued
+
+    def query(self) -> bool:
+        return self.at is not None and self.at <= self.gpu.done_until
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        assert self.query() and end.query(), "read before the GPU passed both events"
+        return end.at - self.at
+
+    def synchronize(self) -> None:
+        raise AssertionError("the phase timer waited for the GPU")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def forward(gpu: FakeGpu, ms: float):
+    def run() -> str:
+        gpu.queued += ms
+        return "out"
+
+    return run
+
+
+def written(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_records_are_read_once_the_gpu_passed_them_and_never_waited_for(tmp_path: Path) -> None:
+    gpu = FakeGpu()
+    timer = PhaseTimer(tmp_path, make_event=gpu.event, clock=Clock())
+    for _ in range(phase_timing._FLUSH_EVERY):  # a full flush batch while the GPU has finished nothing
+        assert timer.timed("verify/128", forward(gpu, 25.0)) == "out"
+    assert not timer.path.exists() and len(timer.pending) == phase_timing._FLUSH_EVERY
+
+    gpu.done_until = 10 * 25.0  # the GPU passed the first ten verifies
+    timer.timed("draft/128", forward(gpu, 6.0))
+    assert written(timer.path) == {"verify/128": [10, 250.0]}
+    assert len(timer.pending) == phase_timing._FLUSH_EVERY + 1 - 10
+
+    gpu.done_until = gpu.queued
+    timer.flush()
+    assert written(timer.path) == {
+        "verify/128": [phase_timing._FLUSH_EVERY, phase_timing._FLUSH_EVERY * 25.0],
+        "draft/128": [1, 6.0],
+    }
+    assert not timer.pending
+
+
+def test_step_wall_is_the_launch_period_at_one_batch_size_without_prefills_between(tmp_path: Path) -> None:
+    clock = Clock()
+    timer = PhaseTimer(tmp_path, make_event=FakeGpu().event, clock=clock)
+    for t, bs in ((0.0, 128), (0.047, 128), (0.094, 128), (0.110, 127), (0.150, 127)):
+        clock.now = t
+        timer.step_launched(bs)
+    clock.now = 0.2
+    timer.other_forward()  # a prefill: the next period would include it
+    clock.now = 0.3
+    timer.step_launched(127)
+    clock.now = 0.33
+    timer.step_launched(127)
+    assert timer.totals["step_wall/128"] == [2, pytest.approx(94.0)]
+    assert timer.totals["step_wall/127"] == [2, pytest.approx(40.0 + 30.0)]
+    timer.flush()  # no GPU records yet: the host periods are written anyway
+    assert written(timer.path)["step_wall/128"][0] == 2
+
+
+def test_hook_times_target_steps_not_drafts_and_restarts_after_prefill(tmp_path: Path, monkeypatch) -> None:
+    gpu, clock = FakeGpu(), Clock()
+    timer = PhaseTimer(tmp_path, make_event=gpu.event, clock=clock)
+    monkeypatch.setattr(phase_timing, "_timer", timer)
+
+    def mode(name: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            is_target_verify=lambda: name == "verify",
+            is_decode=lambda: name == "decode",
+            is_idle=lambda: name == "idle",
+        )
+
+    target, draft = SimpleNamespace(is_draft_worker=False), SimpleNamespace(is_draft_worker=True)
+
+    def original(runner, batch):
+        gpu.queued += 1.0
+        return runner
+
+    def step(t: float, bs: int = 8) -> None:
+        clock.now = t
+        batch = SimpleNamespace(forward_mode=mode("verify"), batch_size=bs)
+        assert phase_timing.around_model_forward(original, draft, batch) is draft
+        assert phase_timing.around_model_forward(original, target, batch) is target
+
+    step(1.0)
+    step(1.02)
+    idle = SimpleNamespace(forward_mode=mode("idle"), batch_size=0)
+    phase_timing.around_model_forward(original, target, idle)
+    step(1.05)  # an idle batch between steps does not break the period
+    prefill = SimpleNamespace(forward_mode=mode("extend"), batch_size=8)
+    phase_timing.around_model_forward(original, target, prefill)
+    step(2.0)  # after a prefill: no period
+    assert timer.totals["step_wall/8"] == [2, pytest.approx(20.0 + 30.0)]
+    gpu.done_until = gpu.queued
+    timer.flush()
+    totals = written(timer.path)
+    assert totals["draft/8"][0] == 4 and totals["verify/8"][0] == 4
+    assert "extend/8" not in totals and "verify/0" not in totals
