@@ -57,6 +57,7 @@ class PhaseTimer:
         self.totals: dict[str, list[float]] = {}
         self._last_launch: tuple[int, float] | None = None  # (batch size, clock) of the last target step
         self._dirty = False
+        self._since_flush = 0  # records since the last flush: one flush (a file write at most) per 64
 
     def timed(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         start, end = self.make_event(), self.make_event()
@@ -64,7 +65,8 @@ class PhaseTimer:
         out = fn(*args, **kwargs)
         end.record()
         self.pending.append((key, start, end))
-        if len(self.pending) >= _FLUSH_EVERY:
+        self._since_flush += 1
+        if self._since_flush >= _FLUSH_EVERY:
             self.flush()
         return out
 
@@ -90,6 +92,7 @@ class PhaseTimer:
     def flush(self) -> None:
         """Add the records whose end the GPU has passed (in launch order, one stream) and rewrite the file;
         later records wait for a later flush."""
+        self._since_flush = 0
         while self.pending and self.pending[0][2].query():
             key, start, end = self.pending.popleft()
             self._add(key, start.elapsed_time(end))
