@@ -66,7 +66,10 @@ def closed_batch(
 
 
 def run(table: Path, trace_name: str, block: int, batches: Sequence[int], rounds: int) -> dict[str, Any]:
-    from tests.gpu.bench_sglang_load import new_tokens
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
+    from bench_sglang_load import new_tokens
 
     cost = StepCostModel.from_json(table)
     requests = load_shipped_trace(trace_name).requests
