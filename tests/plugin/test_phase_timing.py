@@ -13,35 +13,7 @@ import pytest
 
 from sglang_ext.sglang_plugin import phase_timing
 from sglang_ext.sglang_plugin.phase_timing import PhaseTimer
-
-
-class FakeGpu:
-    """Work queued on one stream: each forward adds its duration; ``finish_until`` is how far the GPU got."""
-
-    def __init__(self) -> None:
-        self.queued = 0.0
-        self.done_until = 0.0
-
-    def event(self) -> FakeEvent:
-        return FakeEvent(self)
-
-
-class FakeEvent:
-    def __init__(self, gpu: FakeGpu) -> None:
-        self.gpu, self.at = gpu, None
-
-    def record(self) -> None:
-        self.at = self.gpu.queued
-
-    def query(self) -> bool:
-        return self.at is not None and self.at <= self.gpu.done_until
-
-    def elapsed_time(self, end: FakeEvent) -> float:
-        assert self.query() and end.query(), "read before the GPU passed both events"
-        return end.at - self.at
-
-    def synchronize(self) -> None:
-        raise AssertionError("the phase timer waited for the GPU")
+from tests.plugin.fake_gpu import FakeGpu
 
 
 class Clock:
@@ -54,7 +26,7 @@ class Clock:
 
 def forward(gpu: FakeGpu, ms: float):
     def run() -> str:
-        gpu.queued += ms
+        gpu.run(ms)
         return "out"
 
     return run
@@ -79,7 +51,7 @@ def test_records_are_read_once_the_gpu_passed_them_and_never_waited_for(tmp_path
     assert written(timer.path) == {"verify/128": [10, 250.0]}
     assert len(timer.pending) == 2 * phase_timing._FLUSH_EVERY - 10
 
-    gpu.done_until = gpu.queued
+    gpu.done_until = gpu.now
     timer.flush()
     n = phase_timing._FLUSH_EVERY
     assert written(timer.path) == {"verify/128": [n, n * 25.0], "draft/128": [n, pytest.approx(n * 6.0)]}
@@ -119,7 +91,7 @@ def test_hook_times_target_steps_not_drafts_and_restarts_after_prefill(tmp_path:
     target, draft = SimpleNamespace(is_draft_worker=False), SimpleNamespace(is_draft_worker=True)
 
     def original(runner, batch):
-        gpu.queued += 1.0
+        gpu.run(1.0)
         return runner
 
     def step(t: float, bs: int = 8) -> None:
@@ -137,7 +109,7 @@ def test_hook_times_target_steps_not_drafts_and_restarts_after_prefill(tmp_path:
     phase_timing.around_model_forward(original, target, prefill)
     step(2.0)  # after a prefill: no period
     assert timer.totals["step_wall/8"] == [2, pytest.approx(20.0 + 30.0)]
-    gpu.done_until = gpu.queued
+    gpu.done_until = gpu.now
     timer.flush()
     totals = written(timer.path)
     assert totals["draft/8"][0] == 4 and totals["verify/8"][0] == 4

@@ -4,35 +4,7 @@ with the CUDA event interface: ``record``, ``query``, ``elapsed_time``)."""
 from __future__ import annotations
 
 from sglang_ext.sglang_plugin.step_clock import StepClock
-
-
-class FakeGpu:
-    """A GPU timeline: events complete when ``advance`` passes their time."""
-
-    def __init__(self) -> None:
-        self.now = 0.0  # ms of GPU time queued so far
-        self.done_until = 0.0
-
-    def run(self, ms: float) -> None:
-        self.now += ms
-
-    def event(self) -> FakeEvent:
-        return FakeEvent(self)
-
-
-class FakeEvent:
-    def __init__(self, gpu: FakeGpu) -> None:
-        self.gpu, self.at = gpu, None
-
-    def record(self) -> None:
-        self.at = self.gpu.now
-
-    def query(self) -> bool:
-        return self.at is not None and self.at <= self.gpu.done_until
-
-    def elapsed_time(self, end: FakeEvent) -> float:
-        assert self.query() and end.query(), "read before the GPU finished"
-        return end.at - self.at
+from tests.plugin.fake_gpu import FakeGpu
 
 
 def test_steps_are_timed_end_to_end_and_only_once_the_gpu_finished() -> None:

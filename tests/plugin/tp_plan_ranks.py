@@ -29,22 +29,6 @@ PADDING_VALUE = 5.0
 RANK_TIMEOUT_S = 60
 
 
-def _init(rank: int, tp_size: int, port: int) -> None:
-    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
-
-    from tests.plugin.tp_rank import _cpu_groups_only
-
-    init_distributed_environment(
-        world_size=tp_size,
-        rank=rank,
-        local_rank=rank,
-        backend="gloo",
-        distributed_init_method=f"tcp://127.0.0.1:{port}",
-    )
-    _cpu_groups_only()
-    initialize_model_parallel(tensor_model_parallel_size=tp_size, backend="gloo")
-
-
 def _head(case: dict) -> tuple[torch.nn.Module, int]:
     """This rank's ``ParallelLMHead`` of ``case['weight']`` [vocab, H] (the first ``org`` rows the base
     vocab, the rest LoRA-added rows), its padding rows poisoned; and how many padding rows it has."""
@@ -94,10 +78,11 @@ def _rank(rank: int, tp_size: int, port: int, inputs_path: str, out: str) -> Non
         from sglang.srt.distributed import destroy_distributed_environment, destroy_model_parallel
 
         from sglang_ext.sglang_plugin import vocab_parallel
+        from tests.plugin.tp_rank import join_gloo_tp_group
 
         torch.set_num_threads(1)
         inputs = torch.load(inputs_path)
-        _init(rank, tp_size, port)
+        join_gloo_tp_group(rank, tp_size, port)
         probabilities, padding = [], []
         for case in inputs["heads"]:
             head, pad = _head(case)

@@ -33,10 +33,24 @@ def _cpu_groups_only() -> None:
     parallel_state.init_model_parallel_group = init_model_parallel_group
 
 
+def join_gloo_tp_group(rank: int, tp_size: int, port: int) -> None:
+    """This process as ``rank`` of SGLang's process group and one TP group of ``tp_size``, on gloo."""
+    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
+
+    init_distributed_environment(
+        world_size=tp_size,
+        rank=rank,
+        local_rank=rank,
+        backend="gloo",
+        distributed_init_method=f"tcp://127.0.0.1:{port}",
+    )
+    _cpu_groups_only()
+    initialize_model_parallel(tensor_model_parallel_size=tp_size, backend="gloo")
+
+
 def _init_tp(rank: int, tp_size: int, port: int, target_dir: str) -> None:
     """SGLang's process group and model-parallel state for one TP group of ``tp_size`` processes."""
     import sglang.srt.layers.rotary_embedding.base as rope_base
-    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
     from sglang.srt.runtime_context import get_context
     from sglang.srt.server_args import prepare_server_args
 
@@ -47,15 +61,7 @@ def _init_tp(rank: int, tp_size: int, port: int, target_dir: str) -> None:
             *("--dtype", "float32", "--tp-size", str(tp_size)),
         ]
     )
-    init_distributed_environment(
-        world_size=tp_size,
-        rank=rank,
-        local_rank=rank,
-        backend="gloo",
-        distributed_init_method=f"tcp://127.0.0.1:{port}",
-    )
-    _cpu_groups_only()
-    initialize_model_parallel(tensor_model_parallel_size=tp_size, backend="gloo")
+    join_gloo_tp_group(rank, tp_size, port)
     get_context().set_server_args(args)
 
 
