@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from sglang_ext.dflare.verify_policy import StepCostModel
+from sglang_ext.sglang_plugin.adaptive import SHIPPED_TABLES
 from sglang_ext.traces.format import TraceStep, accepted_in_window
 from sglang_ext.traces.shipped import load_shipped_trace
-
-TABLES = Path(__file__).resolve().parents[2] / "sglang_ext" / "sglang_plugin" / "cost_tables"
 
 
 def closed_batch(
@@ -98,7 +97,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    table = args.table or TABLES / f"nvidia-h100-80gb-hbm3_b{args.block}.json"
+    table = args.table or SHIPPED_TABLES / f"nvidia-h100-80gb-hbm3_b{args.block}.json"
     result = run(table, args.trace, args.block, [int(b) for b in args.batches.split(",")], args.rounds)
     for row in result["rows"]:
         print(json.dumps(row))

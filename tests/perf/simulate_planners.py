@@ -29,11 +29,11 @@ import torch
 from tqdm import tqdm
 
 from sglang_ext.dflare.verify_policy import AcceptanceCalibration, StepCostModel, VerifyWidthPolicy
+from sglang_ext.sglang_plugin.adaptive import SHIPPED_TABLES
 from sglang_ext.traces.format import AcceptanceTrace, accepted_in_window
 from sglang_ext.traces.shipped import load_shipped_trace
 
-TABLES = Path(__file__).resolve().parents[2] / "sglang_ext" / "sglang_plugin" / "cost_tables"
-DEFAULT_TABLE = TABLES / "nvidia-h100-80gb-hbm3_b16.json"
+DEFAULT_TABLE = SHIPPED_TABLES / "nvidia-h100-80gb-hbm3_b16.json"
 BATCHES = (1, 8, 32, 64, 128, 256)
 
 

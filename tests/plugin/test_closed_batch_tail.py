@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from sglang_ext.sglang_plugin.adaptive import SHIPPED_TABLES
 from sglang_ext.traces.format import TraceStep
-from tests.perf.closed_batch_tail import TABLES, closed_batch, run
+from tests.perf.closed_batch_tail import closed_batch, run
 
 
 def steps(accepted: int, block: int = 8, n: int = 4) -> list[TraceStep]:
@@ -35,7 +36,7 @@ def test_a_window_shorter_than_the_trace_block_keeps_what_the_trace_accepts_with
 
 
 def test_the_synthetic_trace_at_block_8_has_a_tail_at_batch_128() -> None:
-    result = run(TABLES / "nvidia-h100-80gb-hbm3_b8.json", "synthetic", 8, [1, 128], rounds=1)
+    result = run(SHIPPED_TABLES / "nvidia-h100-80gb-hbm3_b8.json", "synthetic", 8, [1, 128], rounds=1)
     by_batch = {row["batch"]: row for row in result["rows"]}
     assert by_batch[1]["inflation"] == pytest.approx(1.0, abs=0.02)
     assert by_batch[128]["server_steps"] > 1.5 * by_batch[128]["mean_request_steps"]
