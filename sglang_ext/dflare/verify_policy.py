@@ -632,9 +632,15 @@ class VerifyWidthPolicy:
 
     ``ragged=False`` is for engines that pad every request to the longest verified row (the reference
     engine): the verify then costs ``batch * (max width + 1)`` tokens and all rows take the same width.
-    ``draft_blocks``: the blocks the drafter may be asked to draft (default: only ``block_size``); a shorter
-    one is chosen when its cheaper draft gives a better rate (assuming the drafter's first positions are as
-    good in a shorter block: measure that before listing shorter blocks).
+    ``draft_blocks``: the blocks the drafter may be asked to draft (default: only ``block_size``).
+    ``plan_for_batch`` names the block to draft (``draft_block``): the one whose draft cost and history give
+    the best long-run rate, assuming the drafter's first positions are as good in a shorter block (measure
+    that before listing shorter blocks). Steps that drafted a shorter block say nothing of the positions
+    past it, so their history rows are completed from the longer drafts in the history (each missing q is
+    the row's last known q times the mean survival from the position before, over the rows that drafted
+    it; the calibration's rate by position when none did), and after ``block_probe_interval`` drafted steps
+    in a row on a shorter block one step drafts the longest, so a tail that became worth drafting is seen.
+    ``plan(confidences)`` plans the step that was drafted, whatever its block.
 
     Inputs and lag (overlap scheduling): ``plan(confidences)`` needs the CURRENT step's confidences (the
     draft the target is about to verify); the calibration may lag: ``observe`` one or two steps late only
@@ -659,6 +665,7 @@ class VerifyWidthPolicy:
         ragged: bool = True,
         draft_blocks: Sequence[int] | None = None,
         probe_interval: int = 32,
+        block_probe_interval: int = 16,
         history: int = 256,
         min_history: int = 16,
         recent: int = 4,
@@ -675,9 +682,10 @@ class VerifyWidthPolicy:
             raise ValueError(f"draft_blocks must be in 2..{block_size}, got {blocks}")
         self.cost, self.calibration, self.block_size = cost, calibration, block_size
         self.ragged, self.draft_blocks, self.probe_interval = ragged, blocks, probe_interval
+        self.block_probe_interval = block_probe_interval
         self.min_history, self.recent, self.recent_trust = min_history, recent, recent_trust
         self.decide_every, self.learn_costs = decide_every, learn_costs
-        # the last ``history`` drafted steps' per-request mean q (zero past the positions drafted), a ring
+        # the last ``history`` drafted steps' per-request mean q (NaN past the positions drafted), a ring
         self._history: list[list[float]] = []
         self._history_size, self._history_next = history, 0
         # (batch, steps left, tokens per ms of drafting over the history, its plan): see decide_every
@@ -685,7 +693,8 @@ class VerifyWidthPolicy:
         # the last ``recent`` drafted steps at their best widths: (tokens / batch, ms / plain ms) each
         self._recent_steps: deque[tuple[float, float]] = deque(maxlen=recent)
         self._undrafted = 0  # plain steps since the last drafted one
-        self._recent_block = block_size
+        self._recent_block = block_size  # the block of the last drafted step
+        self._short_in_row = 0  # drafted steps in a row on a block shorter than the longest allowed
         self._plain_in_row = 0
         self._probing = False  # plan_for_batch asked for a probe: the next plan() verifies >= 1 draft
         # verify ms by (batch, drafts, uniform; None: uniform as Python floats), with the cost model's version
@@ -711,14 +720,14 @@ class VerifyWidthPolicy:
             q = list(
                 itertools.accumulate(self.calibration.predict_row(confidences.tolist()[0]), operator.mul)
             )
-            plan = self._best_one(q, drafted=n + 1, min_width=int(probing))
+            plan = self._best_one(q, [n + 1], min_width=int(probing))
         else:
             prefix = np.cumprod(
                 self.calibration.predict_array(_numpy(confidences)), axis=1
             )  # rows non-increasing
             q = (prefix.sum(axis=0) / bs).tolist()
-            plan = self._best(prefix, drafted=n + 1, uniform=probing, min_width=int(probing))
-        row = q + [0.0] * (self.block_size - 1 - n)  # the step's per-request mean q, for the history
+            plan = self._best(prefix, [n + 1], uniform=probing, min_width=int(probing))
+        row = q + [math.nan] * (self.block_size - 1 - n)  # the step's per-request mean q, for the history
         if len(self._history) < self._history_size:
             self._history.append(row)
         else:
@@ -730,7 +739,10 @@ class VerifyWidthPolicy:
         best_tokens, best_ms = plan.extra.pop("best_step")
         self._recent_steps.append((best_tokens / bs, best_ms / self.plain_ms(bs)))
         self._undrafted = 0
-        self._recent_block = plan.draft_block
+        if n + 1 > self._recent_block:  # positions the history lacks were just seen: re-cost it at once
+            self._long_run = None
+        self._recent_block = n + 1
+        self._short_in_row = self._short_in_row + 1 if n + 1 < self.draft_blocks[-1] else 0
         self._plain_in_row = self._plain_in_row + 1 if plan.plain_decode else 0
         return plan
 
@@ -742,7 +754,7 @@ class VerifyWidthPolicy:
         if len(self._history) == 0:  # nothing drafted yet: draft, the calibration's rates say how wide
             prefix = self.calibration.position_rates(self.block_size - 1).cumprod(0).numpy()
             self._probing = True  # a cold start explores: a prior alone must not rule drafting out
-            plan = self._best(np.broadcast_to(prefix, (batch, prefix.size)), self.block_size, True, 1)
+            plan = self._best(np.broadcast_to(prefix, (batch, prefix.size)), self.draft_blocks, True, 1)
             del plan.extra["best_step"]
             return plan
         long_run = self._long_run
@@ -756,12 +768,12 @@ class VerifyWidthPolicy:
             cost = sum(c for _, c in self._recent_steps)
             speedup = trust * tokens / cost + (1 - trust) * speedup
         if len(self._history) < self.min_history or speedup > 1.0:
-            return plan
+            return self._with_block_probe(plan)
         if self._plain_in_row >= self.probe_interval * max(1.0, plan.expected_ms / plain_ms):
             self._plain_in_row, self._probing = 0, True
             plan.extra["probe"] = True
             plan.widths = [max(1, w) for w in plan.widths]
-            return plan
+            return self._with_block_probe(plan)
         self._plain_in_row += 1
         self._undrafted += 1
         return plain
@@ -795,6 +807,16 @@ class VerifyWidthPolicy:
         return np.where(inside, grid[np.minimum(index, grid.size - 1)], tokens)
 
     # -- internals ---------------------------------------------------------------------------------------
+    def _with_block_probe(self, plan: VerifyPlan) -> VerifyPlan:
+        """``plan``, or a copy drafting the longest block when ``block_probe_interval`` drafted steps in a
+        row drafted shorter ones (see the class docstring)."""
+        longest = self.draft_blocks[-1]
+        if plan.draft_block >= longest or self._short_in_row < self.block_probe_interval:
+            return plan
+        probe = VerifyPlan(list(plan.widths), False, longest, plan.expected_tokens, plan.expected_ms)
+        probe.extra = {**plan.extra, "block_probe": True}
+        return probe
+
     def _costs(self, batch: int, block: int) -> tuple[float, float]:
         """(decode ms, draft ms of ``block``) at ``batch``, cached until the cost model learns."""
         key = (batch, block)
@@ -810,22 +832,46 @@ class VerifyWidthPolicy:
         return hit[1], hit[2]
 
     def _long_run_rate(self, batch: int) -> tuple[int, int, float, VerifyPlan]:
-        """Drafting's tokens per ms over the history, re-costed at ``batch``: each step at its own best
-        width; and the single width best over them all (the plan's)."""
-        n = self._recent_block - 1
-        steps = np.array(self._history)[:, :n]  # [steps, n]
-        tokens = batch * (1.0 + np.concatenate([np.zeros((len(steps), 1)), steps.cumsum(axis=1)], axis=1))
-        ms = self._costs(batch, self._recent_block)[1] + self._verify_costs(batch, n, uniform=True)
-        best = (tokens / ms).argmax(axis=1)
-        rate = float(tokens[np.arange(len(steps)), best].sum() / ms[best].sum())
-        width = int(np.argmax(tokens.sum(axis=0) / ms))
-        expected = float(tokens[:, width].sum()) / len(steps)
-        return (
-            batch,
-            min(self.decide_every, len(self._history)),  # early on, each drafted step moves it a lot
-            rate,
-            VerifyPlan([width] * batch, False, self._recent_block, expected, float(ms[width])),
-        )
+        """Drafting's tokens per ms over the history, re-costed at ``batch`` for each draft block, each step
+        at its own best width: the best block's rate, and a plan drafting that block at the single width
+        best over the history."""
+        history = self._completed_history()
+        best: tuple[float, VerifyPlan] | None = None
+        for block in self.draft_blocks:
+            n = block - 1
+            steps = history[:, :n]  # [steps, n]
+            tokens = batch * (1.0 + np.concatenate([np.zeros((len(steps), 1)), steps.cumsum(axis=1)], axis=1))
+            ms = self._costs(batch, block)[1] + self._verify_costs(batch, n, uniform=True)
+            per_step = (tokens / ms).argmax(axis=1)
+            rate = float(tokens[np.arange(len(steps)), per_step].sum() / ms[per_step].sum())
+            if best is None or rate > best[0]:
+                width = int(np.argmax(tokens.sum(axis=0) / ms))
+                expected = float(tokens[:, width].sum()) / len(steps)
+                best = (rate, VerifyPlan([width] * batch, False, block, expected, float(ms[width])))
+        assert best is not None
+        steps_left = min(self.decide_every, len(self._history))  # early on, each drafted step moves it a lot
+        return batch, steps_left, best[0], best[1]
+
+    def _completed_history(self) -> np.ndarray:
+        """The history [steps, block - 1] with the positions a step did not draft (NaN) filled in: the row's
+        last q times the survival from the position before, over the rows that drafted both (the
+        calibration's rate at that position when none did)."""
+        history = np.array(self._history, dtype=np.float64)
+        rates: np.ndarray | None = None
+        for j in range(1, history.shape[1]):
+            column, before = history[:, j], history[:, j - 1]
+            missing = np.isnan(column)
+            if not missing.any():
+                continue
+            seen_before = before[~missing].sum()
+            if seen_before > 0:
+                survival = column[~missing].sum() / seen_before
+            else:
+                if rates is None:
+                    rates = self.calibration.position_rates(history.shape[1]).numpy()
+                survival = float(rates[j])
+            history[missing, j] = before[missing] * survival
+        return history
 
     def _verify_costs(self, bs: int, n: int, uniform: bool) -> np.ndarray:
         """Verify ms at every width 0..n (``uniform``: the same width for all ``bs`` rows) or at every
@@ -842,19 +888,17 @@ class VerifyWidthPolicy:
         return ms
 
     def _best(
-        self, prefix: np.ndarray, drafted: int, uniform: bool = False, min_width: int = 0
+        self, prefix: np.ndarray, blocks: Sequence[int], uniform: bool = False, min_width: int = 0
     ) -> VerifyPlan:
-        """The plan for q = ``prefix`` [bs, n] over the draft blocks that fit ``drafted`` (the block whose
-        confidences are known), widths >= ``min_width``: the block and widths with the best step rate
+        """The plan for q = ``prefix`` [bs, n] over draft ``blocks`` (each at most n + 1), widths >=
+        ``min_width``: the block and widths with the best step rate
         (tokens / (draft + verify ms)); if plain decoding's rate R is better, the draft is sunk and the
         widths maximise tokens - R x verify ms. ``extra["best_step"]``: (tokens, ms) of the best-rate
         step, what a drafted step in this state is worth."""
         bs = prefix.shape[0]
         plain_rate = bs / self.plain_ms(bs)
         best: tuple[float, int, np.ndarray, np.ndarray, float, Any] | None = None
-        for block in self.draft_blocks:
-            if block > drafted:
-                continue
+        for block in blocks:
             draft_ms = self._costs(bs, block)[1]
             q = prefix[:, : block - 1]
             tokens, ms, widths = (
@@ -873,13 +917,11 @@ class VerifyWidthPolicy:
         plan.extra["best_step"] = best_step
         return plan
 
-    def _best_one(self, q: list[float], drafted: int, min_width: int = 0) -> VerifyPlan:
+    def _best_one(self, q: list[float], blocks: Sequence[int], min_width: int = 0) -> VerifyPlan:
         """``_best`` for a batch of one (``q``: its prefix probabilities) on Python floats."""
         plain_rate = 1.0 / self.plain_ms(1)
         best: tuple[float, int, list[float], list[float], float, int] | None = None
-        for block in self.draft_blocks:
-            if block > drafted:
-                continue
+        for block in blocks:
             draft_ms = self._costs(1, block)[1]
             ms = self._verify_list(1, block - 1)
             tokens = list(itertools.accumulate(q[: block - 1], initial=1.0))  # width 0..block-1

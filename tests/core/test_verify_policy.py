@@ -278,22 +278,51 @@ def test_plan_is_the_best_allocation_found_by_brute_force() -> None:
     assert checked_sunk == 5
 
 
+def _drafting(policy: VerifyWidthPolicy, confidences: torch.Tensor, steps: int) -> list[int]:
+    """``steps`` steps as an engine runs them: plan_for_batch names the block, the drafter drafts it (the
+    first block - 1 of ``confidences``' columns), plan() plans its verify. The blocks drafted."""
+    blocks = []
+    for _ in range(steps):
+        before = policy.plan_for_batch(confidences.shape[0])
+        if before.plain_decode:
+            blocks.append(0)
+            continue
+        plan = policy.plan(confidences[:, : before.draft_block - 1])
+        assert plan.draft_block == before.draft_block  # plan() plans the step that was drafted
+        assert max(plan.widths) <= before.draft_block - 1
+        blocks.append(before.draft_block)
+    return blocks
+
+
+def _short_block_cost() -> StepCostModel:
+    """The whole block's draft is dear: a shorter one pays unless its tail is nearly sure."""
+    return StepCostModel(
+        verify=[(2, 2, 5.0), (2, 16, 5.5)], draft=[(2, 4, 0.5), (2, BLOCK, 3.0)], decode=[(2, 5.0)]
+    )
+
+
 def test_shorter_draft_block_when_its_cheaper_draft_pays() -> None:
-    # the whole block's draft is dear and the drafter is only sure of the first positions
-    cost = StepCostModel(
-        verify=[(2, 2, 5.0), (2, 16, 5.5)],
-        draft=[(2, 4, 0.5), (2, BLOCK, 2.0)],
-        decode=[(2, 5.0)],
-    )
-    conf = torch.tensor([[0.95, 0.9, 0.85, 0.2, 0.1, 0.1, 0.1]] * 2)
-    short = VerifyWidthPolicy(cost, calibrated(), BLOCK, draft_blocks=[4, BLOCK]).plan(conf)
-    assert short.draft_block == 4 and max(short.widths) <= 3 and not short.plain_decode
-    whole = VerifyWidthPolicy(cost, calibrated(), BLOCK).plan(conf)
-    assert whole.draft_block == BLOCK  # not offered a shorter block: keeps the configured one
+    unsure_tail = torch.tensor([[0.95, 0.9, 0.85, 0.2, 0.1, 0.1, 0.1]] * 2)
+    policy = VerifyWidthPolicy(_short_block_cost(), calibrated(), BLOCK, draft_blocks=[4, BLOCK])
+    blocks = _drafting(policy, unsure_tail, 80)[20:]
+    assert blocks.count(4) >= 0.9 * len(blocks)  # the longest block only as a probe, every 16 short drafts
+    assert BLOCK in blocks and all(b == 4 for b in blocks[blocks.index(BLOCK) + 1 :][:16])
+    not_offered = VerifyWidthPolicy(_short_block_cost(), calibrated(), BLOCK)
+    assert set(_drafting(not_offered, unsure_tail, 40)) == {BLOCK}  # keeps the configured block
     sure = torch.full((2, BLOCK - 1), 0.99)
-    assert (
-        VerifyWidthPolicy(cost, calibrated(), BLOCK, draft_blocks=[4, BLOCK]).plan(sure).draft_block == BLOCK
+    policy = VerifyWidthPolicy(_short_block_cost(), calibrated(), BLOCK, draft_blocks=[4, BLOCK])
+    assert set(_drafting(policy, sure, 40)[-20:]) == {BLOCK}
+
+
+def test_a_shorter_draft_block_is_left_when_the_tail_becomes_worth_drafting() -> None:
+    # drafting 4 shows nothing of positions 4..7: the longest block is drafted now and then to see them
+    policy = VerifyWidthPolicy(
+        _short_block_cost(), calibrated(), BLOCK, draft_blocks=[4, BLOCK], history=32, block_probe_interval=8
     )
+    _drafting(policy, torch.tensor([[0.95, 0.9, 0.85, 0.2, 0.1, 0.1, 0.1]] * 2), 40)
+    blocks = _drafting(policy, torch.full((2, BLOCK - 1), 0.99), 80)
+    assert blocks[0] == 4 and BLOCK in blocks[:9]  # a probe within 8 short drafts in a row
+    assert set(blocks[-20:]) == {BLOCK}
 
 
 def test_plan_for_batch_uses_the_prior_then_recent_plans_and_probes() -> None:
@@ -467,8 +496,8 @@ def test_a_batch_of_one_is_planned_as_any_batch() -> None:
             conf = torch.rand(1, BLOCK - 1, generator=gen) ** 0.5
             q = policy.calibration.predict(conf).cumprod(1).numpy()
             for min_width in (0, 1):
-                one = policy._best_one(q[0].tolist(), BLOCK, min_width)
-                array = policy._best(q, BLOCK, uniform=True, min_width=min_width)
+                one = policy._best_one(q[0].tolist(), [BLOCK], min_width)
+                array = policy._best(q, [BLOCK], uniform=True, min_width=min_width)
                 assert one.widths == array.widths and one.draft_block == array.draft_block
                 assert one.expected_tokens == pytest.approx(array.expected_tokens)
                 assert one.expected_ms == pytest.approx(array.expected_ms)

@@ -3,9 +3,17 @@
 A prediction, not a measurement: each step's time is the cost table's (draft + verify of the tokens a
 planner chose, or a plain decode step), each request's acceptance is its trace's. It answers, before any
 GPU time is spent, what a planner change is worth and whether a cost table makes sense: AR, static blocks
-(every request verifies the first k - 1 drafts of the block-16 draft; the draft costs the table's block
-draft, so a static block shorter than the table's is underrated), our verify-width policy
+(every request verifies the first k - 1 drafts), our verify-width policy
 (``sglang_ext.dflare.verify_policy``) and SGLang's DSPARK planner (``DFLARE_VERIFY=dspark_planner``).
+
+Draft costs are per block: the draft points of every table of the same card (``--draft-tables``, by default
+the shipped tables for other blocks) join the main table's, so a static block k pays the draft of block k
+(a server started at block k drafts k slots), not the main table's block. ``adaptive_draft_<blocks>`` is
+the policy allowed to draft the shorter measured blocks (``draft_blocks``): what a plugin that drafts the
+block the policy asks for would reach. A static block below every measured draft extrapolates its draft
+cost from the two smallest (``"draft_cost": "extrapolated"`` in its rows). The trace gives a shorter
+block the acceptance of its first positions, as trace replay does on the GPU; a real drafter trained at
+block 16 loses some of it (docs/demo.md).
 
 Each planner keeps its state from batch size to batch size, as a server does (the policy's history is
 re-costed at each batch); the policy first warms up at ``--warmup-batch``. Requests start at random steps
@@ -88,13 +96,15 @@ def simulate(
             widths, plain, step_ms = [0] * batch, True, cost.decode_ms(batch)
         elif static_block is not None:
             widths, plain = [static_block - 1] * batch, False
-            step_ms = cost.draft_ms(batch, block) + cost.verify_ms(batch, batch * static_block)
-        elif planner.plan_for_batch(batch).plain_decode:
+            step_ms = cost.draft_ms(batch, static_block) + cost.verify_ms(batch, batch * static_block)
+        elif (before := planner.plan_for_batch(batch)).plain_decode:
             widths, plain, step_ms = [0] * batch, True, cost.decode_ms(batch)
         else:
-            confidences = torch.tensor([s.confidences[: block - 1] for s in trace_steps], dtype=torch.float64)
+            drafted = before.draft_block  # the block the drafter drafts this step
+            rows = [s.confidences[: drafted - 1] for s in trace_steps]
+            confidences = torch.tensor(rows, dtype=torch.float64)
             widths, plain = planner.plan(confidences).widths, False
-            step_ms = cost.draft_ms(batch, block) + cost.verify_ms(batch, padded(batch + sum(widths)))
+            step_ms = cost.draft_ms(batch, drafted) + cost.verify_ms(batch, padded(batch + sum(widths)))
         accepted = [accepted_in_window(s, w) for s, w in zip(trace_steps, widths, strict=True)]
         if planner is not None and not plain:
             if calibration is not None:
@@ -116,20 +126,52 @@ def simulate(
     }
 
 
+def sibling_tables(cost_path: Path) -> list[Path]:
+    """The other blocks' tables of the same card beside ``cost_path`` (``<card>_b<block>.json``)."""
+    card = cost_path.name.rsplit("_b", 1)[0]
+    return sorted(p for p in cost_path.parent.glob(f"{card}_b*.json") if p != cost_path)
+
+
+def merged_table(cost_path: Path, draft_tables: Sequence[Path]) -> dict[str, Any]:
+    """``cost_path``'s table with the draft points of ``draft_tables`` added (blocks it has no point of)."""
+    data = json.loads(cost_path.read_text())
+    have = {(p["batch"], p["block"]) for p in data["draft"]}
+    for path in draft_tables:
+        extra = [p for p in json.loads(path.read_text())["draft"] if (p["batch"], p["block"]) not in have]
+        data["draft"] = data["draft"] + extra
+        have |= {(p["batch"], p["block"]) for p in extra}
+    return data
+
+
 def run(
-    cost_path: Path, trace: AcceptanceTrace, batches: Sequence[int], steps: int, warmup_batch: int = 64
+    cost_path: Path,
+    trace: AcceptanceTrace,
+    batches: Sequence[int],
+    steps: int,
+    warmup_batch: int = 64,
+    draft_tables: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
     from sglang_ext.sglang_plugin.dspark_planner import DsparkPlannerPolicy
 
+    data = merged_table(cost_path, sibling_tables(cost_path) if draft_tables is None else draft_tables)
+
     def table() -> StepCostModel:  # each planner learns into its own copy
-        return StepCostModel.from_json(cost_path)
+        return StepCostModel.from_dict(data)
 
     block = int(table().block_size or 16)
     grid = sglang_token_grid(max(batches), block)
-    ours = VerifyWidthPolicy(table(), AcceptanceCalibration(), block, ragged=True)
-    ours.set_token_grid(grid)
+    measured = {p["block"] for p in data["draft"]}
+    shorter = sorted(b for b in measured if 2 <= b < block)
+    policies = {"adaptive": VerifyWidthPolicy(table(), AcceptanceCalibration(), block, ragged=True)}
+    if shorter:
+        name = "adaptive_draft_" + "_".join(map(str, [*shorter, block]))
+        policies[name] = VerifyWidthPolicy(
+            table(), AcceptanceCalibration(), block, ragged=True, draft_blocks=[*shorter, block]
+        )
+    for policy in policies.values():
+        policy.set_token_grid(grid)
+        simulate(policy.cost, trace, warmup_batch, steps, block, planner=policy, token_grid=grid)
     dspark = DsparkPlannerPolicy(table(), block)
-    simulate(ours.cost, trace, warmup_batch, steps, block, planner=ours, token_grid=grid)
     rows = []
     for batch in tqdm(batches, desc="batch sizes"):
         ar = simulate(table(), trace, batch, steps, block, static_block=1)["tok_per_ms"]
@@ -137,13 +179,24 @@ def run(
         for k in STATIC_BLOCKS:
             if k <= block:
                 found[f"static_{k}"] = simulate(table(), trace, batch, steps, block, static_block=k)
-        found["adaptive"] = simulate(ours.cost, trace, batch, steps, block, planner=ours, token_grid=grid)
+        for name, policy in policies.items():
+            found[name] = simulate(policy.cost, trace, batch, steps, block, planner=policy, token_grid=grid)
         found["dspark_planner"] = simulate(
             dspark.cost, trace, batch, steps, block, planner=dspark, token_grid=grid
         )
         for name, result in found.items():
-            rows.append({"batch": batch, "planner": name, **result, "x_ar": result["tok_per_ms"] / ar})
-    return {"cost_table": str(cost_path), "trace": trace.source, "steps": steps, "block": block, "rows": rows}
+            row = {"batch": batch, "planner": name, **result, "x_ar": result["tok_per_ms"] / ar}
+            if name.startswith("static_") and int(name.split("_")[1]) not in measured:
+                row["draft_cost"] = "extrapolated"  # below the smallest block a draft was measured at
+            rows.append(row)
+    return {
+        "cost_table": str(cost_path),
+        "draft_blocks": sorted(measured),
+        "trace": trace.source,
+        "steps": steps,
+        "block": block,
+        "rows": rows,
+    }
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -154,8 +207,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(r["planner"] for r in result["rows"]):
-        pts = [(r["batch"], r["x_ar"]) for r in result["rows"] if r["planner"] == name]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        rows = [r for r in result["rows"] if r["planner"] == name]
+        guessed = any("draft_cost" in r for r in rows)
+        label = f"{name} (draft extrapolated)" if guessed else name
+        style = "--" if guessed else "-"
+        ax.plot([r["batch"] for r in rows], [r["x_ar"] for r in rows], style, marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch")
     ax.set_ylabel("x AR (predicted)")
@@ -168,6 +224,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cost-table", type=Path, default=DEFAULT_TABLE)
+    parser.add_argument(
+        "--draft-tables", type=Path, nargs="*", help="tables whose draft costs join (default: same card's)"
+    )
     parser.add_argument("--trace", default="synthetic", help="a shipped trace name or a trace file")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--steps", type=int, default=200)
@@ -176,7 +235,8 @@ def main() -> int:
     args = parser.parse_args()
     path = Path(args.trace)
     trace = AcceptanceTrace.load(path) if path.is_file() else load_shipped_trace(args.trace)
-    result = run(args.cost_table, trace, [int(b) for b in args.batches.split(",")], args.steps)
+    batches = [int(b) for b in args.batches.split(",")]
+    result = run(args.cost_table, trace, batches, args.steps, draft_tables=args.draft_tables)
     for batch in dict.fromkeys(r["batch"] for r in result["rows"]):
         cells = [f"{r['planner']} {r['x_ar']:.2f}" for r in result["rows"] if r["batch"] == batch]
         print(f"batch {batch}: " + ", ".join(cells))
