@@ -16,8 +16,8 @@ _registered = False
 
 
 def register() -> None:
-    """Entry point: register the DFLARE algorithm, the draft architecture and the hooks (launch validation,
-    OpenAI usage, the per-request step counters in meta_info)."""
+    """Entry point: register the DFLARE algorithm, the draft architecture, the ``dflare`` warm-up and the
+    hooks (launch validation, OpenAI usage, the per-request step counters in meta_info)."""
     global _registered
     if _registered:
         return
@@ -25,11 +25,12 @@ def register() -> None:
         from sglang.srt.models.registry import ModelRegistry
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-        from sglang_ext.sglang_plugin import openai_usage, phase_timing, request_counters, validation
+        from sglang_ext.sglang_plugin import openai_usage, phase_timing, request_counters, validation, warmup
         from sglang_ext.sglang_plugin.algorithm import register_algorithm
         from sglang_ext.sglang_plugin.model import DFlareDraftModel
 
         register_algorithm()
+        warmup.register()  # --warmups dflare
         ModelRegistry.models[validation.ARCHITECTURE] = DFlareDraftModel
         # queued here, applied by SGLang's load_plugins() once every plugin has run
         timing = phase_timing.HOOKS if phase_timing.enabled() else ()

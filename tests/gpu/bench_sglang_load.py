@@ -25,10 +25,11 @@ the table in COST_TABLE (default: the shipped table of this card and block); its
 
 Env: BLOCKS (16,8), BS (1,8,32,64,128,256), ROUNDS (3), TRACES (synthetic,demo), TRACE_DIR (the shipped
 traces), ATTN (triton), PROFILE (1: torch-profile one step at batch 1, 32, 128 per DFLARE server),
-PARALLEL, TAG (file name suffix), PYSPY (a py-spy binary: each server's scheduler process is sampled
-during its measurements at the largest batch, ``$OUT/pyspy_<server>_bs<N>_<trace>.txt``, collapsed
-stacks: where the host time of a step goes, which the GPU phase timings do not show). Writes
-$OUT/bench_load<TAG>.json as it goes, the step profiles included.
+PARALLEL, TAG (file name suffix), WARMUP (1: every server, AR included, starts with ``--warmups dflare``,
+the chart's default: with PROFILE=0 the rows show what a warmed-up server's first requests get), PYSPY (a
+py-spy binary: each server's scheduler process is sampled during its measurements at the largest batch,
+``$OUT/pyspy_<server>_bs<N>_<trace>.txt``, collapsed stacks: where the host time of a step goes, which the
+GPU phase timings do not show). Writes $OUT/bench_load<TAG>.json as it goes, the step profiles included.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def server_args(attn: str, sizes: list[int]) -> list[str]:
         "--max-total-tokens", str(kv_tokens(sizes)),
         "--max-running-requests", str(max_bs), "--cuda-graph-max-bs", str(max_bs),
         "--context-length", "4096",
+        *(["--warmups", "dflare"] if os.environ.get("WARMUP") == "1" else []),
     ]  # fmt: skip
 
 
@@ -267,6 +269,7 @@ def main() -> int:
         "prompt_tokens": len(PROMPT),
         "new_tokens": {str(bs): new_tokens(bs) for bs in sizes},
         "rounds": rounds,
+        "warmups": os.environ.get("WARMUP") == "1",
         "attention": attn,
         "traces": traces,
         "command": f"BLOCKS={os.environ.get('BLOCKS', '16,8')} TRACES={','.join(traces)} ATTN={attn} "

@@ -88,6 +88,7 @@ def test_sglang_args_carry_dflare_and_the_draft_model(scenario: str) -> None:
     target = _arg(args, "--model-path")
     assert draft and target and draft != target
     assert "--enable-metrics" in args
+    assert _arg(args, "--warmups") == "dflare"  # warm before the startup probe passes
     assert _arg(args, "--port") == "30000" and _arg(args, "--host") == "0.0.0.0"
     assert c["ports"][0]["containerPort"] == 30000
     # Discovery contract: the component label and the port annotation.
@@ -323,3 +324,8 @@ def test_adaptive_verify_renders_on_a_tensor_parallel_engine() -> None:
     engine = container(render_values(values).one("StatefulSet"), "engine")
     assert _arg(engine["args"], "--tp-size") == "4" and "--dp-size" not in engine["args"]
     assert env_map(engine)["DFLARE_VERIFY"] == "adaptive"
+
+
+def test_the_warmup_can_be_turned_off() -> None:
+    engine = container(render_values({"engine": {"warmup": False}}).one("StatefulSet"), "engine")
+    assert "--warmups" not in engine["args"]
