@@ -202,7 +202,10 @@ class StepCostModel:
         measured cells of the batch (``_fit``: a load change slows every kind of step alike, and one curve
         is less noisy than any cell), and at each measured cell its own average pulled towards that curve
         by ``SHRINK`` pseudo-steps (where the profile's shape was wrong, enough steps correct it). Lessons
-        reach the costs read back every ``learn_every`` steps."""
+        reach the costs read back every ``learn_every`` steps. A cell holds the steps of every draft block
+        at its verified tokens: each is moved by the profiled difference between its draft and the cell's
+        first, so the cell learns the verify and the host time, and the draft of each block stays the
+        profile's."""
         if ms <= 0 or not math.isfinite(ms):
             return
         if verified_tokens is None:
@@ -216,11 +219,11 @@ class StepCostModel:
                 cells = self._learnt_steps[batch] = {}
                 self._grids[batch] = self._grid(batch)
             cell = cells.get(verified_tokens)
+            draft = self.draft_ms(batch, draft_block or self._largest_block)
             if cell is None:
-                block = draft_block or self._largest_block
-                draft = self.draft_ms(batch, block)
                 prior = draft + self._prior_verify_ms(batch, verified_tokens)
                 cell = cells[verified_tokens] = [prior, prior_weight, prior, draft]
+            ms += cell[3] - draft  # a step of another draft block: as if it had drafted the cell's
         estimate, weight = cell[0], cell[1]
         sample = min(max(ms, 0.5 * estimate), 2.0 * estimate)
         weight = min(weight + 1.0, horizon)
@@ -778,15 +781,23 @@ class VerifyWidthPolicy:
         self._undrafted += 1
         return plain
 
-    def observe_step(self, batch: int, verified_tokens: int | None, ms: float, clean: bool = True) -> None:
+    def observe_step(
+        self,
+        batch: int,
+        verified_tokens: int | None,
+        ms: float,
+        clean: bool = True,
+        draft_block: int | None = None,
+    ) -> None:
         """The engine's measured step: ``batch`` decoding requests, a plain decode step (``verified_tokens``
         None) or a drafted one (the tokens its target forward verified: pending tokens + drafts, padded
         where the engine pads), ``ms`` its wall time; the cost model learns from it (see
         ``StepCostModel.observe_step``). ``clean=False``: the step also did other work (a prefill, a new
-        request's first context for the drafter), so it teaches nothing. ``learn_costs=False``: the cost
-        model given is taken as it is."""
+        request's first context for the drafter), so it teaches nothing. ``draft_block``: the block that
+        step drafted, when the engine reports steps late (default: the last step planned). ``learn_costs=
+        False``: the cost model given is taken as it is."""
         if self.learn_costs and clean:
-            self.cost.observe_step(batch, verified_tokens, ms, draft_block=self._recent_block)
+            self.cost.observe_step(batch, verified_tokens, ms, draft_block=draft_block or self._recent_block)
 
     def set_token_grid(self, grid: Sequence[int] | None) -> None:
         """The token counts the engine's verify really runs at: a verify of t tokens costs the smallest grid

@@ -15,13 +15,22 @@ The policy needs measured step costs for the card, model and block: ``DFLARE_COS
 (``torch.cuda.get_device_name``, lower case, non-alphanumerics as ``-``) and ``_b<block>.json``. Without one
 the worker verifies the whole block (static widths through the same ragged path) and says so at start.
 ``tests/gpu/make_cost_table.py`` writes a table from the load benchmark's rows.
+
+``DFLARE_DRAFT_BLOCKS=<b>[,<b>...]`` (adaptive only, opt-in): shorter blocks the policy may ask the drafter
+to draft when their cheaper draft pays (at large batches: the policy then verifies about half the block
+anyway). SGLang captures the drafter's CUDA graphs at the configured block only, so a shorter draft runs
+eagerly, as a ragged batch of equal lengths (the attention backends that run adaptive verify read a
+ragged layout in eager forwards too). Their draft costs come from the cost table, or from the shipped
+tables of those blocks; a block without any is dropped with a warning.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 MODE_ENV = "DFLARE_VERIFY"
 COST_TABLE_ENV = "DFLARE_COST_TABLE"
+DRAFT_BLOCKS_ENV = "DFLARE_DRAFT_BLOCKS"
 RAGGED_MODE_ENV = "SGLANG_RAGGED_VERIFY_MODE"
 MODES = ("static", "adaptive", "dspark_planner")  # dspark_planner: the comparison of dspark_planner.py
 RAGGED_MODES = ("adaptive", "dspark_planner")  # the modes that run the adaptive step (ragged verify)
@@ -61,7 +71,28 @@ def resolve_mode(attention_backend: str | None, environ: dict[str, str] | None =
         raise AdaptiveConfigError(f"{MODE_ENV}={mode} runs {RAGGED_MODE_ENV}=compact, not {ragged!r}")
     if mode == "static" and ragged != "static":
         raise AdaptiveConfigError(f"{RAGGED_MODE_ENV}={ragged!r} needs {MODE_ENV}=adaptive (DFLARE)")
+    if env.get(DRAFT_BLOCKS_ENV, "").strip() and mode != "adaptive":
+        raise AdaptiveConfigError(f"{DRAFT_BLOCKS_ENV} needs {MODE_ENV}=adaptive, got {mode}")
+    draft_blocks(None, env)  # its syntax, at launch
     return mode
+
+
+def draft_blocks(block: int | None, environ: dict[str, str] | None = None) -> list[int]:
+    """The shorter draft blocks of ``DFLARE_DRAFT_BLOCKS`` (sorted; [] when unset), each in 2..block-1
+    (``block`` None: only the syntax is checked)."""
+    env = os.environ if environ is None else environ
+    text = env.get(DRAFT_BLOCKS_ENV, "").strip()
+    if not text:
+        return []
+    try:
+        blocks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        message = f"{DRAFT_BLOCKS_ENV}={text!r}: expected block sizes like 8 or 4,8"
+        raise AdaptiveConfigError(message) from None
+    top = "block - 1" if block is None else str(block - 1)
+    if not blocks or blocks[0] < 2 or (block is not None and blocks[-1] >= block):
+        raise AdaptiveConfigError(f"{DRAFT_BLOCKS_ENV}={text!r}: each block must be in 2..{top}")
+    return blocks
 
 
 def check_parallelism(server_args: Any) -> None:
@@ -119,7 +150,23 @@ def find_cost_table(card: str, block: int, environ: dict[str, str] | None = None
     return shipped if shipped.is_file() else None
 
 
-def load_cost_table(card: str, block: int) -> StepCostModel | None:
+def with_draft_costs(data: dict[str, Any], tables: Sequence[Path]) -> dict[str, Any]:
+    """Cost-table ``data`` with the draft points of ``tables`` it has no (batch, block) point of."""
+    have = {(p["batch"], p["block"]) for p in data["draft"]}
+    merged = dict(data, draft=list(data["draft"]))
+    for path in tables:
+        points = json.loads(Path(path).read_text())["draft"]
+        extra = [p for p in points if (p["batch"], p["block"]) not in have]
+        merged["draft"] += extra
+        have |= {(p["batch"], p["block"]) for p in extra}
+    return merged
+
+
+def load_cost_table(
+    card: str, block: int, shorter: Sequence[int] = ()
+) -> tuple[StepCostModel | None, list[int]]:
+    """The step costs for ``card`` and ``block`` (None without a table), and which of the ``shorter`` draft
+    blocks have draft costs (the table's own, else the shipped table of that block's)."""
     path = find_cost_table(card, block)
     if path is None:
         logger.warning(
@@ -129,12 +176,26 @@ def load_cost_table(card: str, block: int) -> StepCostModel | None:
             block,
             COST_TABLE_ENV,
         )
-        return None
-    cost = StepCostModel.from_json(path)
+        return None, []
+    data = json.loads(path.read_text())
+    shipped = [SHIPPED_TABLES / f"{card_slug(card)}_b{b}.json" for b in shorter]
+    data = with_draft_costs(data, [p for p in shipped if p.is_file()])
+    costed = {p["block"] for p in data["draft"]}
+    usable = [b for b in shorter if b in costed]
+    if len(usable) < len(shorter):
+        logger.warning(
+            "DFLARE adaptive: no draft cost for blocks %s in %s or the shipped tables; drafting only %s",
+            sorted(set(shorter) - set(usable)),
+            path,
+            [*usable, block],
+        )
+    cost = StepCostModel.from_dict(data)
     if cost.block_size and cost.block_size != block:
         logger.warning("DFLARE adaptive: %s is for block %d, serving %d", path, cost.block_size, block)
     logger.info("DFLARE adaptive: step costs from %s (measured on %s, %s)", path, cost.device, cost.model)
-    return cost
+    if usable:
+        logger.warning("DFLARE adaptive: the policy may draft blocks %s (eager, no CUDA graph)", usable)
+    return cost, usable
 
 
 # ---- the step's tensor math (device-agnostic, tested on the CPU) -----------------------------------------

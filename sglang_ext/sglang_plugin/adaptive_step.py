@@ -6,7 +6,9 @@ SGLang's DFlash step verifies the whole block for every request. Here the verify
 * before drafting (``plan_for_batch``): a plain decode step for the whole batch (greedy batches only): the
   drafter does not run and every request verifies just its last committed token (one target token each,
   the bonus is the target's next token), after which the drafter's context K/V still get every committed
-  token (the commit below writes it, as after any verify);
+  token (the commit below writes it, as after any verify); or, with ``DFLARE_DRAFT_BLOCKS``, a shorter
+  block to draft: an eager drafter forward over the first positions of the block, given to the attention
+  backend as a ragged batch of equal lengths (its CUDA graphs exist for the whole block only);
 * after drafting (``plan`` on the drafter's top-1 probabilities): how many drafts each request's target
   verifies. Greedy batches get per-request widths; a batch with sampled requests verifies one width for all
   (SGLang's sampling verify kernel takes one window per call: with window n, "all n - 1 drafts accepted"
@@ -33,6 +35,7 @@ replays the same batches in the same order with the agreed widths, so every rank
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,12 +52,18 @@ class AdaptiveStep:
     """The policy state of one DFLARE worker and its decode step (``run``)."""
 
     def __init__(
-        self, worker: Any, cost: Any | None, dspark_planner: bool = False, share: PlanBroadcast | None = None
+        self,
+        worker: Any,
+        cost: Any | None,
+        dspark_planner: bool = False,
+        share: PlanBroadcast | None = None,
+        draft_blocks: Sequence[int] = (),
     ) -> None:
         """``dspark_planner``: widths from SGLang's DSPARK planner (dspark_planner.py) instead of our policy,
         the benchmark's comparison; it never takes a plain decode step and learns no step costs.
         ``share``: the TP group's plan broadcast (None on one rank); only its rank 0 needs ``cost``, and
-        whether steps are planned at all is rank 0's answer (a construction-time collective)."""
+        whether steps are planned at all is rank 0's answer (a construction-time collective).
+        ``draft_blocks``: shorter blocks our policy may ask the drafter for (greedy batches; rank 0's)."""
         self.worker = worker
         self.block = int(worker.block_size)
         self.share = share
@@ -71,13 +80,17 @@ class AdaptiveStep:
 
             self.greedy_policy = self.sampling_policy = DsparkPlannerPolicy(cost, self.block)
         elif cost is not None:
-            self.greedy_policy = VerifyWidthPolicy(cost, self.calibration, self.block, ragged=True)
+            self.greedy_policy = VerifyWidthPolicy(
+                cost, self.calibration, self.block, ragged=True, draft_blocks=[*draft_blocks, self.block]
+            )
             self.sampling_policy = VerifyWidthPolicy(cost, self.calibration, self.block, ragged=False)
             if torch.cuda.is_available():  # the steps' own GPU wall times correct the table (step_clock.py)
                 self.clock = StepClock(lambda: torch.cuda.Event(enable_timing=True))
         self._pending: tuple[torch.Tensor, list[int], Any] | None = None  # conf, widths, accepted (lagged)
         self._warned_no_hidden = False
         self._tiers: list[int] | None = None  # token counts of the target's ragged verify graphs
+        self._short_drafts: dict[tuple[int, int], Any] = {}  # (bs, width) -> spec input of an eager draft
+        self._drafted_blocks: set[int] = set()  # blocks drafted so far (the first of each is logged)
 
     # -- the step ------------------------------------------------------------------------------------------
     def run(self, batch: Any, on_publish: Any, replay: trace_replay.TraceReplay | None) -> Any:
@@ -99,17 +112,24 @@ class AdaptiveStep:
                 if isinstance(policy, VerifyWidthPolicy):
                     policy.set_token_grid(self._tiers)
         block_ids, positions_2d, cache_loc_2d = self._prepare_block(batch, draft_input, bs)
-        plain = self._agreed_plain(greedy, bs)
+        plain, drafted = self._agreed_start(greedy, bs)
         confidences = None
         if plain:
             draft_tokens = block_ids
             widths = [0] * bs
         else:
-            draft_tokens, hidden = self._draft(batch, draft_input, block_ids, positions_2d, cache_loc_2d, bs)
+            if drafted not in self._drafted_blocks:
+                self._drafted_blocks.add(drafted)
+                eager = " (eager: no CUDA graph at this block)" if drafted < block else ""
+                logger.info("DFLARE adaptive: first draft of block %d, at batch %d%s", drafted, bs, eager)
+            draft_tokens, hidden = self._draft(
+                batch, draft_input, block_ids, positions_2d, cache_loc_2d, bs, drafted
+            )
             if self.planned:
                 if self.leads:
                     self._learn_lagged()
-                confidences = self._confidences(batch.reqs, hidden, bs, replay)  # every rank: a collective
+                # every rank: a collective
+                confidences = self._confidences(batch.reqs, hidden, bs, replay, drafted - 1)
             widths = self._agreed_widths(confidences, greedy, bs)
             if not self.leads:
                 confidences = None  # only rank 0's calibration learns
@@ -156,7 +176,7 @@ class AdaptiveStep:
         )
         logits_output.hidden_states = None
         w.record_step(batch.reqs, widths, plain)
-        self._learn_step_costs(bs, None if plain else layout.graph_num_tokens)  # what the graph ran
+        self._learn_step_costs(bs, None if plain else layout.graph_num_tokens, drafted)  # what the graph ran
         return GenerationBatchResult(
             logits_output=logits_output,
             next_token_ids=adaptive.out_tokens(draft_tokens, accepted, bonus).reshape(-1),
@@ -177,13 +197,17 @@ class AdaptiveStep:
         """Rank 0's ``values`` on every rank (plan_broadcast.py); on one rank, the values themselves."""
         return list(values) if self.share is None else self.share.agree(values, count)
 
-    def _agreed_plain(self, greedy: bool, bs: int) -> bool:
-        """Whether the batch takes a plain decode step (greedy batches of a planned step only): rank 0's
-        policy decides, before the draft, which a plain step skips."""
+    def _agreed_start(self, greedy: bool, bs: int) -> tuple[bool, int]:
+        """(whether the batch takes a plain decode step, the block to draft otherwise), for greedy batches
+        of a planned step (else a drafted whole block): rank 0's policy decides, before the draft."""
         if not (greedy and self.planned):
-            return False
-        decided = [int(self.greedy_policy.plan_for_batch(bs).plain_decode)] if self.leads else None
-        return bool(self._agree(decided, 1)[0])
+            return False, self.block
+        decided = None
+        if self.leads:
+            plan = self.greedy_policy.plan_for_batch(bs)
+            decided = [int(plan.plain_decode), int(getattr(plan, "draft_block", self.block))]
+        plain, drafted = self._agree(decided, 2)
+        return bool(plain), int(drafted)
 
     def _agreed_widths(self, confidences: torch.Tensor | None, greedy: bool, bs: int) -> list[int]:
         """Drafts each request verifies, planned by rank 0 from its ``confidences``; the whole block when
@@ -193,12 +217,12 @@ class AdaptiveStep:
         policy = self.greedy_policy if greedy else self.sampling_policy
         return self._agree(self._widths(policy, confidences, greedy, bs) if self.leads else None, bs)
 
-    def _learn_step_costs(self, bs: int, verified_tokens: int | None) -> None:
+    def _learn_step_costs(self, bs: int, verified_tokens: int | None, drafted: int) -> None:
         if self.clock is None:
             return
-        self.clock.step_done(bs, verified_tokens)
-        for batch, tokens, ms, clean in self.clock.completed():
-            self.greedy_policy.observe_step(batch, tokens, ms, clean)
+        self.clock.step_done(bs, verified_tokens, None if verified_tokens is None else drafted)
+        for batch, tokens, ms, clean, block in self.clock.completed():
+            self.greedy_policy.observe_step(batch, tokens, ms, clean, draft_block=block)
 
     # -- parts ---------------------------------------------------------------------------------------------
     def _prepare_block(self, batch: Any, draft_input: Any, bs: int):
@@ -225,23 +249,33 @@ class AdaptiveStep:
         cache_loc_2d.copy_(locs.view(bs, block))
         return block_ids, positions_2d, cache_loc_2d
 
-    def _draft(self, batch: Any, draft_input: Any, block_ids, positions_2d, cache_loc_2d, bs: int):
-        """The drafter's forward over the block (SGLang's DFlash draft call): draft tokens [bs, block] and
-        the draft hidden states of positions 1.. (None when the CUDA-graph sampler kept them inside)."""
+    def _draft(
+        self, batch: Any, draft_input: Any, block_ids, positions_2d, cache_loc_2d, bs: int, width: int
+    ):
+        """The drafter's forward over the first ``width`` positions of the block (SGLang's DFlash draft
+        call; a shorter width runs eagerly, see ``_short_draft_input``): draft tokens [bs, block], of which
+        columns ``width``.. are stale, and the draft hidden states of positions 1..width-1 (None when the
+        CUDA-graph sampler kept them inside)."""
         from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
         from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
         w, block = self.worker, self.block
+        spec_info = w._draft_block_spec_info
+        if width < block:
+            block_ids = block_ids[:, :width].contiguous()
+            positions_2d = positions_2d[:, :width].contiguous()
+            cache_loc_2d = cache_loc_2d[:, :width].contiguous()
+            spec_info = self._short_draft_input(bs, width)
         target_model = w.target_worker.model_runner.model
         embeds = target_model.get_input_embeddings()(block_ids)
         seq_lens_cpu = w._draft_seq_lens_cpu_buf[:bs]
-        if batch.seq_lens_cpu is not None:  # host bound = committed prefix + one block (as SGLang's step)
+        if batch.seq_lens_cpu is not None:  # host bound = committed prefix + the drafted block
             seq_lens_cpu.copy_(batch.seq_lens_cpu)
-            seq_lens_cpu.add_(block)
+            seq_lens_cpu.add_(width)
         elif draft_input.reserved_seq_lens_cpu is not None:  # a safe over-estimate, no device read
             seq_lens_cpu.copy_(draft_input.reserved_seq_lens_cpu)
         else:
-            seq_lens_cpu.copy_(batch.seq_lens.to("cpu", dtype=torch.int32) + block)
+            seq_lens_cpu.copy_(batch.seq_lens.to("cpu", dtype=torch.int32) + width)
         forward_batch = ForwardBatch(
             forward_mode=ForwardMode.TARGET_VERIFY,
             batch_size=bs,
@@ -254,29 +288,60 @@ class AdaptiveStep:
             positions=positions_2d.reshape(-1),
             input_embeds=embeds.view(-1, embeds.shape[-1]),
             spec_algorithm=SpeculativeAlgorithm.DFLASH,
-            spec_info=w._draft_block_spec_info,
+            spec_info=spec_info,
             capture_hidden_mode=CaptureHiddenMode.NULL,
         )
         with torch.inference_mode():
             out = w.draft_model_runner.forward(forward_batch)
         hidden = out.logits_output.hidden_states
-        hidden = None if hidden is None else hidden.view(bs, block, -1)[:, 1:, :]
-        if w._draft_sampler is not None and out.can_run_graph:
+        hidden = None if hidden is None else hidden.view(bs, width, -1)[:, 1:, :]
+        if w._draft_sampler is not None and out.can_run_graph and width == block:
             draft_next = w._draft_sampler.out[: bs * (block - 1)].view(bs, block - 1)
         else:
             if hidden is None:
                 raise RuntimeError("DFLARE draft model returned no hidden states")
             draft_next = w._greedy_sample_from_vocab_parallel_head(
                 hidden_states=hidden.reshape(-1, hidden.shape[-1]), lm_head=target_model.lm_head
-            ).view(bs, block - 1)
+            ).view(bs, width - 1)
         tokens = w._draft_block_tokens_buf[:bs]
         tokens[:, 0].copy_(block_ids[:, 0])
-        tokens[:, 1:].copy_(draft_next)
+        tokens[:, 1:width].copy_(draft_next)
         return tokens, hidden
 
-    def _confidences(self, reqs: Any, hidden: torch.Tensor | None, bs: int, replay: Any) -> torch.Tensor:
-        """[bs, block - 1] top-1 probabilities of the drafts, on the CPU (the step's one host sync)."""
-        n = self.block - 1
+    def _short_draft_input(self, bs: int, width: int) -> Any:
+        """The spec input of an eager draft of ``width`` positions per request. SGLang's attention backends
+        size a uniform target-verify batch by the configured block (a backend attribute), but honour a
+        ragged layout riding the spec input in eager forwards: ``width`` per request is a ragged batch of
+        equal lengths. Its width also differs from the draft graphs' capture width, so the graph runner
+        takes the eager path. Kept per (bs, width): a layout is a few small device tensors."""
+        key = (bs, width)
+        spec = self._short_drafts.get(key)
+        if spec is None:
+            from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
+            from sglang.srt.speculative.dflash_info import DFlashVerifyInput
+            from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout
+
+            lens = [width] * bs
+            layout = RaggedVerifyLayout._assemble_device(
+                verify_lens=host_upload.to_device(lens, self.worker.device, torch.int32),
+                graph_num_tokens=bs * width,
+                verify_lens_cpu=lens,
+                total_verify_tokens=bs * width,
+            )
+            spec = self._short_drafts[key] = DFlashVerifyInput(
+                draft_token=torch.empty((0,), dtype=torch.long, device=self.worker.device),
+                positions=torch.empty((0,), dtype=torch.int64, device=self.worker.device),
+                draft_token_num=width,
+                custom_mask=None,
+                capture_hidden_mode=CaptureHiddenMode.NULL,
+                ragged_verify_layout=layout,
+            )
+        return spec
+
+    def _confidences(
+        self, reqs: Any, hidden: torch.Tensor | None, bs: int, replay: Any, n: int
+    ) -> torch.Tensor:
+        """[bs, n] top-1 probabilities of the ``n`` drafts, on the CPU (the step's one host sync)."""
         if replay is not None:
             steps = replay.peek_steps(reqs)
             return torch.tensor([list(s.confidences[:n]) for s in steps], dtype=torch.float64)

@@ -25,11 +25,12 @@ class _Mark:
     batch: int
     verified_tokens: int | None  # None: a plain decode step
     clean: bool
+    draft_block: int | None  # the block the step drafted (None: plain)
 
 
 class StepClock:
-    """Marks the end of every decode step; :meth:`completed` yields (batch, verified tokens, ms, clean) of the
-    steps whose interval the GPU finished, oldest first."""
+    """Marks the end of every decode step; :meth:`completed` yields (batch, verified tokens, ms, clean, draft
+    block) of the steps whose interval the GPU finished, oldest first."""
 
     def __init__(self, make_event: Callable[[], Any]) -> None:
         self.make_event = make_event
@@ -41,21 +42,21 @@ class StepClock:
         """A non-decode forward (a prefill) ran: the next step's interval includes it."""
         self._interrupted = True
 
-    def step_done(self, batch: int, verified_tokens: int | None) -> None:
+    def step_done(self, batch: int, verified_tokens: int | None, draft_block: int | None = None) -> None:
         """Call at the end of a decode step, after its last kernel was queued."""
         event = self.make_event()
         event.record()
-        self._marks.append(_Mark(event, batch, verified_tokens, clean=not self._interrupted))
+        self._marks.append(_Mark(event, batch, verified_tokens, not self._interrupted, draft_block))
         self._interrupted = False
         while len(self._marks) > _MAX_PENDING:
             self._previous = self._marks.popleft()
 
-    def completed(self) -> list[tuple[int, int | None, float, bool]]:
+    def completed(self) -> list[tuple[int, int | None, float, bool, int | None]]:
         out = []
         while self._marks and self._marks[0].event.query():
             mark = self._marks.popleft()
             if self._previous is not None:
                 ms = float(self._previous.event.elapsed_time(mark.event))
-                out.append((mark.batch, mark.verified_tokens, ms, mark.clean))
+                out.append((mark.batch, mark.verified_tokens, ms, mark.clean, mark.draft_block))
             self._previous = mark
         return out

@@ -106,11 +106,14 @@ class DFlareWorkerV2(DFlashWorkerV2):
         mode = adaptive.ragged_mode()
         if mode is not None:  # under TP only the group's rank 0 plans (plan_broadcast.py), with its table
             share = PlanBroadcast.for_tp_group()
-            cost = None
+            cost, shorter = None, []
             if share is None or share.leads:
                 card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-                cost = adaptive.load_cost_table(card, int(self.block_size))
-            self._adaptive = AdaptiveStep(self, cost, dspark_planner=mode == "dspark_planner", share=share)
+                block = int(self.block_size)
+                cost, shorter = adaptive.load_cost_table(card, block, adaptive.draft_blocks(block))
+            self._adaptive = AdaptiveStep(
+                self, cost, dspark_planner=mode == "dspark_planner", share=share, draft_blocks=shorter
+            )
         logger.info(
             "DFLARE worker ready: draft=%s.%s, %d layers, taps=%s, block=%d, verify=%s, fused norm/rope=%s, "
             "top-p renorm in PyTorch=%s",

@@ -395,6 +395,19 @@ def test_online_costs_follow_a_step_cost_shift() -> None:
     assert slower.decode_ms(1) == pytest.approx(20.0, rel=0.05)
 
 
+def test_steps_of_different_draft_blocks_teach_the_same_verify_cost() -> None:
+    """Steps that drafted block 4 and steps that drafted the whole block, at the same verified tokens: the
+    cell learns the verify (measured 1.5x the profile) whichever block each step drafted, and each block's
+    draft stays the profile's."""
+    cost = StepCostModel(verify=[(2, 2, 4.0), (2, 16, 6.0)], draft=[(2, 4, 1.0), (2, BLOCK, 3.0)])
+    profiled = cost.verify_ms(2, 6)
+    for i in range(64):
+        block = 4 if i % 2 else BLOCK
+        cost.observe_step(2, 6, cost.draft_ms(2, block) + 1.5 * profiled, draft_block=block)
+    assert cost.verify_ms(2, 6) == pytest.approx(1.5 * profiled, rel=0.02)
+    assert cost.draft_ms(2, 4) == 1.0 and cost.draft_ms(2, BLOCK) == 3.0
+
+
 def test_costs_learn_only_from_ordinary_steps_and_when_asked() -> None:
     cost = linear_cost(10.0, 0.1, draft=2.0, batches=(1,))
     policy = VerifyWidthPolicy(cost, calibrated(), BLOCK)

@@ -21,7 +21,9 @@ batch would see, where ``x_ar`` is that of one closed batch of requests.
 Adaptive DFLARE (``DFLARE_VERIFY=adaptive``: per-request verify widths and plain decode steps chosen by the
 verify-width policy from a step-cost table) joins as ``a<block>`` in BLOCKS (e.g. ``BLOCKS=16,8,a16``), with
 the table in COST_TABLE (default: the shipped table of this card and block); its rows have ``"mode":
-"adaptive"`` and ``verified_per_req`` the mean drafts verified per request per step plus one.
+"adaptive"`` and ``verified_per_req`` the mean drafts verified per request per step plus one. ``s<block>``
+is adaptive DFLARE whose policy may also draft the shorter blocks of SHORT_DRAFTS (default 8;
+``DFLARE_DRAFT_BLOCKS``), ``"mode": "adaptive_draft"``; ``d<block>`` SGLang's DSPARK planner.
 
 Env: BLOCKS (16,8), BS (1,8,32,64,128,256), ROUNDS (3), TRACES (synthetic,demo), TRACE_DIR (the shipped
 traces), ATTN (triton), PROFILE (1: torch-profile one step at batch 1, 32, 128 per DFLARE server),
@@ -143,12 +145,14 @@ def server_args(attn: str, sizes: list[int]) -> list[str]:
     ]  # fmt: skip
 
 
-PREFIXES = {"a": "adaptive", "d": "dspark_planner"}  # BLOCKS entries: a16 = adaptive block 16, d16 = DSPARK's
-PORT_OFFSETS = {"static": 0, "adaptive": 40, "dspark_planner": 80}
+# BLOCKS entries: a16 = adaptive block 16, d16 = DSPARK's, s16 = adaptive that may draft SHORT_DRAFTS (8)
+PREFIXES = {"a": "adaptive", "d": "dspark_planner", "s": "adaptive_draft"}
+PORT_OFFSETS = {"static": 0, "adaptive": 40, "dspark_planner": 80, "adaptive_draft": 120}
 
 
 def parse_blocks(text: str) -> list[tuple[str, int]]:
-    """``16,8,a16,d16`` -> [("static", 16), ("static", 8), ("adaptive", 16), ("dspark_planner", 16)]."""
+    """``16,8,a16,d16,s16`` -> [("static", 16), ("static", 8), ("adaptive", 16), ("dspark_planner", 16),
+    ("adaptive_draft", 16)]."""
     return [(PREFIXES[x[0]], int(x[1:])) if x[0] in PREFIXES else ("static", int(x)) for x in text.split(",")]
 
 
@@ -184,8 +188,10 @@ def start_dflare(base: list[str], attn: str, mode: str, block: int, trace_dir: P
     env = {
         "DFLARE_PHASE_TIMING": f"/tmp/phases/dflare_{key}",
         "DFLARE_TRACE_REPLAY": str(trace_dir),
-        "DFLARE_VERIFY": mode,
+        "DFLARE_VERIFY": "adaptive" if mode == "adaptive_draft" else mode,
     }
+    if mode == "adaptive_draft":  # the policy may also draft these shorter blocks, eagerly
+        env["DFLARE_DRAFT_BLOCKS"] = os.environ.get("SHORT_DRAFTS", "8")
     if mode != "static" and os.environ.get("COST_TABLE"):
         env["DFLARE_COST_TABLE"] = os.environ["COST_TABLE"]
     if os.environ.get("PROFILE", "1") == "1":

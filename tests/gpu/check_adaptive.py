@@ -1,13 +1,15 @@
 """GPU check of adaptive DFLARE (per-request verify widths, plain decode steps) on the demo pair.
 
-``bash tests/gpu/run_on_gpu.sh adaptive``. FA3 attention (ragged-verify CUDA graphs), bfloat16, four servers
-side by side: SGLang AR, DFLARE static (the whole block every step), DFLARE adaptive and the same step
+``bash tests/gpu/run_on_gpu.sh adaptive``. FA3 attention (ragged-verify CUDA graphs), bfloat16, five servers
+side by side: SGLang AR, DFLARE static (the whole block every step), DFLARE adaptive, the same step
 planned by SGLang's DSPARK planner (``dspark_planner``), both with a step-cost table (``COST_TABLE``,
 default the shipped Qwen3-8B-shape table of this card, else the first shipped one: any table exercises
-every width; only speed depends on it). Checks:
+every width; only speed depends on it), and adaptive with shorter drafts (``adaptive_draft``:
+``DFLARE_DRAFT_BLOCKS=8`` and that table with the whole block's draft made 8x dearer, so the policy
+drafts block 8, eagerly, most steps: its log says when it first did). Checks:
 
-* greedy adaptive (and dspark_planner) == AR token for token on the demo held-out prompts at batch 1,
-  8 and 32 (divergences reported with the target's top-2 logit margin; the static server's own
+* greedy adaptive (dspark_planner, adaptive_draft) == AR token for token on the demo held-out prompts at
+  batch 1, 8 and 32 (divergences reported with the target's top-2 logit margin; the static server's own
   divergences from bf16 AR are the yardstick for numerics), with the widths the policy chose and the
   plain decode steps it took (``spec_num_verified_drafts`` / ``spec_num_plain_steps``), and tau;
 * sampled requests (temperature 0.8) complete and their statistics are consistent;
@@ -52,6 +54,18 @@ def cost_table(card: str) -> Path:
     return (own or sorted(TABLES.glob("*.json")))[0]
 
 
+def short_draft_table(table: Path, out: Path) -> Path:
+    """``table`` with the whole block's draft 8x dearer and block 8's draft at the whole block's price
+    (where ``table`` has no block-8 point): a policy allowed block 8 drafts it at once."""
+    data = json.loads(table.read_text())
+    block = int(data.get("block_size") or 16)
+    whole = [p for p in data["draft"] if p["block"] == block]
+    short = [{**p, "block": 8} for p in whole if not any(q["block"] == 8 for q in data["draft"])]
+    data["draft"] = [{**p, "ms": 8 * p["ms"]} if p["block"] == block else p for p in data["draft"]] + short
+    out.write_text(json.dumps(data))
+    return out
+
+
 def width_stats(outs: list[dict]) -> dict:
     meta = [o["meta_info"] for o in outs]
     steps = sum(m.get("spec_verify_ct", 0) for m in meta)
@@ -81,12 +95,15 @@ def main() -> int:
     spec = [*SPEC, "--speculative-algorithm", "DFLARE", "--speculative-draft-model-path", str(dflare)]
     spec += ["--speculative-draft-attention-backend", "fa3"]
     adaptive_env = {"DFLARE_VERIFY": "adaptive", "DFLARE_COST_TABLE": str(table)}
+    short_table = short_draft_table(table, Path("/tmp/dflare_short_draft_table.json"))
+    short_env = {**adaptive_env, "DFLARE_COST_TABLE": str(short_table), "DFLARE_DRAFT_BLOCKS": "8"}
     servers = start_all(
         [
             ("ar", 31100, base, {}),
             ("static", 31101, [*base, *spec], {"DFLARE_VERIFY": "static"}),
             ("adaptive", 31102, [*base, *spec], adaptive_env),
             ("dspark_planner", 31103, [*base, *spec], {**adaptive_env, "DFLARE_VERIFY": "dspark_planner"}),
+            ("adaptive_draft", 31104, [*base, *spec], short_env),
         ]
     )
     res["servers"] = {n: ok for n, (_, ok) in servers.items()}
@@ -95,6 +112,8 @@ def main() -> int:
         if "adaptive" in servers:
             res["worker_log"] = servers["adaptive"][0].log_grep("DFLARE worker ready")[-1:]
             res["adaptive_log"] = servers["adaptive"][0].log_grep("DFLARE adaptive")[-3:]
+        if "adaptive_draft" in servers:
+            res["adaptive_draft_log"] = servers["adaptive_draft"][0].log_grep("DFLARE adaptive")[-6:]
         failed = [n for n, (_, ok) in servers.items() if not ok]
         if failed:
             res["server_errors"] = {n: servers[n][0].log_tail(60) for n in failed}
@@ -106,7 +125,7 @@ def main() -> int:
         with cf.ThreadPoolExecutor(len(up)) as pool:
             out = dict(zip(up, pool.map(runs, up), strict=True))
         lossless = {}
-        for name in ("static", "adaptive", "dspark_planner"):
+        for name in ("static", "adaptive", "dspark_planner", "adaptive_draft"):
             for bs in SIZES:
                 if name in out and "ar" in out:
                     diffs = compare(out["ar"][bs], out[name][bs])

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from sglang_ext.dflare.verify_policy import AcceptanceCalibration, StepCostModel, VerifyWidthPolicy
-from sglang_ext.sglang_plugin.adaptive import SHIPPED_TABLES
+from sglang_ext.sglang_plugin.adaptive import SHIPPED_TABLES, with_draft_costs
 from sglang_ext.traces.format import AcceptanceTrace, accepted_in_window
 from sglang_ext.traces.shipped import load_shipped_trace
 
@@ -132,17 +132,6 @@ def sibling_tables(cost_path: Path) -> list[Path]:
     return sorted(p for p in cost_path.parent.glob(f"{card}_b*.json") if p != cost_path)
 
 
-def merged_table(cost_path: Path, draft_tables: Sequence[Path]) -> dict[str, Any]:
-    """``cost_path``'s table with the draft points of ``draft_tables`` added (blocks it has no point of)."""
-    data = json.loads(cost_path.read_text())
-    have = {(p["batch"], p["block"]) for p in data["draft"]}
-    for path in draft_tables:
-        extra = [p for p in json.loads(path.read_text())["draft"] if (p["batch"], p["block"]) not in have]
-        data["draft"] = data["draft"] + extra
-        have |= {(p["batch"], p["block"]) for p in extra}
-    return data
-
-
 def run(
     cost_path: Path,
     trace: AcceptanceTrace,
@@ -153,7 +142,8 @@ def run(
 ) -> dict[str, Any]:
     from sglang_ext.sglang_plugin.dspark_planner import DsparkPlannerPolicy
 
-    data = merged_table(cost_path, sibling_tables(cost_path) if draft_tables is None else draft_tables)
+    extra = sibling_tables(cost_path) if draft_tables is None else draft_tables
+    data = with_draft_costs(json.loads(cost_path.read_text()), extra)
 
     def table() -> StepCostModel:  # each planner learns into its own copy
         return StepCostModel.from_dict(data)

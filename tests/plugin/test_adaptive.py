@@ -59,6 +59,53 @@ def test_cost_table_lookup_prefers_the_variable_then_the_card(tmp_path: Path) ->
         assert adaptive.find_cost_table(card, int(block), {}) == shipped
 
 
+def test_shorter_draft_blocks_are_adaptive_only_and_checked_at_launch() -> None:
+    env = {"DFLARE_VERIFY": "adaptive", "DFLARE_DRAFT_BLOCKS": "8, 4"}
+    assert adaptive.resolve_mode("fa3", env) == "adaptive"
+    assert adaptive.draft_blocks(16, env) == [4, 8] and adaptive.draft_blocks(16, {}) == []
+    with pytest.raises(adaptive.AdaptiveConfigError, match="needs DFLARE_VERIFY=adaptive"):
+        adaptive.resolve_mode("fa3", {"DFLARE_DRAFT_BLOCKS": "8"})
+    with pytest.raises(adaptive.AdaptiveConfigError, match="needs DFLARE_VERIFY=adaptive"):
+        adaptive.resolve_mode("fa3", {**env, "DFLARE_VERIFY": "dspark_planner"})
+    for bad in ("eight", "1", "8,1"):
+        with pytest.raises(adaptive.AdaptiveConfigError, match="DFLARE_DRAFT_BLOCKS"):
+            adaptive.resolve_mode("fa3", {**env, "DFLARE_DRAFT_BLOCKS": bad})
+    with pytest.raises(adaptive.AdaptiveConfigError, match=r"2\.\.7"):
+        adaptive.draft_blocks(8, env)  # not shorter than the configured block
+
+
+def test_shorter_draft_blocks_take_their_draft_costs_from_the_shipped_tables(caplog) -> None:
+    card = "NVIDIA H100 80GB HBM3"
+    b8 = json.loads((adaptive.SHIPPED_TABLES / "nvidia-h100-80gb-hbm3_b8.json").read_text())
+    cost, usable = adaptive.load_cost_table(card, 16, [8])
+    assert usable == [8]
+    for point in b8["draft"]:
+        assert cost.draft_ms(point["batch"], 8) == pytest.approx(point["ms"])
+    cost, usable = adaptive.load_cost_table(card, 16, [4, 8])  # no draft was measured at block 4
+    assert usable == [8] and "no draft cost for blocks [4]" in caplog.text
+    assert adaptive.load_cost_table("No Such Card", 16, [8]) == (None, [])
+
+
+def test_a_shorter_draft_is_a_ragged_batch_of_equal_lengths_that_no_draft_graph_fits() -> None:
+    """What SGLang's attention backends and the draft graph runner read from a shorter draft's input: the
+    eager path (its width is not the captured width) and, per request, ``width`` queries over the committed
+    prefix plus the drafted block (the metadata FA3 builds from a ragged layout)."""
+    from types import SimpleNamespace
+
+    from sglang.srt.speculative.ragged_verify import build_ragged_target_verify_geometry
+
+    from sglang_ext.sglang_plugin.adaptive_step import AdaptiveStep
+
+    step = AdaptiveStep(SimpleNamespace(block_size=16, device=torch.device("cpu")), None)
+    spec = step._short_draft_input(3, 8)
+    assert spec.draft_token_num == spec.num_tokens_per_req == 8  # != 16 captured: the runner runs eagerly
+    assert step._short_draft_input(3, 8) is spec and step._short_draft_input(4, 8) is not spec
+    seq_lens = torch.tensor([5, 40, 17])
+    geometry = build_ragged_target_verify_geometry(seq_lens=seq_lens, layout=spec.ragged_verify_layout)
+    assert geometry.cache_seqlens_int32.tolist() == [13, 48, 25]
+    assert geometry.cu_seqlens_q.tolist() == [0, 8, 16, 24] and geometry.max_seq_len_q == 8
+
+
 def _greedy_case(seed: int, bs: int = 64, block: int = 8):
     """Drafts that match the target's argmax with probability 0.7 per position (over a 5-token vocab, so
     chance matches beyond a mismatch happen too), and random windows 1..block."""
@@ -210,6 +257,32 @@ def test_load_benchmarks_running_batch_ignores_the_previous_measurements_late_re
     assert running_batch(before, after, 1) == 1  # verify/128 grew: the batch-128 run's records, late
     assert running_batch(before, after, 128) == 128
     assert running_batch(before, before, 8) == 0
+
+
+def test_load_benchmark_starts_each_planner_with_its_own_environment(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "gpu"))
+    import bench_sglang_load as bench
+
+    started = []
+    monkeypatch.setattr(bench, "Server", lambda name, port, args, env: started.append((name, port, env)))
+    monkeypatch.setenv("SHORT_DRAFTS", "4,8")
+    blocks = bench.parse_blocks("8,a16,d16,s16")
+    assert blocks == [("static", 8), ("adaptive", 16), ("dspark_planner", 16), ("adaptive_draft", 16)]
+    for mode, block in blocks:
+        bench.start_dflare([], "fa3", mode, block, ROOT, "")
+    envs = {name: env for name, _, env in started}
+    assert (
+        envs["dflare_s16"]["DFLARE_VERIFY"] == "adaptive"
+        and envs["dflare_s16"]["DFLARE_DRAFT_BLOCKS"] == "4,8"
+    )
+    assert (
+        envs["dflare_a16"]["DFLARE_VERIFY"] == "adaptive" and "DFLARE_DRAFT_BLOCKS" not in envs["dflare_a16"]
+    )
+    assert (
+        envs["dflare_d16"]["DFLARE_VERIFY"] == "dspark_planner"
+        and envs["dflare_b8"]["DFLARE_VERIFY"] == "static"
+    )
+    assert len({port for _, port, _ in started}) == len(blocks)  # side by side on distinct ports
 
 
 def test_load_benchmark_samples_the_servers_scheduler_not_its_launcher(monkeypatch) -> None:

@@ -3,8 +3,8 @@
 * the confidences of a vocab-parallel LM head (SGLang's ``ParallelLMHead``, one shard per rank, padding
   rows poisoned) equal the unsharded ``top1_probabilities`` on every rank, for vocabularies that leave
   padding, LoRA-added rows and a shard without any token (and on one rank, where only padding is left out);
-* every rank runs rank 0's plan (plain steps and per-request widths) although each rank plans from its own
-  confidences and cost table, and no rank plans when rank 0 has no cost table.
+* every rank runs rank 0's plan (plain steps, the block to draft and per-request widths) although each
+  rank plans from its own confidences and cost table, and no rank plans when rank 0 has no cost table.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from sglang_ext.dflare.verify_policy import StepCostModel
 from sglang_ext.sglang_plugin import adaptive
 from sglang_ext.sglang_plugin.adaptive_step import AdaptiveStep
+from tests.plugin.tp_plan_ranks import shorter_blocks
 from tests.ports import loopback_port
 
 pytestmark = pytest.mark.sglang
@@ -34,19 +35,23 @@ HEADS = {"padded": (1000, 1000), "lora_added": (1010, 1000), "empty_shard": (70,
 SCHEDULE = [(64, True)] * 24 + [(8, False), (8, True), (3, True), (64, True), (5, False), (64, True)]
 
 
-def _cost(cheap_verify: bool) -> dict:
+def _cost(cheap_verify: bool, short_draft: bool = False) -> dict:
+    """``short_draft``: the whole block's draft is dear and block 4's cheap, so the plan drafts block 4."""
     per_token = 0.001 if cheap_verify else 5.0
     verify = [(b, t, 5.0 + per_token * t) for b in (1, 64) for t in (b, b * BLOCK)]
     draft, decode = [(1, BLOCK, 0.1), (64, BLOCK, 0.5)], [(1, 5.0), (64, 5.0)]
+    if short_draft:
+        draft = [(1, BLOCK, 0.1), (64, BLOCK, 20.0), (1, 4, 0.05), (64, 4, 0.2)]
     return StepCostModel(verify, draft, decode, block_size=BLOCK).to_dict()
 
 
-CHEAP, COSTLY = _cost(True), _cost(False)
+CHEAP, COSTLY, SHORT_DRAFT = _cost(True), _cost(False), _cost(True, short_draft=True)
 # each scenario's cost table per rank (rank r takes entry r): rank 0 decides, the others disagree with it
 SCENARIOS = {
     "rank0_cheap": [CHEAP, COSTLY, COSTLY, COSTLY],
     "rank0_costly": [COSTLY, CHEAP, CHEAP, CHEAP],
     "rank0_without_table": [None, CHEAP, COSTLY, CHEAP],
+    "rank0_short_draft": [SHORT_DRAFT, CHEAP, CHEAP, CHEAP],
 }
 
 
@@ -69,15 +74,18 @@ def _inputs() -> dict:
     }
 
 
-def _alone(cost: dict | None, confidences: list[torch.Tensor]) -> list[tuple[bool, list[int]]]:
+def _alone(cost: dict | None, confidences: list[torch.Tensor]) -> list[tuple[bool, int, list[int]]]:
     """The plans one rank would make by itself from these inputs (no broadcast)."""
     step = AdaptiveStep(
-        SimpleNamespace(block_size=BLOCK), None if cost is None else StepCostModel.from_dict(cost)
+        SimpleNamespace(block_size=BLOCK),
+        None if cost is None else StepCostModel.from_dict(cost),
+        draft_blocks=shorter_blocks(cost, BLOCK),
     )
     plans = []
     for (bs, greedy), conf in zip(SCHEDULE, confidences, strict=True):
-        plain = step._agreed_plain(greedy, bs)
-        plans.append((plain, [0] * bs if plain else step._agreed_widths(conf, greedy, bs)))
+        plain, drafted = step._agreed_start(greedy, bs)
+        widths = [0] * bs if plain else step._agreed_widths(conf[:, : drafted - 1], greedy, bs)
+        plans.append((plain, drafted, widths))
     return plans
 
 
@@ -129,8 +137,10 @@ def test_every_rank_runs_rank_0s_plan(ranks, tp, scenario) -> None:
         assert got["planned"] == (costs[0] is not None)
         assert got["plans"] == expected, f"rank {rank}/{tp} ran another plan than rank 0's"
     if costs[0] is None:  # rank 0 has no table: nobody plans, every rank verifies the whole block
-        assert expected == [(False, [BLOCK - 1] * bs) for bs, _ in SCHEDULE]
+        assert expected == [(False, BLOCK, [BLOCK - 1] * bs) for bs, _ in SCHEDULE]
     else:  # the check can fail: alone, rank 1 would have planned otherwise
         assert _alone(costs[1], confidences[1]) != expected
     if scenario == "rank0_costly":
-        assert any(plain for plain, _ in expected), "rank 0's plan has no plain step to share"
+        assert any(plain for plain, _, _ in expected), "rank 0's plan has no plain step to share"
+    if scenario == "rank0_short_draft":
+        assert any(drafted == 4 for _, drafted, _ in expected), "rank 0's plan drafts no shorter block"

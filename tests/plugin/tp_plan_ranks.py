@@ -8,8 +8,9 @@ once, not once per rank). Each rank joins SGLang's gloo process group and model-
   SGLang's weight loader; LoRA-added rows placed by SGLang's shard indices), writes a large value into
   every padding row (a head that counted padding would get other probabilities), and computes
   ``vocab_parallel.lm_head_top1_probabilities`` of the shared hidden states;
-* plans a sequence of steps with ``AdaptiveStep``'s agreement (``_agreed_plain``, ``_agreed_widths``)
-  from its own confidences and its own cost table, and once more with rank 0 lacking a cost table.
+* plans a sequence of steps with ``AdaptiveStep``'s agreement (``_agreed_start``: plain step and draft
+  block, ``_agreed_widths``) from its own confidences and its own cost table (its shorter draft blocks:
+  those the table has draft costs for), in each scenario of the inputs.
 
 Results go to ``OUT/tp{size}-rank{rank}.pt``; the exit status is non-zero if any rank failed or hung.
 """
@@ -49,8 +50,13 @@ def _head(case: dict) -> tuple[torch.nn.Module, int]:
     return head, padding
 
 
+def shorter_blocks(cost: dict | None, block: int) -> list[int]:
+    """The draft blocks shorter than ``block`` that a cost table has draft costs for."""
+    return sorted({p["block"] for p in cost["draft"]} - {block}) if cost else []
+
+
 def _plans(inputs: dict, rank: int, tp_size: int) -> dict:
-    """Each scenario's per-step (plain, widths) on this rank, from this rank's own inputs."""
+    """Each scenario's per-step (plain, drafted block, widths) on this rank, from this rank's own inputs."""
     from sglang_ext.dflare.verify_policy import StepCostModel
     from sglang_ext.sglang_plugin.adaptive_step import AdaptiveStep
     from sglang_ext.sglang_plugin.plan_broadcast import PlanBroadcast
@@ -63,12 +69,13 @@ def _plans(inputs: dict, rank: int, tp_size: int) -> dict:
             worker,
             None if cost is None else StepCostModel.from_dict(cost),
             share=PlanBroadcast.for_tp_group(),
+            draft_blocks=shorter_blocks(cost, inputs["block"]),
         )
         plans = []
         for (bs, greedy), confidences in zip(inputs["schedule"], inputs["confidences"][rank], strict=True):
-            plain = step._agreed_plain(greedy, bs)
-            widths = [0] * bs if plain else step._agreed_widths(confidences, greedy, bs)
-            plans.append((plain, widths))
+            plain, drafted = step._agreed_start(greedy, bs)
+            widths = [0] * bs if plain else step._agreed_widths(confidences[:, : drafted - 1], greedy, bs)
+            plans.append((plain, drafted, widths))
         out[name] = {"planned": step.planned, "leads": step.leads, "plans": plans}
     return out
 
