@@ -688,8 +688,8 @@ class VerifyWidthPolicy:
         self.block_probe_interval = block_probe_interval
         self.min_history, self.recent, self.recent_trust = min_history, recent, recent_trust
         self.decide_every, self.learn_costs = decide_every, learn_costs
-        # the last ``history`` drafted steps' per-request mean q (NaN past the positions drafted), a ring
-        self._history: list[list[float]] = []
+        # the last ``history`` drafted steps' q [HISTORY_GROUPS, block - 1] (NaN past the positions drafted)
+        self._history: list[np.ndarray] = []
         self._history_size, self._history_next = history, 0
         # (batch, steps left, tokens per ms of drafting over the history, its plan): see decide_every
         self._long_run: tuple[int, int, float, VerifyPlan] | None = None
@@ -724,13 +724,15 @@ class VerifyWidthPolicy:
                 itertools.accumulate(self.calibration.predict_row(confidences.tolist()[0]), operator.mul)
             )
             plan = self._best_one(q, [n + 1], min_width=int(probing))
+            groups = np.array(q)[None, :]
         else:
             prefix = np.cumprod(
                 self.calibration.predict_array(_numpy(confidences)), axis=1
             )  # rows non-increasing
-            q = (prefix.sum(axis=0) / bs).tolist()
             plan = self._best(prefix, [n + 1], uniform=probing, min_width=int(probing))
-        row = q + [math.nan] * (self.block_size - 1 - n)  # the step's per-request mean q, for the history
+            groups = self._group_means(prefix)
+        row = np.full((self.HISTORY_GROUPS, self.block_size - 1), math.nan)  # NaN: positions not drafted
+        row[:, :n] = groups
         if len(self._history) < self._history_size:
             self._history.append(row)
         else:
@@ -842,32 +844,56 @@ class VerifyWidthPolicy:
             )
         return hit[1], hit[2]
 
+    # requests of a drafted step kept in the history as this many groups (by expected tokens), each its
+    # mean q: enough to re-cost what per-request widths gain over one width for all
+    HISTORY_GROUPS = 4
+
+    def _group_means(self, prefix: np.ndarray) -> np.ndarray:
+        """[HISTORY_GROUPS, n]: the mean q of the requests in each quantile of expected tokens (a batch
+        smaller than the groups repeats its requests in proportion)."""
+        bs, groups = prefix.shape[0], self.HISTORY_GROUPS
+        order = np.argsort(prefix.sum(axis=1), kind="stable")
+        if bs < groups:
+            return prefix[order[(np.arange(groups) * bs) // groups]]
+        return np.stack([prefix[part].mean(axis=0) for part in np.array_split(order, groups)])
+
     def _long_run_rate(self, batch: int) -> tuple[int, int, float, VerifyPlan]:
         """Drafting's tokens per ms over the history, re-costed at ``batch`` for each draft block, each step
-        at its own best width: the best block's rate, and a plan drafting that block at the single width
-        best over the history."""
-        history = self._completed_history()
+        at its own best widths (per request, by group, when the engine verifies ragged; else one width):
+        the best block's rate, and a plan drafting that block at the single width best over the history."""
+        history = self._completed_history()  # [steps, groups, block - 1]
+        count, groups = history.shape[:2]
+        mean = history.mean(axis=1)
         best: tuple[float, VerifyPlan] | None = None
         for block in self.draft_blocks:
             n = block - 1
-            steps = history[:, :n]  # [steps, n]
-            tokens = batch * (1.0 + np.concatenate([np.zeros((len(steps), 1)), steps.cumsum(axis=1)], axis=1))
-            ms = self._costs(batch, block)[1] + self._verify_costs(batch, n, uniform=True)
-            per_step = (tokens / ms).argmax(axis=1)
-            rate = float(tokens[np.arange(len(steps)), per_step].sum() / ms[per_step].sum())
+            draft = self._costs(batch, block)[1]
+            zeros = np.zeros((count, 1))
+            tokens = batch * (1.0 + np.concatenate([zeros, mean[:, :n].cumsum(axis=1)], axis=1))
+            ms = draft + self._verify_costs(batch, n, uniform=True)
+            if self.ragged:  # each group's increments in order of gain, a group being batch / groups rows
+                gains = -np.sort(-history[:, :, :n].reshape(count, groups * n), axis=1)
+                step_tokens = batch * (1.0 + np.concatenate([zeros, gains.cumsum(axis=1) / groups], axis=1))
+                drafts = np.rint(np.arange(groups * n + 1) * batch / groups).astype(np.int64)
+                step_ms = draft + self._verify_costs(batch, n, uniform=False)[drafts]
+            else:
+                step_tokens, step_ms = tokens, ms
+            per_step = (step_tokens / step_ms).argmax(axis=1)
+            rate = float(step_tokens[np.arange(count), per_step].sum() / step_ms[per_step].sum())
             if best is None or rate > best[0]:
                 width = int(np.argmax(tokens.sum(axis=0) / ms))
-                expected = float(tokens[:, width].sum()) / len(steps)
+                expected = float(tokens[:, width].sum()) / count
                 best = (rate, VerifyPlan([width] * batch, False, block, expected, float(ms[width])))
         assert best is not None
         steps_left = min(self.decide_every, len(self._history))  # early on, each drafted step moves it a lot
         return batch, steps_left, best[0], best[1]
 
     def _completed_history(self) -> np.ndarray:
-        """The history [steps, block - 1] with the positions a step did not draft (NaN) filled in: the row's
-        last q times the survival from the position before, over the rows that drafted both (the
+        """The history [steps, groups, block - 1] with the positions a step did not draft (NaN) filled in:
+        the row's last q times the survival from the position before, over the rows that drafted both (the
         calibration's rate at that position when none did)."""
-        history = np.array(self._history, dtype=np.float64)
+        stacked = np.array(self._history, dtype=np.float64)
+        history = stacked.reshape(-1, stacked.shape[-1])
         rates: np.ndarray | None = None
         for j in range(1, history.shape[1]):
             column, before = history[:, j], history[:, j - 1]
@@ -882,7 +908,7 @@ class VerifyWidthPolicy:
                     rates = self.calibration.position_rates(history.shape[1]).numpy()
                 survival = float(rates[j])
             history[missing, j] = before[missing] * survival
-        return history
+        return history.reshape(stacked.shape)
 
     def _verify_costs(self, bs: int, n: int, uniform: bool) -> np.ndarray:
         """Verify ms at every width 0..n (``uniform``: the same width for all ``bs`` rows) or at every
