@@ -4,7 +4,8 @@ When the variable is set, the plugin wraps SGLang's ``ModelRunner.forward`` (tar
 verify, draft forward) and the speculative workers' context-KV materialisation with CUDA events, and
 each scheduler process keeps writing ``<dir>/phases_<pid>.json``: ``{"<phase>/<batch size>": [count,
 total_ms]}``. It applies to AR, built-in DFLASH and DFLARE alike, which is what a side-by-side needs.
-Prefill forwards are not timed.
+Prefill forwards are not timed. Adaptive verify's shorter drafts (eager, ``DFLARE_DRAFT_BLOCKS``) are
+``draft_short``, apart from the whole block's graph-replayed ``draft``.
 
 Two things make it fit for measuring host overhead:
 
@@ -120,7 +121,9 @@ def around_model_forward(original: Any, runner: Any, forward_batch: Any, *args: 
     mode = forward_batch.forward_mode
     timer = _get_timer()
     if getattr(runner, "is_draft_worker", False):
-        phase = "draft"
+        # a draft carrying a ragged layout is adaptive verify's shorter, eager draft (DFLARE_DRAFT_BLOCKS)
+        short = getattr(getattr(forward_batch, "spec_info", None), "ragged_verify_layout", None) is not None
+        phase = "draft_short" if short else "draft"
     elif mode.is_target_verify():
         phase = "verify"
     elif mode.is_decode():

@@ -127,8 +127,15 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
         row["verified_per_req"] = round(1 + sum(verified) / steps, 3)
         plain_steps = sum(p or 0 for p in plain)  # steps without a verified draft (not in spec_verify_ct)
         row["plain_step_share"] = round(plain_steps / (steps + plain_steps), 3)
-    for phase in ("decode", "verify", "draft", "context_kv", "step_wall"):
+    for phase in ("decode", "verify", "draft", "draft_short", "context_kv", "step_wall"):
         row[f"{phase}_ms"] = mean_ms(before, after, phase, bs)
+    drafts = {
+        p: after.get(f"{p}/{bs}", [0])[0] - before.get(f"{p}/{bs}", [0])[0] for p in ("draft", "draft_short")
+    }
+    short = drafts["draft_short"] > 0  # adaptive with shorter drafts: their share and the mean draft of both
+    mean = sum((row[f"{p}_ms"] or 0) * n for p, n in drafts.items()) / sum(drafts.values()) if short else None
+    row["draft_short_share"] = round(drafts["draft_short"] / sum(drafts.values()), 3) if short else None
+    row["draft_mean_ms"] = round(mean, 4) if mean is not None else None  # every round has every key
     return row
 
 
@@ -242,7 +249,8 @@ def run_wave(
                          "verified_per_req": 1, "ar_step_ms": a["decode_ms"]})  # fmt: skip
             for mode, block in up:
                 s = median_row(raw[((mode, block), trace, bs)])
-                t_spec = sum(s[k] or 0 for k in ("verify_ms", "draft_ms", "context_kv_ms"))
+                draft_key = "draft_mean_ms" if s.get("draft_mean_ms") is not None else "draft_ms"
+                t_spec = sum(s[k] or 0 for k in ("verify_ms", draft_key, "context_kv_ms"))
                 bound = s["tau"] * a["decode_ms"] / t_spec if a["decode_ms"] and t_spec else None
                 walls = s["step_wall_ms"], a["step_wall_ms"]
                 steady = s["tau"] * walls[1] / walls[0] if all(walls) else None

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -283,6 +284,31 @@ def test_load_benchmark_starts_each_planner_with_its_own_environment(monkeypatch
         and envs["dflare_b8"]["DFLARE_VERIFY"] == "static"
     )
     assert len({port for _, port, _ in started}) == len(blocks)  # side by side on distinct ports
+
+
+def test_load_benchmark_splits_shorter_drafts_from_whole_block_drafts(monkeypatch) -> None:
+    """An adaptive server that drafted block 8 eagerly in some steps: the row keeps both draft costs, the
+    share of short drafts and their mean (what its step really paid for drafting)."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "gpu"))
+    import bench_sglang_load as bench
+
+    snapshots = iter(
+        [
+            {"draft/4": [10, 100.0], "verify/4": [10, 300.0]},
+            {"draft/4": [13, 130.0], "draft_short/4": [1, 6.0], "verify/4": [14, 420.0]},
+        ]
+    )
+    monkeypatch.setattr(bench, "phase_totals", lambda _: next(snapshots))
+    monkeypatch.setattr(bench.time, "sleep", lambda _: None)
+    meta = {"completion_tokens": 10, "spec_verify_ct": 4, "spec_num_correct_drafts": 8}
+    monkeypatch.setattr(bench, "timed", lambda fn: ([{"meta_info": meta}] * 4, 2.0))
+    row = bench.measure(SimpleNamespace(name="dflare_s16"), 4, "synthetic")
+    assert row["draft_ms"] == 10.0 and row["draft_short_ms"] == 6.0 and row["verify_ms"] == 30.0
+    assert row["draft_short_share"] == 0.25 and row["draft_mean_ms"] == 9.0
+    whole = iter([{"draft/4": [10, 100.0]}, {"draft/4": [12, 120.0]}])
+    monkeypatch.setattr(bench, "phase_totals", lambda _: next(whole))
+    row = bench.measure(SimpleNamespace(name="dflare_a16"), 4, "synthetic")
+    assert row["draft_short_share"] is None and row["draft_mean_ms"] is None  # every round has every key
 
 
 def test_load_benchmark_samples_the_servers_scheduler_not_its_launcher(monkeypatch) -> None:

@@ -114,3 +114,10 @@ def test_hook_times_target_steps_not_drafts_and_restarts_after_prefill(tmp_path:
     totals = written(timer.path)
     assert totals["draft/8"][0] == 4 and totals["verify/8"][0] == 4
     assert "extend/8" not in totals and "verify/0" not in totals
+    short = SimpleNamespace(
+        forward_mode=mode("verify"), batch_size=8, spec_info=SimpleNamespace(ragged_verify_layout=1)
+    )
+    phase_timing.around_model_forward(original, draft, short)  # a shorter, eager draft: timed apart
+    gpu.done_until = gpu.now
+    timer.flush()
+    assert written(timer.path)["draft_short/8"][0] == 1 and written(timer.path)["draft/8"][0] == 4
