@@ -261,6 +261,7 @@ def run_wave(
                     "ar_step_ms": a["decode_ms"], "bound": round(bound, 3) if bound else None,
                     "x_ar_steady": round(steady, 3) if steady else None,
                     "host_ms": round(walls[0] - t_spec, 3) if walls[0] and t_spec else None,
+                    "short_drafts": os.environ.get("SHORT_DRAFTS", "8") if mode == "adaptive_draft" else None,
                 })  # fmt: skip
 
 

@@ -8,7 +8,9 @@
 * verify: every static row's verify plus context-KV ms at ``batch x block'`` tokens (each static block b' is
   a verify of b' tokens per request), and the AR decode step at ``batch`` tokens (a verify of the last
   committed token only: the adaptive plain step);
-* draft: the ``block`` server's draft ms by batch (the adaptive server always drafts its whole block);
+* draft: the ``block`` static server's draft ms by batch (a CUDA graph at the whole block), and where an
+  adaptive server with one shorter draft block ran (``BLOCKS=s<block>``, ``SHORT_DRAFTS=8``), its eager
+  drafts' ms (``draft_short_ms``) as that shorter block's draft;
 * decode: the AR step by batch.
 
 Rows of both traces are averaged (the costs do not depend on what is accepted).
@@ -33,7 +35,7 @@ from sglang_ext.sglang_plugin.adaptive import SHIPPED_TABLES, card_slug  # noqa:
 def cost_model(results: dict, block: int, attention: str) -> StepCostModel:
     rows = [r for r in results["rows"] if r.get("attention", attention) == attention and not r.get("partial")]
     verify: dict[tuple[int, int], list[float]] = defaultdict(list)
-    draft: dict[int, list[float]] = defaultdict(list)
+    draft: dict[tuple[int, int], list[float]] = defaultdict(list)
     decode: dict[int, list[float]] = defaultdict(list)
     for r in rows:
         bs = int(r["batch"])
@@ -44,12 +46,16 @@ def cost_model(results: dict, block: int, attention: str) -> StepCostModel:
             kv = float(r.get("context_kv_ms") or 0)
             verify[(bs, bs * int(r["block"]))].append(float(r["verify_ms"]) + kv)
             if int(r["block"]) == block and r.get("draft_ms"):
-                draft[bs].append(float(r["draft_ms"]))
-    if not draft:
+                draft[(bs, block)].append(float(r["draft_ms"]))
+        elif r["mode"] == "adaptive_draft" and int(r["block"]) == block and r.get("draft_short_ms"):
+            shorter = str(r.get("short_drafts", ""))
+            if shorter.isdigit():  # one shorter block: its drafts are all of that block
+                draft[(bs, int(shorter))].append(float(r["draft_short_ms"]))
+    if not any(b == block for _, b in draft):
         raise SystemExit(f"no static block-{block} rows with draft_ms for attention {attention}")
     return StepCostModel(
         [(b, t, statistics.mean(v)) for (b, t), v in verify.items()],
-        [(b, block, statistics.mean(v)) for b, v in draft.items()],
+        [(b, k, statistics.mean(v)) for (b, k), v in draft.items()],
         [(b, statistics.mean(v)) for b, v in decode.items()],
         device=results["device"],
         model=results.get("model", "Qwen3-8B shapes"),

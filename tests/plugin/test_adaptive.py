@@ -169,6 +169,10 @@ def test_cost_table_from_load_rows_puts_each_block_at_its_tokens(tmp_path: Path)
          "context_kv_ms": 1.0, "draft_ms": 3.0, "attention": "fa3"},
         {"trace": "synthetic", "batch": 8, "mode": "static", "block": 16, "verify_ms": 99.0,
          "draft_ms": 99.0, "attention": "triton"},
+        {"trace": "synthetic", "batch": 8, "mode": "adaptive_draft", "block": 16, "verify_ms": 8.0,
+         "draft_ms": 2.5, "draft_short_ms": 1.5, "short_drafts": "8", "attention": "fa3"},
+        {"trace": "synthetic", "batch": 8, "mode": "adaptive_draft", "block": 16, "verify_ms": 8.0,
+         "draft_ms": 2.5, "draft_short_ms": 1.2, "short_drafts": "4,8", "attention": "fa3"},
     ]  # fmt: skip
     src = tmp_path / "load.json"
     src.write_text(json.dumps({"device": "NVIDIA Test Card", "rows": rows}))
@@ -180,7 +184,8 @@ def test_cost_table_from_load_rows_puts_each_block_at_its_tokens(tmp_path: Path)
     assert table["device"] == "NVIDIA Test Card" and table["block_size"] == 16
     verify = {(p["batch"], p["tokens"]): p["ms"] for p in table["verify"]}
     assert verify == {(8, 8): 6.0, (8, 32): 7.0, (8, 128): 11.0}  # both traces averaged, triton left out
-    assert table["draft"] == [{"batch": 8, "block": 16, "ms": 2.5}]
+    # block 8 from the eager drafts of the adaptive server that drafted only block 8 beside the whole block
+    assert table["draft"] == [{"batch": 8, "block": 8, "ms": 1.5}, {"batch": 8, "block": 16, "ms": 2.5}]
     assert table["decode"] == [{"batch": 8, "ms": 6.0}]
 
 
