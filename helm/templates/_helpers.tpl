@@ -301,6 +301,8 @@ rendering here instead. tensorParallelSize 0 means "all the engine's GPUs over d
 {{- if not (has $e.attentionBackend (list "fa3" "trtllm_mha")) }}
 {{- fail (printf "engine.speculative.verify=adaptive needs engine.attentionBackend fa3 or trtllm_mha (SGLang captures ragged-verify CUDA graphs only there), got %q" $e.attentionBackend) }}
 {{- end }}
+{{- else if $e.speculative.draftBlocks }}
+{{- fail (printf "engine.speculative.draftBlocks=%q needs engine.speculative.verify=adaptive (the adaptive policy chooses when to draft a shorter block)" $e.speculative.draftBlocks) }}
 {{- end -}}
 - --tp-size
 - {{ $tp | quote }}

@@ -329,3 +329,23 @@ def test_adaptive_verify_renders_on_a_tensor_parallel_engine() -> None:
 def test_the_warmup_can_be_turned_off() -> None:
     engine = container(render_values({"engine": {"warmup": False}}).one("StatefulSet"), "engine")
     assert "--warmups" not in engine["args"]
+
+
+def test_shorter_draft_blocks_reach_the_engine_only_with_adaptive_verify() -> None:
+    speculative = {"verify": "adaptive", "draftBlocks": "8"}
+    values = {"engine": {"speculative": speculative, "attentionBackend": "fa3"}}
+    engine = container(render_values(values).one("StatefulSet"), "engine")
+    assert env_map(engine)["DFLARE_DRAFT_BLOCKS"] == "8"
+    default = container(render_values({"engine": {"attentionBackend": "fa3"}}).one("StatefulSet"), "engine")
+    assert "DFLARE_DRAFT_BLOCKS" not in env_map(default)
+    with pytest.raises(Exception, match=r"needs engine\.speculative\.verify=adaptive"):
+        render_values({"engine": {"speculative": {"draftBlocks": "8"}}})
+    with pytest.raises(Exception, match="draftBlocks"):  # the schema: block sizes only
+        render_values(
+            {
+                "engine": {
+                    "speculative": {"verify": "adaptive", "draftBlocks": "eight"},
+                    "attentionBackend": "fa3",
+                }
+            }
+        )
