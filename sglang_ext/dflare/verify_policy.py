@@ -76,7 +76,8 @@ class StepCostModel:
     ``verify_ms(batch, verified_tokens)``: the target forward that verifies, where ``verified_tokens`` is
     what the target processes in total (sum over requests of width + 1); ``draft_ms(batch, block)``: one
     drafter forward drafting ``block`` slots per request (its context update included where profiled);
-    ``decode_ms(batch)``: a plain decode step (measured, else ``verify_ms(batch, batch)``).
+    ``decode_ms(batch)``: a plain decode step (measured, else ``verify_ms(batch, batch)``). Draft costs are
+    interpolated over batch sizes per block first, then over blocks.
 
     Each measured curve is made non-decreasing (see ``_table``). Between measured points the cost is
     linear: in tokens at a measured batch, and across batches at the same tokens per request (so a table
@@ -108,7 +109,11 @@ class StepCostModel:
         if any(ms < 0 for *_, ms in self._verify_points + self._draft_points + self._decode_points):
             raise ValueError("measured costs must be >= 0 ms")
         self._prior_verify = self._by_batch(self._verify_points)
-        self._draft = self._by_batch(self._draft_points)
+        # per drafted block, its cost over batch sizes (blocks are often measured at different batches)
+        self._draft = {
+            k: _table((b, ms) for b, kk, ms in self._draft_points if kk == k)
+            for k in sorted({k for _, k, _ in self._draft_points})
+        }
         self._prior_decode = _table(self._decode_points) if self._decode_points else None
         self._verify, self._decode = self._prior_verify, self._prior_decode
         # online learning (``observe_step``): per batch, per verified tokens, [ms estimate, weight] of whole
@@ -168,7 +173,14 @@ class StepCostModel:
         return float(self.verify_ms_array(batch, np.array([float(verified_tokens)]))[0])
 
     def draft_ms(self, batch: int, block: int) -> float:
-        return float(self._across_batches(self._draft, batch, np.array([float(block)]), False)[0])
+        """Each measured block's cost at ``batch`` (over its measured batches), then over blocks: a block
+        measured at other batch sizes than another keeps its own curve."""
+        at = np.array([float(batch)])
+        costs = [(k, float(_interp(at, xs, ys)[0])) for k, (xs, ys) in self._draft.items()]
+        if len(costs) == 1:
+            return costs[0][1]
+        xs, ys = _table(costs)
+        return float(_interp(np.array([float(block)]), xs, ys)[0])
 
     def decode_ms(self, batch: int) -> float:
         self._refresh()

@@ -54,7 +54,15 @@ def test_cost_model_interpolates_and_extrapolates() -> None:
     # beyond the largest batch: continues upwards at the same tokens per request
     assert cost.verify_ms(8, 8) > cost.verify_ms(4, 4)
     assert cost.draft_ms(1, 8) == pytest.approx(0.5 + 0.6 * 4 / 12)  # linear in the block
-    assert cost.draft_ms(4, 8) == pytest.approx(2.0)  # one measured block at batch 4: flat in the block
+    # block 4 was measured at batch 1 only (flat over batches), block 16 at batch 4 costs 2.0: linear between
+    assert cost.draft_ms(4, 8) == pytest.approx(0.5 + 1.5 * 4 / 12)
+    # tables of two blocks measured at different batches (the shipped block-8 and block-16 tables merged):
+    # block 16 at batch 32 follows block 16's own curve, not block 8's only point at batch 32
+    merged = StepCostModel(
+        verify=[(1, 1, 1.0)], draft=[(1, 8, 1.7), (32, 8, 2.2), (128, 8, 6.1), (1, 16, 1.8), (128, 16, 11.4)]
+    )
+    assert merged.draft_ms(32, 16) == pytest.approx(1.8 + 9.6 * 31 / 127)
+    assert merged.draft_ms(32, 8) == pytest.approx(2.2) and merged.draft_ms(128, 12) == pytest.approx(8.75)
     assert cost.decode_ms(2) == pytest.approx(0.9 + 0.9 / 3)
     no_decode = StepCostModel(verify=[(1, 1, 1.5), (1, 8, 2.0)], draft=[(1, 8, 0.3)])
     assert no_decode.decode_ms(1) == pytest.approx(1.5)  # a decode is a verify of the bonus token only

@@ -139,14 +139,21 @@ def run(
     steps: int,
     warmup_batch: int = 64,
     draft_tables: Sequence[Path] | None = None,
+    eager_factor: float = 1.0,
 ) -> dict[str, Any]:
+    """``eager_factor``: what a shorter block's draft costs the policy that drafts it (eagerly, in SGLang)
+    over the table's (a CUDA graph, as a static server of that block drafts)."""
     from sglang_ext.sglang_plugin.dspark_planner import DsparkPlannerPolicy
 
     extra = sibling_tables(cost_path) if draft_tables is None else draft_tables
     data = with_draft_costs(json.loads(cost_path.read_text()), extra)
+    full = int(data.get("block_size") or 16)
+    eager = dict(
+        data, draft=[p if p["block"] == full else {**p, "ms": p["ms"] * eager_factor} for p in data["draft"]]
+    )
 
-    def table() -> StepCostModel:  # each planner learns into its own copy
-        return StepCostModel.from_dict(data)
+    def table(source: dict[str, Any] = data) -> StepCostModel:  # each planner learns into its own copy
+        return StepCostModel.from_dict(source)
 
     block = int(table().block_size or 16)
     grid = sglang_token_grid(max(batches), block)
@@ -156,7 +163,7 @@ def run(
     if shorter:
         name = "adaptive_draft_" + "_".join(map(str, [*shorter, block]))
         policies[name] = VerifyWidthPolicy(
-            table(), AcceptanceCalibration(), block, ragged=True, draft_blocks=[*shorter, block]
+            table(eager), AcceptanceCalibration(), block, ragged=True, draft_blocks=[*shorter, block]
         )
     for policy in policies.values():
         policy.set_token_grid(grid)
@@ -182,6 +189,7 @@ def run(
     return {
         "cost_table": str(cost_path),
         "draft_blocks": sorted(measured),
+        "eager_factor": eager_factor,
         "trace": trace.source,
         "steps": steps,
         "block": block,
@@ -219,6 +227,12 @@ def main() -> int:
     )
     parser.add_argument("--trace", default="synthetic", help="a shipped trace name or a trace file")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument(
+        "--eager-factor",
+        type=float,
+        default=1.0,
+        help="shorter drafts' cost over the table's (eager in SGLang)",
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
@@ -226,7 +240,14 @@ def main() -> int:
     path = Path(args.trace)
     trace = AcceptanceTrace.load(path) if path.is_file() else load_shipped_trace(args.trace)
     batches = [int(b) for b in args.batches.split(",")]
-    result = run(args.cost_table, trace, batches, args.steps, draft_tables=args.draft_tables)
+    result = run(
+        args.cost_table,
+        trace,
+        batches,
+        args.steps,
+        draft_tables=args.draft_tables,
+        eager_factor=args.eager_factor,
+    )
     for batch in dict.fromkeys(r["batch"] for r in result["rows"]):
         cells = [f"{r['planner']} {r['x_ar']:.2f}" for r in result["rows"] if r["batch"] == batch]
         print(f"batch {batch}: " + ", ".join(cells))
