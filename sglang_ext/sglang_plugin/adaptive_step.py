@@ -122,14 +122,14 @@ class AdaptiveStep:
                 self._drafted_blocks.add(drafted)
                 eager = " (eager: no CUDA graph at this block)" if drafted < block else ""
                 logger.info("DFLARE adaptive: first draft of block %d, at batch %d%s", drafted, bs, eager)
-            draft_tokens, hidden = self._draft(
+            draft_tokens, hidden, fused = self._draft(
                 batch, draft_input, block_ids, positions_2d, cache_loc_2d, bs, drafted
             )
             if self.planned:
                 if self.leads:
                     self._learn_lagged()
-                # every rank: a collective
-                confidences = self._confidences(batch.reqs, hidden, bs, replay, drafted - 1)
+                # every rank: a collective unless the draft graph computed them (then on every rank)
+                confidences = self._confidences(batch.reqs, hidden, bs, replay, drafted - 1, fused)
             widths = self._agreed_widths(confidences, greedy, bs)
             if not self.leads:
                 confidences = None  # only rank 0's calibration learns
@@ -254,8 +254,9 @@ class AdaptiveStep:
     ):
         """The drafter's forward over the first ``width`` positions of the block (SGLang's DFlash draft
         call; a shorter width runs eagerly, see ``_short_draft_input``): draft tokens [bs, block], of which
-        columns ``width``.. are stale, and the draft hidden states of positions 1..width-1 (None when the
-        CUDA-graph sampler kept them inside)."""
+        columns ``width``.. are stale, the draft hidden states of positions 1..width-1 (None when the
+        CUDA-graph sampler kept them inside), and the drafts' top-1 probabilities [bs, width - 1] on the
+        device when the graph's head computed them (confident_sampler.py), else None."""
         from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
         from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
@@ -295,8 +296,11 @@ class AdaptiveStep:
             out = w.draft_model_runner.forward(forward_batch)
         hidden = out.logits_output.hidden_states
         hidden = None if hidden is None else hidden.view(bs, width, -1)[:, 1:, :]
+        fused = None
         if w._draft_sampler is not None and out.can_run_graph and width == block:
             draft_next = w._draft_sampler.out[: bs * (block - 1)].view(bs, block - 1)
+            top1 = getattr(w._draft_sampler, "top1", None)
+            fused = None if top1 is None else top1[: bs * (block - 1)].view(bs, block - 1)
         else:
             if hidden is None:
                 raise RuntimeError("DFLARE draft model returned no hidden states")
@@ -306,7 +310,7 @@ class AdaptiveStep:
         tokens = w._draft_block_tokens_buf[:bs]
         tokens[:, 0].copy_(block_ids[:, 0])
         tokens[:, 1:width].copy_(draft_next)
-        return tokens, hidden
+        return tokens, hidden, fused
 
     def _short_draft_input(self, bs: int, width: int) -> Any:
         """The spec input of an eager draft of ``width`` positions per request. SGLang's attention backends
@@ -339,12 +343,16 @@ class AdaptiveStep:
         return spec
 
     def _confidences(
-        self, reqs: Any, hidden: torch.Tensor | None, bs: int, replay: Any, n: int
+        self, reqs: Any, hidden: torch.Tensor | None, bs: int, replay: Any, n: int, fused: Any = None
     ) -> torch.Tensor:
-        """[bs, n] top-1 probabilities of the ``n`` drafts, on the CPU (the step's one host sync)."""
+        """[bs, n] top-1 probabilities of the ``n`` drafts, on the CPU (the step's one host sync): the
+        trace's under trace replay, the draft graph's (``fused``) when its head computed them, else from the
+        draft hidden states through the LM head."""
         if replay is not None:
             steps = replay.peek_steps(reqs)
             return torch.tensor([list(s.confidences[:n]) for s in steps], dtype=torch.float64)
+        if fused is not None:
+            return fused.to("cpu", torch.float64)
         if hidden is None:
             if not self._warned_no_hidden:
                 logger.warning("DFLARE adaptive: no draft hidden states; widths from acceptance by position")

@@ -25,6 +25,7 @@ from sglang_ext.sglang_plugin import (
     verify_metrics,
 )
 from sglang_ext.sglang_plugin.adaptive_step import AdaptiveStep
+from sglang_ext.sglang_plugin.confident_sampler import ConfidentDraftSampler
 from sglang_ext.sglang_plugin.model import DFlareDraftModel
 from sglang_ext.sglang_plugin.plan_broadcast import PlanBroadcast
 
@@ -154,6 +155,16 @@ class DFlareWorkerV2(DFlashWorkerV2):
             and not self.use_compact_draft_cache
             and not self._need_mamba_verify_commit
         )
+
+    def _maybe_build_draft_sampler(self):
+        """SGLang's in-graph greedy draft head; with adaptive verify (or the DSPARK planner) ours, which also
+        writes each draft's top-1 probability (confident_sampler.py), so confidences cost no second LM-head
+        product."""
+        sampler = super()._maybe_build_draft_sampler()
+        if sampler is None or adaptive.ragged_mode() is None:  # the static block needs no confidences
+            return sampler
+        logger.info("DFLARE adaptive: the draft graph's greedy head also computes the drafts' confidences")
+        return ConfidentDraftSampler.replacing(sampler)
 
     def record_step(self, reqs, widths: list[int], plain: bool) -> None:
         """Per-request widths of one decode step into meta_info (request_counters) and /metrics (with the

@@ -67,6 +67,7 @@ def _inputs() -> dict:
     ]
     return {
         "heads": heads,
+        "draft_hidden": torch.randn(3 * BLOCK, HIDDEN, generator=gen),  # 3 requests' drafted blocks
         "block": BLOCK,
         "schedule": SCHEDULE,
         "confidences": confidences,
@@ -123,6 +124,24 @@ def test_vocab_parallel_confidences_equal_the_whole_heads_on_every_rank(ranks, t
             assert torch.equal(got, results[tp][0]["probabilities"][index])  # every rank the same bits
     if tp == 4:  # 70 tokens padded to 128 over 4 ranks: the last shard holds no token at all
         assert results[tp][3]["padding"][list(HEADS).index("empty_shard")] == 32
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_the_draft_graphs_head_gives_the_whole_vocabs_drafts_and_confidences_on_every_rank(ranks, tp) -> None:
+    """confident_sampler.py over SGLang's TP group: each rank's shard reduced to (max, log-sum-exp) and
+    (argmax id), all-gathered, combined: the ids and top-1 probabilities of the unsharded head."""
+    inputs, results = ranks
+    case = inputs["heads"][0]
+    vocab, org = HEADS["padded"]
+    assert vocab == org  # SGLang folds no head with added (LoRA) rows into the draft graph
+    drafted = inputs["draft_hidden"].view(3, BLOCK, HIDDEN)[:, 1:, :].reshape(-1, HIDDEN)
+    logits = drafted @ case["weight"].T
+    expected_ids = logits.argmax(dim=-1)
+    expected_top1 = adaptive.top1_probabilities(drafted, case["weight"])
+    for rank, result in enumerate(results[tp]):
+        ids, top1 = result["sampler"]
+        assert torch.equal(ids, expected_ids), f"rank {rank}/{tp}"
+        torch.testing.assert_close(top1, expected_top1, rtol=1e-5, atol=1e-6, msg=f"rank {rank}/{tp}")
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)

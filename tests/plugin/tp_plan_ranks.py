@@ -50,6 +50,37 @@ def _head(case: dict) -> tuple[torch.nn.Module, int]:
     return head, padding
 
 
+def _confident_sampler(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draft graph's confident greedy head on this rank's shard of the first head (no added rows):
+    (draft ids, top-1 probabilities) of the drafted positions of ``inputs['draft_hidden']``. SGLang's
+    TP group runs ``all_gather_into_tensor`` as a CUDA-only custom op, so the head gets the same
+    collective of the group's gloo process group."""
+    from sglang.srt.distributed import get_tp_group
+
+    from sglang_ext.sglang_plugin.confident_sampler import ConfidentDraftSampler
+
+    head, _ = _head(inputs["heads"][0])
+    shard = head.shard_indices
+    tp = get_tp_group()
+
+    def gather(out: torch.Tensor, tensor: torch.Tensor) -> None:
+        torch.distributed.all_gather_into_tensor(out, tensor, group=tp.device_group)
+
+    group = SimpleNamespace(world_size=tp.world_size, all_gather_into_tensor=gather)
+    sampler = ConfidentDraftSampler(
+        weight=head.weight.data,
+        block_size=inputs["block"],
+        num_org=int(shard.num_org_elements),
+        org_vocab_start=int(shard.org_vocab_start_index),
+        max_tokens=64,
+        tp_group=group if group.world_size > 1 else None,
+    )
+    hidden = inputs["draft_hidden"]
+    sampler(hidden)
+    n = hidden.shape[0] // inputs["block"] * (inputs["block"] - 1)
+    return sampler.out[:n].clone(), sampler.top1[:n].clone()
+
+
 def shorter_blocks(cost: dict | None, block: int) -> list[int]:
     """The draft blocks shorter than ``block`` that a cost table has draft costs for."""
     return sorted({p["block"] for p in cost["draft"]} - {block}) if cost else []
@@ -96,6 +127,7 @@ def _rank(rank: int, tp_size: int, port: int, inputs_path: str, out: str) -> Non
             probabilities.append(vocab_parallel.lm_head_top1_probabilities(case["hidden"], head, chunk=5))
             padding.append(pad)
         result = {"probabilities": probabilities, "padding": padding, **_plans(inputs, rank, tp_size)}
+        result["sampler"] = _confident_sampler(inputs)
         torch.save(result, Path(out) / f"tp{tp_size}-rank{rank}.pt")
         torch.distributed.barrier()
         destroy_model_parallel()

@@ -1,0 +1,69 @@
+"""The draft graph's greedy head with confidences (confident_sampler.py) against SGLang's own head
+(``_DflashDraftSampler``, which it replaces in adaptive mode) and the confidences computed apart, on CPU.
+Under tensor parallelism: tests/plugin/test_tp_adaptive.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_ext.sglang_plugin import adaptive
+from sglang_ext.sglang_plugin.confident_sampler import ConfidentDraftSampler
+
+pytestmark = pytest.mark.sglang
+
+BLOCK, HIDDEN, VOCAB, TOKENS = 8, 32, 120, 100  # rows TOKENS.. of the head are padding, not tokens
+
+
+def _sglang_head(dtype: torch.dtype, vocab_start: int = 0):
+    from sglang.srt.speculative.dflash_worker_v2 import _DflashDraftSampler
+
+    gen = torch.Generator().manual_seed(7)
+    weight = (torch.randn(VOCAB, HIDDEN, generator=gen) * 0.6).to(dtype)
+    weight[TOKENS:] = 50.0  # padding rows that would win every argmax if they were counted
+    head = _DflashDraftSampler(
+        weight=weight, block_size=BLOCK, num_org=TOKENS, org_vocab_start=vocab_start, max_bs=4
+    )
+    hidden = torch.randn(3 * BLOCK, HIDDEN, generator=gen).to(dtype)
+    return head, hidden
+
+
+@pytest.mark.parametrize("vocab_start", [0, 1000])
+def test_the_drafts_are_sglangs_and_the_confidences_the_whole_softmaxs(vocab_start: int) -> None:
+    sglang_head, hidden = _sglang_head(torch.float32, vocab_start)
+    ours = ConfidentDraftSampler.replacing(sglang_head)
+    assert ours.out.numel() == sglang_head.out.numel() == 4 * (BLOCK - 1)
+    sglang_head(hidden)
+    ours(hidden)
+    n = 3 * (BLOCK - 1)
+    assert torch.equal(ours.out[:n], sglang_head.out[:n])
+    drafted = hidden.view(3, BLOCK, HIDDEN)[:, 1:, :].reshape(-1, HIDDEN)
+    expected = adaptive.top1_probabilities(drafted, sglang_head.weight[:TOKENS])
+    assert float(expected.min()) < 0.5 < float(expected.max())  # not all sure, not all hopeless
+    torch.testing.assert_close(ours.top1[:n], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_logits_give_sglangs_drafts_and_close_confidences() -> None:
+    sglang_head, hidden = _sglang_head(torch.bfloat16)
+    ours = ConfidentDraftSampler.replacing(sglang_head)
+    sglang_head(hidden)
+    ours(hidden)
+    n = 3 * (BLOCK - 1)
+    assert torch.equal(ours.out[:n], sglang_head.out[:n])
+    drafted = hidden.view(3, BLOCK, HIDDEN)[:, 1:, :].reshape(-1, HIDDEN)
+    expected = adaptive.top1_probabilities(drafted.float(), sglang_head.weight[:TOKENS].float())
+    torch.testing.assert_close(ours.top1[:n], expected, rtol=0.02, atol=0.01)  # bf16 logits: 3 digits
+
+
+def test_the_adaptive_step_reads_the_graphs_confidences_instead_of_a_second_lm_head_pass() -> None:
+    from types import SimpleNamespace
+
+    from sglang_ext.sglang_plugin.adaptive_step import AdaptiveStep
+
+    step = AdaptiveStep(SimpleNamespace(block_size=BLOCK), None)  # no target worker: no LM head to run
+    fused = torch.rand(3, BLOCK - 1)
+    hidden = torch.randn(3, BLOCK - 1, HIDDEN)
+    got = step._confidences([None] * 3, hidden, 3, None, BLOCK - 1, fused)
+    assert got.dtype == torch.float64 and torch.equal(got, fused.double())
+    with pytest.raises(AttributeError, match="target_worker"):  # without them: the LM-head pass
+        step._confidences([None] * 3, hidden, 3, None, BLOCK - 1)
