@@ -13,7 +13,8 @@ drafts block 8, eagerly, most steps: its log says when it first did). Checks:
   divergences from bf16 AR are the yardstick for numerics), with the widths the policy chose and the
   plain decode steps it took (``spec_num_verified_drafts`` / ``spec_num_plain_steps``), and tau;
 * sampled requests (temperature 0.8) complete and their statistics are consistent;
-* the worker logged ``verify=adaptive``.
+* the worker logged ``verify=adaptive``; the adaptive server starts with ``--warmups dflare`` and its
+  log says how long the warm-up took (or why it failed).
 
 Env: PROMPTS (48), SIZES (1,8,32), COST_TABLE. Writes $OUT/adaptive.json as it goes.
 """
@@ -101,7 +102,7 @@ def main() -> int:
         [
             ("ar", 31100, base, {}),
             ("static", 31101, [*base, *spec], {"DFLARE_VERIFY": "static"}),
-            ("adaptive", 31102, [*base, *spec], adaptive_env),
+            ("adaptive", 31102, [*base, *spec, "--warmups", "dflare"], adaptive_env),
             ("dspark_planner", 31103, [*base, *spec], {**adaptive_env, "DFLARE_VERIFY": "dspark_planner"}),
             ("adaptive_draft", 31104, [*base, *spec], short_env),
         ]
@@ -112,6 +113,7 @@ def main() -> int:
         if "adaptive" in servers:
             res["worker_log"] = servers["adaptive"][0].log_grep("DFLARE worker ready")[-1:]
             res["adaptive_log"] = servers["adaptive"][0].log_grep("DFLARE adaptive")[-3:]
+            res["warmup_log"] = servers["adaptive"][0].log_grep("warm-up")[-3:]
         if "adaptive_draft" in servers:
             res["adaptive_draft_log"] = servers["adaptive_draft"][0].log_grep("DFLARE adaptive")[-6:]
         failed = [n for n, (_, ok) in servers.items() if not ok]
