@@ -42,6 +42,7 @@ import torch
 
 from sglang_ext.dflare.verify_policy import AcceptanceCalibration, VerifyPlan, VerifyWidthPolicy
 from sglang_ext.sglang_plugin import adaptive, host_upload, trace_replay, vocab_parallel
+from sglang_ext.sglang_plugin.confident_sampler import ConfidentDraftSampler
 from sglang_ext.sglang_plugin.plan_broadcast import PlanBroadcast
 from sglang_ext.sglang_plugin.step_clock import StepClock
 
@@ -301,6 +302,15 @@ class AdaptiveStep:
             draft_next = w._draft_sampler.out[: bs * (block - 1)].view(bs, block - 1)
             top1 = getattr(w._draft_sampler, "top1", None)
             fused = None if top1 is None else top1[: bs * (block - 1)].view(bs, block - 1)
+        elif (
+            hidden is not None
+            and isinstance(w._draft_sampler, ConfidentDraftSampler)
+            and bs * (width - 1) <= w._draft_sampler.out.numel()  # its buffers: up to the graphs' batch
+        ):
+            # an eager draft of a shorter block: ids and confidences in one LM-head product, through the
+            # graph's head outside the graph
+            ids, top1 = w._draft_sampler.draft(hidden.reshape(-1, hidden.shape[-1]))
+            draft_next, fused = ids.view(bs, width - 1), top1.view(bs, width - 1)
         else:
             if hidden is None:
                 raise RuntimeError("DFLARE draft model returned no hidden states")

@@ -66,9 +66,16 @@ class ConfidentDraftSampler:
         )
 
     def __call__(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None) -> None:
+        """The graph's call: ``hidden_states`` [bs * block, H] of whole blocks; position 0 of each block is
+        the committed token, the others are drafted."""
         block = self.block_size
         bs = hidden_states.shape[0] // block
-        drafted = hidden_states.view(bs, block, -1)[:, 1:, :].reshape(-1, hidden_states.shape[-1])
+        self.draft(hidden_states.view(bs, block, -1)[:, 1:, :].reshape(-1, hidden_states.shape[-1]))
+
+    def draft(self, drafted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids and top-1 probabilities of the drafted rows ``drafted`` [n, H] (n up to ``max_tokens``),
+        written to ``out[:n]`` and ``top1[:n]`` and returned as those views: also what an eager draft of a
+        shorter block calls, so it too pays one LM-head product."""
         n = drafted.shape[0]
         logits = torch.matmul(drafted.to(self.weight.dtype), self.weight[: self.num_org].T)
         ids = torch.argmax(logits, dim=-1)
@@ -77,7 +84,7 @@ class ConfidentDraftSampler:
         if self.tp_size == 1:
             self.out[:n].copy_(ids + self.org_vocab_start)
             self.top1[:n].copy_(shifted_sum.reciprocal())
-            return
+            return self.out[:n], self.top1[:n]
         stats, local_ids = self.local_stats[:n], self.local_ids[:n]
         stats[:, 0].copy_(top.squeeze(1))
         stats[:, 1].copy_(top.squeeze(1).float() + shifted_sum.log())
@@ -90,3 +97,4 @@ class ConfidentDraftSampler:
         best_rank = torch.argmax(per_rank[..., 0], dim=0)  # first maximum: the lowest rank's ids
         self.out[:n].copy_(gathered_ids.view(self.tp_size, n).gather(0, best_rank[None]).squeeze(0))
         self.top1[:n].copy_(combine_top1_stats(per_rank))
+        return self.out[:n], self.top1[:n]

@@ -67,3 +67,16 @@ def test_the_adaptive_step_reads_the_graphs_confidences_instead_of_a_second_lm_h
     assert got.dtype == torch.float64 and torch.equal(got, fused.double())
     with pytest.raises(AttributeError, match="target_worker"):  # without them: the LM-head pass
         step._confidences([None] * 3, hidden, 3, None, BLOCK - 1)
+
+
+def test_an_eager_draft_of_fewer_rows_gets_its_ids_and_confidences_in_the_same_buffers() -> None:
+    """What an eager draft of a shorter block calls (``draft``): any number of drafted rows up to the
+    buffers' size, the same answers as a whole head."""
+    sglang_head, hidden = _sglang_head(torch.float32)
+    ours = ConfidentDraftSampler.replacing(sglang_head)
+    rows = hidden[:10]
+    ids, top1 = ours.draft(rows)
+    assert ids.data_ptr() == ours.out.data_ptr() and top1.data_ptr() == ours.top1.data_ptr()
+    logits = rows @ sglang_head.weight[:TOKENS].T
+    assert torch.equal(ids, logits.argmax(dim=-1))
+    torch.testing.assert_close(top1, adaptive.top1_probabilities(rows, sglang_head.weight[:TOKENS]))
