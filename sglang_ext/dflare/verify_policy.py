@@ -118,7 +118,7 @@ class StepCostModel:
         self._verify, self._decode = self._prior_verify, self._prior_decode
         # online learning (``observe_step``): per batch, per verified tokens, [ms estimate, weight] of whole
         # drafted steps; per batch, [ms, weight] of plain steps. ``version`` changes with every lesson.
-        # A cell is [estimate, weight, the profile's prediction, the draft's ms in it].
+        # A cell is [estimate, weight, the profile's prediction, the draft's ms in it, that draft's block].
         self._learnt_steps: dict[int, dict[int, list[float]]] = {}
         self._learnt_decode: dict[int, list[float]] = {}
         self._largest_block = max(k for _, k, _ in self._draft_points)
@@ -231,11 +231,13 @@ class StepCostModel:
                 cells = self._learnt_steps[batch] = {}
                 self._grids[batch] = self._grid(batch)
             cell = cells.get(verified_tokens)
-            draft = self.draft_ms(batch, draft_block or self._largest_block)
+            block = draft_block or self._largest_block
             if cell is None:
+                draft = self.draft_ms(batch, block)
                 prior = draft + self._prior_verify_ms(batch, verified_tokens)
-                cell = cells[verified_tokens] = [prior, prior_weight, prior, draft]
-            ms += cell[3] - draft  # a step of another draft block: as if it had drafted the cell's
+                cell = cells[verified_tokens] = [prior, prior_weight, prior, draft, block]
+            elif block != cell[4]:  # a step of another draft block: as if it had drafted the cell's
+                ms += cell[3] - self.draft_ms(batch, block)
         estimate, weight = cell[0], cell[1]
         sample = min(max(ms, 0.5 * estimate), 2.0 * estimate)
         weight = min(weight + 1.0, horizon)
@@ -298,12 +300,7 @@ class StepCostModel:
                     t: offset + slope * p - draft
                     for t, p in zip(tokens.tolist(), prior.tolist(), strict=True)
                 }
-                for t, (
-                    ms,
-                    weight,
-                    profiled,
-                    cell_draft,
-                ) in cells.items():  # a cell's own steps, as they weigh
+                for t, (ms, weight, profiled, cell_draft, _) in cells.items():  # its own steps, as they weigh
                     fitted = offset + slope * profiled
                     points[t] = (weight * ms + self.SHRINK * fitted) / (weight + self.SHRINK) - cell_draft
                 self._tables[batch] = _table(points.items())
@@ -701,8 +698,10 @@ class VerifyWidthPolicy:
         self.min_history, self.recent, self.recent_trust = min_history, recent, recent_trust
         self.decide_every, self.learn_costs = decide_every, learn_costs
         # the last ``history`` drafted steps' q [HISTORY_GROUPS, block - 1] (NaN past the positions drafted)
-        self._history: list[np.ndarray] = []
-        self._history_size, self._history_next = history, 0
+        # (the groups: see HISTORY_GROUPS; one, the mean request, for an engine that verifies one width)
+        self._groups = self.HISTORY_GROUPS if ragged else 1
+        self._history = np.full((history, self._groups, block_size - 1), math.nan)
+        self._history_count, self._history_next = 0, 0
         # (batch, steps left, tokens per ms of drafting over the history, its plan): see decide_every
         self._long_run: tuple[int, int, float, VerifyPlan] | None = None
         # the last ``recent`` drafted steps at their best widths: (tokens / batch, ms / plain ms) each
@@ -736,20 +735,18 @@ class VerifyWidthPolicy:
                 itertools.accumulate(self.calibration.predict_row(confidences.tolist()[0]), operator.mul)
             )
             plan = self._best_one(q, [n + 1], min_width=int(probing))
-            groups = np.array(q)[None, :]
+            groups: Any = q
         else:
             prefix = np.cumprod(
                 self.calibration.predict_array(_numpy(confidences)), axis=1
             )  # rows non-increasing
             plan = self._best(prefix, [n + 1], uniform=probing, min_width=int(probing))
-            groups = self._group_means(prefix)
-        row = np.full((self.HISTORY_GROUPS, self.block_size - 1), math.nan)  # NaN: positions not drafted
+            groups = self._group_means(prefix) if self._groups > 1 else prefix.mean(axis=0)
+        row = self._history[self._history_next]
         row[:, :n] = groups
-        if len(self._history) < self._history_size:
-            self._history.append(row)
-        else:
-            self._history[self._history_next] = row
-        self._history_next = (self._history_next + 1) % self._history_size
+        row[:, n:] = math.nan  # positions not drafted
+        self._history_count = min(self._history_count + 1, len(self._history))
+        self._history_next = (self._history_next + 1) % len(self._history)
         plan.plain_decode = max(plan.widths) == 0
         if probing:
             plan.extra["probe"] = True
@@ -768,7 +765,7 @@ class VerifyWidthPolicy:
         the class docstring). Widths are uniform (the best single width over the recent history)."""
         plain_ms = self.plain_ms(batch)
         plain = VerifyPlan([0] * batch, True, self._recent_block, float(batch), plain_ms)
-        if len(self._history) == 0:  # nothing drafted yet: draft, the calibration's rates say how wide
+        if self._history_count == 0:  # nothing drafted yet: draft, the calibration's rates say how wide
             prefix = self.calibration.position_rates(self.block_size - 1).cumprod(0).numpy()
             self._probing = True  # a cold start explores: a prior alone must not rule drafting out
             plan = self._best(np.broadcast_to(prefix, (batch, prefix.size)), self.draft_blocks, True, 1)
@@ -784,7 +781,7 @@ class VerifyWidthPolicy:
             tokens = sum(t for t, _ in self._recent_steps)
             cost = sum(c for _, c in self._recent_steps)
             speedup = trust * tokens / cost + (1 - trust) * speedup
-        if len(self._history) < self.min_history or speedup > 1.0:
+        if self._history_count < self.min_history or speedup > 1.0:
             return self._with_block_probe(plan)
         if self._plain_in_row >= self.probe_interval * max(1.0, plan.expected_ms / plain_ms):
             self._plain_in_row, self._probing = 0, True
@@ -863,7 +860,7 @@ class VerifyWidthPolicy:
     def _group_means(self, prefix: np.ndarray) -> np.ndarray:
         """[HISTORY_GROUPS, n]: the mean q of the requests in each quantile of expected tokens (a batch
         smaller than the groups repeats its requests in proportion)."""
-        bs, groups = prefix.shape[0], self.HISTORY_GROUPS
+        bs, groups = prefix.shape[0], self._groups
         order = np.argsort(prefix.sum(axis=1), kind="stable")
         if bs < groups:
             return prefix[order[(np.arange(groups) * bs) // groups]]
@@ -897,14 +894,17 @@ class VerifyWidthPolicy:
                 expected = float(tokens[:, width].sum()) / count
                 best = (rate, VerifyPlan([width] * batch, False, block, expected, float(ms[width])))
         assert best is not None
-        steps_left = min(self.decide_every, len(self._history))  # early on, each drafted step moves it a lot
+        steps_left = min(self.decide_every, self._history_count)  # early on, each drafted step moves it a lot
         return batch, steps_left, best[0], best[1]
 
     def _completed_history(self) -> np.ndarray:
         """The history [steps, groups, block - 1] with the positions a step did not draft (NaN) filled in:
         the row's last q times the survival from the position before, over the rows that drafted both (the
         calibration's rate at that position when none did)."""
-        stacked = np.array(self._history, dtype=np.float64)
+        stacked = self._history[: self._history_count]
+        if not np.isnan(stacked).any():
+            return stacked  # every step drafted the whole block: nothing to fill in
+        stacked = stacked.copy()
         history = stacked.reshape(-1, stacked.shape[-1])
         rates: np.ndarray | None = None
         for j in range(1, history.shape[1]):
