@@ -16,7 +16,10 @@ included, without the prefill and without the tail of a closed batch (under trac
 accept least run on at smaller batches after the others finished: with the synthetic trace at block 8 the
 slowest of 128 requests needs about twice the mean request's steps). ``host_ms`` is that period minus the
 timed GPU phases, and ``x_ar_steady`` = tau * AR's period / DFLARE's: the speed-up a server kept at this
-batch would see, where ``x_ar`` is that of one closed batch of requests.
+batch would see, where ``x_ar`` is that of one closed batch of requests. With STEADY=<seconds> each server is
+also kept at each batch size above 1 for that long, every client sending its next request when its last one
+answered: ``kept_full_tok_s`` is the tok/s of the requests that finished after the first third, and
+``x_ar_kept_full`` its ratio to AR's: measured, where ``x_ar_steady`` is computed from step periods.
 
 Adaptive DFLARE (``DFLARE_VERIFY=adaptive``: per-request verify widths and plain decode steps chosen by the
 verify-width policy from a step-cost table) joins as ``a<block>`` in BLOCKS (e.g. ``BLOCKS=16,8,a16``), with
@@ -45,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sglang_sim import TAPS9, TARGET, draft, mean_ms, median_row, phase_totals
-from sglang_harness import OUT, Results, Server, generate, stop_on_sigterm, timed
+from sglang_harness import OUT, Results, Server, generate, keep_full, steady_rate, stop_on_sigterm, timed
 
 ROOT = Path("/tmp/q8load")
 PROMPT = list(range(1000, 1128))  # 128 prompt tokens
@@ -137,6 +140,16 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
     row["draft_short_share"] = round(drafts["draft_short"] / sum(drafts.values()), 3) if short else None
     row["draft_mean_ms"] = round(mean, 4) if mean is not None else None  # every round has every key
     return row
+
+
+def measure_kept_full(server: Server, bs: int, trace: str | None, seconds: float) -> float:
+    """tok/s of ``server`` kept at ``bs`` requests in flight for ``seconds`` (STEADY): the requests that
+    finished after the first third (the ramp), over the rest of the time."""
+    sampling = {"temperature": 0, "max_new_tokens": new_tokens(bs), "ignore_eos": True}
+    if trace:
+        sampling["custom_params"] = {"dflare_trace": trace}
+    start, finished = keep_full(server.url, PROMPT, sampling, bs, seconds)
+    return round(steady_rate(finished, start + seconds / 3, start + seconds), 1)
 
 
 def server_args(attn: str, sizes: list[int]) -> list[str]:
@@ -241,9 +254,16 @@ def run_wave(
                 raw.setdefault((who, trace, bs), []).append(row)
                 name = who if who == "ar" else server_key(*who)
                 print(f"round {r} {name} {trace} bs={bs}", row, flush=True)
+    kept: dict[tuple, float] = {}  # STEADY: tok/s with the batch kept full, once per server and batch
+    steady_s = float(os.environ.get("STEADY", "0"))
+    for bs in [b for b in sizes if b > 1] if steady_s > 0 else []:
+        for who, trace in runs:
+            kept[(who, trace, bs)] = measure_kept_full(ar if who == "ar" else up[who], bs, trace, steady_s)
+            print(f"kept full {who} {trace} bs={bs}: {kept[(who, trace, bs)]} tok/s", flush=True)
     wave = ",".join(server_key(*who) for who in up)
     for bs in sizes:
         a = median_row(raw[("ar", None, bs)])
+        a["kept_full_tok_s"] = kept.get(("ar", None, bs))
         for trace in traces:
             rows.append({"trace": trace, "batch": bs, "mode": "ar", "block": 1, "wave": wave, **a,
                          "verified_per_req": 1, "ar_step_ms": a["decode_ms"]})  # fmt: skip
@@ -262,6 +282,11 @@ def run_wave(
                     "x_ar_steady": round(steady, 3) if steady else None,
                     "host_ms": round(walls[0] - t_spec, 3) if walls[0] and t_spec else None,
                     "short_drafts": os.environ.get("SHORT_DRAFTS", "8") if mode == "adaptive_draft" else None,
+                    "kept_full_tok_s": kept.get(((mode, block), trace, bs)),
+                    "x_ar_kept_full": (
+                        round(kept[((mode, block), trace, bs)] / a["kept_full_tok_s"], 3)
+                        if kept.get(((mode, block), trace, bs)) and a["kept_full_tok_s"] else None
+                    ),
                 })  # fmt: skip
 
 
@@ -285,6 +310,7 @@ def main() -> int:
         "new_tokens": {str(bs): new_tokens(bs) for bs in sizes},
         "rounds": rounds,
         "warmups": os.environ.get("WARMUP") == "1",
+        "kept_full_s": float(os.environ.get("STEADY", "0")),
         "attention": attn,
         "traces": traces,
         "command": f"BLOCKS={os.environ.get('BLOCKS', '16,8')} TRACES={','.join(traces)} ATTN={attn} "

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -164,6 +165,47 @@ def generate(
         return list(pool.map(one, prompts))
     finally:  # on a failure, queued requests are dropped instead of each waiting out its own timeout
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def keep_full(
+    url: str,
+    prompt: list[int],
+    sampling: dict,
+    concurrency: int,
+    seconds: float,
+    send: Callable[[str, dict, float], tuple[int, Any]] | None = None,
+    timeout: float = 180,
+) -> tuple[float, list[tuple[float, int]]]:
+    """A server kept at ``concurrency`` requests in flight for ``seconds``: each of ``concurrency`` clients
+    sends its next /generate as soon as its last one answered, as a busy server's clients do (no closed
+    batch draining to its slowest request). Returns the start time and (finish time, completion tokens)
+    of every request (``time.monotonic``; those still running at the end are waited for)."""
+    send = send or post
+    start = time.monotonic()
+    finished: list[tuple[float, int]] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        while time.monotonic() < start + seconds:
+            status, body = send(
+                url + "/generate", {"input_ids": prompt, "sampling_params": sampling}, timeout
+            )
+            if status != 200:
+                raise RuntimeError(f"/generate -> {status}: {body}")
+            with lock:
+                finished.append((time.monotonic(), int(body["meta_info"]["completion_tokens"])))
+
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        for done in [pool.submit(client) for _ in range(concurrency)]:
+            done.result()
+    return start, finished
+
+
+def steady_rate(finished: list[tuple[float, int]], t_from: float, t_to: float) -> float:
+    """Tokens per second of the requests that finished between ``t_from`` and ``t_to``: with the server
+    kept full and a window of several request lifetimes, the tokens it generated in the window."""
+    tokens = sum(n for t, n in finished if t_from <= t <= t_to)
+    return tokens / (t_to - t_from)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

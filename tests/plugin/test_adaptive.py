@@ -360,3 +360,31 @@ def test_adaptive_runs_tensor_parallel_and_refuses_pipeline_or_data_parallel_eng
         setattr(args, flag, 2)
         with pytest.raises(adaptive.AdaptiveConfigError, match=f"--{flag.replace('_', '-')} 2"):
             adaptive.check_parallelism(args)
+
+
+def test_a_server_kept_full_is_measured_at_its_steady_rate(monkeypatch) -> None:
+    """keep_full (STEADY in the load benchmark) against a stand-in /generate that takes 20 ms a request
+    of 10 tokens: never more than the asked concurrency in flight, each client sending again at once, and
+    the window's rate that of the full server (4 clients x 10 tokens / 20 ms = 2,000 tok/s)."""
+    import threading
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "gpu"))
+    from sglang_harness import keep_full, steady_rate
+
+    in_flight, most, lock = [0], [0], threading.Lock()
+
+    def send(url: str, body: dict, timeout: float) -> tuple[int, dict]:
+        assert url.endswith("/generate") and body["sampling_params"]["max_new_tokens"] == 10
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.02)
+        with lock:
+            in_flight[0] -= 1
+        return 200, {"meta_info": {"completion_tokens": 10}}
+
+    start, finished = keep_full("http://stand-in", [1, 2], {"max_new_tokens": 10}, 4, 0.6, send=send)
+    assert most[0] == 4 and len(finished) >= 4 * 20
+    assert all(t >= start for t, _ in finished)
+    rate = steady_rate(finished, start + 0.2, start + 0.6)
+    assert 1500 < rate < 2100, rate  # sleep overshoots a little: never faster than the full server
