@@ -11,7 +11,9 @@ directory itself.
 
 ``--vs-threshold`` runs three engines instead of two: AR, the verify-width policy (``--verify-policy``)
 and the fixed ``--min-draft-confidence`` threshold (default 0.02), and reports the policy's tokens/s over
-the threshold's.
+the threshold's. With ``--draft-blocks 8`` (with ``--vs-threshold``) a fourth engine runs the policy
+allowed to draft those shorter blocks too (``policy_draft``), reported over the policy that drafts the
+whole block.
 """
 
 from __future__ import annotations
@@ -91,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compare the verify-width policy with the fixed --min-draft-confidence "
         f"(default {CPU_MIN_DRAFT_CONFIDENCE}) in the same run, beside AR",
+    )
+    p.add_argument(
+        "--draft-blocks",
+        type=lambda text: [int(b) for b in text.split(",")],
+        default=[],
+        help="with --vs-threshold: also run the policy allowed to draft these shorter blocks (e.g. 8)",
     )
     p.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
     p.add_argument("--ignore-eos", action="store_true", help="always decode max_tokens tokens")
@@ -186,6 +194,9 @@ def main(argv: list[str]) -> int:
     if args.rounds < 1:
         print("dflare bench: --rounds must be at least 1", file=sys.stderr)
         return 2
+    if args.draft_blocks and not args.vs_threshold:
+        print("dflare bench: --draft-blocks compares policies: use it with --vs-threshold", file=sys.stderr)
+        return 2
     try:
         pair = load_pair(args)
     except (PairUnavailableError, OSError, ValueError) as exc:
@@ -215,6 +226,16 @@ def main(argv: list[str]) -> int:
             pair.target, pair.drafter, args.block_size, max_batch=args.batch, min_draft_confidence=threshold
         )
         engines += [("policy", policy), ("threshold", fixed)]
+        if args.draft_blocks:
+            shorter = build_engine(
+                pair.target,
+                pair.drafter,
+                args.block_size,
+                max_batch=args.batch,
+                verify_policy=True,
+                draft_blocks=args.draft_blocks,
+            )
+            engines.append(("policy_draft", shorter))
     else:
         spec = build_engine(
             pair.target,
@@ -355,6 +376,15 @@ def summarise(
             "tokens_per_cpu_s": round(policy["tokens_per_cpu_s"] / fixed["tokens_per_cpu_s"], 3),
             "per_round": per_round,  # threshold seconds / policy seconds, same tokens when greedy
         }
+    if "policy_draft" in modes:
+        shorter = modes["policy_draft"]
+        report["draft_blocks"] = args.draft_blocks
+        report["policy_draft_vs_policy"] = {
+            "tokens_per_s": round(shorter["tokens_per_s"] / policy["tokens_per_s"], 3),
+            "per_round": [
+                round(p[0] / d[0], 3) for p, d in zip(times["policy"], times["policy_draft"], strict=True)
+            ],
+        }
     return report
 
 
@@ -392,6 +422,13 @@ def print_table(report: dict[str, Any]) -> None:
             f"identical outputs {m['policy']['identical_outputs']}/{report['prompts']} policy, "
             f"{m['threshold']['identical_outputs']}/{report['prompts']} threshold"
         )
+    if "policy_draft_vs_policy" in report:
+        cmp = report["policy_draft_vs_policy"]
+        print(
+            f"policy drafting blocks {report['draft_blocks']} too / policy: {cmp['tokens_per_s']:.3f}x "
+            f"(per round {cmp['per_round']}); identical outputs "
+            f"{m['policy_draft']['identical_outputs']}/{report['prompts']}"
+        )
     if "speedup_per_round" in report:
         per_round = report["speedup_per_round"]
         if len(per_round) > 1:
@@ -418,10 +455,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
         "speculative": f"{kind} (block {report['modes'].get('speculative', {}).get('block_size')})",
         "policy": f"{kind}, verify-width policy",
         "threshold": f"{kind}, threshold {report.get('min_draft_confidence')}",
+        "policy_draft": f"{kind}, policy + blocks {report.get('draft_blocks')}",
     }
     labels = [names[label] for label in m]
     values = [row["tokens_per_s"] for row in m.values()]
     colors = {"ar": "#888888", "speculative": "#e4572e", "policy": "#e4572e", "threshold": "#4c72b0"}
+    colors["policy_draft"] = "#55a868"
     fig, ax = plt.subplots(figsize=(5 + 1.2 * (len(m) - 2), 3.5))
     ax.bar(labels, values, color=[colors[label] for label in m])
     ax.set_ylabel("output tokens / s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ def build_engine(
     max_batch: int = 8,
     min_draft_confidence: float | None = None,
     verify_policy: bool | None = None,
+    draft_blocks: Sequence[int] = (),
 ) -> SpeculativeEngine:
     """The engine with the CLIs' adaptivity. ``verify_policy`` True: the verify-width policy chooses each
     step's widths (its cost model profiled here: on the demo pair, one thread, 0.9 s at max_batch 1 and
@@ -58,7 +60,7 @@ def build_engine(
     (0 = the whole block; None = 0.02 on CPU, the whole block elsewhere); None (the default): the policy
     on CPU unless a threshold is given, the whole block elsewhere. On the demo pair the policy matches the
     0.02 threshold's speed (0.99-1.0x, docs/benchmarks.md) and adapts where a fixed threshold cannot
-    (batch, machine load, drafter drift)."""
+    (batch, machine load, drafter drift). ``draft_blocks``: shorter blocks the policy may also draft."""
     if verify_policy and min_draft_confidence is not None:
         raise ValueError("verify_policy and min_draft_confidence are alternatives: pass one")
     device = getattr(target, "device", None) or next(target.parameters()).device
@@ -72,7 +74,7 @@ def build_engine(
         from sglang_ext.reference.step_profile import measured_policy
 
         start = time.perf_counter()
-        engine.verify_policy = policy = measured_policy(engine)
+        engine.verify_policy = policy = measured_policy(engine, draft_blocks)
         cost, block = policy.cost, engine.block_size
         log.info(
             "verify-width policy on, block %d; step costs measured in %.2f s (batch 1: decode %.2f ms, "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,18 +43,19 @@ LEARN_EVERY = 8
 
 
 class _FixedWidth(VerifyWidthPolicy):
-    """Makes every step of the scratch engine the kind being timed: ``width`` drafts per row, or PLAIN."""
+    """Makes every step of the scratch engine the kind being timed: ``width`` drafts per row, or PLAIN, of a
+    draft of ``draft_block``."""
 
     def __init__(self, block_size: int) -> None:
         cost = StepCostModel([(1, 1, 1.0)], [(1, block_size, 1.0)])
         super().__init__(cost, AcceptanceCalibration(), block_size)
-        self.width = PLAIN
+        self.width, self.draft_block = PLAIN, block_size
 
     def plan_for_batch(self, batch: int) -> VerifyPlan:
-        return VerifyPlan([0] * batch, self.width == PLAIN, self.block_size, 0.0, 1.0)
+        return VerifyPlan([0] * batch, self.width == PLAIN, self.draft_block, 0.0, 1.0)
 
     def plan(self, confidences: torch.Tensor) -> VerifyPlan:
-        return VerifyPlan([self.width] * confidences.shape[0], False, self.block_size, 0.0, 1.0)
+        return VerifyPlan([self.width] * confidences.shape[0], False, confidences.shape[1] + 1, 0.0, 1.0)
 
     def observe_step(self, *args, **kwargs) -> None:
         """The profile times the steps itself."""
@@ -64,8 +66,11 @@ def _widths(block_size: int) -> list[int]:
     return sorted({0, 1, 2, 3, block_size // 2, block_size - 1} & set(range(block_size)))
 
 
-def _step_ms(engine: SpeculativeEngine, policy: _FixedWidth, width: int, rows: int) -> float:
-    """One timed step of ``rows`` decoding requests at ``width`` (refilled untimed when some finished)."""
+def _step_ms(
+    engine: SpeculativeEngine, policy: _FixedWidth, width: int, rows: int, draft_block: int | None = None
+) -> float:
+    """One timed step of ``rows`` decoding requests at ``width`` of a draft of ``draft_block`` (default the
+    engine's block; refilled untimed when some finished)."""
     from sglang_ext.reference.engine import Request
 
     vocab, prompt = engine.runner.config.vocab_size, min(CONTEXT, engine.max_context // 4)
@@ -79,7 +84,7 @@ def _step_ms(engine: SpeculativeEngine, policy: _FixedWidth, width: int, rows: i
             engine.add_request(Request(f"profile-{time.perf_counter_ns()}-{r}", ids, _PARAMS))
         policy.width = PLAIN
         engine.step()  # prefill
-    policy.width = width
+    policy.width, policy.draft_block = width, draft_block or engine.block_size
     start = time.perf_counter()
     engine.step()
     return (time.perf_counter() - start) * 1e3
@@ -89,8 +94,11 @@ _PARAMS = SamplingParams(max_tokens=10**6)
 
 
 @torch.inference_mode()
-def measure_step_costs(engine: SpeculativeEngine, repeats: int = 9, max_batch: int = 16) -> StepCostModel:
-    """Time the engine's steps by kind (see the module docstring) into a cost model."""
+def measure_step_costs(
+    engine: SpeculativeEngine, repeats: int = 9, max_batch: int = 16, draft_blocks: Sequence[int] = ()
+) -> StepCostModel:
+    """Time the engine's steps by kind (see the module docstring) into a cost model; ``draft_blocks``:
+    shorter blocks whose drafts are timed too (a drafted step verifying none, minus the plain step)."""
     from sglang_ext.reference.engine import SpeculativeEngine
 
     if engine.drafter is None:
@@ -102,18 +110,19 @@ def measure_step_costs(engine: SpeculativeEngine, repeats: int = 9, max_batch: i
         scratch = SpeculativeEngine(
             engine.runner, engine.drafter, block, max_batch=batch, verify_policy=policy
         )
-        kinds = [PLAIN, *_widths(block)]
-        for width in kinds:  # first calls: allocations out of the timing
-            _step_ms(scratch, policy, width, batch)
+        kinds = [(PLAIN, block), *((w, block) for w in _widths(block)), *((0, b) for b in draft_blocks)]
+        for width, drafted in kinds:  # first calls: allocations out of the timing
+            _step_ms(scratch, policy, width, batch, drafted)
         rounds = []
         for _ in range(repeats):  # every kind once per round, close in time: a load change hits all alike
-            rounds.append({width: _step_ms(scratch, policy, width, batch) for width in kinds})
-        decode = min(r[PLAIN] for r in rounds)
-        draft = max(statistics.median(r[0] - r[PLAIN] for r in rounds), 0.0)
+            rounds.append({(w, b): _step_ms(scratch, policy, w, batch, b) for w, b in kinds})
+        decode = min(r[(PLAIN, block)] for r in rounds)
         decodes.append((batch, decode))
-        drafts.append((batch, block, draft))
+        for drafted in (block, *draft_blocks):
+            draft = max(statistics.median(r[(0, drafted)] - r[(PLAIN, block)] for r in rounds), 0.0)
+            drafts.append((batch, drafted, draft))
         for w in _widths(block):  # the step at width w over the step that verified none, paired per round
-            extra = max(statistics.median(r[w] - r[0] for r in rounds), 0.0)
+            extra = max(statistics.median(r[(w, block)] - r[(0, block)] for r in rounds), 0.0)
             verify.append((batch, batch * (w + 1), decode + extra))
     runner, kind = engine.runner, engine.drafter.config.kind
     return StepCostModel(
@@ -129,13 +138,18 @@ def measure_step_costs(engine: SpeculativeEngine, repeats: int = 9, max_batch: i
     )
 
 
-def measured_policy(engine: SpeculativeEngine, **policy_args) -> VerifyWidthPolicy:
+def measured_policy(
+    engine: SpeculativeEngine, draft_blocks: Sequence[int] = (), **policy_args
+) -> VerifyWidthPolicy:
     """The engine's verify-width policy: its own steps profiled now, a fresh calibration, and the padded
-    cost of the reference engine (every row verifies as many tokens as the longest)."""
+    cost of the reference engine (every row verifies as many tokens as the longest). ``draft_blocks``:
+    shorter blocks it may draft (their drafts profiled too)."""
+    shorter = sorted({int(b) for b in draft_blocks} - {engine.block_size})
     return VerifyWidthPolicy(
-        measure_step_costs(engine),
+        measure_step_costs(engine, draft_blocks=shorter),
         AcceptanceCalibration(fold_every=LEARN_EVERY),
         engine.block_size,
         ragged=False,
+        draft_blocks=[*shorter, engine.block_size],
         **policy_args,
     )

@@ -252,3 +252,72 @@ def test_the_engine_reports_its_steps_and_the_cost_model_learns_them() -> None:
     assert len(unclean) >= 5 and len(unclean) < len(policy.reports)  # each request's first steps
     learnt = cost.to_dict()["learnt"]
     assert learnt["steps"] and all(p["ms"] < p["profiled_ms"] for p in learnt["steps"])
+
+
+class ScriptedDraftBlocks(ScriptedPolicy):
+    """ScriptedPolicy whose drafted steps also cycle through shorter draft blocks (2, 4, the whole block):
+    every width of each block, plain steps between."""
+
+    def plan_for_batch(self, batch: int) -> VerifyPlan:
+        plan = super().plan_for_batch(batch)
+        plan.draft_block = [2, 4, self.block_size][self.step % 3]
+        return plan
+
+    def plan(self, confidences: torch.Tensor) -> VerifyPlan:
+        drafted = confidences.shape[1] + 1
+        self.kinds.append(f"block {drafted}")
+        plan = super().plan(confidences)
+        plan.widths = [min(w, drafted - 1) for w in plan.widths]
+        return plan
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_switching_draft_blocks_is_lossless(batch: int) -> None:
+    seed, block = 2, 8
+    model = target(seed)
+    engine = SpeculativeEngine(model, tiny_drafter(model, block_size=block, seed=5), block, max_batch=batch)
+    policy = ScriptedDraftBlocks(block, engine)
+    engine.verify_policy = policy
+    assert greedy_mismatches(engine, seed, prompts_for(seed, 6), N_TOKENS) == []
+    assert {"block 2", "block 4", "block 8", "plain"} <= set(policy.kinds)
+    assert policy.context_gaps == []  # the drafter's context holds every committed token at each draft
+
+
+def test_a_real_policy_drafts_the_cheaper_shorter_block_and_stays_lossless() -> None:
+    """Block 8's draft made 20x dearer than block 4's: the real policy drafts block 4 and probes block 8
+    now and then, and the output equals generate's."""
+    seed, block = 4, 8
+    model = target(seed)
+    cost = StepCostModel(
+        [(b, b * q, 10.0 + 0.01 * b * (q - 1)) for b in (1, 4) for q in (1, block)],
+        [(b, k, ms) for b in (1, 4) for k, ms in ((4, 0.5), (block, 10.0))],
+        block_size=block,
+    )
+    policy = VerifyWidthPolicy(
+        cost,
+        AcceptanceCalibration(),
+        block,
+        draft_blocks=[4, block],
+        block_probe_interval=4,
+        learn_costs=False,
+    )
+    drafted = []
+    original = policy.plan
+
+    def plan(confidences: torch.Tensor) -> VerifyPlan:
+        drafted.append(confidences.shape[1] + 1)
+        return original(confidences)
+
+    policy.plan = plan
+    engine = SpeculativeEngine(model, tiny_drafter(model, block_size=block, seed=6), block, max_batch=2)
+    engine.verify_policy = policy
+    assert greedy_mismatches(engine, seed, prompts_for(seed, 4), N_TOKENS) == []
+    assert drafted.count(4) > drafted.count(block) > 0, drafted
+
+
+def test_step_profile_times_the_shorter_drafts_too() -> None:
+    model = target(0)
+    engine = SpeculativeEngine(model, tiny_drafter(model, block_size=8), 8, max_batch=4)
+    data = measure_step_costs(engine, repeats=3, draft_blocks=[4]).to_dict()
+    assert sorted((p["batch"], p["block"]) for p in data["draft"]) == [(1, 4), (1, 8), (4, 4), (4, 8)]
+    assert all(p["ms"] >= 0 for p in data["draft"])
