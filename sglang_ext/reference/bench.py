@@ -468,6 +468,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         cmp = report["policy_vs_threshold"]["tokens_per_s"]
         vs = f"{m['policy']['speedup']:.2f} vs {m['threshold']['speedup']:.2f}"
         title = f"policy / threshold {cmp:.3f}x; x AR {vs}"
+        if "policy_draft_vs_policy" in report:
+            shorter = report["policy_draft_vs_policy"]["tokens_per_s"]
+            title += f"; + blocks {report['draft_blocks']} / policy {shorter:.3f}x"
     else:
         title = f"{report['speedup']:.2f}x, tau {report['tau']:.2f}"
     ax.set_title(f"{title} (batch {report['batch']})", fontsize=9)
