@@ -206,7 +206,7 @@ class AdaptiveStep:
         decided = None
         if self.leads:
             plan = self.greedy_policy.plan_for_batch(bs)
-            decided = [int(plan.plain_decode), int(getattr(plan, "draft_block", self.block))]
+            decided = [int(plan.plain_decode), int(plan.draft_block)]
         plain, drafted = self._agree(decided, 2)
         return bool(plain), int(drafted)
 
@@ -298,17 +298,13 @@ class AdaptiveStep:
         hidden = out.logits_output.hidden_states
         hidden = None if hidden is None else hidden.view(bs, width, -1)[:, 1:, :]
         fused = None
+        confident = isinstance(w._draft_sampler, ConfidentDraftSampler)
         if w._draft_sampler is not None and out.can_run_graph and width == block:
             draft_next = w._draft_sampler.out[: bs * (block - 1)].view(bs, block - 1)
-            top1 = getattr(w._draft_sampler, "top1", None)
-            fused = None if top1 is None else top1[: bs * (block - 1)].view(bs, block - 1)
-        elif (
-            hidden is not None
-            and isinstance(w._draft_sampler, ConfidentDraftSampler)
-            and bs * (width - 1) <= w._draft_sampler.out.numel()  # its buffers: up to the graphs' batch
-        ):
+            fused = w._draft_sampler.top1[: bs * (block - 1)].view(bs, block - 1) if confident else None
+        elif confident and hidden is not None and bs * (width - 1) <= w._draft_sampler.out.numel():
             # an eager draft of a shorter block: ids and confidences in one LM-head product, through the
-            # graph's head outside the graph
+            # graph's head outside the graph (its buffers hold up to the graphs' largest batch)
             ids, top1 = w._draft_sampler.draft(hidden.reshape(-1, hidden.shape[-1]))
             draft_next, fused = ids.view(bs, width - 1), top1.view(bs, width - 1)
         else:
@@ -330,26 +326,12 @@ class AdaptiveStep:
         takes the eager path. Kept per (bs, width): a layout is a few small device tensors."""
         key = (bs, width)
         spec = self._short_drafts.get(key)
-        if spec is None:
-            from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
-            from sglang.srt.speculative.dflash_info import DFlashVerifyInput
-            from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout
+        if spec is None:  # SGLang's draft-block spec input, at this width, with the layout riding on it
+            from sglang.srt.speculative.draft_worker_common import make_draft_block_spec_info
 
-            lens = [width] * bs
-            layout = RaggedVerifyLayout._assemble_device(
-                verify_lens=host_upload.to_device(lens, self.worker.device, torch.int32),
-                graph_num_tokens=bs * width,
-                verify_lens_cpu=lens,
-                total_verify_tokens=bs * width,
-            )
-            spec = self._short_drafts[key] = DFlashVerifyInput(
-                draft_token=torch.empty((0,), dtype=torch.long, device=self.worker.device),
-                positions=torch.empty((0,), dtype=torch.int64, device=self.worker.device),
-                draft_token_num=width,
-                custom_mask=None,
-                capture_hidden_mode=CaptureHiddenMode.NULL,
-                ragged_verify_layout=layout,
-            )
+            spec = make_draft_block_spec_info(draft_token_num=width, device=self.worker.device)
+            spec.ragged_verify_layout = self._layout([width] * bs, padded=False)
+            self._short_drafts[key] = spec
         return spec
 
     def _confidences(
@@ -388,13 +370,14 @@ class AdaptiveStep:
             accepted = accepted.tolist()
         self.calibration.observe(confidences, widths, accepted)
 
-    def _layout(self, verify_lens: list[int]):
-        """SGLang's ragged layout for these lengths, padded to the smallest captured token tier; the lengths
-        reach the GPU through a pinned buffer (host_upload: no wait on the previous step)."""
+    def _layout(self, verify_lens: list[int], padded: bool = True):
+        """SGLang's ragged layout for these lengths, padded to the smallest captured token tier (``padded``:
+        a graph replays it; else an eager forward runs it as it is); the lengths reach the GPU through a
+        pinned buffer (host_upload: no wait on the previous step)."""
         from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout, round_up_grid
 
         w = self.worker
-        tiers = self._tiers or []
+        tiers = (self._tiers or []) if padded else []
         total = sum(verify_lens)
         graph_tokens = round_up_grid(total, tiers) if tiers and total <= tiers[-1] else total
         return RaggedVerifyLayout._assemble_device(  # the public builders copy the lengths pageable

@@ -80,12 +80,5 @@ class DsparkPlannerPolicy:
         expected = (decision.predicted_theta or 0.0) * seconds
         return VerifyPlan(widths, False, self.block, float(expected), 1000.0 * seconds, {"budget": budget})
 
-    def observe_step(
-        self,
-        batch: int,
-        verified_tokens: int | None,
-        ms: float,
-        clean: bool = True,
-        draft_block: int | None = None,
-    ) -> None:
-        """DSPARK's table is fixed: measured step times are not learnt."""
+    def observe_step(self, *_: Any, **__: Any) -> None:
+        """DSPARK's table is fixed: measured steps (as ``VerifyWidthPolicy.observe_step``) are not learnt."""

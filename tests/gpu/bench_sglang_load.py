@@ -63,6 +63,13 @@ def new_tokens(bs: int) -> int:
     return 512 if 128 <= bs < 256 else 256
 
 
+def greedy(tokens: int, trace: str | None) -> dict:
+    """Sampling params of a measured request: greedy, ``tokens`` new tokens whatever the model says, and
+    the acceptance trace it replays (None: AR)."""
+    sampling = {"temperature": 0, "max_new_tokens": tokens, "ignore_eos": True}
+    return {**sampling, "custom_params": {"dflare_trace": trace}} if trace else sampling
+
+
 def kv_tokens(sizes: list[int]) -> int:
     """KV slots for the largest batch of the grid (prompt, new tokens and a verify window per request)."""
     return max(bs * (len(PROMPT) + new_tokens(bs) + 48) for bs in sizes)
@@ -108,9 +115,7 @@ def sample_host(server: Server, label: str, seconds: float) -> subprocess.Popen 
 
 
 def measure(server: Server, bs: int, trace: str | None, sample: bool = False) -> dict:
-    sampling = {"temperature": 0, "max_new_tokens": new_tokens(bs), "ignore_eos": True}
-    if trace:
-        sampling["custom_params"] = {"dflare_trace": trace}
+    sampling = greedy(new_tokens(bs), trace)
     phases = Path(f"/tmp/phases/{server.name}")
     before = phase_totals(phases)
     sampler = sample_host(server, f"bs{bs}_{trace or 'ar'}", 3.0) if sample else None
@@ -145,9 +150,7 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
 def measure_kept_full(server: Server, bs: int, trace: str | None, seconds: float) -> float:
     """tok/s of ``server`` kept at ``bs`` requests in flight for ``seconds`` (STEADY): the requests that
     finished after the first third (the ramp), over the rest of the time."""
-    sampling = {"temperature": 0, "max_new_tokens": new_tokens(bs), "ignore_eos": True}
-    if trace:
-        sampling["custom_params"] = {"dflare_trace": trace}
+    sampling = greedy(new_tokens(bs), trace)
     start, finished = keep_full(server.url, PROMPT, sampling, bs, seconds)
     return round(steady_rate(finished, start + seconds / 3, start + seconds), 1)
 
@@ -190,8 +193,7 @@ def profile_pass(server: Server) -> None:
     (96 gave 12-13 full-batch steps, and the profiled step fell into round 0). It also warms each batch
     size up."""
     for bs in (1, 32, 128):
-        sampling = {"temperature": 0, "max_new_tokens": 256, "ignore_eos": True}
-        generate(server.url, [PROMPT] * bs, {**sampling, "custom_params": {"dflare_trace": "synthetic"}}, bs)
+        generate(server.url, [PROMPT] * bs, greedy(256, "synthetic"), bs)
 
 
 def profile_dir(tag: str, key: str) -> Path:

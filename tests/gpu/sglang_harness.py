@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -154,17 +153,21 @@ def generate(
     A request that does not finish within ``timeout`` fails the call (a hung server must not eat the run).
     """
 
-    def one(ids: list[int]) -> dict:
-        status, body = post(url + "/generate", {"input_ids": ids, "sampling_params": sampling}, timeout)
-        if status != 200:
-            raise RuntimeError(f"/generate -> {status}: {body}")
-        return body
-
     pool = cf.ThreadPoolExecutor(concurrency)
     try:
-        return list(pool.map(one, prompts))
+        return list(pool.map(lambda ids: generate_one(url, ids, sampling, timeout), prompts))
     finally:  # on a failure, queued requests are dropped instead of each waiting out its own timeout
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def generate_one(
+    url: str, ids: list[int], sampling: dict, timeout: float, send: Callable | None = None
+) -> dict:
+    """One native /generate (through ``send``, default ``post``); a non-200 answer raises."""
+    status, body = (send or post)(url + "/generate", {"input_ids": ids, "sampling_params": sampling}, timeout)
+    if status != 200:
+        raise RuntimeError(f"/generate -> {status}: {body}")
+    return body
 
 
 def keep_full(
@@ -180,20 +183,13 @@ def keep_full(
     sends its next /generate as soon as its last one answered, as a busy server's clients do (no closed
     batch draining to its slowest request). Returns the start time and (finish time, completion tokens)
     of every request (``time.monotonic``; those still running at the end are waited for)."""
-    send = send or post
     start = time.monotonic()
-    finished: list[tuple[float, int]] = []
-    lock = threading.Lock()
+    finished: list[tuple[float, int]] = []  # list.append is atomic: the clients share it as it is
 
     def client() -> None:
         while time.monotonic() < start + seconds:
-            status, body = send(
-                url + "/generate", {"input_ids": prompt, "sampling_params": sampling}, timeout
-            )
-            if status != 200:
-                raise RuntimeError(f"/generate -> {status}: {body}")
-            with lock:
-                finished.append((time.monotonic(), int(body["meta_info"]["completion_tokens"])))
+            body = generate_one(url, prompt, sampling, timeout, send)
+            finished.append((time.monotonic(), int(body["meta_info"]["completion_tokens"])))
 
     with cf.ThreadPoolExecutor(concurrency) as pool:
         for done in [pool.submit(client) for _ in range(concurrency)]:
