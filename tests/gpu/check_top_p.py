@@ -1,7 +1,7 @@
 """GPU check of top-p sampling through SGLang's DFlash-family verify (``run_on_gpu.sh top_p``).
 
-The session-2 and -3 checks found sampled requests with ``top_p < 1`` hanging on DFLARE and on built-in
-DFLASH alike, and sgl_kernel's ``top_p_renorm_prob`` alone not returning within 60 s. This run shows, on the
+Sampled requests with ``top_p < 1`` were seen hanging on DFLARE and on built-in DFLASH alike, and
+sgl_kernel's ``top_p_renorm_prob`` alone not returning within 60 s. This run shows, on the
 shipped pair: (1) where that call spends its time (the child dumps its Python stack at 40 s: FlashInfer
 compiling its sampling module with ninja);
 (2) DFLARE, whose worker installs the PyTorch renormalisation (``sglang_ext/sglang_plugin/top_p.py``),
