@@ -166,7 +166,9 @@ def load_cost_table(
     card: str, block: int, shorter: Sequence[int] = ()
 ) -> tuple[StepCostModel | None, list[int]]:
     """The step costs for ``card`` and ``block`` (None without a table), and which of the ``shorter`` draft
-    blocks have draft costs (the table's own, else the shipped table of that block's)."""
+    blocks have draft costs: the table's own, else a table of that block beside it (``make_cost_table``
+    names them ``<card>_b<block>.json``, so a table made on another card brings that card's draft costs),
+    else the shipped table of this card and that block."""
     path = find_cost_table(card, block)
     if path is None:
         logger.warning(
@@ -178,13 +180,17 @@ def load_cost_table(
         )
         return None, []
     data = json.loads(path.read_text())
+    suffix = f"_b{block}.json"
+    beside = [path.with_name(path.name.removesuffix(suffix) + f"_b{b}.json") for b in shorter]
     shipped = [SHIPPED_TABLES / f"{card_slug(card)}_b{b}.json" for b in shorter]
-    data = with_draft_costs(data, [p for p in shipped if p.is_file()])
+    sources = [*beside, *shipped] if path.name.endswith(suffix) else shipped
+    data = with_draft_costs(data, [p for p in sources if p.is_file()])
     costed = {p["block"] for p in data["draft"]}
     usable = [b for b in shorter if b in costed]
     if len(usable) < len(shorter):
         logger.warning(
-            "DFLARE adaptive: no draft cost for blocks %s in %s or the shipped tables; drafting only %s",
+            "DFLARE adaptive: no draft cost for blocks %s in %s, beside it or in the shipped tables; "
+            "drafting only %s",
             sorted(set(shorter) - set(usable)),
             path,
             [*usable, block],

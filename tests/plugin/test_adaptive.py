@@ -87,6 +87,23 @@ def test_shorter_draft_blocks_take_their_draft_costs_from_the_shipped_tables(cap
     assert adaptive.load_cost_table("No Such Card", 16, [8]) == (None, [])
 
 
+def test_a_chosen_table_brings_the_draft_costs_of_the_tables_beside_it(tmp_path, monkeypatch) -> None:
+    """A table made on one card and served on another: the shorter block's draft cost is the one measured
+    beside it on its own card, not the shipped one of the card serving (none for this card)."""
+    shipped = adaptive.SHIPPED_TABLES / "nvidia-h100-80gb-hbm3_b16.json"
+    b8 = json.loads((adaptive.SHIPPED_TABLES / "nvidia-h100-80gb-hbm3_b8.json").read_text())
+    for point in b8["draft"]:
+        point["ms"] *= 1.04  # still below block 16 (costs rise with the block)
+    (tmp_path / "my-card_b16.json").write_text(shipped.read_text())
+    monkeypatch.setenv(adaptive.COST_TABLE_ENV, str(tmp_path / "my-card_b16.json"))
+    assert adaptive.load_cost_table("Other Card", 16, [8])[1] == []  # nothing beside it yet
+    (tmp_path / "my-card_b8.json").write_text(json.dumps(b8))
+    cost, usable = adaptive.load_cost_table("Other Card", 16, [8])
+    assert usable == [8]
+    for point in b8["draft"]:
+        assert cost.draft_ms(point["batch"], 8) == pytest.approx(point["ms"])
+
+
 def test_a_shorter_draft_is_a_ragged_batch_of_equal_lengths_that_no_draft_graph_fits() -> None:
     """What SGLang's attention backends and the draft graph runner read from a shorter draft's input: the
     eager path (its width is not the captured width) and, per request, ``width`` queries over the committed
