@@ -18,8 +18,8 @@ slowest of 128 requests needs about twice the mean request's steps). ``host_ms``
 timed GPU phases, and ``x_ar_steady`` = tau * AR's period / DFLARE's: the speed-up a server kept at this
 batch would see, where ``x_ar`` is that of one closed batch of requests. With STEADY=<seconds> each server is
 also kept at each batch size above 1 for that long, every client sending its next request when its last one
-answered: ``kept_full_tok_s`` is the tok/s of the requests that finished after the first third, and
-``x_ar_kept_full`` its ratio to AR's: measured, where ``x_ar_steady`` is computed from step periods.
+answered: ``kept_full_tok_s`` is the tok/s generated after the first third (each request's tokens spread
+over its lifetime), and ``x_ar_kept_full`` its ratio to AR's: measured, where ``x_ar_steady`` is computed from step periods.
 
 Adaptive DFLARE (``DFLARE_VERIFY=adaptive``: per-request verify widths and plain decode steps chosen by the
 verify-width policy from a step-cost table) joins as ``a<block>`` in BLOCKS (e.g. ``BLOCKS=16,8,a16``), with
@@ -148,8 +148,8 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
 
 
 def measure_kept_full(server: Server, bs: int, trace: str | None, seconds: float) -> float:
-    """tok/s of ``server`` kept at ``bs`` requests in flight for ``seconds`` (STEADY): the requests that
-    finished after the first third (the ramp), over the rest of the time."""
+    """tok/s of ``server`` kept at ``bs`` requests in flight for ``seconds`` (STEADY): the tokens generated
+    after the first third (the ramp), over the rest of the time."""
     sampling = greedy(new_tokens(bs), trace)
     start, finished = keep_full(server.url, PROMPT, sampling, bs, seconds)
     return round(steady_rate(finished, start + seconds / 3, start + seconds), 1)

@@ -178,29 +178,35 @@ def keep_full(
     seconds: float,
     send: Callable[[str, dict, float], tuple[int, Any]] | None = None,
     timeout: float = 180,
-) -> tuple[float, list[tuple[float, int]]]:
+) -> tuple[float, list[tuple[float, float, int]]]:
     """A server kept at ``concurrency`` requests in flight for ``seconds``: each of ``concurrency`` clients
     sends its next /generate as soon as its last one answered, as a busy server's clients do (no closed
-    batch draining to its slowest request). Returns the start time and (finish time, completion tokens)
+    batch draining to its slowest request). Returns the start time and (sent, answered, completion tokens)
     of every request (``time.monotonic``; those still running at the end are waited for)."""
     start = time.monotonic()
-    finished: list[tuple[float, int]] = []  # list.append is atomic: the clients share it as it is
+    requests: list[tuple[float, float, int]] = []  # list.append is atomic: the clients share it as it is
 
     def client() -> None:
-        while time.monotonic() < start + seconds:
+        while (sent := time.monotonic()) < start + seconds:
             body = generate_one(url, prompt, sampling, timeout, send)
-            finished.append((time.monotonic(), int(body["meta_info"]["completion_tokens"])))
+            requests.append((sent, time.monotonic(), int(body["meta_info"]["completion_tokens"])))
 
     with cf.ThreadPoolExecutor(concurrency) as pool:
         for done in [pool.submit(client) for _ in range(concurrency)]:
             done.result()
-    return start, finished
+    return start, requests
 
 
-def steady_rate(finished: list[tuple[float, int]], t_from: float, t_to: float) -> float:
-    """Tokens per second of the requests that finished between ``t_from`` and ``t_to``: with the server
-    kept full and a window of several request lifetimes, the tokens it generated in the window."""
-    tokens = sum(n for t, n in finished if t_from <= t <= t_to)
+def steady_rate(requests: list[tuple[float, float, int]], t_from: float, t_to: float) -> float:
+    """Tokens per second generated between ``t_from`` and ``t_to``: each request's tokens spread evenly
+    over its lifetime and counted for the part of it inside the window. Counting whole requests at their
+    answer overstates a window a few lifetimes long whenever requests finish in waves (AR keeps its batch
+    in lockstep: a window holding two waves' answers but about 1.6 lifetimes read 1.25x too fast)."""
+    tokens = 0.0
+    for sent, answered, n in requests:
+        inside = min(answered, t_to) - max(sent, t_from)
+        if inside > 0:
+            tokens += n * inside / max(answered - sent, 1e-9)
     return tokens / (t_to - t_from)
 
 

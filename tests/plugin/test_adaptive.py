@@ -400,8 +400,19 @@ def test_a_server_kept_full_is_measured_at_its_steady_rate(monkeypatch) -> None:
             in_flight[0] -= 1
         return 200, {"meta_info": {"completion_tokens": 10}}
 
-    start, finished = keep_full("http://stand-in", [1, 2], {"max_new_tokens": 10}, 4, 0.6, send=send)
-    assert most[0] == 4 and len(finished) >= 4 * 20
-    assert all(t >= start for t, _ in finished)
-    rate = steady_rate(finished, start + 0.2, start + 0.6)
+    start, requests = keep_full("http://stand-in", [1, 2], {"max_new_tokens": 10}, 4, 0.6, send=send)
+    assert most[0] == 4 and len(requests) >= 4 * 20
+    assert all(start <= sent < answered for sent, answered, _ in requests)
+    rate = steady_rate(requests, start + 0.2, start + 0.6)
     assert 1500 < rate < 2100, rate  # sleep overshoots a little: never faster than the full server
+
+
+def test_a_steady_window_counts_the_tokens_made_inside_it_when_requests_finish_in_waves(monkeypatch) -> None:
+    """Four clients in lockstep, 10 tokens per 0.25 s request (160 tok/s), a 0.4 s window that holds two
+    waves of answers (at 0.25 and 0.5 s) but 1.6 request lifetimes: 160 tok/s, not 200."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "gpu"))
+    from sglang_harness import steady_rate
+
+    waves = [(t, t + 0.25, 10) for t in (0.0, 0.25, 0.5) for _client in range(4)]
+    assert steady_rate(waves, 0.2, 0.6) == pytest.approx(160.0)
+    assert steady_rate(waves, 0.0, 0.75) == pytest.approx(160.0)  # the whole run, however cut
