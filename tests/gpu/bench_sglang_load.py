@@ -19,7 +19,8 @@ timed GPU phases, and ``x_ar_steady`` = tau * AR's period / DFLARE's: the speed-
 batch would see, where ``x_ar`` is that of one closed batch of requests. With STEADY=<seconds> each server is
 also kept at each batch size above 1 for that long, every client sending its next request when its last one
 answered: ``kept_full_tok_s`` is the tok/s generated after the first third (each request's tokens spread
-over its lifetime), and ``x_ar_kept_full`` its ratio to AR's: measured, where ``x_ar_steady`` is computed from step periods.
+over its lifetime), and ``x_ar_kept_full`` its ratio to AR's: measured, where ``x_ar_steady`` is computed
+from step periods.
 
 Adaptive DFLARE (``DFLARE_VERIFY=adaptive``: per-request verify widths and plain decode steps chosen by the
 verify-width policy from a step-cost table) joins as ``a<block>`` in BLOCKS (e.g. ``BLOCKS=16,8,a16``), with
