@@ -133,7 +133,7 @@ def around_model_forward(original: Any, runner: Any, forward_batch: Any, *args: 
             timer.other_forward()
         return original(runner, forward_batch, *args, **kwargs)
     bs = int(forward_batch.batch_size)
-    if phase != "draft":
+    if phase in ("verify", "decode"):  # one launch per step: a draft, short or whole, belongs to its verify
         timer.step_launched(bs)
     return timer.timed(f"{phase}/{bs}", original, runner, forward_batch, *args, **kwargs)
 

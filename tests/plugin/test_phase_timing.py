@@ -117,7 +117,13 @@ def test_hook_times_target_steps_not_drafts_and_restarts_after_prefill(tmp_path:
     short = SimpleNamespace(
         forward_mode=mode("verify"), batch_size=8, spec_info=SimpleNamespace(ragged_verify_layout=1)
     )
+    clock.now = 2.04
     phase_timing.around_model_forward(original, draft, short)  # a shorter, eager draft: timed apart
+    phase_timing.around_model_forward(
+        original, target, SimpleNamespace(forward_mode=mode("verify"), batch_size=8)
+    )
     gpu.done_until = gpu.now
     timer.flush()
     assert written(timer.path)["draft_short/8"][0] == 1 and written(timer.path)["draft/8"][0] == 4
+    # its step is one launch, not two: the period from the last step, 40 ms, once
+    assert timer.totals["step_wall/8"] == [3, pytest.approx(20.0 + 30.0 + 40.0)]
