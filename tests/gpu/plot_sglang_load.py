@@ -55,8 +55,10 @@ def main() -> None:
         ax.set_ylabel("x AR tok/s")
         ax.legend(fontsize=8)
         ax = axes[1][col]
+        # a server drafting shorter blocks too: its mean draft (draft_ms is its whole-block draft alone)
+        spec = [{**r, "draft_ms": r.get("draft_mean_ms") or r["draft_ms"]} for r in rows if r["mode"] != "ar"]
         for key, style in (("verify_ms", "-"), ("draft_ms", ":")):
-            for label, pts in series([r for r in rows if r["mode"] != "ar"], trace, key).items():
+            for label, pts in series(spec, trace, key).items():
                 xs, ys = [p[0] for p in pts], [p[1] for p in pts]
                 ax.plot(xs, ys, style, marker=".", label=f"{label} {key[:-3]}")
         ar = series([r for r in rows if r["mode"] == "ar"], trace, "ar_step_ms").get("AR", [])
@@ -66,7 +68,7 @@ def main() -> None:
         ax.set_ylabel("GPU ms per step")
         ax.legend(fontsize=7)
         ax = axes[2][col]
-        planned = [r for r in rows if r["mode"] in ("adaptive", "dspark_planner")]
+        planned = [r for r in rows if r["mode"] in ("adaptive", "adaptive_draft", "dspark_planner")]
         for key, style in (("verified_per_req", "-"), ("plain_step_share", ":")):
             for label, pts in series(planned, trace, key).items():
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"{label} {key}")
