@@ -229,6 +229,36 @@ def windowed_greedy_accept(
     return accepted, bonus
 
 
+def needs_logit_adjustments(sampling_info: Any) -> bool:
+    """Whether SGLang's verify adjustments (custom logit processors, penalties, a grammar mask, logit bias)
+    change this batch's logits. They work on the strided [bs * B] rows, so only then must a greedy step
+    scatter the whole compact verify logits to that layout before its argmax."""
+    if sampling_info is None:
+        return False
+    penalizer = getattr(sampling_info, "penalizer_orchestrator", None)
+    return bool(
+        getattr(sampling_info, "has_custom_logit_processor", False)
+        or (penalizer is not None and penalizer.is_required)
+        or getattr(sampling_info, "acc_linear_penalties", None) is not None
+        or getattr(sampling_info, "grammar_mask", None) is not None
+        or getattr(sampling_info, "logit_bias", None) is not None
+    )
+
+
+def strided_argmax(compact_logits: torch.Tensor, layout: Any, block: int) -> torch.Tensor:
+    """The target's argmax [bs, B] in the strided layout (0 past each row's window) from the compact ragged
+    verify's logits [tokens, V]: the argmax of the compact rows, scattered. Scattering the logits first, as
+    SGLang's DSPARK step does, writes bs * B vocabulary rows and reads them again: at batch 128, block 16
+    about 1.2 GB of float32 each way for about 1,000 verified rows."""
+    from sglang.kernels.ops.speculative.dspark.dspark_verify_window import ScatterCompactToStrided
+
+    ids = compact_logits[: layout.graph_num_tokens].argmax(dim=-1, keepdim=True)
+    strided = ScatterCompactToStrided.execute(
+        compact=ids, layout=layout, fill_value=0, verify_num_draft_tokens=block
+    )
+    return strided.view(-1, block)
+
+
 def window_inputs(block_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(anchors source, drafts) for SGLang's ragged window builder from [bs, B] block tokens (column 0 the
     last committed token): it reads the drafts alone ([bs, B - 1]) and each anchor from column 0 of a tensor

@@ -15,8 +15,10 @@ SGLang's DFlash step verifies the whole block for every request. Here the verify
   samples the bonus from the target's own distribution at that position, which keeps sampling exact).
 
 The target runs SGLang's compact ragged verify (per-request lengths, CUDA graphs by token count on FA3),
-built with SGLang's own window/scatter kernels; logits and hidden states come back in the strided
-[bs, block] layout the accept and the context-K/V commit use.
+built with SGLang's own window/scatter kernels; hidden states come back in the strided [bs, block] layout
+the context-K/V commit uses. A greedy batch takes the argmax of the compact logits and scatters only the
+token ids; the whole logits are scattered only for sampling or logit adjustments (penalties, bias,
+grammar), which work on the strided rows.
 
 Acceptance is learnt by the policy's calibration one step late (the previous step's accept lengths are
 read after this step's draft, when they are certainly computed), so the only host sync a step adds is the
@@ -137,20 +139,24 @@ class AdaptiveStep:
         verify_lens = [x + 1 for x in widths]
 
         layout = self._layout(verify_lens)
-        logits_output, can_run_graph, logits, hidden_states = self._verify(
+        logits_output, can_run_graph, hidden_states = self._verify(
             batch, draft_input, draft_tokens, layout, bs
         )
         lens = layout.verify_lens
-        if greedy:
-            if sampling_info is not None:  # penalties, logit bias, min tokens: they can move the argmax
-                from sglang.srt.speculative.dflash_utils import apply_dflash_verify_logits_adjustments
+        if greedy and not adaptive.needs_logit_adjustments(sampling_info):
+            predict = adaptive.strided_argmax(logits_output.next_token_logits, layout, block)
+            accepted, bonus = adaptive.windowed_greedy_accept(draft_tokens, predict, lens)
+        elif greedy:  # penalties, logit bias, a grammar: they can move the argmax
+            from sglang.srt.speculative.dflash_utils import apply_dflash_verify_logits_adjustments
 
-                apply_dflash_verify_logits_adjustments(
-                    next_token_logits=logits, sampling_info=sampling_info, draft_token_num=block
-                )
+            logits = self._strided(logits_output.next_token_logits, layout)
+            apply_dflash_verify_logits_adjustments(
+                next_token_logits=logits, sampling_info=sampling_info, draft_token_num=block
+            )
             predict = torch.argmax(logits, dim=-1).view(bs, block)
             accepted, bonus = adaptive.windowed_greedy_accept(draft_tokens, predict, lens)
         else:
+            logits = self._strided(logits_output.next_token_logits, layout)
             accepted, bonus, predict = self._sampling_accept(
                 draft_tokens, logits, sampling_info, draft_input, verify_lens[0], bs
             )
@@ -392,11 +398,9 @@ class AdaptiveStep:
         return list(getattr(runner, "capture_num_tokens", None) or [])
 
     def _verify(self, batch: Any, draft_input: Any, draft_tokens, layout, bs: int):
-        """The ragged target verify; logits and hidden states scattered back to [bs * block] rows."""
-        from sglang.kernels.ops.speculative.dspark.dspark_verify_window import (
-            BuildRaggedVerifyWindow,
-            ScatterCompactToStrided,
-        )
+        """The ragged target verify: its output (logits compact, one row per verified token: the accept
+        scatters only what it needs) and the hidden states scattered back to [bs * block] rows."""
+        from sglang.kernels.ops.speculative.dspark.dspark_verify_window import BuildRaggedVerifyWindow
         from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
         from sglang.srt.speculative.dflash_info import DFlashVerifyInput
 
@@ -439,12 +443,16 @@ class AdaptiveStep:
         logits_output = out.logits_output
         if logits_output.hidden_states is None:
             raise RuntimeError("DFLARE verify requires target hidden states, got None")
-        rows = bs * block
-        strided = dict(layout=layout, fill_value=0.0, verify_num_draft_tokens=block)
-        logits = ScatterCompactToStrided.execute(compact=logits_output.next_token_logits, **strided)[:rows]
-        hidden = ScatterCompactToStrided.execute(compact=logits_output.hidden_states, **strided)[:rows]
-        logits_output.next_token_logits = logits
-        return logits_output, out.can_run_cuda_graph, logits, hidden
+        return logits_output, out.can_run_cuda_graph, self._strided(logits_output.hidden_states, layout)
+
+    def _strided(self, compact: torch.Tensor, layout: Any) -> torch.Tensor:
+        """Compact ragged rows [tokens, D] in the strided [bs * block, D] layout (0 past each window)."""
+        from sglang.kernels.ops.speculative.dspark.dspark_verify_window import ScatterCompactToStrided
+
+        rows = len(layout.verify_lens_cpu) * self.block
+        return ScatterCompactToStrided.execute(
+            compact=compact, layout=layout, fill_value=0.0, verify_num_draft_tokens=self.block
+        )[:rows]
 
     def _sampling_accept(self, draft_tokens, logits, sampling_info, draft_input, window: int, bs: int):
         """SGLang's sampling verify over the batch's one window of ``window`` columns (exact: see the module

@@ -8,6 +8,7 @@
 #   bench: tests/gpu/bench_sglang_sim.py (Qwen3-8B shapes, simulated acceptance) -> $OUT/bench_sim.json
 #   load: tests/gpu/bench_sglang_load.py (batch 1-256, acceptance traces) -> $OUT/bench_load.json
 #   adaptive: tests/gpu/check_adaptive.py, adaptive DFLARE greedy == AR on the demo pair (FA3) -> $OUT/adaptive.json
+#   argmax: tests/gpu/check_strided_argmax.py, the adaptive greedy argmax vs SGLang's scatter -> $OUT/strided_argmax.json
 # SGLang: the one `python3` imports (`pip install 'sglang==0.5.17'`); if it has none, an SGLang unpacked
 # into $SGLANG_SITE (default /tmp/site; .gpu/tools/unpack.sh makes it from an offline wheel bundle).
 # The plugin: this checkout, found through its entry point; when `pip install --no-deps .` was not run,
@@ -69,5 +70,7 @@ case "$mode" in
     python3 tests/gpu/bench_sglang_load.py "$@" 2>&1 | tee "$OUT/load_stdout.txt" | tail -80 ;;
   adaptive)
     python3 tests/gpu/check_adaptive.py "$@" 2>&1 | tee "$OUT/adaptive_stdout.txt" | tail -60 ;;
+  argmax)
+    python3 tests/gpu/check_strided_argmax.py "$@" 2>&1 | tee "$OUT/argmax_stdout.txt" | tail -20 ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

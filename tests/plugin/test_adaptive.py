@@ -264,6 +264,46 @@ def test_sglangs_window_builder_gets_each_requests_window_in_order() -> None:
     assert ids.tolist() == expected + [0] * (16 - len(expected))  # padded to the graph tier with zeros
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_argmax_of_the_compact_rows_is_the_argmax_of_the_scattered_logits(seed: int) -> None:
+    """The greedy step's target tokens from the compact verify logits equal those of the logits scattered to
+    the strided layout first (SGLang's way), padding rows and windows of every width included."""
+    from sglang.kernels.ops.speculative.dspark.dspark_verify_window import ScatterCompactToStrided
+    from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout
+
+    gen = torch.Generator().manual_seed(seed)
+    block, bs, vocab = 8, 6, 50
+    lens = torch.randint(1, block + 1, (bs,), generator=gen).tolist()
+    layout = RaggedVerifyLayout.from_verify_lens(verify_lens_cpu=lens, device=torch.device("cpu"), grid=[64])
+    compact = torch.randn(layout.graph_num_tokens, vocab, generator=gen)
+    scattered = ScatterCompactToStrided.execute(
+        compact=compact, layout=layout, fill_value=0.0, verify_num_draft_tokens=block
+    )[: bs * block]
+    expected = torch.argmax(scattered, dim=-1).view(bs, block)
+    got = adaptive.strided_argmax(compact, layout, block)
+    assert got.shape == (bs, block) and torch.equal(got, expected)
+    for row, n in enumerate(lens):  # and each window holds its own compact rows' argmax
+        start = sum(lens[:row])
+        assert got[row, :n].tolist() == compact[start : start + n].argmax(dim=-1).tolist()
+
+
+def test_only_logit_adjustments_make_a_greedy_step_scatter_the_whole_logits() -> None:
+    plain = SimpleNamespace(
+        has_custom_logit_processor=False, penalizer_orchestrator=SimpleNamespace(is_required=False),
+        acc_linear_penalties=None, grammar_mask=None, logit_bias=None,
+    )  # fmt: skip
+    assert not adaptive.needs_logit_adjustments(None)
+    assert not adaptive.needs_logit_adjustments(plain)
+    for change in (
+        {"has_custom_logit_processor": True},
+        {"penalizer_orchestrator": SimpleNamespace(is_required=True)},
+        {"acc_linear_penalties": torch.zeros(1, 4)},
+        {"grammar_mask": torch.zeros(1, 4)},
+        {"logit_bias": torch.zeros(1, 4)},
+    ):
+        assert adaptive.needs_logit_adjustments(SimpleNamespace(**{**vars(plain), **change})), change
+
+
 def test_host_upload_gives_the_values_on_the_cpu_too() -> None:
     from sglang_ext.sglang_plugin import host_upload
 
