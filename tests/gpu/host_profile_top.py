@@ -3,12 +3,14 @@
 ``python tests/gpu/host_profile_top.py pyspy_<server>_bs<N>_<trace>.txt [--top 25]``: py-spy's raw format
 is one collapsed stack per line (``frame;frame;...;frame count``, outermost first). Prints the share of
 samples in which each function is on the stack (inclusive) and at its top (self), so two servers' files
-show what a speculative step adds to a plain one.
+show what a speculative step adds to a plain one. ``--json OUT`` also writes the top shares of every file
+(by file name), for the docs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -33,14 +35,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", type=Path, nargs="+")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--json", type=Path, help="also write the top shares of every file here")
     args = parser.parse_args()
+    report: dict[str, dict] = {}
     for path in args.files:
         total, inclusive, own = shares(path)
         print(f"== {path.name}: {total} samples")
+        report[path.name] = {"samples": total}
         for title, counts in (("inclusive", inclusive), ("self", own)):
             print(f"-- {title}")
-            for frame, n in counts.most_common(args.top):
+            top = counts.most_common(args.top)
+            report[path.name][title] = {frame: round(n / max(total, 1), 4) for frame, n in top}
+            for frame, n in top:
                 print(f"{100 * n / max(total, 1):6.1f}%  {frame}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -1,6 +1,7 @@
 """Plot ``docs/results/sglang_bench_load.json``: x AR against batch size for every mode and block, one panel
-per trace, the verify / draft cost per step against the AR step, and what the planners chose (tokens
-verified per request per step, share of plain decode steps) against batch size.
+per trace (one closed batch of requests), the same for servers kept full (``STEADY``: each client sends its
+next request when its last one answered), the verify / draft cost per step against the AR step, and what
+the planners chose (tokens verified per request per step, share of plain decode steps) against batch size.
 
 ``python tests/gpu/plot_sglang_load.py [JSON] [PNG]``
 """
@@ -43,7 +44,7 @@ def main() -> None:
     data = json.loads(src.read_text())
     rows = data["rows"]
     traces = sorted({r["trace"] for r in rows})
-    fig, axes = plt.subplots(3, len(traces), figsize=(6 * len(traces), 12), squeeze=False)
+    fig, axes = plt.subplots(4, len(traces), figsize=(6 * len(traces), 16), squeeze=False)
     for col, trace in enumerate(traces):
         ax = axes[0][col]
         for label, pts in series([r for r in rows if r["mode"] != "ar"], trace, "x_ar").items():
@@ -55,6 +56,15 @@ def main() -> None:
         ax.set_ylabel("x AR tok/s")
         ax.legend(fontsize=8)
         ax = axes[1][col]
+        for label, pts in series([r for r in rows if r["mode"] != "ar"], trace, "x_ar_kept_full").items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", label=label)
+        ax.axhline(1.0, color="black", lw=1, label="AR kept full")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{trace} trace: kept full, over AR kept full")
+        ax.set_xlabel("batch (requests in flight)")
+        ax.set_ylabel("x AR tok/s")
+        ax.legend(fontsize=8)
+        ax = axes[2][col]
         # a server drafting shorter blocks too: its mean draft (draft_ms is its whole-block draft alone)
         spec = [{**r, "draft_ms": r.get("draft_mean_ms") or r["draft_ms"]} for r in rows if r["mode"] != "ar"]
         for key, style in (("verify_ms", "-"), ("draft_ms", ":")):
@@ -67,7 +77,7 @@ def main() -> None:
         ax.set_xlabel("batch")
         ax.set_ylabel("GPU ms per step")
         ax.legend(fontsize=7)
-        ax = axes[2][col]
+        ax = axes[3][col]
         planned = [r for r in rows if r["mode"] in ("adaptive", "adaptive_draft", "dspark_planner")]
         for key, style in (("verified_per_req", "-"), ("plain_step_share", ":")):
             for label, pts in series(planned, trace, key).items():
