@@ -7,8 +7,8 @@ SGLang's DFlash step verifies the whole block for every request. Here the verify
   drafter does not run and every request verifies just its last committed token (one target token each,
   the bonus is the target's next token), after which the drafter's context K/V still get every committed
   token (the commit below writes it, as after any verify); or, with ``DFLARE_DRAFT_BLOCKS``, a shorter
-  block to draft: an eager drafter forward over the first positions of the block, given to the attention
-  backend as a ragged batch of equal lengths (its CUDA graphs exist for the whole block only);
+  block to draft: an eager drafter forward over the first positions of the block (its CUDA graphs exist
+  for the whole block only), sized for the attention backend as short_draft.py says;
 * after drafting (``plan`` on the drafter's top-1 probabilities): how many drafts each request's target
   verifies. Greedy batches get per-request widths; a batch with sampled requests verifies one width for all
   (SGLang's sampling verify kernel takes one window per call: with window n, "all n - 1 drafts accepted"
@@ -36,6 +36,7 @@ replays the same batches in the same order with the agreed widths, so every rank
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 
 from sglang_ext.dflare.verify_policy import AcceptanceCalibration, VerifyPlan, VerifyWidthPolicy
-from sglang_ext.sglang_plugin import adaptive, host_upload, trace_replay, vocab_parallel
+from sglang_ext.sglang_plugin import adaptive, host_upload, short_draft, trace_replay, vocab_parallel
 from sglang_ext.sglang_plugin.confident_sampler import ConfidentDraftSampler
 from sglang_ext.sglang_plugin.plan_broadcast import PlanBroadcast
 from sglang_ext.sglang_plugin.step_clock import StepClock
@@ -299,7 +300,12 @@ class AdaptiveStep:
             spec_info=spec_info,
             capture_hidden_mode=CaptureHiddenMode.NULL,
         )
-        with torch.inference_mode():
+        backend = w.draft_model_runner.attn_backend
+        uniform = width < block and short_draft.sized_on_host(backend)
+        with (
+            torch.inference_mode(),
+            short_draft.uniform_width(backend, width) if uniform else contextlib.nullcontext(),
+        ):
             out = w.draft_model_runner.forward(forward_batch)
         hidden = out.logits_output.hidden_states
         hidden = None if hidden is None else hidden.view(bs, width, -1)[:, 1:, :]
@@ -325,18 +331,18 @@ class AdaptiveStep:
         return tokens, hidden, fused
 
     def _short_draft_input(self, bs: int, width: int) -> Any:
-        """The spec input of an eager draft of ``width`` positions per request. SGLang's attention backends
-        size a uniform target-verify batch by the configured block (a backend attribute), but honour a
-        ragged layout riding the spec input in eager forwards: ``width`` per request is a ragged batch of
-        equal lengths. Its width also differs from the draft graphs' capture width, so the graph runner
-        takes the eager path. Kept per (bs, width): a layout is a few small device tensors."""
+        """The spec input of an eager draft of ``width`` positions per request (short_draft.py): a uniform
+        batch of that width where the draft attention backend sizes it on the host (FA3), else a ragged
+        layout of equal lengths riding it. Its width differs from the draft graphs' capture width, so the
+        graph runner takes the eager path. Kept per (bs, width): a layout is a few small device tensors."""
         key = (bs, width)
         spec = self._short_drafts.get(key)
-        if spec is None:  # SGLang's draft-block spec input, at this width, with the layout riding on it
+        if spec is None:  # SGLang's draft-block spec input, at this width
             from sglang.srt.speculative.draft_worker_common import make_draft_block_spec_info
 
             spec = make_draft_block_spec_info(draft_token_num=width, device=self.worker.device)
-            spec.ragged_verify_layout = self._layout([width] * bs, padded=False)
+            if not short_draft.sized_on_host(self.worker.draft_model_runner.attn_backend):
+                spec.ragged_verify_layout = self._layout([width] * bs, padded=False)
             self._short_drafts[key] = spec
         return spec
 

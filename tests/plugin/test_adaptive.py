@@ -105,16 +105,20 @@ def test_a_chosen_table_brings_the_draft_costs_of_the_tables_beside_it(tmp_path,
 
 
 def test_a_shorter_draft_is_a_ragged_batch_of_equal_lengths_that_no_draft_graph_fits() -> None:
-    """What SGLang's attention backends and the draft graph runner read from a shorter draft's input: the
-    eager path (its width is not the captured width) and, per request, ``width`` queries over the committed
-    prefix plus the drafted block (the metadata FA3 builds from a ragged layout)."""
+    """What SGLang's attention backends and the draft graph runner read from a shorter draft's input on a
+    backend other than FA3: the eager path (its width is not the captured width) and, per request,
+    ``width`` queries over the committed prefix plus the drafted block (the metadata a ragged layout gives;
+    FA3 gets a uniform batch instead: tests/plugin/test_short_draft.py)."""
     from types import SimpleNamespace
 
     from sglang.srt.speculative.ragged_verify import build_ragged_target_verify_geometry
 
     from sglang_ext.sglang_plugin.adaptive_step import AdaptiveStep
 
-    step = AdaptiveStep(SimpleNamespace(block_size=16, device=torch.device("cpu")), None)
+    worker = SimpleNamespace(
+        block_size=16, device=torch.device("cpu"), draft_model_runner=SimpleNamespace(attn_backend=object())
+    )
+    step = AdaptiveStep(worker, None)
     spec = step._short_draft_input(3, 8)
     assert spec.draft_token_num == spec.num_tokens_per_req == 8  # != 16 captured: the runner runs eagerly
     assert step._short_draft_input(3, 8) is spec and step._short_draft_input(4, 8) is not spec
