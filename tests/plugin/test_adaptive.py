@@ -76,14 +76,24 @@ def test_shorter_draft_blocks_are_adaptive_only_and_checked_at_launch() -> None:
 
 
 def test_shorter_draft_blocks_take_their_draft_costs_from_the_shipped_tables(caplog) -> None:
+    """A shorter block's draft costs: the block-16 table's own (eager drafts an adaptive server measured),
+    else the shipped table of that block (its static server's graph drafts); a block with neither is
+    dropped."""
     card = "NVIDIA H100 80GB HBM3"
-    b8 = json.loads((adaptive.SHIPPED_TABLES / "nvidia-h100-80gb-hbm3_b8.json").read_text())
+    tables = adaptive.SHIPPED_TABLES
+    own = {
+        p["batch"]: p["ms"]
+        for p in json.loads((tables / "nvidia-h100-80gb-hbm3_b16.json").read_text())["draft"]
+        if p["block"] == 8
+    }
+    b8 = json.loads((tables / "nvidia-h100-80gb-hbm3_b8.json").read_text())
     cost, usable = adaptive.load_cost_table(card, 16, [8])
     assert usable == [8]
+    assert any(p["batch"] not in own for p in b8["draft"])  # the sibling table fills batches in
     for point in b8["draft"]:
-        assert cost.draft_ms(point["batch"], 8) == pytest.approx(point["ms"])
-    cost, usable = adaptive.load_cost_table(card, 16, [4, 8])  # no draft was measured at block 4
-    assert usable == [8] and "no draft cost for blocks [4]" in caplog.text
+        assert cost.draft_ms(point["batch"], 8) == pytest.approx(own.get(point["batch"], point["ms"]))
+    cost, usable = adaptive.load_cost_table(card, 16, [6, 8])  # no draft was measured at block 6
+    assert usable == [8] and "no draft cost for blocks [6]" in caplog.text
     assert adaptive.load_cost_table("No Such Card", 16, [8]) == (None, [])
 
 
@@ -94,7 +104,9 @@ def test_a_chosen_table_brings_the_draft_costs_of_the_tables_beside_it(tmp_path,
     b8 = json.loads((adaptive.SHIPPED_TABLES / "nvidia-h100-80gb-hbm3_b8.json").read_text())
     for point in b8["draft"]:
         point["ms"] *= 1.04  # still below block 16 (costs rise with the block)
-    (tmp_path / "my-card_b16.json").write_text(shipped.read_text())
+    whole = json.loads(shipped.read_text())
+    whole["draft"] = [p for p in whole["draft"] if p["block"] == 16]  # no shorter draft measured in it
+    (tmp_path / "my-card_b16.json").write_text(json.dumps(whole))
     monkeypatch.setenv(adaptive.COST_TABLE_ENV, str(tmp_path / "my-card_b16.json"))
     assert adaptive.load_cost_table("Other Card", 16, [8])[1] == []  # nothing beside it yet
     (tmp_path / "my-card_b8.json").write_text(json.dumps(b8))
