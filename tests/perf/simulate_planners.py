@@ -11,7 +11,9 @@ the shipped tables for other blocks) join the main table's, so a static block k 
 (a server started at block k drafts k slots), not the main table's block. ``adaptive_draft_<blocks>`` is
 the policy allowed to draft the shorter measured blocks (``draft_blocks``): what a plugin that drafts the
 block the policy asks for would reach. A static block below every measured draft extrapolates its draft
-cost from the two smallest (``"draft_cost": "extrapolated"`` in its rows). The trace gives a shorter
+cost from the two smallest (``"draft_cost": "extrapolated"`` in its rows). ``oracle`` knows what every
+request will accept and verifies only that (``oracle_step``): the most any planner could commit per ms on
+these costs, the yardstick for how much a better planner can still win. The trace gives a shorter
 block the acceptance of its first positions, as trace replay does on the GPU; a real drafter trained at
 block 16 loses some of it (docs/demo.md).
 
@@ -75,11 +77,12 @@ def simulate(
     static_block: int | None = None,
     seed: int = 0,
     token_grid: Sequence[int] | None = None,
+    oracle_blocks: Sequence[int] = (),
 ) -> dict[str, float]:
     """Tokens per ms of ``steps`` steps at ``batch``: a planner (``plan_for_batch`` / ``plan`` /
-    ``observe_step``), a static block (``static_block``; 1 = AR), verifying drafts of a ``block`` draft.
-    A planner's ragged verify pays for its total rounded up to ``token_grid`` (static blocks run graphs
-    of their own shape)."""
+    ``observe_step``), a static block (``static_block``; 1 = AR), verifying drafts of a ``block`` draft,
+    or the oracle (``oracle_blocks``: see ``oracle_step``). A planner's ragged verify pays for its total
+    rounded up to ``token_grid`` (static blocks run graphs of their own shape)."""
     grid = sorted(token_grid or [])
 
     def padded(tokens: int) -> int:
@@ -92,7 +95,9 @@ def simulate(
     calibration = getattr(planner, "calibration", None)
     for _ in range(steps):
         trace_steps = [requests[r][s % len(requests[r])] for r, s in cursors]
-        if static_block == 1:
+        if oracle_blocks:
+            widths, plain, step_ms = oracle_step(cost, trace_steps, oracle_blocks, grid)
+        elif static_block == 1:
             widths, plain, step_ms = [0] * batch, True, cost.decode_ms(batch)
         elif static_block is not None:
             widths, plain = [static_block - 1] * batch, False
@@ -119,6 +124,9 @@ def simulate(
         if not plain:
             for cursor in cursors:
                 cursor[1] += 1
+        elif oracle_blocks:  # the oracle's plain token passes a spot where no draft would be accepted
+            for cursor, step in zip(cursors, trace_steps, strict=True):
+                cursor[1] += step.accepted == 0
     return {
         "tok_per_ms": tokens / ms,
         "verified_per_req": 1 + verified / (steps * batch),
@@ -181,6 +189,9 @@ def run(
         found["dspark_planner"] = simulate(
             dspark.cost, trace, batch, steps, block, planner=dspark, token_grid=grid
         )
+        found["oracle"] = simulate(  # an upper bound: see oracle_step
+            table(eager), trace, batch, steps, block, token_grid=grid, oracle_blocks=[*shorter, block]
+        )
         for name, result in found.items():
             row = {"batch": batch, "planner": name, **result, "x_ar": result["tok_per_ms"] / ar}
             if name.startswith("static_") and int(name.split("_")[1]) not in measured:
@@ -195,6 +206,36 @@ def run(
         "block": block,
         "rows": rows,
     }
+
+
+def oracle_step(
+    cost: StepCostModel, trace_steps: Sequence[Any], blocks: Sequence[int], grid: Sequence[int]
+) -> tuple[list[int], bool, float]:
+    """(widths, plain, ms) of the step an oracle takes: it knows how many drafts each request's target
+    will accept, so it verifies only drafts that will be accepted, drafts the block (of ``blocks``) and
+    the total that commit the most tokens per ms, or decodes plainly when that is faster. No planner that
+    reads confidences can commit more per step on the same costs: an upper bound, not a policy. Totals are
+    tried at every ``grid`` value (a ragged verify pays for its total rounded up to the grid) below what
+    the requests will accept, and at that."""
+    batch = len(trace_steps)
+
+    def padded(tokens: int) -> int:
+        return next((g for g in grid if g >= tokens), tokens)
+
+    best = ([0] * batch, True, cost.decode_ms(batch), batch / cost.decode_ms(batch))
+    for b in blocks:
+        sure = [accepted_in_window(s, b - 1) for s in trace_steps]  # drafts that will be accepted
+        draft = cost.draft_ms(batch, b)
+        order = sorted(range(batch), key=lambda i: -sure[i])
+        for total in sorted({sum(sure), *(g - batch for g in grid if batch < g < batch + sum(sure))}):
+            widths, left = [0] * batch, total
+            for i in order:  # any split of the total commits it all; the grid decides the cost
+                widths[i] = min(sure[i], left)
+                left -= widths[i]
+            ms = draft + cost.verify_ms(batch, padded(batch + total))
+            if (batch + total) / ms > best[3]:
+                best = (widths, False, ms, (batch + total) / ms)
+    return best[0], best[1], best[2]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
