@@ -29,6 +29,7 @@ of random trace requests (seeded) and advance one trace step per drafted step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -238,6 +239,17 @@ def oracle_step(
     return best[0], best[1], best[2]
 
 
+def with_known_rates(trace: AcceptanceTrace) -> AcceptanceTrace:
+    """``trace`` with every confidence of a request replaced by its mean confidence over the trace: on the
+    synthetic trace (confidence = the request's acceptance rate + noise) the rate itself, what a planner
+    could know at best from confidences that say how well a request drafts but not which draft fails."""
+    requests = []
+    for request in trace.requests:
+        rate = float(np.mean([c for step in request for c in step.confidences]))
+        requests.append([dataclasses.replace(s, confidences=(rate,) * len(s.confidences)) for s in request])
+    return dataclasses.replace(trace, requests=requests)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -275,11 +287,18 @@ def main() -> int:
         help="shorter drafts' cost over the table's (eager in SGLang)",
     )
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument(
+        "--known-rates",
+        action="store_true",
+        help="each request's confidences = its mean confidence (the synthetic trace's rate, no noise)",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     path = Path(args.trace)
     trace = AcceptanceTrace.load(path) if path.is_file() else load_shipped_trace(args.trace)
+    if args.known_rates:
+        trace = with_known_rates(trace)
     batches = [int(b) for b in args.batches.split(",")]
     result = run(
         args.cost_table,

@@ -47,3 +47,17 @@ def test_no_planner_commits_more_per_ms_than_the_oracle(rows, batch: int) -> Non
     """The oracle verifies only drafts that will be accepted: every planner is at or below it."""
     others = {name: x for (b, name), x in rows.items() if b == batch and name != "oracle"}
     assert rows[(batch, "oracle")] >= max(others.values()), others
+
+
+def test_known_rates_give_every_draft_of_a_request_its_mean_confidence() -> None:
+    from tests.perf.simulate_planners import with_known_rates
+
+    trace = load_shipped_trace("synthetic")
+    known = with_known_rates(trace)
+    for request, original in zip(known.requests[:8], trace.requests[:8], strict=True):
+        rates = {c for step in request for c in step.confidences}
+        assert len(rates) == 1  # one rate per request
+        confidences = [c for step in original for c in step.confidences]
+        mean = sum(confidences) / len(confidences)
+        assert rates.pop() == pytest.approx(mean, abs=1e-4)  # traces keep 4 decimal places
+        assert [s.accepted for s in request] == [s.accepted for s in original]  # acceptance untouched
