@@ -37,6 +37,7 @@ replays the same batches in the same order with the agreed widths, so every rank
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -300,11 +301,12 @@ class AdaptiveStep:
             spec_info=spec_info,
             capture_hidden_mode=CaptureHiddenMode.NULL,
         )
-        backend = w.draft_model_runner.attn_backend
-        uniform = width < block and short_draft.sized_on_host(backend)
+        uniform = width < block and self._uniform_short_drafts
         with (
             torch.inference_mode(),
-            short_draft.uniform_width(backend, width) if uniform else contextlib.nullcontext(),
+            short_draft.uniform_width(w.draft_model_runner.attn_backend, width)
+            if uniform
+            else contextlib.nullcontext(),
         ):
             out = w.draft_model_runner.forward(forward_batch)
         hidden = out.logits_output.hidden_states
@@ -330,6 +332,12 @@ class AdaptiveStep:
         tokens[:, 1:width].copy_(draft_next)
         return tokens, hidden, fused
 
+    @functools.cached_property
+    def _uniform_short_drafts(self) -> bool:
+        """Whether shorter drafts reach the draft attention backend as a uniform batch of their width
+        (short_draft.py); the backend is the server's, so this is decided once."""
+        return short_draft.sized_on_host(self.worker.draft_model_runner.attn_backend)
+
     def _short_draft_input(self, bs: int, width: int) -> Any:
         """The spec input of an eager draft of ``width`` positions per request (short_draft.py): a uniform
         batch of that width where the draft attention backend sizes it on the host (FA3), else a ragged
@@ -341,7 +349,7 @@ class AdaptiveStep:
             from sglang.srt.speculative.draft_worker_common import make_draft_block_spec_info
 
             spec = make_draft_block_spec_info(draft_token_num=width, device=self.worker.device)
-            if not short_draft.sized_on_host(self.worker.draft_model_runner.attn_backend):
+            if not self._uniform_short_drafts:
                 spec.ragged_verify_layout = self._layout([width] * bs, padded=False)
             self._short_drafts[key] = spec
         return spec

@@ -38,6 +38,18 @@ def series(rows: list[dict], trace: str, key: str) -> dict[str, list[tuple[int, 
     }
 
 
+def ratio_panel(ax, rows: list[dict], trace: str, key: str, marker: str, ar_label: str, title: str) -> None:
+    """x AR (``key``) against batch size for every server of ``rows``, with AR's line at 1."""
+    for label, pts in series(rows, trace, key).items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+    ax.axhline(1.0, color="black", lw=1, label=ar_label)
+    ax.set_xscale("log", base=2)
+    ax.set_title(title)
+    ax.set_xlabel("batch (requests in flight)")
+    ax.set_ylabel("x AR tok/s")
+    ax.legend(fontsize=8)
+
+
 def main() -> None:
     src = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/sglang_bench_load.json")
     dst = Path(sys.argv[2] if len(sys.argv) > 2 else src.with_suffix(".png"))
@@ -46,24 +58,12 @@ def main() -> None:
     traces = sorted({r["trace"] for r in rows})
     fig, axes = plt.subplots(4, len(traces), figsize=(6 * len(traces), 16), squeeze=False)
     for col, trace in enumerate(traces):
-        ax = axes[0][col]
-        for label, pts in series([r for r in rows if r["mode"] != "ar"], trace, "x_ar").items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        ax.axhline(1.0, color="black", lw=1, label="AR")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{trace} trace: throughput over AR")
-        ax.set_xlabel("batch (concurrent requests)")
-        ax.set_ylabel("x AR tok/s")
-        ax.legend(fontsize=8)
-        ax = axes[1][col]
-        for label, pts in series([r for r in rows if r["mode"] != "ar"], trace, "x_ar_kept_full").items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", label=label)
-        ax.axhline(1.0, color="black", lw=1, label="AR kept full")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{trace} trace: kept full, over AR kept full")
-        ax.set_xlabel("batch (requests in flight)")
-        ax.set_ylabel("x AR tok/s")
-        ax.legend(fontsize=8)
+        servers = [r for r in rows if r["mode"] != "ar"]
+        ratio_panel(axes[0][col], servers, trace, "x_ar", "o", "AR", f"{trace} trace: throughput over AR")
+        ratio_panel(
+            axes[1][col], servers, trace, "x_ar_kept_full", "s", "AR kept full",
+            f"{trace} trace: kept full, over AR kept full",
+        )  # fmt: skip
         ax = axes[2][col]
         # a server drafting shorter blocks too: its mean draft (draft_ms is its whole-block draft alone)
         spec = [{**r, "draft_ms": r.get("draft_mean_ms") or r["draft_ms"]} for r in rows if r["mode"] != "ar"]

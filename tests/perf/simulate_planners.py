@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ from sglang_ext.sglang_plugin.adaptive import SHIPPED_TABLES, with_draft_costs
 from sglang_ext.traces.format import AcceptanceTrace, accepted_in_window
 from sglang_ext.traces.shipped import load_shipped_trace
 
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TABLE = SHIPPED_TABLES / "nvidia-h100-80gb-hbm3_b16.json"
 BATCHES = (1, 8, 32, 64, 128, 256)
 
@@ -68,6 +70,12 @@ def sglang_token_grid(max_batch: int, block: int) -> list[int]:
 STATIC_BLOCKS = (2, 4, 8, 16)
 
 
+def pad_to_grid(tokens: int, grid: Sequence[int]) -> int:
+    """The verify tokens a ragged verify of ``tokens`` pays for: the smallest value of the sorted ``grid``
+    at least that large (unchanged past its end)."""
+    return next((g for g in grid if g >= tokens), tokens)
+
+
 def simulate(
     cost: StepCostModel,
     trace: AcceptanceTrace,
@@ -85,10 +93,7 @@ def simulate(
     or the oracle (``oracle_blocks``: see ``oracle_step``). A planner's ragged verify pays for its total
     rounded up to ``token_grid`` (static blocks run graphs of their own shape)."""
     grid = sorted(token_grid or [])
-
-    def padded(tokens: int) -> int:
-        return next((g for g in grid if g >= tokens), tokens)
-
+    padded = functools.partial(pad_to_grid, grid=grid)
     rng = np.random.default_rng(seed)
     requests = trace.requests
     cursors = [[int(rng.integers(len(requests))), int(rng.integers(64))] for _ in range(batch)]
@@ -199,7 +204,7 @@ def run(
                 row["draft_cost"] = "extrapolated"  # below the smallest block a draft was measured at
             rows.append(row)
     return {
-        "cost_table": str(cost_path),
+        "cost_table": shown_path(cost_path),
         "draft_blocks": sorted(measured),
         "eager_factor": eager_factor,
         "trace": trace.source,
@@ -207,6 +212,14 @@ def run(
         "block": block,
         "rows": rows,
     }
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it: results name the table, not the machine."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def oracle_step(
@@ -219,10 +232,7 @@ def oracle_step(
     tried at every ``grid`` value (a ragged verify pays for its total rounded up to the grid) below what
     the requests will accept, and at that."""
     batch = len(trace_steps)
-
-    def padded(tokens: int) -> int:
-        return next((g for g in grid if g >= tokens), tokens)
-
+    padded = functools.partial(pad_to_grid, grid=grid)
     best = ([0] * batch, True, cost.decode_ms(batch), batch / cost.decode_ms(batch))
     for b in blocks:
         sure = [accepted_in_window(s, b - 1) for s in trace_steps]  # drafts that will be accepted
