@@ -117,13 +117,22 @@ def _get_timer() -> PhaseTimer:
     return _timer
 
 
+def is_short_draft(runner: Any, forward_batch: Any) -> bool:
+    """Whether a draft forward is adaptive verify's shorter, eager draft (``DFLARE_DRAFT_BLOCKS``): one
+    carrying a ragged layout, or a uniform batch of fewer positions per request than the server's block
+    (how FA3 gets it, short_draft.py)."""
+    if getattr(getattr(forward_batch, "spec_info", None), "ragged_verify_layout", None) is not None:
+        return True
+    block = getattr(getattr(runner, "server_args", None), "speculative_num_draft_tokens", None)
+    input_ids, bs = getattr(forward_batch, "input_ids", None), int(forward_batch.batch_size)
+    return bool(block) and input_ids is not None and bs > 0 and input_ids.numel() < bs * int(block)
+
+
 def around_model_forward(original: Any, runner: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
     mode = forward_batch.forward_mode
     timer = _get_timer()
     if getattr(runner, "is_draft_worker", False):
-        # a draft carrying a ragged layout is adaptive verify's shorter, eager draft (DFLARE_DRAFT_BLOCKS)
-        short = getattr(getattr(forward_batch, "spec_info", None), "ragged_verify_layout", None) is not None
-        phase = "draft_short" if short else "draft"
+        phase = "draft_short" if is_short_draft(runner, forward_batch) else "draft"
     elif mode.is_target_verify():
         phase = "verify"
     elif mode.is_decode():

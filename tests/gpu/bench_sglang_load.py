@@ -18,9 +18,10 @@ slowest of 128 requests needs about twice the mean request's steps). ``host_ms``
 timed GPU phases, and ``x_ar_steady`` = tau * AR's period / DFLARE's: the speed-up a server kept at this
 batch would see, where ``x_ar`` is that of one closed batch of requests. With STEADY=<seconds> each server is
 also kept at each batch size above 1 for that long, every client sending its next request when its last one
-answered: ``kept_full_tok_s`` is the tok/s generated after the first third (each request's tokens spread
-over its lifetime), and ``x_ar_kept_full`` its ratio to AR's: measured, where ``x_ar_steady`` is computed
-from step periods.
+answered, the lengths asked for varying by SPREAD (0.5: +-50 %, ``keep_full``; rows say it in
+``kept_full_spread``): ``kept_full_tok_s`` is the tok/s generated after the first third (each request's
+tokens spread over its lifetime), and ``x_ar_kept_full`` its ratio to AR's: measured, where ``x_ar_steady``
+is computed from step periods.
 
 Adaptive DFLARE (``DFLARE_VERIFY=adaptive``: per-request verify widths and plain decode steps chosen by the
 verify-width policy from a step-cost table) joins as ``a<block>`` in BLOCKS (e.g. ``BLOCKS=16,8,a16``), with
@@ -148,11 +149,18 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
     return row
 
 
+def length_spread() -> float:
+    """SPREAD: kept-full requests ask for the row's new tokens times a factor in [1 - SPREAD, 1 + SPREAD]
+    (``keep_full``: one length for all keeps plain decoding's requests in lockstep, their prefills
+    batched, which real traffic does not)."""
+    return float(os.environ.get("SPREAD", "0.5"))
+
+
 def measure_kept_full(server: Server, bs: int, trace: str | None, seconds: float) -> float:
     """tok/s of ``server`` kept at ``bs`` requests in flight for ``seconds`` (STEADY): the tokens generated
     after the first third (the ramp), over the rest of the time."""
     sampling = greedy(new_tokens(bs), trace)
-    start, finished = keep_full(server.url, PROMPT, sampling, bs, seconds)
+    start, finished = keep_full(server.url, PROMPT, sampling, bs, seconds, spread=length_spread())
     return round(steady_rate(finished, start + seconds / 3, start + seconds), 1)
 
 
@@ -267,6 +275,7 @@ def run_wave(
     for bs in sizes:
         a = median_row(raw[("ar", None, bs)])
         a["kept_full_tok_s"] = kept.get(("ar", None, bs))
+        a["kept_full_spread"] = length_spread() if steady_s > 0 else None
         for trace in traces:
             rows.append({"trace": trace, "batch": bs, "mode": "ar", "block": 1, "wave": wave, **a,
                          "verified_per_req": 1, "ar_step_ms": a["decode_ms"]})  # fmt: skip
@@ -286,6 +295,7 @@ def run_wave(
                     "host_ms": round(walls[0] - t_spec, 3) if walls[0] and t_spec else None,
                     "short_drafts": os.environ.get("SHORT_DRAFTS", "8") if mode == "adaptive_draft" else None,
                     "kept_full_tok_s": kept.get(((mode, block), trace, bs)),
+                    "kept_full_spread": a["kept_full_spread"],
                     "x_ar_kept_full": (
                         round(kept[((mode, block), trace, bs)] / a["kept_full_tok_s"], 3)
                         if kept.get(((mode, block), trace, bs)) and a["kept_full_tok_s"] else None
@@ -314,6 +324,7 @@ def main() -> int:
         "rounds": rounds,
         "warmups": os.environ.get("WARMUP") == "1",
         "kept_full_s": float(os.environ.get("STEADY", "0")),
+        "kept_full_length_spread": length_spread(),
         "attention": attn,
         "traces": traces,
         "command": f"BLOCKS={os.environ.get('BLOCKS', '16,8')} TRACES={','.join(traces)} ATTN={attn} "

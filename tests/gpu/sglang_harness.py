@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -178,21 +179,33 @@ def keep_full(
     seconds: float,
     send: Callable[[str, dict, float], tuple[int, Any]] | None = None,
     timeout: float = 180,
+    spread: float = 0.0,
 ) -> tuple[float, list[tuple[float, float, int]]]:
     """A server kept at ``concurrency`` requests in flight for ``seconds``: each of ``concurrency`` clients
     sends its next /generate as soon as its last one answered, as a busy server's clients do (no closed
     batch draining to its slowest request). Returns the start time and (sent, answered, completion tokens)
-    of every request (``time.monotonic``; those still running at the end are waited for)."""
+    of every request (``time.monotonic``; those still running at the end are waited for).
+
+    ``spread`` > 0: each request asks for ``max_new_tokens`` times a factor drawn uniformly from
+    [1 - spread, 1 + spread] (client i draws from ``random.Random(i)``, so every server gets the same
+    lengths), as real traffic's answers differ in length. With one length for all, plain decoding keeps its
+    requests in lockstep: they finish together and their successors' prompts share one prefill forward,
+    while speculative requests (each accepting differently) finish apart and pay a small prefill each."""
     start = time.monotonic()
     requests: list[tuple[float, float, int]] = []  # list.append is atomic: the clients share it as it is
 
-    def client() -> None:
+    def client(index: int) -> None:
+        draw = random.Random(index)
         while (sent := time.monotonic()) < start + seconds:
-            body = generate_one(url, prompt, sampling, timeout, send)
+            asked = dict(sampling)
+            if spread > 0:
+                factor = draw.uniform(1 - spread, 1 + spread)
+                asked["max_new_tokens"] = max(1, round(sampling["max_new_tokens"] * factor))
+            body = generate_one(url, prompt, asked, timeout, send)
             requests.append((sent, time.monotonic(), int(body["meta_info"]["completion_tokens"])))
 
     with cf.ThreadPoolExecutor(concurrency) as pool:
-        for done in [pool.submit(client) for _ in range(concurrency)]:
+        for done in [pool.submit(client, i) for i in range(concurrency)]:
             done.result()
     return start, requests
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
@@ -461,6 +462,33 @@ def test_a_server_kept_full_is_measured_at_its_steady_rate(monkeypatch) -> None:
     assert all(start <= sent < answered for sent, answered, _ in requests)
     rate = steady_rate(requests, start + 0.2, start + 0.6)
     assert 1500 < rate < 2100, rate  # sleep overshoots a little: never faster than the full server
+
+
+def test_kept_full_lengths_vary_by_the_spread_and_repeat_for_every_server(monkeypatch) -> None:
+    """SPREAD: each request asks for 100 tokens times a factor in [0.5, 1.5], client i drawing from its own
+    seeded stream, so a second server is asked for the same lengths; spread 0 asks for 100 every time."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "gpu"))
+    from sglang_harness import keep_full
+
+    def run(spread: float) -> list[int]:
+        asked: list[tuple[int, int]] = []
+
+        def send(url: str, body: dict, timeout: float) -> tuple[int, dict]:
+            n = body["sampling_params"]["max_new_tokens"]
+            asked.append((body["input_ids"][0], n))
+            time.sleep(0.002)
+            return 200, {"meta_info": {"completion_tokens": n}}
+
+        keep_full("http://stand-in", [7], {"max_new_tokens": 100}, 3, 0.15, send=send, spread=spread)
+        return [n for _, n in asked]
+
+    varied = run(0.5)
+    assert all(50 <= n <= 150 for n in varied) and len(set(varied)) > 10
+    assert max(varied) - min(varied) > 60  # the whole range is drawn, not a sliver of it
+    fixed = run(0.0)
+    assert fixed and set(fixed) == {100}
+    first = max(1, round(100 * random.Random(0).uniform(0.5, 1.5)))
+    assert first in varied  # client 0's first request: its seeded stream, so every server gets it
 
 
 def test_a_steady_window_counts_the_tokens_made_inside_it_when_requests_finish_in_waves(monkeypatch) -> None:

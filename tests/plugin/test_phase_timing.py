@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sglang_ext.sglang_plugin import phase_timing
 from sglang_ext.sglang_plugin.phase_timing import PhaseTimer
@@ -127,3 +128,12 @@ def test_hook_times_target_steps_not_drafts_and_restarts_after_prefill(tmp_path:
     assert written(timer.path)["draft_short/8"][0] == 1 and written(timer.path)["draft/8"][0] == 4
     # its step is one launch, not two: the period from the last step, 40 ms, once
     assert timer.totals["step_wall/8"] == [3, pytest.approx(20.0 + 30.0 + 40.0)]
+    # FA3's way (short_draft.py): a uniform batch of fewer positions per request than the server's block
+    draft.server_args = SimpleNamespace(speculative_num_draft_tokens=16)
+    uniform = SimpleNamespace(forward_mode=mode("verify"), batch_size=8, input_ids=torch.zeros(8 * 4))
+    whole = SimpleNamespace(forward_mode=mode("verify"), batch_size=8, input_ids=torch.zeros(8 * 16))
+    assert phase_timing.is_short_draft(draft, uniform) and not phase_timing.is_short_draft(draft, whole)
+    phase_timing.around_model_forward(original, draft, uniform)
+    gpu.done_until = gpu.now
+    timer.flush()
+    assert written(timer.path)["draft_short/8"][0] == 2 and written(timer.path)["draft/8"][0] == 4
