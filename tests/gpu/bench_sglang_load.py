@@ -58,6 +58,11 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACES = REPO / "sglang_ext" / "traces" / "data"
 
 
+# the environment that decides what a run measured, as its recorded command names it
+COMMAND_KNOBS = ("BLOCKS", "BS", "TRACES", "ATTN", "ROUNDS", "STEADY", "SPREAD", "SHORT_DRAFTS", "WARMUP",
+                 "PROFILE", "PARALLEL", "COST_TABLE")  # fmt: skip
+
+
 def new_tokens(bs: int) -> int:
     """Long enough that the prefill of the whole batch and the ramp of its first steps do not dominate (at
     batch 128, 128 new tokens are only ~20 verify steps at tau 6.5 and understate speculation), short enough
@@ -327,8 +332,10 @@ def main() -> int:
         "kept_full_length_spread": length_spread(),
         "attention": attn,
         "traces": traces,
-        "command": f"BLOCKS={os.environ.get('BLOCKS', '16,8')} TRACES={','.join(traces)} ATTN={attn} "
-        "bash tests/gpu/run_on_gpu.sh load",
+        "command": " ".join(
+            f"{knob}={os.environ[knob]}" for knob in COMMAND_KNOBS if os.environ.get(knob) is not None
+        )
+        + " bash tests/gpu/run_on_gpu.sh load",
     }
     for name, cfg in {"target": TARGET, "dflare7": draft("QwenDFlareDraftModel", 7, TAPS9)}.items():
         (ROOT / name).mkdir(parents=True, exist_ok=True)

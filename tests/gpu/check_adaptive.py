@@ -16,7 +16,8 @@ drafts block 8, eagerly, most steps: its log says when it first did). Checks:
 * the worker logged ``verify=adaptive``; the adaptive server starts with ``--warmups dflare`` and its
   log says how long the warm-up took (or why it failed).
 
-Env: PROMPTS (48), SIZES (1,8,32), COST_TABLE. Writes $OUT/adaptive.json as it goes.
+Env: PROMPTS (48), SIZES (1,8,32), COST_TABLE, SERVERS (all: ar,static,adaptive,dspark_planner,adaptive_draft;
+AR always runs). Writes $OUT/adaptive.json as it goes.
 """
 
 from __future__ import annotations
@@ -98,15 +99,15 @@ def main() -> int:
     adaptive_env = {"DFLARE_VERIFY": "adaptive", "DFLARE_COST_TABLE": str(table)}
     short_table = short_draft_table(table, Path("/tmp/dflare_short_draft_table.json"))
     short_env = {**adaptive_env, "DFLARE_COST_TABLE": str(short_table), "DFLARE_DRAFT_BLOCKS": "8"}
-    servers = start_all(
-        [
-            ("ar", 31100, base, {}),
-            ("static", 31101, [*base, *spec], {"DFLARE_VERIFY": "static"}),
-            ("adaptive", 31102, [*base, *spec, "--warmups", "dflare"], adaptive_env),
-            ("dspark_planner", 31103, [*base, *spec], {**adaptive_env, "DFLARE_VERIFY": "dspark_planner"}),
-            ("adaptive_draft", 31104, [*base, *spec], short_env),
-        ]
-    )
+    every = [
+        ("ar", 31100, base, {}),
+        ("static", 31101, [*base, *spec], {"DFLARE_VERIFY": "static"}),
+        ("adaptive", 31102, [*base, *spec, "--warmups", "dflare"], adaptive_env),
+        ("dspark_planner", 31103, [*base, *spec], {**adaptive_env, "DFLARE_VERIFY": "dspark_planner"}),
+        ("adaptive_draft", 31104, [*base, *spec], short_env),
+    ]
+    chosen = set(os.environ.get("SERVERS", ",".join(name for name, *_ in every)).split(",")) | {"ar"}
+    servers = start_all([server for server in every if server[0] in chosen])
     res["servers"] = {n: ok for n, (_, ok) in servers.items()}
     try:
         up = {n: s.url for n, (s, ok) in servers.items() if ok}

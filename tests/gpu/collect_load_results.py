@@ -20,23 +20,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sglang_load import PREFIXES, server_key
 
 LINE = re.compile(r"^round (\d+) (\S+) (\S+) bs=(\d+) (\{.*\})$")
+KEPT = re.compile(r"^kept full (ar|\(.*\)) (\S+) bs=(\d+): ([\d.]+) tok/s$")
 
 
-def printed_rounds(stdout: Path) -> dict[str, list[tuple[str, str, int, dict]]]:
-    """(who, trace, batch, row) of every printed measurement, by wave (named by its DFLARE blocks): a
-    wave's rounds count up from 0, so a round number going back down starts the next wave."""
-    waves: list[list[tuple[str, str, int, dict]]] = []
-    last_round = None
+def printed_rounds(stdout: Path) -> dict[str, tuple[list[tuple[str, str, int, dict]], dict]]:
+    """Every printed measurement by wave (named by its DFLARE blocks): (who, trace, batch, row) of its
+    rounds, and its kept-full tok/s by (who, trace, batch). A wave's rounds count up from 0 and measure each
+    (server, batch) once a round, so a round number going back down, or a measurement its round already
+    has (with one round), starts the next wave; kept-full lines follow their wave's rounds."""
+    waves: list[tuple[list[tuple[str, str, int, dict]], dict]] = []
+    last_round, seen = None, set()
     for line in stdout.read_text().splitlines():
+        if (kept := KEPT.match(line.strip())) and waves:
+            who, trace, bs, tok_s = kept.groups()
+            name = "ar" if who == "ar" else server_key(*ast.literal_eval(who))
+            waves[-1][1][(name, trace, int(bs))] = float(tok_s)
+            continue
         m = LINE.match(line.strip())
         if not m:
             continue
         rnd, who, trace, bs, row = m.groups()
-        if last_round is None or int(rnd) < last_round:
-            waves.append([])
+        key = (int(rnd), who, trace, int(bs))
+        if last_round is None or int(rnd) < last_round or key in seen:
+            waves.append(([], {}))
+            seen = set()
         last_round = int(rnd)
-        waves[-1].append((who, trace, int(bs), ast.literal_eval(row)))
-    return {",".join(sorted({w for w, *_ in wave if w != "ar"})): wave for wave in waves}
+        seen.add(key)
+        waves[-1][0].append((who, trace, int(bs), ast.literal_eval(row)))
+    return {",".join(sorted({w for w, *_ in rounds if w != "ar"})): (rounds, kept) for rounds, kept in waves}
 
 
 def printed_server(who: str) -> tuple[str, int]:
@@ -47,7 +58,9 @@ def printed_server(who: str) -> tuple[str, int]:
     return "static", int(who.removeprefix("b"))
 
 
-def partial_rows(wave: list[tuple[str, str, int, dict]], wave_name: str) -> list[dict]:
+def partial_rows(
+    wave: list[tuple[str, str, int, dict]], wave_name: str, kept: dict | None = None
+) -> list[dict]:
     def med(rows: list[dict], key: str) -> float | None:
         values = [r[key] for r in rows if r.get(key) is not None]
         return round(statistics.median(values), 4) if values else None
@@ -68,10 +81,14 @@ def partial_rows(wave: list[tuple[str, str, int, dict]], wave_name: str) -> list
             row["tok_s_rounds"] = [r["tok_s"] for r in spec]
             row["ar_step_ms"] = med(ar, "decode_ms")
             row["x_ar"] = round(row["tok_s"] / med(ar, "tok_s"), 3)
+            ar_kept, spec_kept = (kept or {}).get(("ar", "None", bs)), (kept or {}).get((who, trace, bs))
+            row["kept_full_tok_s"] = spec_kept
+            row["x_ar_kept_full"] = round(spec_kept / ar_kept, 3) if spec_kept and ar_kept else None
             out.append(row)
             ar_row = {"trace": trace, "batch": bs, "mode": "ar", "block": 1, "wave": wave_name}
             ar_row.update(partial=True, rounds=len(ar), tok_s=med(ar, "tok_s"), ar_step_ms=row["ar_step_ms"])
             ar_row["running_batch"] = med(ar, "running_batch")
+            ar_row["kept_full_tok_s"] = ar_kept
             out.append(ar_row)
     return out
 
@@ -130,9 +147,12 @@ def main() -> int:
         done = {(r["mode"], r["block"]) for r in rows if r["mode"] != "ar"}
         stdout = run / "load_stdout.txt"
         if stdout.is_file():
-            for name, wave in printed_rounds(stdout).items():
+            for name, (wave, kept) in printed_rounds(stdout).items():
                 if name and not {printed_server(w) for w in name.split(",")} & done:
-                    rows += partial_rows(wave, name)
+                    for row in partial_rows(wave, name, kept):
+                        spread = data["setup"].get("kept_full_length_spread")
+                        row["kept_full_spread"] = spread if row.get("kept_full_tok_s") else None
+                        rows.append(row)
         label_verify_paths(rows, server_notes(data, run))
         for row in rows:
             row["attention"] = attention

@@ -32,6 +32,8 @@ def series(rows: list[dict], trace: str, key: str) -> dict[str, list[tuple[int, 
                 label += " (adaptive step)"
             if row.get("warmed_up") is False:  # its first requests at each batch size were the measured ones
                 label += " (no warm-up)"
+        if key.endswith("kept_full") and row.get("kept_full_spread"):  # lengths varied (SPREAD)
+            label += f" (lengths +-{round(100 * row['kept_full_spread'])} %)"
         points[label][row["batch"]].append(row[key])
     return {
         label: sorted((bs, sum(v) / len(v)) for bs, v in by_bs.items()) for label, by_bs in points.items()
