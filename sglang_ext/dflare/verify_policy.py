@@ -121,6 +121,7 @@ class StepCostModel:
         # A cell is [estimate, weight, the profile's prediction, the draft's ms in it, that draft's block].
         self._learnt_steps: dict[int, dict[int, list[float]]] = {}
         self._learnt_decode: dict[int, list[float]] = {}
+        self._outliers: dict[tuple[int, int | None], int] = {}  # outlier steps in a row, by cell
         self._largest_block = max(k for _, k, _ in self._draft_points)
         self._grids: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         self._tables = {b: (xs, ys) for b, xs, ys in self._prior_verify}
@@ -204,20 +205,22 @@ class StepCostModel:
         step (the draft of ``draft_block``, default the largest profiled, plus the verify of
         ``verified_tokens``), ``ms`` its whole wall time.
 
-        A profile taken at start on a shared machine is off by about as much as the choices it informs
-        differ (1-3 ms at batch 1 on a 2-core CPU), and the machine's load moves afterwards, so the engine's
-        own steps correct it: per (batch, verified tokens) a moving average of the measured step, starting
-        from the profile's prediction worth ``prior_weight`` steps and following the last ``horizon`` steps
-        (each measurement clipped to 0.5x..2x the estimate, so one preempted step does not teach a
-        slowdown). What a step does beyond the forwards (sampling, accepting, the policy itself) is counted
-        because it is measured. The curve read back: the profile's, moved and stretched to fit all
-        measured cells of the batch (``_fit``: a load change slows every kind of step alike, and one curve
-        is less noisy than any cell), and at each measured cell its own average pulled towards that curve
-        by ``SHRINK`` pseudo-steps (where the profile's shape was wrong, enough steps correct it). Lessons
-        reach the costs read back every ``learn_every`` steps. A cell holds the steps of every draft block
-        at its verified tokens: each is moved by the profiled difference between its draft and the cell's
-        first, so the cell learns the verify and the host time, and the draft of each block stays the
-        profile's."""
+        A profile taken at start on a shared machine is off by about as much as the choices it informs differ
+        (1-3 ms at batch 1 on a 2-core CPU), and the machine's load moves afterwards, so the engine's own
+        steps correct it: per (batch, verified tokens) a moving average of the measured step, starting from
+        the profile's prediction worth ``prior_weight`` steps and following the last ``horizon`` steps (each
+        measurement clipped to 0.5x..2x the estimate, so one preempted step does not teach a slowdown; a step
+        over ``OUTLIER`` x its cell's estimate teaches nothing until ``OUTLIER_RUN`` such steps in a row in
+        that cell say the cost really moved: the first eager draft of a new shape compiles kernels and takes
+        many times its step, and learnt even clipped, two of them could rule a block out for good at batch
+        128). What a step does beyond the forwards (sampling, accepting, the policy itself) is counted because
+        it is measured. The curve read back: the profile's, moved and stretched to fit all measured cells of
+        the batch (``_fit``: a load change slows every kind of step alike, and one curve is less noisy than
+        any cell), and at each measured cell its own average pulled towards that curve by ``SHRINK``
+        pseudo-steps (where the profile's shape was wrong, enough steps correct it). Lessons reach the costs
+        read back every ``learn_every`` steps. A cell holds the steps of every draft block at its verified
+        tokens: each is moved by the profiled difference between its draft and the cell's first, so the cell
+        learns the verify and the host time, and the draft of each block stays the profile's."""
         if ms <= 0 or not math.isfinite(ms):
             return
         if verified_tokens is None:
@@ -239,6 +242,13 @@ class StepCostModel:
             elif block != cell[4]:  # a step of another draft block: as if it had drafted the cell's
                 ms += cell[3] - self.draft_ms(batch, block)
         estimate, weight = cell[0], cell[1]
+        key = (batch, verified_tokens)
+        if ms > self.OUTLIER * estimate:
+            run = self._outliers[key] = self._outliers.get(key, 0) + 1
+            if run < self.OUTLIER_RUN:
+                return
+        else:
+            self._outliers.pop(key, None)
         sample = min(max(ms, 0.5 * estimate), 2.0 * estimate)
         weight = min(weight + 1.0, horizon)
         cell[0], cell[1] = estimate + (sample - estimate) / weight, weight
@@ -266,6 +276,8 @@ class StepCostModel:
 
     # pseudo-steps of the fitted curve in each measured cell's estimate
     SHRINK = 8.0
+    # a step this many times its cell's estimate is an outlier, learnt only as the OUTLIER_RUN-th in a row
+    OUTLIER, OUTLIER_RUN = 3.0, 3
 
     @staticmethod
     def _fit(cells: list[list[float]], scale: float) -> tuple[float, float]:
@@ -652,6 +664,11 @@ class VerifyWidthPolicy:
     the row's last known q times the mean survival from the position before, over the rows that drafted
     it; the calibration's rate by position when none did), and after ``block_probe_interval`` drafted steps
     in a row on a shorter block one step drafts the longest, so a tail that became worth drafting is seen.
+    Likewise after ``cost_probe_interval`` drafted steps in a row on one block, one step drafts another
+    allowed block (each in turn), so the cost model keeps measuring every block it may choose: a block
+    whose costs it once learnt too high (a new shape's first eager draft compiles kernels; two such steps
+    at batch 128 were enough, in ``tests/core/test_verify_policy.py``) would otherwise never be drafted
+    again, and never corrected.
     ``plan(confidences)`` plans the step that was drafted, whatever its block.
 
     Inputs and lag (overlap scheduling): ``plan(confidences)`` needs the CURRENT step's confidences (the
@@ -678,6 +695,7 @@ class VerifyWidthPolicy:
         draft_blocks: Sequence[int] | None = None,
         probe_interval: int = 32,
         block_probe_interval: int = 16,
+        cost_probe_interval: int = 64,
         history: int = 256,
         min_history: int = 16,
         recent: int = 4,
@@ -694,7 +712,7 @@ class VerifyWidthPolicy:
             raise ValueError(f"draft_blocks must be in 2..{block_size}, got {blocks}")
         self.cost, self.calibration, self.block_size = cost, calibration, block_size
         self.ragged, self.draft_blocks, self.probe_interval = ragged, blocks, probe_interval
-        self.block_probe_interval = block_probe_interval
+        self.block_probe_interval, self.cost_probe_interval = block_probe_interval, cost_probe_interval
         self.min_history, self.recent, self.recent_trust = min_history, recent, recent_trust
         self.decide_every, self.learn_costs = decide_every, learn_costs
         # the last ``history`` drafted steps' q [HISTORY_GROUPS, block - 1] (NaN past the positions drafted)
@@ -709,6 +727,8 @@ class VerifyWidthPolicy:
         self._undrafted = 0  # plain steps since the last drafted one
         self._recent_block = block_size  # the block of the last drafted step
         self._short_in_row = 0  # drafted steps in a row on a block shorter than the longest allowed
+        self._same_in_row = 0  # drafted steps in a row on the same block (see cost_probe_interval)
+        self._cost_probes = 0  # cost probes so far: which other block the next one drafts
         self._plain_in_row = 0
         self._probing = False  # plan_for_batch asked for a probe: the next plan() verifies >= 1 draft
         # verify ms by (batch, drafts, uniform; None: uniform as Python floats), with the cost model's version
@@ -755,6 +775,7 @@ class VerifyWidthPolicy:
         self._undrafted = 0
         if n + 1 > self._recent_block:  # positions the history lacks were just seen: re-cost it at once
             self._long_run = None
+        self._same_in_row = self._same_in_row + 1 if n + 1 == self._recent_block else 1
         self._recent_block = n + 1
         self._short_in_row = self._short_in_row + 1 if n + 1 < self.draft_blocks[-1] else 0
         self._plain_in_row = self._plain_in_row + 1 if plan.plain_decode else 0
@@ -831,11 +852,20 @@ class VerifyWidthPolicy:
     # -- internals ---------------------------------------------------------------------------------------
     def _with_block_probe(self, plan: VerifyPlan) -> VerifyPlan:
         """``plan``, or a copy drafting the longest block when ``block_probe_interval`` drafted steps in a
-        row drafted shorter ones (see the class docstring)."""
+        row drafted shorter ones, or another allowed block (each in turn) when ``cost_probe_interval`` in a
+        row drafted the same one (see the class docstring)."""
         longest = self.draft_blocks[-1]
-        if plan.draft_block >= longest or self._short_in_row < self.block_probe_interval:
+        if plan.draft_block < longest and self._short_in_row >= self.block_probe_interval:
+            block = longest
+        elif len(self.draft_blocks) > 1 and self._same_in_row >= self.cost_probe_interval:
+            others = [b for b in self.draft_blocks if b != self._recent_block]
+            block = others[self._cost_probes % len(others)]
+            self._cost_probes += 1
+            self._same_in_row = 0
+        else:
             return plan
-        probe = VerifyPlan(list(plan.widths), False, longest, plan.expected_tokens, plan.expected_ms)
+        widths = [min(w, block - 1) for w in plan.widths]
+        probe = VerifyPlan(widths, False, block, plan.expected_tokens, plan.expected_ms)
         probe.extra = {**plan.extra, "block_probe": True}
         return probe
 
