@@ -59,8 +59,11 @@ def printed_server(who: str) -> tuple[str, int]:
 
 
 def partial_rows(
-    wave: list[tuple[str, str, int, dict]], wave_name: str, kept: dict | None = None
+    wave: list[tuple[str, str, int, dict]], wave_name: str, kept: dict, spread: float | None
 ) -> list[dict]:
+    """Rows of a cut-short wave: medians of its printed rounds, with its printed kept-full tok/s (``kept``,
+    by (who, trace, batch)) and the run's length ``spread`` where a row has one."""
+
     def med(rows: list[dict], key: str) -> float | None:
         values = [r[key] for r in rows if r.get(key) is not None]
         return round(statistics.median(values), 4) if values else None
@@ -81,14 +84,14 @@ def partial_rows(
             row["tok_s_rounds"] = [r["tok_s"] for r in spec]
             row["ar_step_ms"] = med(ar, "decode_ms")
             row["x_ar"] = round(row["tok_s"] / med(ar, "tok_s"), 3)
-            ar_kept, spec_kept = (kept or {}).get(("ar", "None", bs)), (kept or {}).get((who, trace, bs))
-            row["kept_full_tok_s"] = spec_kept
+            ar_kept, spec_kept = kept.get(("ar", "None", bs)), kept.get((who, trace, bs))
+            row["kept_full_tok_s"], row["kept_full_spread"] = spec_kept, spread if spec_kept else None
             row["x_ar_kept_full"] = round(spec_kept / ar_kept, 3) if spec_kept and ar_kept else None
             out.append(row)
             ar_row = {"trace": trace, "batch": bs, "mode": "ar", "block": 1, "wave": wave_name}
             ar_row.update(partial=True, rounds=len(ar), tok_s=med(ar, "tok_s"), ar_step_ms=row["ar_step_ms"])
             ar_row["running_batch"] = med(ar, "running_batch")
-            ar_row["kept_full_tok_s"] = ar_kept
+            ar_row["kept_full_tok_s"], ar_row["kept_full_spread"] = ar_kept, spread if ar_kept else None
             out.append(ar_row)
     return out
 
@@ -149,10 +152,7 @@ def main() -> int:
         if stdout.is_file():
             for name, (wave, kept) in printed_rounds(stdout).items():
                 if name and not {printed_server(w) for w in name.split(",")} & done:
-                    for row in partial_rows(wave, name, kept):
-                        spread = data["setup"].get("kept_full_length_spread")
-                        row["kept_full_spread"] = spread if row.get("kept_full_tok_s") else None
-                        rows.append(row)
+                    rows += partial_rows(wave, name, kept, data["setup"].get("kept_full_length_spread"))
         label_verify_paths(rows, server_notes(data, run))
         for row in rows:
             row["attention"] = attention
