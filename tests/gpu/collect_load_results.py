@@ -3,6 +3,9 @@ printed) into one ``docs/results/sglang_bench_load.json`` with a top-level ``dev
 
 ``python tests/gpu/collect_load_results.py OUT.json RUN_DIR [RUN_DIR ...]``: each RUN_DIR holds one call's
 ``bench_load*.json`` and ``load_stdout.txt`` (and, for a call cut short, the server logs in ``gpu_logs/``).
+``--into RESULTS.json RUN_DIR ...`` adds the runs to an existing results file of the same card (or starts
+one), each new row saying which run measured it (``run_started``) and whether its servers were warmed up:
+``warmed_up`` (the profile pass ran first) and ``server_warmup`` (``--warmups dflare``).
 Rows of a cut-short wave are the medians of the rounds it finished (``rounds`` says how many), marked
 ``"partial": true``. Every DFLARE row says how its server verified (``verify_path``).
 """
@@ -136,13 +139,12 @@ def label_verify_paths(rows: list[dict], notes: dict[str, list[str]]) -> None:
             row["mode"], row["verified_per_req"] = "static", row["block"]
 
 
-def main() -> int:
-    out, runs = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
-    combined: dict = {"device": None, "runs": [], "rows": []}
+def collect(runs: list[Path], combined: dict) -> dict:
+    """``combined`` (a results file's content) with the rows and runs of each RUN_DIR in ``runs`` added."""
     for run in runs:
         (result,) = run.glob("bench_load*.json")
         data = json.loads(result.read_text())
-        combined["device"] = combined["device"] or data["device"]
+        combined["device"] = combined.get("device") or data["device"]
         if data["device"] != combined["device"]:
             raise SystemExit(f"{result}: {data['device']}, not {combined['device']}: one card per file")
         attention = data["setup"]["attention"]
@@ -154,13 +156,25 @@ def main() -> int:
                 if name and not {printed_server(w) for w in name.split(",")} & done:
                     rows += partial_rows(wave, name, kept, data["setup"].get("kept_full_length_spread"))
         label_verify_paths(rows, server_notes(data, run))
+        profiled = "PROFILE=0" not in data["setup"].get("command", "")  # the profile pass warms each size up
         for row in rows:
             row["attention"] = attention
             row.setdefault("rounds", data["setup"]["rounds"])
-        combined["rows"] += rows
-        combined["runs"].append(
+            row.update(run_started=data.get("started"), warmed_up=profiled)
+            row["server_warmup"] = bool(data["setup"].get("warmups"))
+        combined.setdefault("rows", []).extend(rows)
+        combined.setdefault("runs", []).append(
             {k: data.get(k) for k in ("started", "finished", "setup", "server_notes", "profiles")}
         )
+    return combined
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    into = args[0] == "--into"
+    out, runs = Path(args[1 if into else 0]), [Path(p) for p in args[2 if into else 1 :]]
+    empty = {"device": None, "runs": [], "rows": []}
+    combined = collect(runs, json.loads(out.read_text()) if into and out.is_file() else empty)
     out.write_text(json.dumps(combined, indent=1))
     print(out, len(combined["rows"]), "rows")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 ROW = "{'tok_s': %s, 'running_batch': %d, 'tau': %s, 'decode_ms': %s}"
@@ -58,3 +60,36 @@ def test_a_cut_short_wave_of_one_round_is_recovered_with_its_kept_full_rates(tmp
     assert second[("adaptive_draft", 256)]["kept_full_tok_s"] is None
     assert second[("adaptive_draft", 256)]["x_ar"] == round(14100.0 / 17500.0, 3)
     assert len(rows) == 6  # the first wave's two saved rows are not duplicated from the printout
+
+
+def test_runs_are_added_into_a_results_file_of_the_same_card_only(tmp_path, monkeypatch) -> None:
+    """``--into`` keeps the file's rows and runs, adds the new run's rows with the run that measured them and
+    whether its servers were warmed up, and refuses a run of another card (one card per file)."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "gpu"))
+    import collect_load_results
+
+    results = tmp_path / "results.json"
+    old = {"trace": "synthetic", "batch": 1, "mode": "ar", "block": 1, "tok_s": 150.0}
+    card = "NVIDIA H100 80GB HBM3"
+    results.write_text(json.dumps({"device": card, "runs": [{"started": "a"}], "rows": [old]}))
+    run = tmp_path / "run"
+    run.mkdir()
+    row = {"trace": "synthetic", "batch": 128, "mode": "static", "block": 4, "tok_s": 12840.0}
+    setup = {"attention": "fa3", "rounds": 2, "warmups": True, "command": "PROFILE=0 BLOCKS=4 bash ..."}
+    saved = {"device": card, "started": "2026-12-07T19:00:00Z", "setup": setup}
+    (run / "bench_load.json").write_text(json.dumps({**saved, "rows": [row], "server_notes": {}}))
+    monkeypatch.setattr("sys.argv", ["collect", "--into", str(results), str(run)])
+    assert collect_load_results.main() == 0
+    merged = json.loads(results.read_text())
+    assert merged["rows"][0] == old and len(merged["rows"]) == 2
+    new = merged["rows"][1]
+    assert new["run_started"] == "2026-12-07T19:00:00Z"
+    assert (new["warmed_up"], new["server_warmup"]) == (False, True)
+    assert (new["rounds"], new["attention"], new["verify_path"]) == (2, "fa3", "sglang")
+    assert [r["started"] for r in merged["runs"]] == ["a", "2026-12-07T19:00:00Z"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "bench_load.json").write_text(json.dumps({**saved, "device": "NVIDIA H200", "rows": []}))
+    monkeypatch.setattr("sys.argv", ["collect", "--into", str(results), str(other)])
+    with pytest.raises(SystemExit, match="one card per file"):
+        collect_load_results.main()
