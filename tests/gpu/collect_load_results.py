@@ -87,6 +87,9 @@ def partial_rows(
             row["tok_s_rounds"] = [r["tok_s"] for r in spec]
             row["ar_step_ms"] = med(ar, "decode_ms")
             row["x_ar"] = round(row["tok_s"] / med(ar, "tok_s"), 3)
+            walls = row.get("step_wall_ms"), med(ar, "step_wall_ms")  # as bench_sglang_load's x_ar_steady
+            steady = row["tau"] * walls[1] / walls[0] if row.get("tau") and all(walls) else None
+            row["x_ar_steady"] = round(steady, 3) if steady else None
             ar_kept, spec_kept = kept.get(("ar", "None", bs)), kept.get((who, trace, bs))
             row["kept_full_tok_s"], row["kept_full_spread"] = spec_kept, spread if spec_kept else None
             row["x_ar_kept_full"] = round(spec_kept / ar_kept, 3) if spec_kept and ar_kept else None
@@ -94,6 +97,7 @@ def partial_rows(
             ar_row = {"trace": trace, "batch": bs, "mode": "ar", "block": 1, "wave": wave_name}
             ar_row.update(partial=True, rounds=len(ar), tok_s=med(ar, "tok_s"), ar_step_ms=row["ar_step_ms"])
             ar_row["running_batch"] = med(ar, "running_batch")
+            ar_row["step_wall_ms"] = walls[1]
             ar_row["kept_full_tok_s"], ar_row["kept_full_spread"] = ar_kept, spread if ar_kept else None
             out.append(ar_row)
     return out

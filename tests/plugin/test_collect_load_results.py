@@ -9,20 +9,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-ROW = "{'tok_s': %s, 'running_batch': %d, 'tau': %s, 'decode_ms': %s}"
+ROW = "{'tok_s': %s, 'running_batch': %d, 'tau': %s, 'decode_ms': %s, 'step_wall_ms': %s}"
 STDOUT = "\n".join(
     [
-        "round 0 ar None bs=128 " + ROW % (12800.0, 128, 1.0, 9.2),
-        "round 0 b4 synthetic bs=128 " + ROW % (12840.0, 128, 3.2, None),
+        "round 0 ar None bs=128 " + ROW % (12800.0, 128, 1.0, 9.2, 9.25),
+        "round 0 b4 synthetic bs=128 " + ROW % (12840.0, 128, 3.2, None, 19.5),
         "kept full ar None bs=128: 9195.4 tok/s",
         "kept full ('static', 4) synthetic bs=128: 12226.4 tok/s",
         # the second wave, one round again: its rounds restart at 0 without the number going down
-        "round 0 ar None bs=128 " + ROW % (11000.0, 128, 1.0, 9.3),
-        "round 0 s8 synthetic bs=128 " + ROW % (9700.0, 128, 4.7, None),
+        "round 0 ar None bs=128 " + ROW % (11000.0, 128, 1.0, 9.3, 9.35),
+        "round 0 s8 synthetic bs=128 " + ROW % (9700.0, 128, 4.7, None, 33.0),
         "kept full ar None bs=128: 8907.7 tok/s",
         "kept full ('adaptive_draft', 8) synthetic bs=128: 12928.8 tok/s",
-        "round 0 ar None bs=256 " + ROW % (17500.0, 256, 1.0, 11.0),
-        "round 0 s8 synthetic bs=256 " + ROW % (14100.0, 256, 3.3, None),
+        "round 0 ar None bs=256 " + ROW % (17500.0, 256, 1.0, 11.0, 11.05),
+        "round 0 s8 synthetic bs=256 " + ROW % (14100.0, 256, 3.3, None, None),
     ]
 )
 
@@ -59,6 +59,10 @@ def test_a_cut_short_wave_of_one_round_is_recovered_with_its_kept_full_rates(tmp
     assert second[("ar", 128)]["kept_full_tok_s"] == 8907.7
     assert second[("adaptive_draft", 256)]["kept_full_tok_s"] is None
     assert second[("adaptive_draft", 256)]["x_ar"] == round(14100.0 / 17500.0, 3)
+    # the steady-step ratio, tau x AR's step period over the server's, as the benchmark's own rows have it
+    assert second[("adaptive_draft", 128)]["x_ar_steady"] == round(4.7 * 9.35 / 33.0, 3)
+    assert second[("ar", 128)]["step_wall_ms"] == 9.35
+    assert second[("adaptive_draft", 256)]["x_ar_steady"] is None  # no period printed for it
     assert len(rows) == 6  # the first wave's two saved rows are not duplicated from the printout
 
 
