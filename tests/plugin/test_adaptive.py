@@ -255,6 +255,21 @@ def test_costly_verify_turns_greedy_batches_to_plain_decoding() -> None:
     assert policy.plan_for_batch(64).plain_decode  # ... and then the drafter stops running
 
 
+def test_the_plugins_policy_reads_learnt_step_costs_back_every_16_steps() -> None:
+    """Every step teaches the cost model, but the costs the plan reads are rebuilt once in 16 steps (the plan
+    runs while the GPU waits for it): 15 slower steps leave the plan's verify cost as it was, the 16th
+    moves it."""
+    from sglang_ext.sglang_plugin.adaptive_step import LEARN_EVERY
+
+    step = _step()
+    cost = step.greedy_policy.cost
+    before = cost.verify_ms(64, 64 * 8)
+    for i in range(1, LEARN_EVERY + 1):
+        step.greedy_policy.observe_step(64, 64 * 8, 3 * (0.5 + before), draft_block=8)
+        moved = cost.verify_ms(64, 64 * 8) > 1.2 * before
+        assert moved == (i == LEARN_EVERY), i
+
+
 def test_the_calibration_learns_one_step_late_from_what_was_accepted() -> None:
     step = _step()
     conf = torch.full((4, 7), 0.9, dtype=torch.float64)
