@@ -229,6 +229,25 @@ def windowed_greedy_accept(
     return accepted, bonus
 
 
+def committable_columns(
+    hidden: torch.Tensor, cache_loc_2d: torch.Tensor, positions_2d: torch.Tensor, window: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``window`` columns of each request's block: hidden rows [bs * window, D], cache slots and
+    positions [bs, window] (contiguous), from ``hidden`` [bs * B, D] and [bs, B] slots and positions.
+
+    After a verify only each request's accepted drafts and bonus (``commit_lens``, at most its window) go
+    into the drafter's context K/V, so columns past the longest window need no context K/V projection: a
+    block-8 server that drafted block 4 projected 8 rows per request for at most 4 committed (1.17 against
+    static block 4's 0.62 ms at batch 256 on an H100), a plain decode step 8 for 1."""
+    bs, block = cache_loc_2d.shape
+    if window >= block:
+        return hidden, cache_loc_2d, positions_2d
+    if window < 1:
+        raise ValueError(f"a verify window holds at least the committed token, got {window}")
+    rows = hidden.view(bs, block, -1)[:, :window].reshape(bs * window, -1)
+    return rows, cache_loc_2d[:, :window].contiguous(), positions_2d[:, :window].contiguous()
+
+
 def needs_logit_adjustments(sampling_info: Any) -> bool:
     """Whether SGLang's verify adjustments (custom logit processors, penalties, a grammar mask, logit bias)
     change this batch's logits. They work on the strided [bs * B] rows, so only then must a greedy step

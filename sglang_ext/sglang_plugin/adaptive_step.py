@@ -184,11 +184,15 @@ class AdaptiveStep:
         if on_publish is not None:
             on_publish(new_seq_lens)
 
+        # every commit (accepted + 1) fits its window: the columns past the longest window are never written
+        context, slots, context_positions = adaptive.committable_columns(
+            hidden_states, cache_loc_2d, positions_2d, max(verify_lens)
+        )
         w._append_target_hidden_to_draft_kv_by_loc(
-            target_hidden=hidden_states,
-            cache_loc=cache_loc_2d.reshape(-1),
-            cache_loc_2d=cache_loc_2d,
-            positions=positions_2d.reshape(-1),
+            target_hidden=context,
+            cache_loc=slots.reshape(-1),
+            cache_loc_2d=slots,
+            positions=context_positions.reshape(-1),
             commit_lens=commit_lens,
         )
         logits_output.hidden_states = None

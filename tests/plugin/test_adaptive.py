@@ -255,6 +255,43 @@ def test_costly_verify_turns_greedy_batches_to_plain_decoding() -> None:
     assert policy.plan_for_batch(64).plain_decode  # ... and then the drafter stops running
 
 
+def _context_kv_written(hidden, slots, positions, commit_lens, pool_slots: int) -> tuple[torch.Tensor, ...]:
+    """The drafter context K/V a verify leaves in SGLang's KV pool (its prefix-valid write, CPU path) when
+    the rows ``hidden`` at ``slots`` [bs, W] are projected and committed up to ``commit_lens``: a stand-in
+    projection of hidden row and position, so a row written from the wrong request, column or position
+    shows."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    pool = MHATokenToKVPool(pool_slots, 1, torch.float32, 2, 4, 1, "cpu", False, enable_alt_stream=False)
+    features = hidden + positions.reshape(-1, 1).to(hidden.dtype)
+    k, v = features[:, :8].reshape(-1, 2, 4), features[:, 8:].reshape(-1, 2, 4)
+    pool.set_kv_buffer_prefix_valid(SimpleNamespace(layer_id=0), slots, commit_lens, k, v)
+    return pool.k_buffer[0].clone(), pool.v_buffer[0].clone()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_context_kv_of_the_longest_window_writes_what_the_whole_block_wrote(seed: int) -> None:
+    """Projecting only the columns up to the longest verify window leaves the same drafter context K/V as
+    projecting the whole block (each request commits at most its window), with fewer rows; a window
+    shorter than a commit would lose committed rows, which this comparison sees."""
+    gen = torch.Generator().manual_seed(seed)
+    bs, block = 5, 8
+    widths = torch.randint(0, 4, (bs,), generator=gen)  # a block-4 draft (or plain rows) in a block-8 server
+    commit = (torch.rand(bs, generator=gen) * (widths + 1)).floor().to(torch.int32) + 1  # 1..width + 1
+    window = int(widths.max()) + 1
+    hidden = torch.randn(bs * block, 16, generator=gen)
+    slots = torch.randperm(bs * block, generator=gen).view(bs, block) + 3
+    positions = torch.arange(block).repeat(bs, 1) + 100 * torch.arange(bs)[:, None]
+    whole = _context_kv_written(hidden, slots, positions, commit, 64)
+    rows, narrow_slots, narrow_positions = adaptive.committable_columns(hidden, slots, positions, window)
+    assert rows.shape == (bs * window, 16) and narrow_slots.is_contiguous()
+    narrow = _context_kv_written(rows, narrow_slots, narrow_positions, commit, 64)
+    assert all(torch.equal(a, b) for a, b in zip(whole, narrow, strict=True))
+    if int(commit.max()) > 1:  # too short a window: a committed row is missing
+        short = adaptive.committable_columns(hidden, slots, positions, int(commit.max()) - 1)
+        assert not torch.equal(whole[0], _context_kv_written(*short, commit, 64)[0])
+
+
 def test_the_plugins_policy_reads_learnt_step_costs_back_every_16_steps() -> None:
     """Every step teaches the cost model, but the costs the plan reads are rebuilt once in 16 steps (the plan
     runs while the GPU waits for it): 15 slower steps leave the plan's verify cost as it was, the 16th
