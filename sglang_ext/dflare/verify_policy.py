@@ -335,7 +335,14 @@ class StepCostModel:
             "decode": [{"batch": b, "ms": ms} for b, ms in self._decode_points],
             "learnt": {  # what the engine's own steps taught (``observe_step``); not read back
                 "steps": [
-                    {"batch": b, "tokens": t, "ms": round(c[0], 4), "profiled_ms": round(c[2], 4)}
+                    {
+                        "batch": b,
+                        "tokens": t,
+                        "ms": round(c[0], 4),
+                        "profiled_ms": round(c[2], 4),
+                        "weight": round(c[1], 2),
+                        "draft_block": int(c[4]),
+                    }
                     for b, cells in sorted(self._learnt_steps.items())
                     for t, c in sorted(cells.items())
                 ],

@@ -45,7 +45,14 @@ from typing import Any
 import torch
 
 from sglang_ext.dflare.verify_policy import AcceptanceCalibration, VerifyPlan, VerifyWidthPolicy
-from sglang_ext.sglang_plugin import adaptive, host_upload, short_draft, trace_replay, vocab_parallel
+from sglang_ext.sglang_plugin import (
+    adaptive,
+    host_upload,
+    learnt_costs,
+    short_draft,
+    trace_replay,
+    vocab_parallel,
+)
 from sglang_ext.sglang_plugin.confident_sampler import ConfidentDraftSampler
 from sglang_ext.sglang_plugin.plan_broadcast import PlanBroadcast
 from sglang_ext.sglang_plugin.step_clock import StepClock
@@ -84,6 +91,7 @@ class AdaptiveStep:
         self.greedy_policy: VerifyWidthPolicy | Any | None = None  # None: no cost table, or not rank 0
         self.sampling_policy: VerifyWidthPolicy | Any | None = None
         self.clock: StepClock | None = None
+        self.costs_dump: learnt_costs.LearntCostsDump | None = None  # DFLARE_LEARNT_COSTS (learnt_costs.py)
         if not self.leads:
             cost = None
         self.planned = bool(self._agree([int(cost is not None)] if self.leads else None, 1)[0])
@@ -99,6 +107,7 @@ class AdaptiveStep:
             self.sampling_policy = VerifyWidthPolicy(cost, self.calibration, self.block, ragged=False)
             if torch.cuda.is_available():  # the steps' own GPU wall times correct the table (step_clock.py)
                 self.clock = StepClock(lambda: torch.cuda.Event(enable_timing=True))
+            self.costs_dump = learnt_costs.from_environment(cost, [*draft_blocks, self.block])
         self._pending: tuple[torch.Tensor, list[int], Any] | None = None  # conf, widths, accepted (lagged)
         self._warned_no_hidden = False
         self._tiers: list[int] | None = None  # token counts of the target's ragged verify graphs
@@ -198,6 +207,8 @@ class AdaptiveStep:
         logits_output.hidden_states = None
         w.record_step(batch.reqs, widths, plain)
         self._learn_step_costs(bs, None if plain else layout.graph_num_tokens, drafted)  # what the graph ran
+        if self.costs_dump is not None:
+            self.costs_dump.record(None if plain else drafted)
         return GenerationBatchResult(
             logits_output=logits_output,
             next_token_ids=adaptive.out_tokens(draft_tokens, accepted, bonus).reshape(-1),

@@ -36,7 +36,9 @@ PARALLEL, TAG (file name suffix), WARMUP (1: every server, AR included, starts w
 the chart's default: with PROFILE=0 the rows show what a warmed-up server's first requests get), PYSPY (a
 py-spy binary: each server's scheduler process is sampled during its measurements at the largest batch,
 ``$OUT/pyspy_<server>_bs<N>_<trace>.txt``, collapsed stacks: where the host time of a step goes, which the
-GPU phase timings do not show). Writes $OUT/bench_load<TAG>.json as it goes, the step profiles included.
+GPU phase timings do not show). Writes $OUT/bench_load<TAG>.json as it goes, the step profiles included,
+and for each adaptive server $OUT/learnt_costs_<server><TAG>.json (what its policy learnt and plans with:
+learnt_costs.py).
 """
 
 from __future__ import annotations
@@ -230,6 +232,8 @@ def start_dflare(base: list[str], attn: str, mode: str, block: int, trace_dir: P
         env["DFLARE_DRAFT_BLOCKS"] = os.environ.get("SHORT_DRAFTS", "8")
     if mode != "static" and os.environ.get("COST_TABLE"):
         env["DFLARE_COST_TABLE"] = os.environ["COST_TABLE"]
+    if mode != "static":  # what its policy learnt and plans with, rewritten as it runs (learnt_costs.py)
+        env["DFLARE_LEARNT_COSTS"] = str(OUT / f"learnt_costs_{key}{tag}.json")
     if os.environ.get("PROFILE", "1") == "1":
         env["DFLARE_STEP_PROFILE"] = str(profile_dir(tag, key))
     port = 31010 + block + PORT_OFFSETS[mode]
