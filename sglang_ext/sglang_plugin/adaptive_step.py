@@ -59,9 +59,9 @@ from sglang_ext.sglang_plugin.step_clock import StepClock
 
 # steps between rebuilds of the learnt step costs the policy reads (StepCostModel.learn_every; every step
 # still teaches). The plan runs between the draft's confidences and the verify's launch, while the GPU
-# waits, and a rebuild after every step made each plan recompute its verify costs: at batch 256, block 8
-# (2-vCPU host) plan() took 0.56 ms and plan_for_batch() 0.35 ms, against 0.39 and 0.12 ms rebuilding
-# every 16 steps, half a second of steps at batch 128
+# waits, and a rebuild after every step made each plan recompute its verify costs (tests/perf/
+# policy_plan_time.py: 0.45-0.85 ms more host time per step at batch 32-256); 16 steps are half a second of
+# steps at batch 128
 LEARN_EVERY = 16
 
 logger = logging.getLogger(__name__)

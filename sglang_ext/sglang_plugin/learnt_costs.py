@@ -39,16 +39,15 @@ class LearntCostsDump:
     def snapshot(self) -> dict[str, Any]:
         table = self.cost.to_dict()
         batches = sorted({cell["batch"] for cell in table["learnt"]["steps"]})
-        planned = {
-            str(b): {
-                str(k): {
-                    "draft_ms": round(self.cost.draft_ms(b, k), 4),
-                    "step_ms_whole_block": round(self.cost.draft_ms(b, k) + self.cost.verify_ms(b, b * k), 4),
+        planned: dict[str, dict[str, dict[str, float]]] = {}
+        for b in batches:
+            for k in self.blocks:
+                draft = self.cost.draft_ms(b, k)
+                step = draft + self.cost.verify_ms(b, b * k)
+                planned.setdefault(str(b), {})[str(k)] = {
+                    "draft_ms": round(draft, 4),
+                    "step_ms_whole_block": round(step, 4),
                 }
-                for k in self.blocks
-            }
-            for b in batches
-        }
         steps = {str(k): n for k, n in sorted(self.steps.items())}
         return {"steps_by_drafted_block": steps, "planned": planned, "cost_model": table}
 
