@@ -331,7 +331,11 @@ class AdaptiveStep:
             if uniform
             else contextlib.nullcontext(),
         ):
-            out = w.draft_model_runner.forward(forward_batch)
+            profiler = w._step_profiler if width < block else None
+            if profiler is not None:  # DFLARE_STEP_PROFILE: one eager short draft per batch size, alone
+                out = profiler.run_short_draft(bs, width, w.draft_model_runner.forward, forward_batch)
+            else:
+                out = w.draft_model_runner.forward(forward_batch)
         hidden = out.logits_output.hidden_states
         hidden = None if hidden is None else hidden.view(bs, width, -1)[:, 1:, :]
         fused = None

@@ -5,7 +5,8 @@ verify, draft forward) and the speculative workers' context-KV materialisation w
 each scheduler process keeps writing ``<dir>/phases_<pid>.json``: ``{"<phase>/<batch size>": [count,
 total_ms]}``. It applies to AR, built-in DFLASH and DFLARE alike, which is what a side-by-side needs.
 Prefill forwards are not timed. Adaptive verify's shorter drafts (eager, ``DFLARE_DRAFT_BLOCKS``) are
-``draft_short``, apart from the whole block's graph-replayed ``draft``.
+``draft_short``, apart from the whole block's graph-replayed ``draft``. Each timed phase also gets the
+host time its launching call took, ``<phase>_host/<batch size>``.
 
 Two things make it fit for measuring host overhead:
 
@@ -61,10 +62,17 @@ class PhaseTimer:
         self._since_flush = 0  # records since the last flush: one flush (a file write at most) per 64
 
     def timed(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` between two CUDA events recorded as ``key`` (``<phase>/<batch size>``), and add the host
+        time the call took as ``<phase>_host/<batch size>``: a graph replay launches in well under a
+        millisecond, an eager forward launches kernel by kernel, and where that launch time reaches the
+        events' GPU time the phase waits for the host, not for its kernels."""
         start, end = self.make_event(), self.make_event()
+        launched = self.clock()
         start.record()
         out = fn(*args, **kwargs)
         end.record()
+        phase, _, bs = key.partition("/")
+        self._add(f"{phase}_host/{bs}", (self.clock() - launched) * 1000.0)
         self.pending.append((key, start, end))
         self._since_flush += 1
         if self._since_flush >= _FLUSH_EVERY:

@@ -4,7 +4,9 @@
 ``WARMUP`` decode steps at each listed batch size run as usual, the next one runs under ``torch.profiler``
 (CPU + CUDA) and synchronised, and the scheduler writes ``<dir>/step_profile_bs<N>.json``: the step's wall
 time, its GPU busy time (sum of kernel times), whether the target verify replayed a CUDA graph, and the
-top operators and kernels by GPU and by host time.
+top operators and kernels by GPU and by host time. The adaptive step's shorter, eager drafts
+(``DFLARE_DRAFT_BLOCKS``) are profiled apart, the drafter's forward alone, after ``SHORT_WARMUP`` of them:
+``<dir>/draft_short_w<width>_bs<N>.json``.
 The gap between wall and busy time is host work the GPU waited for. Each batch size is captured once per
 process. Off unless the variable is set.
 """
@@ -21,40 +23,52 @@ from typing import Any
 ENV = "DFLARE_STEP_PROFILE"
 BATCHES_ENV = "DFLARE_STEP_PROFILE_BATCHES"
 WARMUP = 20
+SHORT_WARMUP = 5
 TOP = 40
 
 
 class StepProfiler:
-    """Counts decode steps per batch size and profiles a window of them once."""
+    """Counts decode steps (and the adaptive step's shorter, eager drafts) per batch size and profiles one of
+    each once."""
 
     def __init__(self, out_dir: Path, batch_sizes: set[int]) -> None:
         self.out_dir = out_dir
-        self.pending = set(batch_sizes)
-        self.seen: dict[int, int] = {}
+        self.pending: set[tuple[str, int]] = {(kind, bs) for bs in batch_sizes for kind in ("step", "short")}
+        self.seen: dict[tuple[str, int], int] = {}
 
     def run(self, bs: int, step: Callable[..., Any], *args: Any) -> Any:
-        if bs not in self.pending:
-            return step(*args)
-        count = self.seen[bs] = self.seen.get(bs, 0) + 1
-        if count <= WARMUP:
-            return step(*args)
-        self.pending.discard(bs)
-        return self._profile(bs, step, args)
+        """A whole decode step at batch ``bs``: ``step_profile_bs<bs>.json``."""
+        return self._run(("step", bs), WARMUP, f"step_profile_bs{bs}", step, args)
 
-    def _profile(self, bs: int, step: Callable[..., Any], args: tuple) -> Any:
+    def run_short_draft(self, bs: int, width: int, draft: Callable[..., Any], *args: Any) -> Any:
+        """The drafter's eager forward of a block of ``width`` shorter than the server's
+        (``DFLARE_DRAFT_BLOCKS``), alone: ``draft_short_w<width>_bs<bs>.json``. The policy drafts it in some
+        steps only, so fewer are skipped first (``SHORT_WARMUP``); the first ones also warm up kernels."""
+        return self._run(("short", bs), SHORT_WARMUP, f"draft_short_w{width}_bs{bs}", draft, args)
+
+    def _run(self, key: tuple[str, int], warmup: int, name: str, fn: Callable[..., Any], args: tuple) -> Any:
+        if key not in self.pending:
+            return fn(*args)
+        count = self.seen[key] = self.seen.get(key, 0) + 1
+        if count <= warmup:
+            return fn(*args)
+        self.pending.discard(key)
+        return self._profile(key[1], name, fn, args)
+
+    def _profile(self, bs: int, name: str, fn: Callable[..., Any], args: tuple) -> Any:
         import torch
         from torch.profiler import ProfilerActivity, profile
 
         torch.cuda.synchronize()
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            out = step(*args)
+            out = fn(*args)
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1000
-        self._write(bs, prof, wall_ms, getattr(out, "can_run_cuda_graph", None))
+        self._write(bs, name, prof, wall_ms, getattr(out, "can_run_cuda_graph", None))
         return out
 
-    def _write(self, bs: int, prof: Any, wall_ms: float, verify_graph: bool | None) -> None:
+    def _write(self, bs: int, name: str, prof: Any, wall_ms: float, verify_graph: bool | None) -> None:
         events = prof.key_averages()
 
         def rows(key: str) -> list[dict[str, Any]]:
@@ -79,7 +93,7 @@ class StepProfiler:
             "top_by_cpu": rows("self_cpu_time_total"),
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / f"step_profile_bs{bs}.json").write_text(json.dumps(report, indent=1))
+        (self.out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
 
 
 def from_environment() -> StepProfiler | None:

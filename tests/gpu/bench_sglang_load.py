@@ -146,6 +146,8 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
         row["plain_step_share"] = round(plain_steps / (steps + plain_steps), 3)
     for phase in ("decode", "verify", "draft", "draft_short", "context_kv", "step_wall"):
         row[f"{phase}_ms"] = mean_ms(before, after, phase, bs)
+    for phase in ("verify", "draft", "draft_short"):  # host time of each launching call (phase_timing.py)
+        row[f"{phase}_host_ms"] = mean_ms(before, after, f"{phase}_host", bs)
     drafts = {
         p: after.get(f"{p}/{bs}", [0])[0] - before.get(f"{p}/{bs}", [0])[0] for p in ("draft", "draft_short")
     }

@@ -34,7 +34,8 @@ def forward(gpu: FakeGpu, ms: float):
 
 
 def written(path: Path) -> dict:
-    return json.loads(path.read_text())
+    """The GPU phases and step periods the timer wrote (host launch times apart, see the test of those)."""
+    return {k: v for k, v in json.loads(path.read_text()).items() if "_host/" not in k}
 
 
 def test_records_are_read_once_the_gpu_passed_them_and_never_waited_for(tmp_path: Path) -> None:
@@ -42,12 +43,13 @@ def test_records_are_read_once_the_gpu_passed_them_and_never_waited_for(tmp_path
     timer = PhaseTimer(tmp_path, make_event=gpu.event, clock=Clock())
     for _ in range(phase_timing._FLUSH_EVERY):  # a full flush batch while the GPU has finished nothing
         assert timer.timed("verify/128", forward(gpu, 25.0)) == "out"
-    assert not timer.path.exists() and len(timer.pending) == phase_timing._FLUSH_EVERY
+    # only host launch times so far: no GPU phase is read before the GPU passed it
+    assert written(timer.path) == {} and len(timer.pending) == phase_timing._FLUSH_EVERY
 
     gpu.done_until = 10 * 25.0  # the GPU passed the first ten verifies
     for _ in range(phase_timing._FLUSH_EVERY - 1):
         timer.timed("draft/128", forward(gpu, 6.0))
-    assert not timer.path.exists()  # one flush per 64 records
+    assert written(timer.path) == {}  # one flush per 64 records
     timer.timed("draft/128", forward(gpu, 6.0))
     assert written(timer.path) == {"verify/128": [10, 250.0]}
     assert len(timer.pending) == 2 * phase_timing._FLUSH_EVERY - 10
@@ -137,3 +139,27 @@ def test_hook_times_target_steps_not_drafts_and_restarts_after_prefill(tmp_path:
     gpu.done_until = gpu.now
     timer.flush()
     assert written(timer.path)["draft_short/8"][0] == 2 and written(timer.path)["draft/8"][0] == 4
+
+
+def test_each_phase_also_records_the_host_time_its_launch_took(tmp_path: Path) -> None:
+    """An eager forward that takes longer to launch than its kernels run shows as host time at or above the
+    events' GPU time; a graph replay launches in a fraction of it."""
+    gpu, clock = FakeGpu(), Clock()
+    timer = PhaseTimer(tmp_path, make_event=gpu.event, clock=clock)
+
+    def launch(host_ms: float, gpu_ms: float):
+        def run() -> None:
+            clock.now += host_ms / 1000
+            gpu.run(gpu_ms)
+
+        return run
+
+    for _ in range(3):
+        timer.timed("draft_short/128", launch(7.5, 2.5))  # eager: launch-bound
+        timer.timed("draft/128", launch(0.2, 6.0))  # graph replay
+    gpu.done_until = gpu.now
+    timer.flush()
+    totals = json.loads(timer.path.read_text())
+    assert totals["draft_short_host/128"] == [3, pytest.approx(22.5)]
+    assert totals["draft_host/128"] == [3, pytest.approx(0.6)]
+    assert totals["draft_short/128"] == [3, pytest.approx(7.5)] and totals["draft/128"][0] == 3
