@@ -7,8 +7,8 @@ SGLang's DFlash step verifies the whole block for every request. Here the verify
   drafter does not run and every request verifies just its last committed token (one target token each,
   the bonus is the target's next token), after which the drafter's context K/V still get every committed
   token (the commit below writes it, as after any verify); or, with ``DFLARE_DRAFT_BLOCKS``, a shorter
-  block to draft: an eager drafter forward over the first positions of the block (its CUDA graphs exist
-  for the whole block only), sized for the attention backend as short_draft.py says;
+  block to draft: a drafter forward over the first positions of the block, from CUDA graphs of that width
+  on FA3 and eager elsewhere, handed to the attention backend as short_draft.py says;
 * after drafting (``plan`` on the drafter's top-1 probabilities): how many drafts each request's target
   verifies. Greedy batches get per-request widths; a batch with sampled requests verifies one width for all
   (SGLang's sampling verify kernel takes one window per call: with window n, "all n - 1 drafts accepted"
@@ -111,7 +111,8 @@ class AdaptiveStep:
         self._pending: tuple[torch.Tensor, list[int], Any] | None = None  # conf, widths, accepted (lagged)
         self._warned_no_hidden = False
         self._tiers: list[int] | None = None  # token counts of the target's ragged verify graphs
-        self._short_drafts: dict[tuple[int, int], Any] = {}  # (bs, width) -> spec input of an eager draft
+        self._short_drafts: dict[tuple[int, int], Any] = {}  # (bs, width) -> spec input of a shorter draft
+        self._short_graphs: dict[int, short_draft.WidthGraphs] = {}  # width -> its CUDA graphs (FA3)
         self._drafted_blocks: set[int] = set()  # blocks drafted so far (the first of each is logged)
 
     # -- the step ------------------------------------------------------------------------------------------
@@ -142,8 +143,9 @@ class AdaptiveStep:
         else:
             if drafted not in self._drafted_blocks:
                 self._drafted_blocks.add(drafted)
-                eager = " (eager: no CUDA graph at this block)" if drafted < block else ""
-                logger.info("DFLARE adaptive: first draft of block %d, at batch %d%s", drafted, bs, eager)
+                eager = drafted < block and drafted not in self._short_graphs
+                how = " (eager: no CUDA graph at this block)" if eager else ""
+                logger.info("DFLARE adaptive: first draft of block %d, at batch %d%s", drafted, bs, how)
             draft_tokens, hidden, fused = self._draft(
                 batch, draft_input, block_ids, positions_2d, cache_loc_2d, bs, drafted
             )
@@ -285,8 +287,8 @@ class AdaptiveStep:
         self, batch: Any, draft_input: Any, block_ids, positions_2d, cache_loc_2d, bs: int, width: int
     ):
         """The drafter's forward over the first ``width`` positions of the block (SGLang's DFlash draft
-        call; a shorter width runs eagerly, see ``_short_draft_input``): draft tokens [bs, block], of which
-        columns ``width``.. are stale, the draft hidden states of positions 1..width-1 (None when the
+        call; a shorter width from its own graphs or eagerly, see short_draft.py): draft tokens [bs, block],
+        of which columns ``width``.. are stale, the draft hidden states of positions 1..width-1 (None when the
         CUDA-graph sampler kept them inside), and the drafts' top-1 probabilities [bs, width - 1] on the
         device when the graph's head computed them (confident_sampler.py), else None."""
         from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
@@ -324,13 +326,14 @@ class AdaptiveStep:
             spec_info=spec_info,
             capture_hidden_mode=CaptureHiddenMode.NULL,
         )
-        uniform = width < block and self._uniform_short_drafts
-        with (
-            torch.inference_mode(),
-            short_draft.uniform_width(w.draft_model_runner.attn_backend, width)
-            if uniform
-            else contextlib.nullcontext(),
-        ):
+        graphs = self._short_graphs.get(width) if width < block else None
+        if graphs is not None:  # this width's own graphs and FA3 backend (eager where a bs is not captured)
+            route = short_draft.replaying(w.draft_model_runner, graphs)
+        elif width < block and self._uniform_short_drafts:
+            route = short_draft.uniform_width(w.draft_model_runner.attn_backend, width)
+        else:
+            route = contextlib.nullcontext()
+        with torch.inference_mode(), route:
             profiler = w._step_profiler if width < block else None
             if profiler is not None:  # DFLARE_STEP_PROFILE: one eager short draft per batch size, alone
                 out = profiler.run_short_draft(bs, width, w.draft_model_runner.forward, forward_batch)
@@ -344,7 +347,7 @@ class AdaptiveStep:
             draft_next = w._draft_sampler.out[: bs * (block - 1)].view(bs, block - 1)
             fused = w._draft_sampler.top1[: bs * (block - 1)].view(bs, block - 1) if confident else None
         elif confident and hidden is not None and bs * (width - 1) <= w._draft_sampler.out.numel():
-            # an eager draft of a shorter block: ids and confidences in one LM-head product, through the
+            # a draft of a shorter block: ids and confidences in one LM-head product, through the
             # graph's head outside the graph (its buffers hold up to the graphs' largest batch)
             ids, top1 = w._draft_sampler.draft(hidden.reshape(-1, hidden.shape[-1]))
             draft_next, fused = ids.view(bs, width - 1), top1.view(bs, width - 1)
@@ -359,6 +362,18 @@ class AdaptiveStep:
         tokens[:, 1:width].copy_(draft_next)
         return tokens, hidden, fused
 
+    def capture_short_draft_graphs(self, widths: Sequence[int]) -> None:
+        """CUDA graphs for the shorter drafts ``widths`` (short_draft.py), once the drafter's whole-block
+        graphs exist: on FA3 with the drafter's graphs on, unless ``DFLARE_SHORT_DRAFT_GRAPHS=0``. Every TP
+        rank captures the same widths (the env's), so each runs a planned width alike."""
+        runner = self.worker.draft_model_runner
+        if not widths or getattr(runner, "decode_cuda_graph_runner", None) is None:
+            return
+        if not (self._uniform_short_drafts and short_draft.graphs_wanted()):
+            logger.info("DFLARE adaptive: shorter drafts %s run eagerly (graphs need FA3)", list(widths))
+            return
+        self._short_graphs = short_draft.capture_graphs(runner, widths)
+
     @functools.cached_property
     def _uniform_short_drafts(self) -> bool:
         """Whether shorter drafts reach the draft attention backend as a uniform batch of their width
@@ -366,10 +381,10 @@ class AdaptiveStep:
         return short_draft.sized_on_host(self.worker.draft_model_runner.attn_backend)
 
     def _short_draft_input(self, bs: int, width: int) -> Any:
-        """The spec input of an eager draft of ``width`` positions per request (short_draft.py): a uniform
-        batch of that width where the draft attention backend sizes it on the host (FA3), else a ragged
-        layout of equal lengths riding it. Its width differs from the draft graphs' capture width, so the
-        graph runner takes the eager path. Kept per (bs, width): a layout is a few small device tensors."""
+        """The spec input of a draft of ``width`` positions per request (short_draft.py): a uniform batch of
+        that width where the draft attention backend sizes it on the host (FA3: that width's graphs replay
+        it), else a ragged layout of equal lengths riding it, which the whole block's graphs do not take.
+        Kept per (bs, width): a layout is a few small device tensors."""
         key = (bs, width)
         spec = self._short_drafts.get(key)
         if spec is None:  # SGLang's draft-block spec input, at this width

@@ -128,6 +128,13 @@ class DFlareWorkerV2(DFlashWorkerV2):
             torch_top_p,
         )
 
+    def init_cuda_graphs(self) -> None:
+        """SGLang's target and drafter graphs, then the adaptive step's graphs of shorter drafts
+        (``DFLARE_DRAFT_BLOCKS``, short_draft.py)."""
+        super().init_cuda_graphs()
+        if self._adaptive is not None:
+            self._adaptive.capture_short_draft_graphs(adaptive.draft_blocks(int(self.block_size)))
+
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None):
         """SGLang's DFlash step, or in adaptive mode our adaptive decode step (adaptive_step.py); with trace
         replay on, the batch's requests are kept for the accept step, and with step profiling on, chosen

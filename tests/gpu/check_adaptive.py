@@ -6,7 +6,8 @@ planned by SGLang's DSPARK planner (``dspark_planner``), both with a step-cost t
 default the shipped Qwen3-8B-shape table of this card, else the first shipped one: any table exercises
 every width; only speed depends on it), and adaptive with shorter drafts (``adaptive_draft``:
 ``DFLARE_DRAFT_BLOCKS=8`` and that table with the whole block's draft made 8x dearer, so the policy
-drafts block 8, eagerly, most steps: its log says when it first did). Checks:
+drafts block 8 most steps, from CUDA graphs of that width on FA3: its log says when it captured them
+and when it first drafted block 8). Checks:
 
 * greedy adaptive (dspark_planner, adaptive_draft) == AR token for token on the demo held-out prompts at
   batch 1, 8 and 32 (divergences reported with the target's top-2 logit margin; the static server's own
@@ -116,7 +117,8 @@ def main() -> int:
             res["adaptive_log"] = servers["adaptive"][0].log_grep("DFLARE adaptive")[-3:]
             res["warmup_log"] = servers["adaptive"][0].log_grep("warm-up")[-3:]
         if "adaptive_draft" in servers:
-            res["adaptive_draft_log"] = servers["adaptive_draft"][0].log_grep("DFLARE adaptive")[-6:]
+            log = servers["adaptive_draft"][0].log_grep
+            res["adaptive_draft_log"] = log("DFLARE adaptive")[-6:] + log("CUDA graphs of draft block")[-3:]
         failed = [n for n, (_, ok) in servers.items() if not ok]
         if failed:
             res["server_errors"] = {n: servers[n][0].log_tail(60) for n in failed}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import types
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -99,3 +100,99 @@ def test_only_fa3_drafts_short_blocks_uniformly_and_its_spec_input_has_no_layout
     step = AdaptiveStep(SimpleNamespace(block_size=16, device=CPU, draft_model_runner=runner), None)
     spec = step._short_draft_input(3, 8)
     assert spec.num_tokens_per_req == 8 and getattr(spec, "ragged_verify_layout", None) is None
+
+
+class _StandInGraphRunner:
+    """Stands in for SGLang's ``DecodeCudaGraphRunner``, whose construction captures CUDA graphs (a GPU):
+    records what it was built with and what the draft runner's capture hooks were meanwhile."""
+
+    built: ClassVar[list[tuple[int, object, list]]] = []
+    fail_width: ClassVar[int | None] = None
+
+    def __init__(self, model_runner, *, attn_backend, speculative_num_draft_tokens) -> None:
+        if speculative_num_draft_tokens == self.fail_width:
+            raise RuntimeError("CUDA out of memory")
+        self.built.append((speculative_num_draft_tokens, attn_backend, list(model_runner.capture_tail_hooks)))
+        self.capture_bs = [1, 2, 4, 8]
+
+
+@pytest.fixture
+def stand_in_graphs(monkeypatch):
+    from sglang.srt.model_executor.runner import decode_cuda_graph_runner
+
+    _StandInGraphRunner.built, _StandInGraphRunner.fail_width = [], None
+    monkeypatch.setattr(decode_cuda_graph_runner, "DecodeCudaGraphRunner", _StandInGraphRunner)
+    return _StandInGraphRunner
+
+
+def _draft_runner(fa3, block: int = 16) -> SimpleNamespace:
+    whole_block_hook, whole_block_graphs = object(), object()
+    return SimpleNamespace(
+        attn_backend=fa3(block),
+        decode_cuda_graph_runner=whole_block_graphs,
+        capture_tail_hooks=[whole_block_hook],
+        _get_attention_backend=lambda: fa3(block),  # a new backend each call, configured at the block
+    )
+
+
+def test_each_shorter_width_is_captured_with_a_backend_of_its_own_and_without_the_block_head(
+    fa3, stand_in_graphs
+) -> None:
+    runner = _draft_runner(fa3)
+    hooks = runner.capture_tail_hooks
+    graphs = short_draft.capture_graphs(runner, [4, 8, 8])
+    assert sorted(graphs) == [4, 8]
+    assert [width for width, *_ in stand_in_graphs.built] == [8, 4]  # larger first
+    for width, backend, hooks_during in stand_in_graphs.built:
+        assert hooks_during == []  # the block's fused greedy head reads a whole block per request
+        assert backend.speculative_num_draft_tokens == width and graphs[width].backend is backend
+        assert backend is not runner.attn_backend
+    assert runner.capture_tail_hooks is hooks and runner.attn_backend.speculative_num_draft_tokens == 16
+
+
+def test_a_width_whose_capture_fails_stays_eager_and_the_others_keep_their_graphs(
+    fa3, stand_in_graphs, caplog
+) -> None:
+    stand_in_graphs.fail_width = 8
+    runner = _draft_runner(fa3)
+    graphs = short_draft.capture_graphs(runner, [4, 8])
+    assert sorted(graphs) == [4]
+    assert "draft block 8 failed" in caplog.text
+    assert len(runner.capture_tail_hooks) == 1
+
+
+def test_replaying_hands_the_runner_a_widths_graphs_and_backend_for_one_forward(fa3) -> None:
+    runner = _draft_runner(fa3)
+    own = runner.decode_cuda_graph_runner, runner.attn_backend
+    graphs = short_draft.WidthGraphs(4, fa3(4), object())
+    with short_draft.replaying(runner, graphs):
+        assert runner.decode_cuda_graph_runner is graphs.runner and runner.attn_backend is graphs.backend
+    assert (runner.decode_cuda_graph_runner, runner.attn_backend) == own
+    with pytest.raises(RuntimeError), short_draft.replaying(runner, graphs):
+        raise RuntimeError("draft forward failed")
+    assert (runner.decode_cuda_graph_runner, runner.attn_backend) == own
+
+
+def test_the_adaptive_step_captures_shorter_drafts_only_on_fa3_with_graphs_on(
+    fa3, stand_in_graphs, monkeypatch
+) -> None:
+    from sglang_ext.sglang_plugin.adaptive_step import AdaptiveStep
+
+    def step(runner) -> AdaptiveStep:
+        return AdaptiveStep(SimpleNamespace(block_size=16, device=CPU, draft_model_runner=runner), None)
+
+    fa3_step = step(_draft_runner(fa3))
+    fa3_step.capture_short_draft_graphs([8])
+    assert list(fa3_step._short_graphs) == [8]
+    other = _draft_runner(fa3)
+    other.attn_backend = object()  # triton and the rest: shorter drafts keep the ragged eager path
+    triton_step = step(other)
+    triton_step.capture_short_draft_graphs([8])
+    no_graphs = step(SimpleNamespace(**{**vars(_draft_runner(fa3)), "decode_cuda_graph_runner": None}))
+    no_graphs.capture_short_draft_graphs([8])  # --disable-cuda-graph
+    monkeypatch.setenv(short_draft.GRAPHS_ENV, "0")
+    off = step(_draft_runner(fa3))
+    off.capture_short_draft_graphs([8])
+    assert triton_step._short_graphs == no_graphs._short_graphs == off._short_graphs == {}
+    assert len(stand_in_graphs.built) == 1
+    assert short_draft.graphs_wanted({}) and not short_draft.graphs_wanted({short_draft.GRAPHS_ENV: "0"})
