@@ -62,7 +62,7 @@ DEFAULT_TRACES = REPO / "sglang_ext" / "traces" / "data"
 
 # the environment that decides what a run measured, as its recorded command names it
 COMMAND_KNOBS = ("BLOCKS", "BS", "TRACES", "ATTN", "ROUNDS", "STEADY", "SPREAD", "SHORT_DRAFTS", "WARMUP",
-                 "PROFILE", "PARALLEL", "COST_TABLE")  # fmt: skip
+                 "PROFILE", "PARALLEL", "COST_TABLE", "DFLARE_SHORT_DRAFT_GRAPHS")  # fmt: skip
 
 
 def new_tokens(bs: int) -> int:
