@@ -200,7 +200,7 @@ def load_cost_table(
         logger.warning("DFLARE adaptive: %s is for block %d, serving %d", path, cost.block_size, block)
     logger.info("DFLARE adaptive: step costs from %s (measured on %s, %s)", path, cost.device, cost.model)
     if usable:
-        logger.warning("DFLARE adaptive: the policy may draft blocks %s (eager, no CUDA graph)", usable)
+        logger.info("DFLARE adaptive: the policy may draft blocks %s", usable)
     return cost, usable
 
 

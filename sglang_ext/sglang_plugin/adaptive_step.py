@@ -364,14 +364,14 @@ class AdaptiveStep:
 
     def capture_short_draft_graphs(self, widths: Sequence[int]) -> None:
         """CUDA graphs for the shorter drafts ``widths`` (short_draft.py), once the drafter's whole-block
-        graphs exist: on FA3 with the drafter's graphs on, with ``DFLARE_SHORT_DRAFT_GRAPHS=1``. Every TP
+        graphs exist: on FA3 with the drafter's graphs on, unless ``DFLARE_SHORT_DRAFT_GRAPHS=0``. Every TP
         rank captures the same widths (the env's), so each runs a planned width alike."""
         runner = self.worker.draft_model_runner
         if not widths or getattr(runner, "decode_cuda_graph_runner", None) is None:
             return
         if not (self._uniform_short_drafts and short_draft.graphs_wanted()):
-            logger.info("DFLARE adaptive: shorter drafts %s run eagerly (graphs: FA3 and %s=1)", list(widths),
-                        short_draft.GRAPHS_ENV)  # fmt: skip
+            logger.info("DFLARE adaptive: shorter drafts %s run eagerly (graphs need FA3 and %s unset or 1)",
+                        list(widths), short_draft.GRAPHS_ENV)  # fmt: skip
             return
         self._short_graphs = short_draft.capture_graphs(runner, widths)
 

@@ -21,8 +21,9 @@ without the block's fused greedy head (it reads a whole block per request; a sho
 from the same head outside the graph). ``replaying`` hands the draft runner that width's graphs and
 backend for one forward. Why: an eager forward of the drafter launches its kernels one by one from the
 host, which the whole block's draft, replayed from a graph, does not; where the launches take longer than
-the kernels, the GPU waits (``<phase>_host`` in phase_timing.py shows it). Opt-in for now:
-``DFLARE_SHORT_DRAFT_GRAPHS=1``.
+the kernels, the GPU waits (``<phase>_host`` in phase_timing.py shows it). The GPU check of the demo pair
+compares their output with AR's (``tests/gpu/check_adaptive.py``). ``DFLARE_SHORT_DRAFT_GRAPHS=0`` keeps
+shorter drafts eager.
 """
 
 from __future__ import annotations
@@ -72,10 +73,9 @@ class WidthGraphs:
 
 
 def graphs_wanted(environ: dict[str, str] | None = None) -> bool:
-    """Whether shorter drafts get CUDA graphs: opt-in (``DFLARE_SHORT_DRAFT_GRAPHS=1``) until the GPU check
-    of the demo pair has compared their output with AR's."""
+    """Whether shorter drafts get CUDA graphs (``DFLARE_SHORT_DRAFT_GRAPHS``: on unless ``0``)."""
     env = os.environ if environ is None else environ
-    return env.get(GRAPHS_ENV, "0").strip() == "1"
+    return env.get(GRAPHS_ENV, "1").strip() != "0"
 
 
 def capture_graphs(model_runner: Any, widths: Sequence[int]) -> dict[int, WidthGraphs]:
