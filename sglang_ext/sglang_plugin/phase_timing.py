@@ -6,7 +6,8 @@ each scheduler process keeps writing ``<dir>/phases_<pid>.json``: ``{"<phase>/<b
 total_ms]}``. It applies to AR, built-in DFLASH and DFLARE alike, which is what a side-by-side needs.
 Prefill forwards are not timed. Adaptive verify's shorter drafts (eager, ``DFLARE_DRAFT_BLOCKS``) are
 ``draft_short``, apart from the whole block's graph-replayed ``draft``. Each timed phase also gets the
-host time its launching call took, ``<phase>_host/<batch size>``.
+host time its launching call took, ``<phase>_host/<batch size>``, and the scheduler's garbage-collector
+passes are timed too (``gc_gen<generation>/<batch size>``).
 
 Two things make it fit for measuring host overhead:
 
@@ -23,6 +24,7 @@ Two things make it fit for measuring host overhead:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -60,6 +62,8 @@ class PhaseTimer:
         self._last_launch: tuple[int, float] | None = None  # (batch size, clock) of the last target step
         self._dirty = False
         self._since_flush = 0  # records since the last flush: one flush (a file write at most) per 64
+        self._gc_started: float | None = None
+        self._last_batch = 0  # batch size of the last target step launched, prefills between or not
 
     def timed(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn`` between two CUDA events recorded as ``key`` (``<phase>/<batch size>``), and add the host
@@ -83,6 +87,7 @@ class PhaseTimer:
         """A target decode/verify step is being launched: add the period since the previous one at the same
         batch size."""
         now = self.clock()
+        self._last_batch = batch_size
         last = self._last_launch
         if last is not None and last[0] == batch_size:
             self._add(f"{STEP_WALL}/{batch_size}", (now - last[1]) * 1000.0)
@@ -91,6 +96,26 @@ class PhaseTimer:
     def other_forward(self) -> None:
         """A prefill (or other non-step) forward ran: the next step's period would include it."""
         self._last_launch = None
+
+    def watch_gc(self) -> None:
+        """Also time this process's garbage-collector passes: ``gc_gen<generation>/<batch size>``, the batch
+        size being that of the last step launched (0 before any). A full pass scans every live object, so
+        it grows with the running requests, and it stops the scheduler wherever it lands, a step's launch
+        included: these records tell such pauses from the steps' own host work."""
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = self.clock()
+        elif self._gc_started is not None:
+            ms = (self.clock() - self._gc_started) * 1000.0
+            self._add(f"gc_gen{info['generation']}/{self._last_batch}", ms)
+            self._gc_started = None
 
     def _add(self, key: str, ms: float) -> None:
         entry = self.totals.setdefault(key, [0, 0.0])
@@ -122,6 +147,7 @@ def _get_timer() -> PhaseTimer:
         out = Path(os.environ[ENV])
         out.mkdir(parents=True, exist_ok=True)
         _timer = PhaseTimer(out)
+        _timer.watch_gc()
     return _timer
 
 

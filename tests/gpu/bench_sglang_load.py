@@ -146,8 +146,9 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
         row["plain_step_share"] = round(plain_steps / (steps + plain_steps), 3)
     for phase in ("decode", "verify", "draft", "draft_short", "context_kv", "step_wall"):
         row[f"{phase}_ms"] = mean_ms(before, after, phase, bs)
-    for phase in ("verify", "draft", "draft_short"):  # host time of each launching call (phase_timing.py)
+    for phase in ("verify", "draft", "draft_short", "context_kv"):  # host time of each launching call
         row[f"{phase}_host_ms"] = mean_ms(before, after, f"{phase}_host", bs)
+    row["gc_ms"] = round(gc_pause_ms(before, after), 2)  # the scheduler's GC passes, the whole measurement
     drafts = {
         p: after.get(f"{p}/{bs}", [0])[0] - before.get(f"{p}/{bs}", [0])[0] for p in ("draft", "draft_short")
     }
@@ -156,6 +157,13 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
     row["draft_short_share"] = round(drafts["draft_short"] / sum(drafts.values()), 3) if short else None
     row["draft_mean_ms"] = round(mean, 4) if mean is not None else None  # every round has every key
     return row
+
+
+def gc_pause_ms(before: dict, after: dict) -> float:
+    """Milliseconds the server's scheduler spent in garbage-collector passes between two phase snapshots,
+    at every batch size (phase_timing.py: ``gc_gen<generation>/<batch size>``)."""
+    keys = [key for key in after if key.startswith("gc_gen")]
+    return sum(after[key][1] - before.get(key, [0, 0.0])[1] for key in keys)
 
 
 def length_spread() -> float:

@@ -425,10 +425,13 @@ def test_load_benchmark_splits_shorter_drafts_from_whole_block_drafts(monkeypatc
 
     snapshots = iter(
         [
-            {"draft/4": [10, 100.0], "verify/4": [10, 300.0]},
-            {"draft/4": [13, 130.0], "draft_short/4": [1, 6.0], "verify/4": [14, 420.0]},
+            {"draft/4": [10, 100.0], "verify/4": [10, 300.0], "gc_gen2/8": [1, 30.0]},
+            {
+                "draft/4": [13, 130.0], "draft_short/4": [1, 6.0], "verify/4": [14, 420.0],
+                "draft_short_host/4": [1, 0.5], "gc_gen2/8": [2, 70.0], "gc_gen0/3": [4, 2.0],
+            },
         ]
-    )
+    )  # fmt: skip
     monkeypatch.setattr(bench, "phase_totals", lambda _: next(snapshots))
     monkeypatch.setattr(bench.time, "sleep", lambda _: None)
     meta = {"completion_tokens": 10, "spec_verify_ct": 4, "spec_num_correct_drafts": 8}
@@ -436,6 +439,8 @@ def test_load_benchmark_splits_shorter_drafts_from_whole_block_drafts(monkeypatc
     row = bench.measure(SimpleNamespace(name="dflare_s16"), 4, "synthetic")
     assert row["draft_ms"] == 10.0 and row["draft_short_ms"] == 6.0 and row["verify_ms"] == 30.0
     assert row["draft_short_share"] == 0.25 and row["draft_mean_ms"] == 9.0
+    assert row["draft_short_host_ms"] == 0.5 and row["verify_host_ms"] is None
+    assert row["gc_ms"] == 42.0  # every GC pass meanwhile, at whatever batch size the tail ran
     whole = iter([{"draft/4": [10, 100.0]}, {"draft/4": [12, 120.0]}])
     monkeypatch.setattr(bench, "phase_totals", lambda _: next(whole))
     row = bench.measure(SimpleNamespace(name="dflare_a16"), 4, "synthetic")

@@ -163,3 +163,31 @@ def test_each_phase_also_records_the_host_time_its_launch_took(tmp_path: Path) -
     assert totals["draft_short_host/128"] == [3, pytest.approx(22.5)]
     assert totals["draft_host/128"] == [3, pytest.approx(0.6)]
     assert totals["draft_short/128"] == [3, pytest.approx(7.5)] and totals["draft/128"][0] == 3
+
+
+def test_garbage_collector_passes_are_timed_at_the_batch_size_of_the_last_step(tmp_path: Path) -> None:
+    """A real ``gc.collect`` between steps: its pass is recorded under the generation it collected and the
+    batch size of the step launched last, and nothing more once the timer stops watching."""
+    import gc
+
+    clock = Clock()
+    timer = PhaseTimer(tmp_path, make_event=FakeGpu().event, clock=clock)
+    timer.watch_gc()
+    timer.watch_gc()  # once only
+    try:
+        timer.step_launched(96)
+
+        def slow_pass(phase: str, info: dict) -> None:  # runs after the timer's own callback
+            clock.now += 0.012 if phase == "start" else 0.0
+
+        gc.callbacks.append(slow_pass)
+        try:
+            gc.collect(2)
+        finally:
+            gc.callbacks.remove(slow_pass)
+        assert timer.totals["gc_gen2/96"] == [1, pytest.approx(12.0)]
+    finally:
+        timer.unwatch_gc()
+    gc.collect(2)
+    assert timer.totals["gc_gen2/96"][0] == 1
+    assert timer._on_gc not in gc.callbacks
