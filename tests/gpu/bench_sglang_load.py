@@ -52,7 +52,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sglang_sim import TAPS9, TARGET, draft, mean_ms, median_row, phase_totals
-from sglang_harness import OUT, Results, Server, generate, keep_full, steady_rate, stop_on_sigterm, timed
+from sglang_harness import (
+    OUT,
+    Results,
+    Server,
+    generate,
+    keep_full,
+    post_raw,
+    steady_rate,
+    stop_on_sigterm,
+    timed,
+)
 
 ROOT = Path("/tmp/q8load")
 PROMPT = list(range(1000, 1128))  # 128 prompt tokens
@@ -62,7 +72,7 @@ DEFAULT_TRACES = REPO / "sglang_ext" / "traces" / "data"
 
 # the environment that decides what a run measured, as its recorded command names it
 COMMAND_KNOBS = ("BLOCKS", "BS", "TRACES", "ATTN", "ROUNDS", "STEADY", "SPREAD", "SHORT_DRAFTS", "WARMUP",
-                 "PROFILE", "PARALLEL", "COST_TABLE", "DFLARE_SHORT_DRAFT_GRAPHS")  # fmt: skip
+                 "PROFILE", "PARALLEL", "COST_TABLE", "DFLARE_SHORT_DRAFT_GRAPHS", "GC_FREEZE")  # fmt: skip
 
 
 def new_tokens(bs: int) -> int:
@@ -157,6 +167,16 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
     row["draft_short_share"] = round(drafts["draft_short"] / sum(drafts.values()), 3) if short else None
     row["draft_mean_ms"] = round(mean, 4) if mean is not None else None  # every round has every key
     return row
+
+
+def freeze_gc(urls: list[str]) -> None:
+    """GC_FREEZE=1: SGLang's ``/freeze_gc`` on every server of the wave (AR included), once warmed up and
+    before the timed rounds: what the servers hold by then moves out of the garbage collector's reach, so
+    its full passes scan only what the measured requests create (``gc_ms`` per row shows what is left)."""
+    for url in urls:
+        status, text = post_raw(url + "/freeze_gc", {})
+        if status != 200:
+            raise RuntimeError(f"{url}/freeze_gc answered {status}: {text[:200]}")
 
 
 def gc_pause_ms(before: dict, after: dict) -> float:
@@ -274,6 +294,8 @@ def run_wave(
     if os.environ.get("PROFILE", "1") == "1":
         for spec in up.values():
             profile_pass(spec)
+    if os.environ.get("GC_FREEZE") == "1":
+        freeze_gc([ar.url, *(spec.url for spec in up.values())])
     runs = [("ar", None), *((who, t) for who in up for t in traces)]
     raw: dict[tuple, list[dict]] = {}
     for r in range(rounds):

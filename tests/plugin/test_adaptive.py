@@ -557,3 +557,42 @@ def test_a_steady_window_counts_the_tokens_made_inside_it_when_requests_finish_i
     waves = [(t, t + 0.25, 10) for t in (0.0, 0.25, 0.5) for _client in range(4)]
     assert steady_rate(waves, 0.2, 0.6) == pytest.approx(160.0)
     assert steady_rate(waves, 0.0, 0.75) == pytest.approx(160.0)  # the whole run, however cut
+
+
+def test_load_benchmark_freezes_the_garbage_collector_of_every_server_it_is_asked_to(monkeypatch) -> None:
+    """GC_FREEZE=1: a POST to SGLang's /freeze_gc on each server, over real HTTP on loopback; a server that
+    refuses fails the run instead of measuring something else than the command says."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "gpu"))
+    import bench_sglang_load as bench
+
+    seen: list[tuple[int, str]] = []
+
+    def server(status: int) -> ThreadingHTTPServer:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                seen.append((self.server.server_address[1], self.path))
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(b"Garbage collection frozen.\n" if status == 200 else b"no")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        return httpd
+
+    ok, ok2, refusing = server(200), server(200), server(404)
+    try:
+        urls = [f"http://127.0.0.1:{s.server_address[1]}" for s in (ok, ok2, refusing)]
+        bench.freeze_gc(urls[:2])
+        assert seen == [(ok.server_address[1], "/freeze_gc"), (ok2.server_address[1], "/freeze_gc")]
+        with pytest.raises(RuntimeError, match="404"):
+            bench.freeze_gc(urls[2:])
+    finally:
+        for s in (ok, ok2, refusing):
+            s.shutdown()
