@@ -326,17 +326,17 @@ class AdaptiveStep:
             spec_info=spec_info,
             capture_hidden_mode=CaptureHiddenMode.NULL,
         )
-        graphs = self._short_graphs.get(width) if width < block else None
+        short = width < block
+        graphs = self._short_graphs.get(width) if short else None
         if graphs is not None:  # this width's own graphs and FA3 backend (eager where a bs is not captured)
             route = short_draft.replaying(w.draft_model_runner, graphs)
-        elif width < block and self._uniform_short_drafts:
+        elif short and self._uniform_short_drafts:
             route = short_draft.uniform_width(w.draft_model_runner.attn_backend, width)
         else:
             route = contextlib.nullcontext()
         with torch.inference_mode(), route:
-            profiler = w._step_profiler if width < block else None
-            if profiler is not None:  # DFLARE_STEP_PROFILE: one eager short draft per batch size, alone
-                out = profiler.run_short_draft(bs, width, w.draft_model_runner.forward, forward_batch)
+            if short and w._step_profiler is not None:  # DFLARE_STEP_PROFILE: one short draft per bs, alone
+                out = w._step_profiler.run_short_draft(bs, width, w.draft_model_runner.forward, forward_batch)
             else:
                 out = w.draft_model_runner.forward(forward_batch)
         hidden = out.logits_output.hidden_states

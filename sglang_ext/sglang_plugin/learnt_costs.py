@@ -33,7 +33,7 @@ class LearntCostsDump:
     def record(self, drafted_block: int | None) -> None:
         """One decode step: the block it drafted, None for a plain decode step."""
         self.steps[drafted_block or 0] += 1
-        if sum(self.steps.values()) % self.every == 0:
+        if self.steps.total() % self.every == 0:
             self.write()
 
     def snapshot(self) -> dict[str, Any]:

@@ -4,8 +4,8 @@ When the variable is set, the plugin wraps SGLang's ``ModelRunner.forward`` (tar
 verify, draft forward) and the speculative workers' context-KV materialisation with CUDA events, and
 each scheduler process keeps writing ``<dir>/phases_<pid>.json``: ``{"<phase>/<batch size>": [count,
 total_ms]}``. It applies to AR, built-in DFLASH and DFLARE alike, which is what a side-by-side needs.
-Prefill forwards are not timed. Adaptive verify's shorter drafts (eager, ``DFLARE_DRAFT_BLOCKS``) are
-``draft_short``, apart from the whole block's graph-replayed ``draft``. Each timed phase also gets the
+Prefill forwards are not timed. Adaptive verify's shorter drafts (``DFLARE_DRAFT_BLOCKS``) are
+``draft_short``, apart from the whole block's ``draft``. Each timed phase also gets the
 host time its launching call took, ``<phase>_host/<batch size>``, and the scheduler's garbage-collector
 passes are timed too (``gc_gen<generation>/<batch size>``).
 
@@ -152,7 +152,7 @@ def _get_timer() -> PhaseTimer:
 
 
 def is_short_draft(runner: Any, forward_batch: Any) -> bool:
-    """Whether a draft forward is adaptive verify's shorter, eager draft (``DFLARE_DRAFT_BLOCKS``): one
+    """Whether a draft forward is adaptive verify's shorter draft (``DFLARE_DRAFT_BLOCKS``): one
     carrying a ragged layout, or a uniform batch of fewer positions per request than the server's block
     (how FA3 gets it, short_draft.py)."""
     if getattr(getattr(forward_batch, "spec_info", None), "ragged_verify_layout", None) is not None:

@@ -4,7 +4,7 @@
 ``WARMUP`` decode steps at each listed batch size run as usual, the next one runs under ``torch.profiler``
 (CPU + CUDA) and synchronised, and the scheduler writes ``<dir>/step_profile_bs<N>.json``: the step's wall
 time, its GPU busy time (sum of kernel times), whether the target verify replayed a CUDA graph, and the
-top operators and kernels by GPU and by host time. The adaptive step's shorter, eager drafts
+top operators and kernels by GPU and by host time. The adaptive step's shorter drafts
 (``DFLARE_DRAFT_BLOCKS``) are profiled apart, the drafter's forward alone, after ``SHORT_WARMUP`` of them:
 ``<dir>/draft_short_w<width>_bs<N>.json``.
 The gap between wall and busy time is host work the GPU waited for. Each batch size is captured once per
@@ -28,8 +28,8 @@ TOP = 40
 
 
 class StepProfiler:
-    """Counts decode steps (and the adaptive step's shorter, eager drafts) per batch size and profiles one of
-    each once."""
+    """Counts decode steps (and the adaptive step's shorter drafts) per batch size and profiles one of each
+    once."""
 
     def __init__(self, out_dir: Path, batch_sizes: set[int]) -> None:
         self.out_dir = out_dir
@@ -41,7 +41,7 @@ class StepProfiler:
         return self._run(("step", bs), WARMUP, f"step_profile_bs{bs}", step, args)
 
     def run_short_draft(self, bs: int, width: int, draft: Callable[..., Any], *args: Any) -> Any:
-        """The drafter's eager forward of a block of ``width`` shorter than the server's
+        """The drafter's forward of a block of ``width`` shorter than the server's
         (``DFLARE_DRAFT_BLOCKS``), alone: ``draft_short_w<width>_bs<bs>.json``. The policy drafts it in some
         steps only, so fewer are skipped first (``SHORT_WARMUP``); the first ones also warm up kernels."""
         return self._run(("short", bs), SHORT_WARMUP, f"draft_short_w{width}_bs{bs}", draft, args)
