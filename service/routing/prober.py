@@ -86,11 +86,14 @@ class HealthProber:
         return bool(models)
 
     async def _loop(self) -> None:
+        """A round at once, then one every ``interval_s``: the members a worker starts with are routable
+        as soon as they answer, not an interval later (with several workers behind one port, a worker
+        still waiting for its first round answered 503 while its neighbour already said ready)."""
         while True:
-            await asyncio.sleep(self.interval_s)
             await self.probe_all()
             if self._on_round is not None:
                 self._on_round()
+            await asyncio.sleep(self.interval_s)
 
     def probe_soon(self, endpoint: BackendEndpoint) -> None:
         """Probe a new member now instead of at the next round (it may be ready already)."""
