@@ -7,7 +7,11 @@ total_ms]}``. It applies to AR, built-in DFLASH and DFLARE alike, which is what 
 Prefill forwards are not timed. Adaptive verify's shorter drafts (``DFLARE_DRAFT_BLOCKS``) are
 ``draft_short``, apart from the whole block's ``draft``. Each timed phase also gets the
 host time its launching call took, ``<phase>_host/<batch size>``, and the scheduler's garbage-collector
-passes are timed too (``gc_gen<generation>/<batch size>``).
+passes are timed too (``gc_gen<generation>/<batch size>``). Each write also carries the CUDA caching
+allocator's running counters, ``allocator_<counter>/all``: ``[value, 0]`` (``alloc_retries``: allocations
+that found the device full and freed the allocator's whole cache, synchronising the device, before trying
+again; ``device_allocs``/``device_frees``: its cudaMalloc/cudaFree calls), so a reader that subtracts two
+snapshots gets what happened between them.
 
 Two things make it fit for measuring host overhead:
 
@@ -44,6 +48,21 @@ def _cuda_timing_event() -> Any:
     return torch.cuda.Event(enable_timing=True)
 
 
+ALLOCATOR_COUNTERS = {"alloc_retries": "num_alloc_retries", "device_allocs": "num_device_alloc",
+                      "device_frees": "num_device_free"}  # fmt: skip
+
+
+def _cuda_allocator_counters() -> dict[str, int]:
+    """The caching allocator's counters of this process's device. A host stall inside a step that the
+    step's kernels do not explain can be the allocator: when a new tensor shape finds no cached block and
+    the device has no free memory left (SGLang gives most of it to the KV pool), it frees its cache, which
+    waits for the whole GPU queue, and retries."""
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    return {name: int(stats.get(key, 0)) for name, key in ALLOCATOR_COUNTERS.items()}
+
+
 class PhaseTimer:
     """Accumulates CUDA-event durations and host step periods per (phase, batch size) and mirrors them to a
     JSON file."""
@@ -53,10 +72,12 @@ class PhaseTimer:
         out_dir: Path,
         make_event: Callable[[], Any] = _cuda_timing_event,
         clock: Callable[[], float] = time.perf_counter,
+        allocator_counters: Callable[[], dict[str, int]] = _cuda_allocator_counters,
     ) -> None:
         self.path = out_dir / f"phases_{os.getpid()}.json"
         self.make_event = make_event
         self.clock = clock
+        self.allocator_counters = allocator_counters
         self.pending: deque[tuple[str, Any, Any]] = deque()
         self.totals: dict[str, list[float]] = {}
         self._last_launch: tuple[int, float] | None = None  # (batch size, clock) of the last target step
@@ -133,6 +154,8 @@ class PhaseTimer:
         if not self._dirty:
             return
         self._dirty = False
+        for name, value in self.allocator_counters().items():
+            self.totals[f"allocator_{name}/all"] = [value, 0.0]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.totals))
         tmp.replace(self.path)

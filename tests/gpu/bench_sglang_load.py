@@ -36,9 +36,12 @@ PARALLEL, TAG (file name suffix), WARMUP (1: every server, AR included, starts w
 the chart's default: with PROFILE=0 the rows show what a warmed-up server's first requests get), PYSPY (a
 py-spy binary: each server's scheduler process is sampled during its measurements at the largest batch,
 ``$OUT/pyspy_<server>_bs<N>_<trace>.txt``, collapsed stacks: where the host time of a step goes, which the
-GPU phase timings do not show). Writes $OUT/bench_load<TAG>.json as it goes, the step profiles included,
-and for each adaptive server $OUT/learnt_costs_<server><TAG>.json (what its policy learnt and plans with:
-learnt_costs.py).
+GPU phase timings do not show; PYSPY_SECONDS, default 3, how long from the measurement's start: long enough
+for a closed batch's tail). Rows also count the scheduler's garbage-collector time (``gc_ms``) and the CUDA
+caching allocator's retries after a full device (``alloc_retries``, each one a device-wide wait) and
+cudaMalloc calls (``device_allocs``) during the measurement. Writes $OUT/bench_load<TAG>.json as it goes,
+the step profiles included, and for each adaptive server $OUT/learnt_costs_<server><TAG>.json (what its
+policy learnt and plans with: learnt_costs.py).
 """
 
 from __future__ import annotations
@@ -137,7 +140,8 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
     sampling = greedy(new_tokens(bs), trace)
     phases = Path(f"/tmp/phases/{server.name}")
     before = phase_totals(phases)
-    sampler = sample_host(server, f"bs{bs}_{trace or 'ar'}", 3.0) if sample else None
+    seconds = float(os.environ.get("PYSPY_SECONDS", "3"))
+    sampler = sample_host(server, f"bs{bs}_{trace or 'ar'}", seconds) if sample else None
     outs, secs = timed(lambda: generate(server.url, [PROMPT] * bs, sampling, bs))
     if sampler is not None:
         sampler.wait(timeout=60)
@@ -159,6 +163,9 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
     for phase in ("verify", "draft", "draft_short", "context_kv"):  # host time of each launching call
         row[f"{phase}_host_ms"] = mean_ms(before, after, f"{phase}_host", bs)
     row["gc_ms"] = round(gc_pause_ms(before, after), 2)  # the scheduler's GC passes, the whole measurement
+    for name in ("alloc_retries", "device_allocs"):  # the caching allocator's, the whole measurement
+        key = f"allocator_{name}/all"
+        row[name] = after.get(key, [0])[0] - before.get(key, [0])[0]
     drafts = {
         p: after.get(f"{p}/{bs}", [0])[0] - before.get(f"{p}/{bs}", [0])[0] for p in ("draft", "draft_short")
     }

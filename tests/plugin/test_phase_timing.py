@@ -34,8 +34,10 @@ def forward(gpu: FakeGpu, ms: float):
 
 
 def written(path: Path) -> dict:
-    """The GPU phases and step periods the timer wrote (host launch times apart, see the test of those)."""
-    return {k: v for k, v in json.loads(path.read_text()).items() if "_host/" not in k}
+    """The GPU phases and step periods the timer wrote (host launch times and allocator counters apart, see
+    the tests of those)."""
+    totals = json.loads(path.read_text())
+    return {k: v for k, v in totals.items() if "_host/" not in k and not k.startswith("allocator_")}
 
 
 def test_records_are_read_once_the_gpu_passed_them_and_never_waited_for(tmp_path: Path) -> None:
@@ -191,3 +193,31 @@ def test_garbage_collector_passes_are_timed_at_the_batch_size_of_the_last_step(t
     gc.collect(2)
     assert timer.totals["gc_gen2/96"][0] == 1
     assert timer._on_gc not in gc.callbacks
+
+
+def test_every_write_carries_the_allocators_running_counters(tmp_path: Path) -> None:
+    """The counters are snapshots, not sums: two writes with a retry between them differ by that retry, and a
+    write with nothing new to say does not read them."""
+    gpu, reads = FakeGpu(), []
+    counters = {"alloc_retries": 3, "device_allocs": 40, "device_frees": 7}
+
+    def read() -> dict[str, int]:
+        reads.append(dict(counters))
+        return dict(counters)
+
+    timer = PhaseTimer(tmp_path, make_event=gpu.event, clock=Clock(), allocator_counters=read)
+    timer.timed("context_kv/96", forward(gpu, 0.4))
+    gpu.done_until = gpu.now
+    timer.flush()
+    first = json.loads(timer.path.read_text())
+    counters.update(alloc_retries=4, device_allocs=45, device_frees=11)
+    timer.timed("context_kv/95", forward(gpu, 0.4))
+    gpu.done_until = gpu.now
+    timer.flush()
+    second = json.loads(timer.path.read_text())
+    assert first["allocator_alloc_retries/all"] == [3, 0.0]
+    assert second["allocator_alloc_retries/all"] == [4, 0.0]
+    assert second["allocator_device_allocs/all"][0] - first["allocator_device_allocs/all"][0] == 5
+    assert second["allocator_device_frees/all"] == [11, 0.0]
+    timer.flush()  # nothing new: no write, no read
+    assert len(reads) == 2
