@@ -4,7 +4,9 @@
 is one collapsed stack per line (``frame;frame;...;frame count``, outermost first). Prints the share of
 samples in which each function is on the stack (inclusive) and at its top (self), so two servers' files
 show what a speculative step adds to a plain one. ``--json OUT`` also writes the top shares of every file
-(by file name), for the docs.
+(by file name), for the docs. ``--under NAME`` keeps only the samples whose stack passes through a frame
+whose name contains NAME, cut at that frame: what a stall inside one call (the context-K/V commit, say)
+spends its time on.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from collections import Counter
 from pathlib import Path
 
 
-def shares(path: Path) -> tuple[int, Counter[str], Counter[str]]:
-    """(samples, inclusive counts, self counts) by frame name (``function (file:line)`` without the line)."""
+def shares(path: Path, under: str | None = None) -> tuple[int, Counter[str], Counter[str]]:
+    """(samples, inclusive counts, self counts) by frame name (``function (file:line)`` without the line);
+    with ``under``, of the samples inside the outermost frame whose name contains it, from that frame on."""
     total, inclusive, own = 0, Counter(), Counter()
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -24,6 +27,11 @@ def shares(path: Path) -> tuple[int, Counter[str], Counter[str]]:
             continue
         n = int(count)
         frames = [f.rsplit(":", 1)[0] + ")" if ":" in f else f for f in stack.split(";")]
+        if under is not None:
+            inside = [i for i, frame in enumerate(frames) if under in frame]
+            if not inside:
+                continue
+            frames = frames[inside[0] :]
         total += n
         for frame in set(frames):
             inclusive[frame] += n
@@ -36,10 +44,11 @@ def main() -> int:
     parser.add_argument("files", type=Path, nargs="+")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--json", type=Path, help="also write the top shares of every file here")
+    parser.add_argument("--under", help="only samples inside a frame whose name contains this")
     args = parser.parse_args()
     report: dict[str, dict] = {}
     for path in args.files:
-        total, inclusive, own = shares(path)
+        total, inclusive, own = shares(path, args.under)
         print(f"== {path.name}: {total} samples")
         report[path.name] = {"samples": total}
         for title, counts in (("inclusive", inclusive), ("self", own)):
