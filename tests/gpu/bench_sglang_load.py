@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sglang_sim import TAPS9, TARGET, draft, mean_ms, median_row, phase_totals
+from bench_sglang_sim import TAPS9, TARGET, draft, mean_ms, median_row, phase_totals, snapshot_delta
 from sglang_harness import (
     OUT,
     Results,
@@ -164,11 +164,8 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
         row[f"{phase}_host_ms"] = mean_ms(before, after, f"{phase}_host", bs)
     row["gc_ms"] = round(gc_pause_ms(before, after), 2)  # the scheduler's GC passes, the whole measurement
     for name in ("alloc_retries", "device_allocs"):  # the caching allocator's, the whole measurement
-        key = f"allocator_{name}/all"
-        row[name] = after.get(key, [0])[0] - before.get(key, [0])[0]
-    drafts = {
-        p: after.get(f"{p}/{bs}", [0])[0] - before.get(f"{p}/{bs}", [0])[0] for p in ("draft", "draft_short")
-    }
+        row[name] = snapshot_delta(before, after, f"allocator_{name}/all")[0]
+    drafts = {p: snapshot_delta(before, after, f"{p}/{bs}")[0] for p in ("draft", "draft_short")}
     short = drafts["draft_short"] > 0  # adaptive with shorter drafts: their share and the mean draft of both
     mean = sum((row[f"{p}_ms"] or 0) * n for p, n in drafts.items()) / sum(drafts.values()) if short else None
     row["draft_short_share"] = round(drafts["draft_short"] / sum(drafts.values()), 3) if short else None
@@ -189,8 +186,7 @@ def freeze_gc(urls: list[str]) -> None:
 def gc_pause_ms(before: dict, after: dict) -> float:
     """Milliseconds the server's scheduler spent in garbage-collector passes between two phase snapshots,
     at every batch size (phase_timing.py: ``gc_gen<generation>/<batch size>``)."""
-    keys = [key for key in after if key.startswith("gc_gen")]
-    return sum(after[key][1] - before.get(key, [0, 0.0])[1] for key in keys)
+    return sum(snapshot_delta(before, after, key)[1] for key in after if key.startswith("gc_gen"))
 
 
 def length_spread() -> float:

@@ -70,10 +70,14 @@ def phase_totals(directory: Path) -> dict[str, list[float]]:
     return totals
 
 
+def snapshot_delta(before: dict, after: dict, key: str) -> tuple[float, float]:
+    """(count, ms) that ``key`` gained between two phase snapshots (a key absent from one counts as 0)."""
+    (n0, ms0), (n1, ms1) = before.get(key, (0, 0.0)), after.get(key, (0, 0.0))
+    return n1 - n0, ms1 - ms0
+
+
 def mean_ms(before: dict, after: dict, phase: str, bs: int) -> float | None:
-    key = f"{phase}/{bs}"
-    n = after.get(key, [0, 0.0])[0] - before.get(key, [0, 0.0])[0]
-    ms = after.get(key, [0, 0.0])[1] - before.get(key, [0, 0.0])[1]
+    n, ms = snapshot_delta(before, after, f"{phase}/{bs}")
     return round(ms / n, 4) if n > 0 else None
 
 
