@@ -20,6 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("sglang_ext.training.tokenizer:main", "train the demo BPE tokenizer"),
     "train-target": ("sglang_ext.training.train_target:main", "train a small Qwen3 target"),
     "train-drafter": ("sglang_ext.training.train_drafter:main", "train a DFlare/DFlash drafter"),
+    "draft-vocab": (
+        "sglang_ext.training.count_vocab:main",
+        "keep a drafter to the tokens its target writes most",
+    ),
     "eval": ("sglang_ext.training.evaluate:main", "acceptance and speedup of a target/drafter pair"),
     "trace": ("sglang_ext.traces.cli:main", "acceptance traces: `dflare trace record|synthetic|report`"),
     "demo-path": ("sglang_ext.demo:main", "print the directory of a bundled demo model"),

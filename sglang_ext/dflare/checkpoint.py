@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from sglang_ext.dflare import ops
 from sglang_ext.dflare.config import DFlareConfig, Dialect, DrafterKind, load_config
+from sglang_ext.dflare.draft_vocab import DraftVocab
 from sglang_ext.dflare.model import DFlareDrafter
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def load_drafter(
     model.load_state_dict({n: t.to(device=device, dtype=dtype) for n, t in tensors.items()}, assign=True)
     # the non-persistent RoPE buffer is not in the checkpoint: rebuild it off the meta device
     model.inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, torch.device(device))
+    model.draft_vocab = DraftVocab.load(path)
     return model.eval()
 
 

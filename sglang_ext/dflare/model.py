@@ -21,6 +21,7 @@ from torch import nn
 
 from sglang_ext.dflare import ops
 from sglang_ext.dflare.config import DFlareConfig
+from sglang_ext.dflare.draft_vocab import DraftVocab
 from sglang_ext.dflare.linear import COPY_BELOW_PARAMS, DecoderLayerWeights
 
 if TYPE_CHECKING:
@@ -114,6 +115,8 @@ class DFlareDrafter(nn.Module):
         self.register_buffer("inv_freq", ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
         self._embed: nn.Module | None = None
         self._lm_head: nn.Module | None = None
+        # the target tokens it may propose (draft_vocab.py); None: the whole vocabulary
+        self.draft_vocab: DraftVocab | None = None
         self._param_slots: list[tuple[dict[str, Any], str]] | None = None
         self._frozen: dict[str, tuple[tuple[int, ...], Any]] = {}
         self._rope_tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}

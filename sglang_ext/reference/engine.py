@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sglang_ext.dflare import ops
@@ -187,6 +188,7 @@ class SpeculativeEngine:
             self._check_pair(self.drafter)
             self.drafter.bind_target(self.runner.embed_tokens, self.runner.lm_head)
             self.draft_cache = self.drafter.new_cache(max_batch, self.runner.dtype, self.runner.device)
+        self._draft_head = self._subset_head()
         self.cache = self.runner.new_cache(max_batch)
         self._slots: list[_Slot] = []
         self._waiting: deque[Request] = deque()
@@ -204,6 +206,34 @@ class SpeculativeEngine:
         dtype = drafter.norm.weight.dtype
         if dtype != self.runner.dtype:
             raise ValueError(f"drafter dtype {dtype} != target dtype {self.runner.dtype}")
+        vocab = drafter.draft_vocab
+        if vocab is not None and vocab.target_vocab_size != tcfg.vocab_size:
+            raise ValueError(
+                f"draft vocabulary made for a {vocab.target_vocab_size}-token target, this target has "
+                f"{tcfg.vocab_size}"
+            )
+
+    def _subset_head(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        """(weight, bias, target ids) of the LM-head rows the drafter may propose, when its checkpoint
+        has a draft vocabulary (draft_vocab.py); None: it drafts over the whole head."""
+        vocab = self.drafter.draft_vocab if self.drafter is not None else None
+        if vocab is None:
+            return None
+        head = self.runner.lm_head
+        bias = getattr(head, "bias", None)
+        ids = vocab.ids.to(head.weight.device)
+        return vocab.head(head.weight), None if bias is None else bias.index_select(0, ids), ids
+
+    def _draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The drafter's logits of ``hidden``: over its draft vocabulary when it has one, else the whole
+        target head. Indices into the last dim map to target ids through :meth:`_target_ids`."""
+        if self._draft_head is None:
+            return self.runner.logits(hidden)
+        weight, bias, _ = self._draft_head
+        return F.linear(hidden, weight, bias)
+
+    def _target_ids(self, drafts: torch.Tensor) -> torch.Tensor:
+        return drafts if self._draft_head is None else self._draft_head[2][drafts]
 
     @property
     def max_context(self) -> int:
@@ -356,15 +386,16 @@ class SpeculativeEngine:
         masks = [drafter.config.mask_token_id] * (size - 1)
         block = torch.tensor([[s.pending, *masks] for s in self._slots[:rows]], device=self.runner.device)
         hidden = drafter.draft_hidden(cache, block, cache.lengths[:rows])
-        logits = self.runner.logits(hidden[:, 1:])  # the drafter's logits: the target's LM head
+        logits = self._draft_logits(hidden[:, 1:])  # the target's LM head (or its draft-vocabulary rows)
         if self.verify_policy is None:
             if self.step_observer is not None:
                 self._observed_confidences = draft_confidences(logits)[1]
-            return confident_drafts(logits, self._log_min_confidence)
+            drafts, lengths = confident_drafts(logits, self._log_min_confidence)
+            return self._target_ids(drafts), lengths
         drafts, self._confidences = draft_confidences(logits)
         self._observed_confidences = self._confidences
         lengths = self.verify_policy.plan(self._confidences).widths
-        return drafts[:, : max(lengths)], lengths
+        return self._target_ids(drafts[:, : max(lengths)]), lengths
 
     def _observe(self, slots: Sequence[_Slot], accepted: list[int], lengths: list[int]) -> None:
         """Hand this verify step to the observer (before finished rows leave the batch)."""
