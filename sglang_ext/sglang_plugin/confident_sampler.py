@@ -10,6 +10,10 @@ place (no second [rows, vocab] tensor), and their sum gives the probability of t
 ``1 / sum(exp(logit - max))``. Under tensor parallelism each rank's (max, log-sum-exp) joins the all-gather
 of the ids and ``vocab_parallel.combine_top1_stats`` combines them, as for the confidences computed apart.
 
+With a draft vocabulary (``draft_vocab.json`` in the drafter's checkpoint, sglang_ext.dflare.draft_vocab)
+the head is that subset's rows of each rank's shard, and ``id_map`` turns an argmax over them back into
+target ids: the same kernels over a fifth of the rows for a 32k subset of Qwen3's 152k tokens.
+
 Same contract as SGLang's head, so the worker and SGLang's capture hook use it unchanged: called with the
 draft's hidden states [bs * block, H], it writes the draft tokens to ``out`` (and here the probabilities to
 ``top1``), static buffers that CUDA-graph replays fill in place. Ties in the argmax resolve as SGLang's do
@@ -22,6 +26,7 @@ from typing import Any
 
 import torch
 
+from sglang_ext.dflare.draft_vocab import DraftVocab
 from sglang_ext.sglang_plugin.vocab_parallel import combine_top1_stats
 
 
@@ -38,9 +43,11 @@ class ConfidentDraftSampler:
         org_vocab_start: int,
         max_tokens: int,
         tp_group: Any | None = None,
+        id_map: torch.Tensor | None = None,
     ) -> None:
         self.weight, self.block_size = weight, int(block_size)
         self.num_org, self.org_vocab_start = int(num_org), int(org_vocab_start)
+        self.id_map = id_map  # [num_org] target id of each head row (a draft vocabulary), else consecutive
         self.tp_group = tp_group
         self.tp_size = int(tp_group.world_size) if tp_group is not None else 1
         device = weight.device
@@ -65,6 +72,22 @@ class ConfidentDraftSampler:
             tp_group=sampler.tp_group,
         )
 
+    @classmethod
+    def over_draft_vocab(cls, sampler: Any, vocab: DraftVocab) -> ConfidentDraftSampler:
+        """This head over ``vocab``'s rows of ``sampler``'s LM-head shard (a contiguous copy, made once)."""
+        rows, ids = vocab.shard(int(sampler.org_vocab_start), int(sampler.num_org))
+        device = sampler.weight.device
+        head = sampler.weight.index_select(0, rows.to(device)).contiguous()
+        return cls(
+            weight=head,
+            block_size=sampler.block_size,
+            num_org=int(head.shape[0]),
+            org_vocab_start=0,
+            max_tokens=int(sampler.out.numel()),
+            tp_group=sampler.tp_group,
+            id_map=ids.to(device),
+        )
+
     def __call__(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None) -> None:
         """The graph's call: ``hidden_states`` [bs * block, H] of whole blocks; position 0 of each block is
         the committed token, the others are drafted."""
@@ -81,14 +104,15 @@ class ConfidentDraftSampler:
         ids = torch.argmax(logits, dim=-1)
         top = logits.gather(1, ids[:, None])
         shifted_sum = logits.sub_(top).exp_().sum(dim=-1, dtype=torch.float32)  # in place: no second logits
+        ids = self.id_map[ids] if self.id_map is not None else ids + self.org_vocab_start
         if self.tp_size == 1:
-            self.out[:n].copy_(ids + self.org_vocab_start)
+            self.out[:n].copy_(ids)
             self.top1[:n].copy_(shifted_sum.reciprocal())
             return self.out[:n], self.top1[:n]
         stats, local_ids = self.local_stats[:n], self.local_ids[:n]
         stats[:, 0].copy_(top.squeeze(1))
         stats[:, 1].copy_(top.squeeze(1).float() + shifted_sum.log())
-        local_ids.copy_(ids + self.org_vocab_start)
+        local_ids.copy_(ids)
         gathered_stats = self.gathered_stats[: self.tp_size * n]
         gathered_ids = self.gathered_ids[: self.tp_size * n]
         self.tp_group.all_gather_into_tensor(gathered_stats, stats)

@@ -16,6 +16,7 @@ import torch
 from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
 from sglang.srt.utils import is_cuda
 
+from sglang_ext.dflare.draft_vocab import DraftVocab
 from sglang_ext.sglang_plugin import (
     adaptive,
     request_counters,
@@ -164,14 +165,49 @@ class DFlareWorkerV2(DFlashWorkerV2):
         )
 
     def _maybe_build_draft_sampler(self):
-        """SGLang's in-graph greedy draft head; with adaptive verify (or the DSPARK planner) ours, which also
-        writes each draft's top-1 probability (confident_sampler.py), so confidences cost no second LM-head
-        product."""
+        """SGLang's in-graph greedy draft head; ours (confident_sampler.py) with adaptive verify (or the
+        DSPARK planner), which also writes each draft's top-1 probability so confidences cost no second
+        LM-head product, or with a draft vocabulary, whose rows alone it reads."""
         sampler = super()._maybe_build_draft_sampler()
-        if sampler is None or adaptive.ragged_mode() is None:  # the static block needs no confidences
+        vocab = self._draft_vocab()
+        if sampler is None:
+            if vocab is not None:
+                logger.warning(
+                    "DFLARE draft vocabulary unused: the draft head is not in the draft CUDA graph"
+                )
+            return None
+        if vocab is not None:
+            logger.info("DFLARE draft vocabulary: drafting over %d of %d tokens (coverage %s)",
+                        vocab.size, vocab.target_vocab_size, vocab.coverage)  # fmt: skip
+            return ConfidentDraftSampler.over_draft_vocab(sampler, vocab)
+        if adaptive.ragged_mode() is None:  # the static block needs no confidences
             return sampler
         logger.info("DFLARE adaptive: the draft graph's greedy head also computes the drafts' confidences")
         return ConfidentDraftSampler.replacing(sampler)
+
+    def _draft_vocab(self) -> DraftVocab | None:
+        """The drafter checkpoint's draft vocabulary (draft_vocab.json), checked against the target."""
+        vocab = DraftVocab.load(self.server_args.speculative_draft_model_path)
+        target_vocab = int(self.model_runner.model_config.vocab_size)
+        if vocab is not None and vocab.target_vocab_size != target_vocab:
+            raise ValueError(
+                f"DFLARE draft vocabulary made for a {vocab.target_vocab_size}-token target, the target has "
+                f"{target_vocab}: rebuild it with `dflare draft-vocab`"
+            )
+        return vocab
+
+    def _greedy_sample_from_vocab_parallel_head(self, *, hidden_states, lm_head, chunk_size: int = 256):
+        """SGLang's eager draft head (a batch the draft graphs do not hold); over the draft vocabulary
+        through the graph's head when the server has one, in slices its buffers hold."""
+        head = self._draft_sampler
+        if not isinstance(head, ConfidentDraftSampler) or head.id_map is None:
+            return super()._greedy_sample_from_vocab_parallel_head(
+                hidden_states=hidden_states, lm_head=lm_head, chunk_size=chunk_size
+            )
+        if hidden_states.numel() == 0:
+            return hidden_states.new_empty((0,), dtype=torch.long)
+        step = int(head.out.numel())
+        return torch.cat([head.draft(part)[0].clone() for part in hidden_states.split(step)])
 
     def record_step(self, reqs, widths: list[int], plain: bool) -> None:
         """Per-request widths of one decode step into meta_info (request_counters) and /metrics (with the

@@ -80,3 +80,34 @@ def test_an_eager_draft_of_fewer_rows_gets_its_ids_and_confidences_in_the_same_b
     logits = rows @ sglang_head.weight[:TOKENS].T
     assert torch.equal(ids, logits.argmax(dim=-1))
     torch.testing.assert_close(top1, adaptive.top1_probabilities(rows, sglang_head.weight[:TOKENS]))
+
+
+def test_the_worker_drafts_over_its_checkpoints_draft_vocabulary(tmp_path, monkeypatch) -> None:
+    """DFlareWorkerV2 with ``draft_vocab.json`` beside the drafter: its graph head reads only the subset's
+    rows, and its eager head (batches the graphs do not hold, in slices the buffers hold) drafts the same
+    subset argmax; a vocabulary made for another target stops the server; without one, SGLang's head."""
+    from types import SimpleNamespace
+
+    from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
+
+    from sglang_ext.dflare.draft_vocab import DraftVocab
+    from sglang_ext.sglang_plugin.worker import DFlareWorkerV2
+
+    sglang_head, _ = _sglang_head(torch.float32)
+    monkeypatch.setattr(DFlashWorkerV2, "_maybe_build_draft_sampler", lambda self: sglang_head)
+    worker = object.__new__(DFlareWorkerV2)  # what a GPU start would build around the head
+    worker.server_args = SimpleNamespace(speculative_draft_model_path=str(tmp_path))
+    worker.model_runner = SimpleNamespace(model_config=SimpleNamespace(vocab_size=TOKENS))
+    assert worker._maybe_build_draft_sampler() is sglang_head  # static block, no vocabulary file
+    subset = torch.arange(3, TOKENS, 4)
+    DraftVocab(subset, TOKENS).save(tmp_path)
+    head = worker._maybe_build_draft_sampler()
+    assert isinstance(head, ConfidentDraftSampler) and head.weight.shape[0] == subset.numel()
+    worker._draft_sampler = head
+    rows = torch.randn(3 * head.out.numel() + 5, HIDDEN, generator=torch.Generator().manual_seed(3))
+    got = worker._greedy_sample_from_vocab_parallel_head(hidden_states=rows, lm_head=None)
+    assert torch.equal(got, subset[(rows @ sglang_head.weight[subset].T).argmax(dim=-1)])
+    assert not torch.equal(got, (rows @ sglang_head.weight[:TOKENS].T).argmax(dim=-1))
+    worker.model_runner.model_config.vocab_size = TOKENS + 1
+    with pytest.raises(ValueError, match="made for a 100-token target"):
+        worker._maybe_build_draft_sampler()

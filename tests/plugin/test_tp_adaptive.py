@@ -68,6 +68,7 @@ def _inputs() -> dict:
     return {
         "heads": heads,
         "draft_hidden": torch.randn(3 * BLOCK, HIDDEN, generator=gen),  # 3 requests' drafted blocks
+        "draft_vocab": torch.arange(1, HEADS["padded"][0], 3),  # a third of the head, in every rank's shard
         "block": BLOCK,
         "schedule": SCHEDULE,
         "confidences": confidences,
@@ -140,6 +141,24 @@ def test_the_draft_graphs_head_gives_the_whole_vocabs_drafts_and_confidences_on_
     expected_top1 = adaptive.top1_probabilities(drafted, case["weight"])
     for rank, result in enumerate(results[tp]):
         ids, top1 = result["sampler"]
+        assert torch.equal(ids, expected_ids), f"rank {rank}/{tp}"
+        torch.testing.assert_close(top1, expected_top1, rtol=1e-5, atol=1e-6, msg=f"rank {rank}/{tp}")
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_the_draft_graphs_head_over_a_draft_vocabulary_drafts_its_argmax_on_every_rank(ranks, tp) -> None:
+    """The same head kept to a draft vocabulary (every third token): each rank reads only its shard's rows
+    of it, and the gathered answer is the argmax over the subset, as a target id, with its softmax's top-1
+    probability; it differs from the whole head's (the subset really limits the drafts)."""
+    inputs, results = ranks
+    subset = inputs["draft_vocab"]
+    drafted = inputs["draft_hidden"].view(3, BLOCK, HIDDEN)[:, 1:, :].reshape(-1, HIDDEN)
+    rows = inputs["heads"][0]["weight"][subset]
+    expected_ids = subset[(drafted @ rows.T).argmax(dim=-1)]
+    expected_top1 = adaptive.top1_probabilities(drafted, rows)
+    assert not torch.equal(expected_ids, (drafted @ inputs["heads"][0]["weight"].T).argmax(dim=-1))
+    for rank, result in enumerate(results[tp]):
+        ids, top1 = result["sampler_draft_vocab"]
         assert torch.equal(ids, expected_ids), f"rank {rank}/{tp}"
         torch.testing.assert_close(top1, expected_top1, rtol=1e-5, atol=1e-6, msg=f"rank {rank}/{tp}")
 

@@ -50,7 +50,7 @@ def _head(case: dict) -> tuple[torch.nn.Module, int]:
     return head, padding
 
 
-def _confident_sampler(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _confident_sampler(inputs: dict, draft_vocab: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The draft graph's confident greedy head on this rank's shard of the first head (no added rows):
     (draft ids, top-1 probabilities) of the drafted positions of ``inputs['draft_hidden']``. SGLang's
     TP group runs ``all_gather_into_tensor`` as a CUDA-only custom op, so the head gets the same
@@ -75,6 +75,11 @@ def _confident_sampler(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         max_tokens=64,
         tp_group=group if group.world_size > 1 else None,
     )
+    if draft_vocab:  # the same head kept to a draft vocabulary: each rank its shard's rows of it
+        from sglang_ext.dflare.draft_vocab import DraftVocab
+
+        vocab = DraftVocab(inputs["draft_vocab"], int(inputs["heads"][0]["weight"].shape[0]))
+        sampler = ConfidentDraftSampler.over_draft_vocab(sampler, vocab)
     hidden = inputs["draft_hidden"]
     sampler(hidden)
     n = hidden.shape[0] // inputs["block"] * (inputs["block"] - 1)
@@ -128,6 +133,7 @@ def _rank(rank: int, tp_size: int, port: int, inputs_path: str, out: str) -> Non
             padding.append(pad)
         result = {"probabilities": probabilities, "padding": padding, **_plans(inputs, rank, tp_size)}
         result["sampler"] = _confident_sampler(inputs)
+        result["sampler_draft_vocab"] = _confident_sampler(inputs, draft_vocab=True)
         torch.save(result, Path(out) / f"tp{tp_size}-rank{rank}.pt")
         torch.distributed.barrier()
         destroy_model_parallel()
