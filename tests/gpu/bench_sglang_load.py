@@ -75,7 +75,8 @@ DEFAULT_TRACES = REPO / "sglang_ext" / "traces" / "data"
 
 # the environment that decides what a run measured, as its recorded command names it
 COMMAND_KNOBS = ("BLOCKS", "BS", "TRACES", "ATTN", "ROUNDS", "STEADY", "SPREAD", "SHORT_DRAFTS", "WARMUP",
-                 "PROFILE", "PARALLEL", "COST_TABLE", "DFLARE_SHORT_DRAFT_GRAPHS", "GC_FREEZE")  # fmt: skip
+                 "PROFILE", "PARALLEL", "COST_TABLE", "DFLARE_SHORT_DRAFT_GRAPHS", "GC_FREEZE",
+                 "DRAFT_VOCAB")  # fmt: skip
 
 
 def new_tokens(bs: int) -> int:
@@ -83,6 +84,28 @@ def new_tokens(bs: int) -> int:
     batch 128, 128 new tokens are only ~20 verify steps at tau 6.5 and understate speculation), short enough
     that a wave of the grid fits one 10-minute device command: 512 at batch 128, 256 elsewhere."""
     return 512 if 128 <= bs < 256 else 256
+
+
+def draft_vocab_size() -> int | None:
+    """``DRAFT_VOCAB=N``: every DFLARE server drafts over N of the target's tokens (a draft vocabulary,
+    sglang_ext/dflare/draft_vocab.py). With dummy weights and replayed acceptance which tokens does not
+    matter, only how many LM-head rows each draft reads; the ids are 0..N-1."""
+    size = os.environ.get("DRAFT_VOCAB")
+    return int(size) if size else None
+
+
+def write_draft_vocab(drafter_dir: Path) -> None:
+    """The drafter's ``draft_vocab.json`` as ``DRAFT_VOCAB`` asks, or none (a file from an earlier run of
+    the same lease removed: /tmp outlives a command)."""
+    import torch
+
+    from sglang_ext.dflare.draft_vocab import FILE, DraftVocab
+
+    size = draft_vocab_size()
+    if size is None:
+        (drafter_dir / FILE).unlink(missing_ok=True)
+    else:
+        DraftVocab(torch.arange(size), TARGET["vocab_size"]).save(drafter_dir)
 
 
 def greedy(tokens: int, trace: str | None) -> dict:
@@ -338,6 +361,7 @@ def run_wave(
                     "x_ar_steady": round(steady, 3) if steady else None,
                     "host_ms": round(walls[0] - t_spec, 3) if walls[0] and t_spec else None,
                     "short_drafts": os.environ.get("SHORT_DRAFTS", "8") if mode == "adaptive_draft" else None,
+                    "draft_vocab": draft_vocab_size(),
                     "kept_full_tok_s": kept.get(((mode, block), trace, bs)),
                     "kept_full_spread": a["kept_full_spread"],
                     "x_ar_kept_full": (
@@ -371,6 +395,7 @@ def main() -> int:
         "kept_full_length_spread": length_spread(),
         "attention": attn,
         "traces": traces,
+        "draft_vocab": draft_vocab_size(),
         "command": " ".join(
             f"{knob}={os.environ[knob]}" for knob in COMMAND_KNOBS if os.environ.get(knob) is not None
         )
@@ -379,6 +404,7 @@ def main() -> int:
     for name, cfg in {"target": TARGET, "dflare7": draft("QwenDFlareDraftModel", 7, TAPS9)}.items():
         (ROOT / name).mkdir(parents=True, exist_ok=True)
         (ROOT / name / "config.json").write_text(json.dumps(cfg))
+    write_draft_vocab(ROOT / "dflare7")
     base = server_args(attn, sizes)
     ar = Server("ar", 31000, base, {"DFLARE_PHASE_TIMING": "/tmp/phases/ar"})
     per_wave = int(os.environ.get("PARALLEL", "2" if res["device"].find("H200") >= 0 else "1"))

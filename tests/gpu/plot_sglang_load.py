@@ -30,6 +30,8 @@ def series(rows: list[dict], trace: str, key: str) -> dict[str, list[tuple[int, 
             label = f"{row['mode']} block {row['block']} {row.get('attention', '')}".strip()
             if row.get("verify_path") == "adaptive_step":
                 label += " (adaptive step)"
+            if row.get("draft_vocab"):
+                label += f" (draft vocab {row['draft_vocab']})"
             if row.get("warmed_up") is False:  # its first requests at each batch size were the measured ones
                 label += " (no warm-up)"
         if key.endswith("kept_full") and row.get("kept_full_spread"):  # lengths varied (SPREAD)

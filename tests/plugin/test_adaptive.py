@@ -391,6 +391,23 @@ def test_load_benchmarks_running_batch_ignores_the_previous_measurements_late_re
     assert running_batch(before, before, 8) == 0
 
 
+def test_load_benchmark_gives_the_drafter_the_draft_vocabulary_asked_for(monkeypatch, tmp_path) -> None:
+    """DRAFT_VOCAB=N: the dummy drafter gets a vocabulary of N tokens that the plugin's loader reads; unset,
+    a file an earlier run of the same lease left is removed (the drafter drafts over every token again)."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "gpu"))
+    import bench_sglang_load as bench
+
+    from sglang_ext.dflare.draft_vocab import DraftVocab
+
+    monkeypatch.setenv("DRAFT_VOCAB", "32768")
+    bench.write_draft_vocab(tmp_path)
+    vocab = DraftVocab.load(tmp_path)
+    assert vocab is not None and vocab.size == 32768 and vocab.target_vocab_size == bench.TARGET["vocab_size"]
+    monkeypatch.delenv("DRAFT_VOCAB")
+    bench.write_draft_vocab(tmp_path)
+    assert DraftVocab.load(tmp_path) is None
+
+
 def test_load_benchmark_starts_each_planner_with_its_own_environment(monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(ROOT / "tests" / "gpu"))
     import bench_sglang_load as bench
