@@ -2,6 +2,7 @@
 # GPU checks and benchmark of the SGLang plugin, on a GPU node, from the repo root
 # (docs/sglang_plugin.md, "Running the GPU scripts"):  bash tests/gpu/run_on_gpu.sh MODE [args]
 #   check: tests/gpu/check_sglang_dflare.py on the demo pair   -> $OUT/check.json, fixtures.json, logs.txt
+#          (DRAFT_VOCAB=N: its DFlare drafter kept to a draft vocabulary of N tokens, counted by dflare draft-vocab)
 #   fixtures: only the check's usage.speculative captures       -> $OUT/fixtures.json
 #   top_p: tests/gpu/check_top_p.py, top-p sampling on DFLARE and built-in DFLASH -> $OUT/top_p.json
 #   block_logits: tests/gpu/check_block_logits.py, SGLang's DFLARE block logits vs the reference drafter
@@ -48,8 +49,14 @@ mode=${1:-check}; shift || true
 case "$mode" in
   check)
     demo=$(python3 -m sglang_ext.cli demo-path target 2>/dev/null || echo sglang_ext/demo/target)
+    dflare=${DFLARE:-$(dirname "$demo")/dflare}
+    if [ -n "${DRAFT_VOCAB:-}" ]; then  # the drafter kept to the N tokens the held-out answers use most
+      rm -rf /tmp/dflare_vocab && cp -r "$dflare" /tmp/dflare_vocab && dflare=/tmp/dflare_vocab
+      python3 -m sglang_ext.cli draft-vocab --target "${TARGET:-$demo}" --size "$DRAFT_VOCAB" --drafter "$dflare" \
+        --data "$(dirname "$demo")/corpus/heldout.jsonl" 2>&1 | tail -1 | tee "$OUT/draft_vocab.txt"
+    fi
     python3 tests/gpu/check_sglang_dflare.py --target "${TARGET:-$demo}" \
-      --dflare "${DFLARE:-$(dirname "$demo")/dflare}" --dflash "${DFLASH:-$(dirname "$demo")/dflash}" "$@" 2>&1 \
+      --dflare "$dflare" --dflash "${DFLASH:-$(dirname "$demo")/dflash}" "$@" 2>&1 \
       | tee "$OUT/check_stdout.txt" | tail -60 ;;
   fixtures)
     demo=$(python3 -m sglang_ext.cli demo-path target 2>/dev/null || echo sglang_ext/demo/target)
