@@ -104,7 +104,9 @@ def load_pair(args: argparse.Namespace) -> Pair:
     target = load_target(target_dir, dtype, args.device)
     drafter = load_drafter(drafter_dir, dtype=dtype, device=args.device) if drafter_dir else None
     tokenizer = load_tokenizer(target_dir)
-    return Pair(target, drafter, tokenizer, f"{target_dir} + {drafter_dir or 'no drafter'}")
+    vocab = drafter.draft_vocab if drafter is not None else None
+    subset = f" (drafting over {vocab.size} of {vocab.target_vocab_size} tokens)" if vocab is not None else ""
+    return Pair(target, drafter, tokenizer, f"{target_dir} + {drafter_dir or 'no drafter'}{subset}")
 
 
 def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:

@@ -102,6 +102,7 @@ def test_default_profile_serves_the_demo_pair_from_the_image() -> None:
     args = container(engine, "engine")["args"]
     assert _arg(args, "--model-path") == "/opt/dflare/models/demo-target"
     assert _arg(args, "--speculative-draft-model-path") == "/opt/dflare/models/demo-dflare"
+    assert _arg(args, "--speculative-num-draft-tokens") == "8"  # the block that pays at every load
     assert "initContainers" not in engine["spec"]["template"]["spec"]  # nothing to download
 
 
