@@ -56,8 +56,10 @@ def acceptance(
     stats = [r.stats for r in results if r.stats is not None and r.stats.verify_steps]
     pooled = total(stats) or SpecStats(engine.block_size)
     steps = max(1, pooled.verify_steps)
+    vocab = getattr(drafter, "draft_vocab", None)
     summary = {
         "block_size": engine.block_size,
+        "draft_vocab_size": vocab.size if vocab is not None else None,  # None: drafts over every token
         "prompts": len(prompts),
         "generated_tokens": sum(len(r.output_ids) for r in results),
         "tau": pooled.acceptance_length,
