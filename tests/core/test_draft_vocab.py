@@ -22,7 +22,7 @@ from sglang_ext.reference.tiny import tiny_drafter
 from sglang_ext.training.corpus import load_chats
 from sglang_ext.training.data import render_prompt
 
-from .test_sampling import VOCAB, chi_square_pvalue, expected_joint, sample_counts, small_target
+from .distribution import VOCAB, chi_square_pvalue, expected_joint, sample_counts, small_target
 
 
 def test_from_counts_keeps_the_most_counted_ids_sorted_with_ties_to_the_lower_id() -> None:
