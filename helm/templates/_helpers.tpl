@@ -304,6 +304,9 @@ rendering here instead. tensorParallelSize 0 means "all the engine's GPUs over d
 {{- else if $e.speculative.draftBlocks }}
 {{- fail (printf "engine.speculative.draftBlocks=%q needs engine.speculative.verify=adaptive (the adaptive policy chooses when to draft a shorter block)" $e.speculative.draftBlocks) }}
 {{- end -}}
+{{- if and $e.speculative.draftVocab (ne $e.speculative.algorithm "DFLARE") }}
+{{- fail (printf "engine.speculative.draftVocab=%q needs engine.speculative.algorithm=DFLARE (SGLang's DFLASH drafts over every token)" $e.speculative.draftVocab) }}
+{{- end -}}
 - --tp-size
 - {{ $tp | quote }}
 {{- if gt $dp 1 }}

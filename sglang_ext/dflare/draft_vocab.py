@@ -102,7 +102,11 @@ class DraftVocab:
         }
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / FILE
+        """``draft_vocab.json`` in a checkpoint directory, where the loaders look."""
+        return self.write(Path(directory) / FILE)
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
         path.write_text(json.dumps(self.to_json()) + "\n")
         return path
 
@@ -110,8 +114,14 @@ class DraftVocab:
     def load(cls, directory: str | Path) -> DraftVocab | None:
         """The draft vocabulary of a checkpoint directory, or None when it has none."""
         path = Path(directory) / FILE
+        return cls.read(path) if path.is_file() else None
+
+    @classmethod
+    def read(cls, path: str | Path) -> DraftVocab:
+        """A draft vocabulary file (one named by configuration: a missing file is an error)."""
+        path = Path(path)
         if not path.is_file():
-            return None
+            raise DraftVocabError(f"{path}: no draft vocabulary file there")
         try:
             raw = json.loads(path.read_text())
             if raw.get("format") != FORMAT:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
@@ -31,6 +32,8 @@ from sglang_ext.sglang_plugin.model import DFlareDraftModel
 from sglang_ext.sglang_plugin.plan_broadcast import PlanBroadcast
 
 logger = logging.getLogger(__name__)
+
+DRAFT_VOCAB_ENV = "DFLARE_DRAFT_VOCAB"
 
 
 class FusedNormRope:
@@ -186,8 +189,14 @@ class DFlareWorkerV2(DFlashWorkerV2):
         return ConfidentDraftSampler.replacing(sampler)
 
     def _draft_vocab(self) -> DraftVocab | None:
-        """The drafter checkpoint's draft vocabulary (draft_vocab.json), checked against the target."""
-        vocab = DraftVocab.load(self.server_args.speculative_draft_model_path)
+        """The draft vocabulary named by ``DFLARE_DRAFT_VOCAB`` (a file, e.g. a mounted ConfigMap: the chart's
+        ``engine.speculative.draftVocab``), else the drafter checkpoint's ``draft_vocab.json``; checked
+        against the target."""
+        named = os.environ.get(DRAFT_VOCAB_ENV)
+        if named:
+            vocab = DraftVocab.read(named)
+        else:
+            vocab = DraftVocab.load(self.server_args.speculative_draft_model_path)
         target_vocab = int(self.model_runner.model_config.vocab_size)
         if vocab is not None and vocab.target_vocab_size != target_vocab:
             raise ValueError(

@@ -80,13 +80,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--target", type=Path, default=None, help="HF target directory (default: the demo target)")
     p.add_argument("--data", type=Path, nargs="+", required=True, help="JSONL corpus files to count")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"tokens to keep (default {DEFAULT_SIZE})")
-    p.add_argument("--drafter", type=Path, required=True, help="drafter checkpoint directory to write into")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--drafter", type=Path, help="drafter checkpoint directory to write draft_vocab.json into"
+    )
+    where.add_argument("--out", type=Path, help="a file instead (e.g. for a ConfigMap: DFLARE_DRAFT_VOCAB)")
     args = p.parse_args(argv)
     if args.target is None:
         from sglang_ext import demo
 
         args.target = demo.target_path()
-    if not (args.drafter / "config.json").is_file():
+    if args.drafter is not None and not (args.drafter / "config.json").is_file():
         print(
             f"dflare draft-vocab: {args.drafter} is not a drafter checkpoint (no config.json)",
             file=sys.stderr,
@@ -97,7 +101,7 @@ def main(argv: list[str]) -> int:
     except (DraftVocabError, OSError) as exc:
         print(f"dflare draft-vocab: {exc}", file=sys.stderr)
         return 2
-    path = vocab.save(args.drafter)
+    path = vocab.save(args.drafter) if args.drafter is not None else vocab.write(args.out)
     print(
         f"{path}: {vocab.size} of {vocab.target_vocab_size} tokens, covering {vocab.coverage:.2%} of the "
         "counted output"

@@ -53,6 +53,8 @@ def test_save_load_round_trip_and_a_file_of_another_kind(tmp_path: Path) -> None
     back = DraftVocab.load(tmp_path)
     assert back is not None and back.ids.tolist() == [0, 3] and back.target_vocab_size == 4
     assert back.coverage == vocab.coverage
+    with pytest.raises(DraftVocabError, match="no draft vocabulary file"):  # named by configuration
+        DraftVocab.read(tmp_path / "elsewhere.json")
     (tmp_path / FILE).write_text(json.dumps({"format": "other", "ids": [1]}))
     with pytest.raises(DraftVocabError, match="format"):
         DraftVocab.load(tmp_path)
@@ -173,6 +175,12 @@ def test_draft_vocab_command_writes_what_the_loader_reads(tmp_path: Path) -> Non
     vocab = load_drafter(drafter_dir).draft_vocab
     assert vocab is not None and vocab.size == 700 and 0.5 < vocab.coverage < 1.0
     assert 2 in vocab.ids.tolist()  # the demo target's end id, drafted even if never counted
+    done = subprocess.run(
+        [*cli, "--out", str(tmp_path / "v.json")], capture_output=True, text=True, check=True
+    )
+    assert DraftVocab.read(tmp_path / "v.json").ids.tolist() == vocab.ids.tolist()  # a file, e.g. a ConfigMap
+    both = [*cli, "--drafter", str(drafter_dir), "--out", str(tmp_path / "v.json")]
+    assert subprocess.run(both, capture_output=True).returncode == 2
     bad = subprocess.run([*cli, "--drafter", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a drafter checkpoint" in bad.stderr
     corpus.write_text("[1, 2]\n")

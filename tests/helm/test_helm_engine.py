@@ -317,6 +317,25 @@ def test_adaptive_verify_fails_rendering_where_the_engine_would_refuse_it(engine
         render_values(values)
 
 
+def test_a_draft_vocabulary_file_reaches_the_dflare_engine_only() -> None:
+    """engine.speculative.draftVocab: a file mounted from a ConfigMap, named to the plugin by env; DFLASH
+    would ignore it, so the chart refuses the combination."""
+    mount = {
+        "extraVolumes": [{"name": "draft-vocab", "configMap": {"name": "dflare-draft-vocab"}}],
+        "extraVolumeMounts": [{"name": "draft-vocab", "mountPath": "/etc/dflare/draft-vocab"}],
+    }
+    values = {"engine": {"speculative": {"draftVocab": "/etc/dflare/draft-vocab/draft_vocab.json"}, **mount}}
+    engine = render_values(values).one("StatefulSet")
+    env = env_map(container(engine, "engine"))
+    assert env["DFLARE_DRAFT_VOCAB"] == "/etc/dflare/draft-vocab/draft_vocab.json"
+    mounts = {m["name"]: m["mountPath"] for m in container(engine, "engine")["volumeMounts"]}
+    assert mounts["draft-vocab"] == "/etc/dflare/draft-vocab"
+    assert "DFLARE_DRAFT_VOCAB" not in env_map(container(_engine("default"), "engine"))
+    dflash = {"engine": {"speculative": {"algorithm": "DFLASH", "draftVocab": "/etc/v.json"}}}
+    with pytest.raises(Exception, match=r"needs engine\.speculative\.algorithm=DFLARE"):
+        render_values(dflash)
+
+
 def test_adaptive_verify_renders_on_a_tensor_parallel_engine() -> None:
     """The plugin runs adaptive verify with --tp-size > 1 (rank 0 plans for the group): the chart lets it."""
     values = {

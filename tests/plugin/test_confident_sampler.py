@@ -85,7 +85,8 @@ def test_an_eager_draft_of_fewer_rows_gets_its_ids_and_confidences_in_the_same_b
 def test_the_worker_drafts_over_its_checkpoints_draft_vocabulary(tmp_path, monkeypatch) -> None:
     """DFlareWorkerV2 with ``draft_vocab.json`` beside the drafter: its graph head reads only the subset's
     rows, and its eager head (batches the graphs do not hold, in slices the buffers hold) drafts the same
-    subset argmax; a vocabulary made for another target stops the server; without one, SGLang's head."""
+    subset argmax; ``DFLARE_DRAFT_VOCAB`` names a file that wins over it (a missing one is an error); a
+    vocabulary made for another target stops the server; without one, SGLang's head."""
     from types import SimpleNamespace
 
     from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
@@ -108,6 +109,13 @@ def test_the_worker_drafts_over_its_checkpoints_draft_vocabulary(tmp_path, monke
     got = worker._greedy_sample_from_vocab_parallel_head(hidden_states=rows, lm_head=None)
     assert torch.equal(got, subset[(rows @ sglang_head.weight[subset].T).argmax(dim=-1)])
     assert not torch.equal(got, (rows @ sglang_head.weight[:TOKENS].T).argmax(dim=-1))
+    named = DraftVocab(torch.tensor([0, 5, 99]), TOKENS).write(tmp_path / "configmap.json")
+    monkeypatch.setenv("DFLARE_DRAFT_VOCAB", str(named))  # the chart's engine.speculative.draftVocab
+    assert worker._maybe_build_draft_sampler().id_map.tolist() == [0, 5, 99]
+    monkeypatch.setenv("DFLARE_DRAFT_VOCAB", str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="no draft vocabulary file"):
+        worker._maybe_build_draft_sampler()
+    monkeypatch.delenv("DFLARE_DRAFT_VOCAB")
     worker.model_runner.model_config.vocab_size = TOKENS + 1
     with pytest.raises(ValueError, match="made for a 100-token target"):
         worker._maybe_build_draft_sampler()
