@@ -11,7 +11,9 @@ passes are timed too (``gc_gen<generation>/<batch size>``). Each write also carr
 allocator's running counters, ``allocator_<counter>/all``: ``[value, 0]`` (``alloc_retries``: allocations
 that found the device full and freed the allocator's whole cache, synchronising the device, before trying
 again; ``device_allocs``/``device_frees``: its cudaMalloc/cudaFree calls), so a reader that subtracts two
-snapshots gets what happened between them.
+snapshots gets what happened between them. Triton's kernel compilations (or loads from its disk cache) and
+its loads of compiled kernels onto the GPU are timed as ``triton_jit/<batch size>`` and
+``triton_load/<batch size>``.
 
 Two things make it fit for measuring host overhead:
 
@@ -63,6 +65,32 @@ def _cuda_allocator_counters() -> dict[str, int]:
     return {name: int(stats.get(key, 0)) for name, key in ALLOCATOR_COUNTERS.items()}
 
 
+def _triton_runtime_knobs() -> Any | None:
+    """Triton's runtime knobs (Triton >= 3.4), where its JIT and kernel-load hooks live; None without them."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    return getattr(knobs, "runtime", None)
+
+
+def _chain_hook(owner: Any, name: str, hook: Callable[..., Any]) -> None:
+    """Add ``hook`` to the hook ``name`` of ``owner``: Triton keeps some hooks as a chain (``add``), others
+    as one optional callable, which then runs before ours and keeps its return value (a JIT cache hook that
+    returns true skips the compilation)."""
+    current = getattr(owner, name)
+    if hasattr(current, "add"):
+        current.add(hook)
+        return
+
+    def both(*args: Any, **kwargs: Any) -> Any:
+        result = current(*args, **kwargs) if current is not None else None
+        hook(*args, **kwargs)
+        return result
+
+    setattr(owner, name, both)
+
+
 class PhaseTimer:
     """Accumulates CUDA-event durations and host step periods per (phase, batch size) and mirrors them to a
     JSON file."""
@@ -84,6 +112,7 @@ class PhaseTimer:
         self._dirty = False
         self._since_flush = 0  # records since the last flush: one flush (a file write at most) per 64
         self._gc_started: float | None = None
+        self._started: dict[str, float] = {}  # Triton work under way (compile, load): when it began
         self._last_batch = 0  # batch size of the last target step launched, prefills between or not
 
     def timed(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -138,6 +167,31 @@ class PhaseTimer:
             self._add(f"gc_gen{info['generation']}/{self._last_batch}", ms)
             self._gc_started = None
 
+    def watch_triton(self, runtime: Any | None = None) -> bool:
+        """Also time Triton's work on this process's kernels, at the batch size of the last step launched:
+        ``triton_jit`` from a JIT cache miss to the compiled kernel (a compilation, or a load from Triton's
+        disk cache), ``triton_load`` the compiled kernel's load onto the GPU at its first launch. A kernel
+        meets a new specialisation only at some batch sizes (an integer argument changing class, a new
+        constexpr), and that work stops the scheduler inside a step: these records tell such stalls from
+        the allocator's and the garbage collector's. False where this Triton has no such hooks."""
+        runtime = runtime if runtime is not None else _triton_runtime_knobs()
+        names = ("jit_cache_hook", "jit_post_compile_hook", "kernel_load_start_hook", "kernel_load_end_hook")
+        if runtime is None or not all(hasattr(runtime, n) for n in names):
+            return False
+        _chain_hook(runtime, "jit_cache_hook", lambda *a, **k: self._begin("triton_jit"))
+        _chain_hook(runtime, "jit_post_compile_hook", lambda *a, **k: self._end("triton_jit"))
+        _chain_hook(runtime, "kernel_load_start_hook", lambda *a, **k: self._begin("triton_load"))
+        _chain_hook(runtime, "kernel_load_end_hook", lambda *a, **k: self._end("triton_load"))
+        return True
+
+    def _begin(self, what: str) -> None:
+        self._started[what] = self.clock()
+
+    def _end(self, what: str) -> None:
+        began = self._started.pop(what, None)
+        if began is not None:
+            self._add(f"{what}/{self._last_batch}", (self.clock() - began) * 1000.0)
+
     def _add(self, key: str, ms: float) -> None:
         entry = self.totals.setdefault(key, [0, 0.0])
         entry[0] += 1
@@ -171,6 +225,7 @@ def _get_timer() -> PhaseTimer:
         out.mkdir(parents=True, exist_ok=True)
         _timer = PhaseTimer(out)
         _timer.watch_gc()
+        _timer.watch_triton()
     return _timer
 
 

@@ -37,9 +37,10 @@ the chart's default: with PROFILE=0 the rows show what a warmed-up server's firs
 py-spy binary: each server's scheduler process is sampled during its measurements at the largest batch,
 ``$OUT/pyspy_<server>_bs<N>_<trace>.txt``, collapsed stacks: where the host time of a step goes, which the
 GPU phase timings do not show; PYSPY_SECONDS, default 3, how long from the measurement's start: long enough
-for a closed batch's tail). Rows also count the scheduler's garbage-collector time (``gc_ms``) and the CUDA
-caching allocator's retries after a full device (``alloc_retries``, each one a device-wide wait) and
-cudaMalloc calls (``device_allocs``) during the measurement. Writes $OUT/bench_load<TAG>.json as it goes,
+for a closed batch's tail). Rows also count the scheduler's garbage-collector time (``gc_ms``), Triton's
+compilation and kernel-load time (``triton_jit_ms``, ``triton_load_ms``) and the CUDA caching allocator's
+retries after a full device (``alloc_retries``, each one a device-wide wait) and cudaMalloc calls
+(``device_allocs``) during the measurement. Writes $OUT/bench_load<TAG>.json as it goes,
 the step profiles included, and for each adaptive server $OUT/learnt_costs_<server><TAG>.json (what its
 policy learnt and plans with: learnt_costs.py).
 """
@@ -185,7 +186,9 @@ def measure(server: Server, bs: int, trace: str | None, sample: bool = False) ->
         row[f"{phase}_ms"] = mean_ms(before, after, phase, bs)
     for phase in ("verify", "draft", "draft_short", "context_kv"):  # host time of each launching call
         row[f"{phase}_host_ms"] = mean_ms(before, after, f"{phase}_host", bs)
-    row["gc_ms"] = round(gc_pause_ms(before, after), 2)  # the scheduler's GC passes, the whole measurement
+    # the whole measurement, every batch size: the scheduler's GC passes, Triton's compilations and loads
+    for name, prefix in (("gc", "gc_gen"), ("triton_jit", "triton_jit/"), ("triton_load", "triton_load/")):
+        row[f"{name}_ms"] = round(summed_ms(before, after, prefix), 2)
     for name in ("alloc_retries", "device_allocs"):  # the caching allocator's, the whole measurement
         row[name] = snapshot_delta(before, after, f"allocator_{name}/all")[0]
     drafts = {p: snapshot_delta(before, after, f"{p}/{bs}")[0] for p in ("draft", "draft_short")}
@@ -206,10 +209,12 @@ def freeze_gc(urls: list[str]) -> None:
             raise RuntimeError(f"{url}/freeze_gc answered {status}: {text[:200]}")
 
 
-def gc_pause_ms(before: dict, after: dict) -> float:
-    """Milliseconds the server's scheduler spent in garbage-collector passes between two phase snapshots,
-    at every batch size (phase_timing.py: ``gc_gen<generation>/<batch size>``)."""
-    return sum(snapshot_delta(before, after, key)[1] for key in after if key.startswith("gc_gen"))
+def summed_ms(before: dict, after: dict, prefix: str) -> float:
+    """Milliseconds the server's scheduler spent between two phase snapshots in what phase_timing.py records
+    under keys starting with ``prefix``, at every batch size: garbage-collector passes
+    (``gc_gen<generation>/<batch size>``), Triton's compilations (``triton_jit/``) and kernel loads
+    (``triton_load/``)."""
+    return sum(snapshot_delta(before, after, key)[1] for key in after if key.startswith(prefix))
 
 
 def length_spread() -> float:

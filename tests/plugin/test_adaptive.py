@@ -408,6 +408,26 @@ def test_load_benchmark_gives_the_drafter_the_draft_vocabulary_asked_for(monkeyp
     assert DraftVocab.load(tmp_path) is None
 
 
+def test_load_benchmark_sums_what_the_scheduler_spent_in_gc_and_triton_at_every_batch_size(
+    monkeypatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "gpu"))
+    from bench_sglang_load import summed_ms
+
+    before = {"gc_gen2/128": [1, 9.0], "triton_jit/128": [2, 40.0], "verify/128": [10, 300.0]}
+    after = {
+        "gc_gen2/128": [2, 21.0],
+        "gc_gen0/57": [3, 1.5],
+        "triton_jit/128": [2, 40.0],  # nothing new at 128
+        "triton_jit/57": [1, 31.0],  # a batch size first met in the tail
+        "triton_load/57": [1, 4.0],
+        "verify/128": [20, 600.0],
+    }
+    assert summed_ms(before, after, "gc_gen") == pytest.approx(13.5)
+    assert summed_ms(before, after, "triton_jit/") == pytest.approx(31.0)
+    assert summed_ms(before, after, "triton_load/") == pytest.approx(4.0)
+
+
 def test_load_benchmark_starts_each_planner_with_its_own_environment(monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(ROOT / "tests" / "gpu"))
     import bench_sglang_load as bench

@@ -221,3 +221,32 @@ def test_every_write_carries_the_allocators_running_counters(tmp_path: Path) -> 
     assert second["allocator_device_frees/all"] == [11, 0.0]
     timer.flush()  # nothing new: no write, no read
     assert len(reads) == 2
+
+
+def test_tritons_compilations_and_kernel_loads_are_timed_at_the_batch_size_of_the_last_step(
+    tmp_path: Path,
+) -> None:
+    """Triton's hooks called as its runtime calls them (the JIT hooks with keywords, kept as one optional
+    callable; the kernel-load hooks positionally, kept as chains): each span lands under the batch size of
+    the step launched last, and a JIT cache hook already installed keeps its say over the compilation."""
+    knobs = pytest.importorskip("triton.knobs")
+    clock = Clock()
+    timer = PhaseTimer(tmp_path, make_event=FakeGpu().event, clock=clock)
+    runtime = SimpleNamespace(
+        jit_cache_hook=lambda **kwargs: kwargs["key"] == "cached elsewhere",  # true: skip the compilation
+        jit_post_compile_hook=None,
+        kernel_load_start_hook=knobs.HookChain(),
+        kernel_load_end_hook=knobs.HookChain(reversed=True),
+    )
+    assert timer.watch_triton(runtime)
+    timer.step_launched(37)
+    assert runtime.jit_cache_hook(key="k", repr="kernel", already_compiled=False) is False
+    clock.now += 0.030
+    runtime.jit_post_compile_hook(key="k", repr="kernel", already_compiled=True)
+    runtime.kernel_load_start_hook("module", "function", "kernel", {}, "hash")
+    clock.now += 0.004
+    runtime.kernel_load_end_hook("module", "function", "kernel", {}, "hash")
+    assert timer.totals["triton_jit/37"] == [1, pytest.approx(30.0)]
+    assert timer.totals["triton_load/37"] == [1, pytest.approx(4.0)]
+    assert runtime.jit_cache_hook(key="cached elsewhere") is True
+    assert not timer.watch_triton(SimpleNamespace(jit_cache_hook=None))  # a Triton without these hooks
