@@ -135,12 +135,17 @@ class DraftVocab:
             raise DraftVocabError(f"{path}: not a draft vocabulary file ({exc})") from exc
 
 
-def count_tokens(sequences: Iterable[Iterable[int]], vocab_size: int) -> torch.Tensor:
-    """How often each id [vocab_size] occurs in ``sequences`` (ids outside the vocab are an error)."""
-    counts = torch.zeros(vocab_size, dtype=torch.int64)
+def count_tokens(
+    sequences: Iterable[Iterable[int]], vocab_size: int, into: torch.Tensor | None = None
+) -> torch.Tensor:
+    """How often each id [vocab_size] occurs in ``sequences``, added to ``into`` when given (no tensor of the
+    vocabulary's size per sequence: a corpus has many short ones); ids outside the vocab are an error."""
+    counts = into if into is not None else torch.zeros(vocab_size, dtype=torch.int64)
     for seq in sequences:
         ids = torch.as_tensor(list(seq), dtype=torch.int64)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        if ids.numel() == 0:
+            continue
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
             raise DraftVocabError(f"token id outside the {vocab_size}-token vocabulary")
-        counts += torch.bincount(ids, minlength=vocab_size)
+        counts.index_add_(0, ids, torch.ones_like(ids))
     return counts

@@ -77,6 +77,8 @@ def test_head_rows_and_tensor_parallel_shards() -> None:
 
 def test_count_tokens() -> None:
     assert count_tokens([[1, 1, 3], [], [0]], 5).tolist() == [1, 2, 0, 1, 0]
+    running = torch.tensor([0, 0, 0, 0, 7])
+    assert count_tokens([[4, 0]], 5, into=running) is running and running.tolist() == [1, 0, 0, 0, 8]
     with pytest.raises(DraftVocabError, match="outside"):
         count_tokens([[5]], 5)
 
@@ -172,6 +174,8 @@ def test_draft_vocab_command_writes_what_the_loader_reads(tmp_path: Path) -> Non
     cli = [sys.executable, "-m", "sglang_ext.cli", "draft-vocab", "--data", str(corpus), "--size", "700"]
     done = subprocess.run([*cli, "--drafter", str(drafter_dir)], capture_output=True, text=True, check=True)
     assert "700 of 4096 tokens" in done.stdout
+    unseen = float(done.stdout.split("counted without every tenth text, ")[1].split("%")[0])
+    assert 50.0 < unseen < 100.0  # what to expect on text the count never saw
     vocab = load_drafter(drafter_dir).draft_vocab
     assert vocab is not None and vocab.size == 700 and 0.5 < vocab.coverage < 1.0
     assert 2 in vocab.ids.tolist()  # the demo target's end id, drafted even if never counted
