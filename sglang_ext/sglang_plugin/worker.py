@@ -136,9 +136,8 @@ class DFlareWorkerV2(DFlashWorkerV2):
         """SGLang's target and drafter graphs, then the adaptive step's graphs of shorter drafts
         (``DFLARE_DRAFT_BLOCKS``, short_draft.py)."""
         super().init_cuda_graphs()
-        if (
-            self._draft_sampler is None and self._draft_vocab() is not None
-        ):  # graphs off, or SGLang's eager head
+        head_outside_graphs = self._draft_sampler is None  # graphs off, or a head SGLang keeps eager
+        if head_outside_graphs and self._draft_vocab() is not None:
             logger.warning("DFLARE draft vocabulary unused: the draft head is not in the draft CUDA graphs")
         if self._adaptive is not None:
             self._adaptive.capture_short_draft_graphs(adaptive.draft_blocks(int(self.block_size)))
