@@ -77,7 +77,7 @@ class ConfidentDraftSampler:
         """This head over ``vocab``'s rows of ``sampler``'s LM-head shard (a contiguous copy, made once)."""
         rows, ids = vocab.shard(int(sampler.org_vocab_start), int(sampler.num_org))
         device = sampler.weight.device
-        head = sampler.weight.index_select(0, rows.to(device)).contiguous()
+        head = sampler.weight.detach().index_select(0, rows.to(device)).contiguous()
         return cls(
             weight=head,
             block_size=sampler.block_size,
