@@ -75,6 +75,14 @@ class DraftVocab:
         coverage = float(counts.to(torch.float64)[ids].sum()) / seen if seen > 0 else None
         return cls(ids, vocab, coverage)
 
+    def check_target(self, vocab_size: int) -> None:
+        """Refuse a vocabulary counted for another target (its ids would name other tokens)."""
+        if self.target_vocab_size != vocab_size:
+            raise DraftVocabError(
+                f"draft vocabulary made for a {self.target_vocab_size}-token target, this target has "
+                f"{vocab_size}: rebuild it with `dflare draft-vocab`"
+            )
+
     def head(self, weight: torch.Tensor) -> torch.Tensor:
         """The subset's rows of an LM-head weight [V, H] (a contiguous copy: one small product per draft)."""
         if int(weight.shape[0]) < self.target_vocab_size:

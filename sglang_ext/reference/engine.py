@@ -206,12 +206,8 @@ class SpeculativeEngine:
         dtype = drafter.norm.weight.dtype
         if dtype != self.runner.dtype:
             raise ValueError(f"drafter dtype {dtype} != target dtype {self.runner.dtype}")
-        vocab = drafter.draft_vocab
-        if vocab is not None and vocab.target_vocab_size != tcfg.vocab_size:
-            raise ValueError(
-                f"draft vocabulary made for a {vocab.target_vocab_size}-token target, this target has "
-                f"{tcfg.vocab_size}"
-            )
+        if drafter.draft_vocab is not None:
+            drafter.draft_vocab.check_target(tcfg.vocab_size)
 
     def _subset_head(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
         """(weight, bias, target ids) of the LM-head rows the drafter may propose, when its checkpoint

@@ -111,8 +111,7 @@ class PhaseTimer:
         self._last_launch: tuple[int, float] | None = None  # (batch size, clock) of the last target step
         self._dirty = False
         self._since_flush = 0  # records since the last flush: one flush (a file write at most) per 64
-        self._gc_started: float | None = None
-        self._started: dict[str, float] = {}  # Triton work under way (compile, load): when it began
+        self._started: dict[str, float] = {}  # a GC pass or Triton work under way: when it began
         self._last_batch = 0  # batch size of the last target step launched, prefills between or not
 
     def timed(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -161,11 +160,9 @@ class PhaseTimer:
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            self._gc_started = self.clock()
-        elif self._gc_started is not None:
-            ms = (self.clock() - self._gc_started) * 1000.0
-            self._add(f"gc_gen{info['generation']}/{self._last_batch}", ms)
-            self._gc_started = None
+            self._begin("gc")
+        else:
+            self._end("gc", f"gc_gen{info['generation']}")
 
     def watch_triton(self, runtime: Any | None = None) -> bool:
         """Also time Triton's work on this process's kernels, at the batch size of the last step launched:
@@ -187,10 +184,11 @@ class PhaseTimer:
     def _begin(self, what: str) -> None:
         self._started[what] = self.clock()
 
-    def _end(self, what: str) -> None:
+    def _end(self, what: str, name: str | None = None) -> None:
+        """Record the span of ``what`` begun last as ``<name or what>/<batch size of the last step>``."""
         began = self._started.pop(what, None)
         if began is not None:
-            self._add(f"{what}/{self._last_batch}", (self.clock() - began) * 1000.0)
+            self._add(f"{name or what}/{self._last_batch}", (self.clock() - began) * 1000.0)
 
     def _add(self, key: str, ms: float) -> None:
         entry = self.totals.setdefault(key, [0, 0.0])

@@ -175,9 +175,9 @@ class DFlareWorkerV2(DFlashWorkerV2):
         DSPARK planner), which also writes each draft's top-1 probability so confidences cost no second
         LM-head product, or with a draft vocabulary, whose rows alone it reads."""
         sampler = super()._maybe_build_draft_sampler()
-        vocab = self._draft_vocab()
-        if sampler is None:
+        if sampler is None:  # init_cuda_graphs says whether a vocabulary goes unused
             return None
+        vocab = self._draft_vocab()
         if vocab is not None:
             logger.info("DFLARE draft vocabulary: drafting over %d of %d tokens (coverage %s)",
                         vocab.size, vocab.target_vocab_size, vocab.coverage)  # fmt: skip
@@ -196,12 +196,8 @@ class DFlareWorkerV2(DFlashWorkerV2):
             vocab = DraftVocab.read(named)
         else:
             vocab = DraftVocab.load(self.server_args.speculative_draft_model_path)
-        target_vocab = int(self.model_runner.model_config.vocab_size)
-        if vocab is not None and vocab.target_vocab_size != target_vocab:
-            raise ValueError(
-                f"DFLARE draft vocabulary made for a {vocab.target_vocab_size}-token target, the target has "
-                f"{target_vocab}: rebuild it with `dflare draft-vocab`"
-            )
+        if vocab is not None:
+            vocab.check_target(int(self.model_runner.model_config.vocab_size))
         return vocab
 
     def _greedy_sample_from_vocab_parallel_head(self, *, hidden_states, lm_head, chunk_size: int = 256):
